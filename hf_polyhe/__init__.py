@@ -1,0 +1,74 @@
+"""hf_polyhe: polynomial transformers for Hugging Face, evaluated on CKKS-encrypted data with OpenFHE.
+
+Importing the package registers PolyGPT, PolyBert and PolyViT with the transformers Auto classes.
+The encrypted runtime ``hf_polyhe.he`` imports only numpy and openfhe; when torch or transformers is not
+installed (an HE server), the torch side of the package is simply not loaded.
+"""
+
+__version__ = "0.1.0"
+
+try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+except ImportError:  # torch-free install: only hf_polyhe.approx and hf_polyhe.he are usable
+    _HAS_TORCH = False
+else:
+    _HAS_TORCH = True
+
+if _HAS_TORCH:
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
+
+    from .conversion import convert_to_poly
+    from .models.poly_bert import (
+        PolyBertConfig,
+        PolyBertForMaskedLM,
+        PolyBertForSequenceClassification,
+        PolyBertModel,
+    )
+    from .models.poly_gpt import PolyGPTConfig, PolyGPTForCausalLM, PolyGPTModel
+    from .models.poly_vit import PolyViTConfig, PolyViTForImageClassification, PolyViTModel
+    from .nn import PolyOperator
+    from .status import polynomial_status, set_operator_mode, to_polynomial
+
+    _AUTO_REGISTRATIONS = [
+        (PolyGPTConfig, AutoModel, PolyGPTModel),
+        (PolyGPTConfig, AutoModelForCausalLM, PolyGPTForCausalLM),
+        (PolyBertConfig, AutoModel, PolyBertModel),
+        (PolyBertConfig, AutoModelForMaskedLM, PolyBertForMaskedLM),
+        (PolyBertConfig, AutoModelForSequenceClassification, PolyBertForSequenceClassification),
+        (PolyViTConfig, AutoModel, PolyViTModel),
+        (PolyViTConfig, AutoModelForImageClassification, PolyViTForImageClassification),
+    ]
+
+    def _register_auto_classes() -> None:
+        for config_class in (PolyGPTConfig, PolyBertConfig, PolyViTConfig):
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for config_class, auto_class, model_class in _AUTO_REGISTRATIONS:
+            auto_class.register(config_class, model_class, exist_ok=True)
+
+    _register_auto_classes()
+
+    __all__ = [
+        "PolyBertConfig",
+        "PolyBertForMaskedLM",
+        "PolyBertForSequenceClassification",
+        "PolyBertModel",
+        "PolyGPTConfig",
+        "PolyGPTForCausalLM",
+        "PolyGPTModel",
+        "PolyOperator",
+        "PolyViTConfig",
+        "PolyViTForImageClassification",
+        "PolyViTModel",
+        "convert_to_poly",
+        "polynomial_status",
+        "set_operator_mode",
+        "to_polynomial",
+    ]

@@ -1,0 +1,2 @@
+from .configuration_poly_vit import PolyViTConfig
+from .modeling_poly_vit import PolyViTForImageClassification, PolyViTModel, PolyViTPreTrainedModel

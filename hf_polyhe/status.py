@@ -1,0 +1,131 @@
+"""Which operators of a model are polynomial, and switching them: ``polynomial_status``, ``to_polynomial``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from torch import nn
+
+from .nn.attention import PolyAttention
+from .nn.operators import PolyOperator
+
+
+@dataclass
+class OperatorStatus:
+    path: str
+    op: str
+    mode: str
+    role: str
+    layer_idx: Optional[int]
+    interval: Optional[tuple]
+    degree: Optional[int]
+    depth: Optional[int]
+    max_error: Optional[float]
+    convertible: bool
+
+    @property
+    def is_polynomial(self) -> bool:
+        return self.mode == "poly"
+
+
+@dataclass
+class PolynomialStatus:
+    """One row per non-polynomial operator; ``is_polynomial`` is True when every row runs a polynomial."""
+
+    operators: list
+
+    @property
+    def is_polynomial(self) -> bool:
+        return all(o.is_polynomial for o in self.operators)
+
+    @property
+    def offending(self) -> list:
+        return [o for o in self.operators if not o.is_polynomial]
+
+    def __str__(self) -> str:
+        head = f"{'module':<44} {'op':<13} {'mode':<6} {'interval':<22} {'deg':>4} {'depth':>5} {'max err':>9}"
+        lines = [head, "-" * len(head)]
+        for o in self.operators:
+            interval = f"[{o.interval[0]:.3g}, {o.interval[1]:.3g}]" if o.interval else "-"
+            deg = str(o.degree) if o.degree is not None else "-"
+            depth = str(o.depth) if o.depth is not None else "-"
+            err = f"{o.max_error:.2e}" if o.max_error is not None else "-"
+            mode = o.mode if o.convertible else f"{o.mode}!"
+            lines.append(f"{o.path:<44} {o.op:<13} {mode:<6} {interval:<22} {deg:>4} {depth:>5} {err:>9}")
+        n_poly = sum(o.is_polynomial for o in self.operators)
+        lines.append(f"{n_poly}/{len(self.operators)} operators polynomial -> "
+                     + ("model is fully polynomial" if self.is_polynomial else "model is NOT fully polynomial"))
+        if any(not o.convertible for o in self.operators):
+            lines.append("'!' = no polynomial form: use attention_type='pointwise'/'power' and norm_type='poly_layernorm'/'batchnorm'")
+        return "\n".join(lines)
+
+
+def polynomial_status(model: nn.Module) -> PolynomialStatus:
+    """List every non-polynomial operator of ``model`` with its mode and fitted polynomial.
+
+    Rows come from :class:`PolyOperator` modules, plus exact-only operators that have no polynomial form
+    (``nn.LayerNorm``, softmax attention)."""
+    rows = []
+    for path, module in model.named_modules():
+        if isinstance(module, PolyOperator):
+            a = module.approximation
+            rows.append(OperatorStatus(
+                path, module.op, module.mode, module.role, module.layer_idx, module.interval,
+                a.degree if a else None, a.depth if a else None, a.max_error if a else None, True,
+            ))
+        elif isinstance(module, nn.LayerNorm):
+            rows.append(OperatorStatus(path, "layernorm", "exact", "norm", None, None, None, None, None, False))
+        elif isinstance(module, PolyAttention) and module.attention_type == "softmax":
+            rows.append(OperatorStatus(path, "softmax", "exact", "attn_act", module.layer_idx, None, None, None, None, False))
+        elif isinstance(module, (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Softmax)):
+            rows.append(OperatorStatus(path, type(module).__name__.lower(), "exact", "act", None, None, None, None, None, False))
+    return PolynomialStatus(rows)
+
+
+def select_operators(
+    model: nn.Module, ops: Optional[Iterable[str]] = None, roles: Optional[Iterable[str]] = None,
+    layers: Optional[Iterable[Optional[int]]] = None,
+) -> dict:
+    """``{path: PolyOperator}`` filtered by operator name, role and layer index (``None`` = all)."""
+    ops, roles, layers = (set(v) if v is not None else None for v in (ops, roles, layers))
+    return {
+        p: m for p, m in model.named_modules() if isinstance(m, PolyOperator)
+        and (ops is None or m.op in ops) and (roles is None or m.role in roles)
+        and (layers is None or m.layer_idx in layers)
+    }
+
+
+def to_polynomial(
+    model: nn.Module,
+    ranges: Optional[dict] = None,
+    degree: Optional[int] = None,
+    ops: Optional[Iterable[str]] = None,
+    roles: Optional[Iterable[str]] = None,
+    layers: Optional[Iterable[Optional[int]]] = None,
+    **fit_kwargs,
+) -> nn.Module:
+    """Fit each selected operator on its interval (``ranges[path]`` if given) and switch it to ``"poly"``.
+
+    Refuses models with operators that have no polynomial form (exact ``nn.LayerNorm``, softmax)."""
+    blockers = [o for o in polynomial_status(model).operators if not o.convertible]
+    if blockers:
+        names = ", ".join(f"{o.path} ({o.op})" for o in blockers[:6])
+        raise ValueError(f"these operators have no polynomial form: {names}; rebuild the model with "
+                         "attention_type='pointwise' or 'power' and norm_type='poly_layernorm' or 'batchnorm'")
+    ranges = ranges or {}
+    for path, op in select_operators(model, ops, roles, layers).items():
+        interval = ranges.get(path)
+        op.fit(interval=tuple(interval) if interval is not None else None, degree=degree, **fit_kwargs)
+        op.set_mode("poly")
+    return model
+
+
+def set_operator_mode(
+    model: nn.Module, mode: str, ops=None, roles=None, layers=None, blend_weight: Optional[float] = None
+) -> list:
+    """Set the mode of the selected operators; returns their paths."""
+    selected = select_operators(model, ops, roles, layers)
+    for op in selected.values():
+        op.set_mode(mode, blend_weight)
+    return list(selected)

@@ -1,0 +1,95 @@
+"""convert_to_poly copies every weight: the exact-preserving conversion computes the same outputs (1e-5)."""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+import hf_polyhe
+
+GPT2 = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+BERT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32, num_labels=3)
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
+           patch_size=4, num_channels=3, num_labels=5)
+
+
+def _text_inputs():
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+CASES = [
+    (lambda: GPT2LMHeadModel(GPT2Config(**GPT2)), hf_polyhe.PolyGPTForCausalLM, _text_inputs),
+    (lambda: GPT2Model(GPT2Config(**GPT2)), hf_polyhe.PolyGPTModel, _text_inputs),
+    (lambda: BertModel(BertConfig(**BERT)), hf_polyhe.PolyBertModel, _text_inputs),
+    (lambda: BertModel(BertConfig(**BERT), add_pooling_layer=False), hf_polyhe.PolyBertModel, _text_inputs),
+    (lambda: BertForMaskedLM(BertConfig(**BERT)), hf_polyhe.PolyBertForMaskedLM, _text_inputs),
+    (lambda: BertForSequenceClassification(BertConfig(**BERT)), hf_polyhe.PolyBertForSequenceClassification, _text_inputs),
+    (lambda: ViTModel(ViTConfig(**VIT)), hf_polyhe.PolyViTModel, lambda: {"pixel_values": torch.randn(2, 3, 8, 8)}),
+    (lambda: ViTForImageClassification(ViTConfig(**VIT)), hf_polyhe.PolyViTForImageClassification,
+     lambda: {"pixel_values": torch.randn(2, 3, 8, 8)}),
+]
+
+
+def _outputs(out):
+    return [t for t in (getattr(out, "logits", None), getattr(out, "last_hidden_state", None),
+                        getattr(out, "pooler_output", None)) if t is not None]
+
+
+@pytest.mark.parametrize("build,target,inputs", CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_exact_conversion_matches(build, target, inputs):
+    source = build().eval()
+    poly = hf_polyhe.convert_to_poly(source).eval()
+    assert type(poly) is target
+    batch = inputs()
+    with torch.no_grad():
+        ref, got = _outputs(source(**batch)), _outputs(poly(**batch))
+    assert len(ref) == len(got) > 0
+    for r, g in zip(ref, got):
+        if "attention_mask" in batch and r.dim() == 3:  # padded positions are unspecified in BERT/GPT-2 too
+            keep = batch["attention_mask"].bool()
+            r, g = r[keep], g[keep]
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    n_source = sum(p.numel() for p in source.parameters())
+    n_poly = sum(p.numel() for p in poly.parameters())
+    assert n_poly == n_source
+
+
+def test_conversion_to_he_friendly_architecture_then_polynomial():
+    source = GPT2LMHeadModel(GPT2Config(**GPT2)).eval()
+    poly = hf_polyhe.convert_to_poly(source, attention_type="pointwise", norm_type="poly_layernorm", hidden_act="gelu").eval()
+    assert poly.config.attention_type == "pointwise"
+    torch.testing.assert_close(poly.transformer.wte.weight, source.transformer.wte.weight)
+    torch.testing.assert_close(poly.transformer.h[0].attn.q_proj.weight, source.transformer.h[0].attn.c_attn.weight[:, :32].t())
+    assert not hf_polyhe.polynomial_status(poly).is_polynomial
+    hf_polyhe.to_polynomial(poly)
+    assert hf_polyhe.polynomial_status(poly).is_polynomial
+    assert torch.isfinite(poly(**_text_inputs()).logits).all()
+
+
+def test_converted_generate_matches_source():
+    source = GPT2LMHeadModel(GPT2Config(**GPT2)).eval()
+    poly = hf_polyhe.convert_to_poly(source).eval()
+    prompt = torch.randint(1, 97, (1, 4))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(source.generate(prompt, **kw), poly.generate(prompt, **kw))
+
+
+def test_unsupported_model_is_refused():
+    from transformers import GPT2ForSequenceClassification
+
+    with pytest.raises(ValueError, match="cannot convert GPT2ForSequenceClassification; accepted: GPT2LMHeadModel"):
+        hf_polyhe.convert_to_poly(GPT2ForSequenceClassification(GPT2Config(**GPT2)))

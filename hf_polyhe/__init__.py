@@ -26,6 +26,7 @@ if _HAS_TORCH:
     )
 
     from .conversion import convert_to_poly
+    from .export import save_encrypted_pipeline
     from .models.poly_bert import (
         PolyBertConfig,
         PolyBertForMaskedLM,
@@ -69,6 +70,7 @@ if _HAS_TORCH:
         "PolyViTModel",
         "convert_to_poly",
         "polynomial_status",
+        "save_encrypted_pipeline",
         "set_operator_mode",
         "to_polynomial",
     ]

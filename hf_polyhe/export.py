@@ -1,0 +1,223 @@
+"""Torch -> torch-free model description: the only bridge between a Poly model and the HE runtime.
+
+:func:`model_to_spec` walks a fully polynomial PolyGPT / PolyBert / PolyViT in eval mode and writes a
+:class:`~hf_polyhe.he.transformer.TransformerSpec` (architecture JSON + float64 weights), from which
+:func:`~hf_polyhe.he.transformer.build_transformer_circuit` builds the circuit for any sequence length.
+
+The encrypted input ``x`` is the ``L x d`` embedding matrix, computed by the client, which holds the
+embedding tables under the threat model (DESIGN.md §6): token + position (+ token type) embeddings for
+text; CLS token + patch projection + positions for images. Everything after the embeddings is server-side.
+
+Operator mapping: ``nn.Linear`` -> ``linear`` (``W.T``, bias); residual -> ``add``; ``PolyLayerNorm`` ->
+row sums, the fitted inverse-square-root polynomial, weight and bias; eval-mode ``SequenceBatchNorm`` -> one
+affine map; pointwise attention -> ``qk_scores`` (1/√d_h), σ as a polynomial (``square`` as a product),
+``attn_apply`` with the 0/1 mask divided row by row by ``s(n_i)``; activations -> ``poly``; pooler / CLS /
+last token -> ``select_rows``; heads -> ``linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .he.transformer import TransformerSpec, build_transformer_circuit
+from .nn.attention import PolyAttention
+from .nn.norms import PolyLayerNorm, SequenceBatchNorm
+from .nn.operators import Identity, PolyOperator, Square
+from .status import polynomial_status
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def check_exportable(model) -> None:
+    """Raise ``ValueError`` unless ``model`` is fully polynomial and in eval mode."""
+    status = polynomial_status(model)
+    if not status.is_polynomial:
+        bad = ", ".join(f"{o.path} ({o.op}, {o.mode})" for o in status.offending[:8])
+        raise ValueError(f"model is not fully polynomial; offending operators: {bad}. "
+                         "Use hf_polyhe.to_polynomial or PolyReplacementCallback first.")
+    if model.training:
+        raise ValueError("export needs model.eval() (BatchNorm must use running statistics, dropout off)")
+
+
+class _SpecWriter:
+    def __init__(self):
+        self.spec = TransformerSpec(config={})
+
+    def linear(self, name: str, layer: torch.nn.Linear) -> dict:
+        w = self.spec.add(f"{name}.weight", _np(layer.weight).T)
+        b = self.spec.add(f"{name}.bias", _np(layer.bias)) if layer.bias is not None else None
+        return {"weight": w, "bias": b}
+
+    def act(self, module) -> dict:
+        if isinstance(module, PolyOperator):
+            return {"kind": "poly", "approximation": module.approximation.to_dict()}
+        if isinstance(module, Square):
+            return {"kind": "square"}
+        if isinstance(module, Identity):
+            return {"kind": "identity"}
+        raise ValueError(f"cannot export activation {type(module).__name__}")
+
+    def norm(self, name: str, module) -> dict:
+        if isinstance(module, PolyLayerNorm):
+            return {"kind": "layernorm", "eps": float(module.eps), "inv_sqrt": module.inv_sqrt.approximation.to_dict(),
+                    "weight": self.spec.add(f"{name}.weight", _np(module.weight)),
+                    "bias": self.spec.add(f"{name}.bias", _np(module.bias))}
+        if isinstance(module, SequenceBatchNorm):
+            scale = _np(module.weight) / np.sqrt(_np(module.running_var) + module.eps)
+            shift = _np(module.bias) - _np(module.running_mean) * scale
+            return {"kind": "affine", "scale": self.spec.add(f"{name}.scale", scale),
+                    "shift": self.spec.add(f"{name}.shift", shift)}
+        raise ValueError(f"cannot export norm {type(module).__name__} at {name}: use poly_layernorm or batchnorm")
+
+    def attention(self, name: str, attn: PolyAttention) -> dict:
+        if attn.attention_type != "pointwise":
+            raise ValueError(f"export supports attention_type='pointwise', got {attn.attention_type!r}")
+        if attn.scaling_position != "post":
+            raise ValueError("export supports attention_scaling_position='post' (the scaling folds into the mask)")
+        out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
+        return {**out, "activation": self.act(attn.score_activation), "scaling": attn.scaling}
+
+    def layer(self, name: str, block) -> dict:
+        mlp = block.mlp
+        return {
+            "pre_norm": bool(block.pre_norm),
+            "attention_norm": self.norm(f"{name}.attention_norm", block.attention_norm),
+            "mlp_norm": self.norm(f"{name}.mlp_norm", block.mlp_norm),
+            "attn": self.attention(f"{name}.attn", block.attn),
+            "mlp": {"fc_in": self.linear(f"{name}.mlp.fc_in", mlp.fc_in),
+                    "norm": self.norm(f"{name}.mlp.norm", mlp.norm) if mlp.norm is not None else None,
+                    "act": self.act(mlp.act), "fc_out": self.linear(f"{name}.mlp.fc_out", mlp.fc_out)},
+        }
+
+
+@torch.no_grad()
+def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
+    """The server-side description of ``model`` (fully polynomial, eval mode)."""
+    from .models.poly_bert import PolyBertForSequenceClassification
+    from .models.poly_gpt import PolyGPTForCausalLM
+    from .models.poly_vit import PolyViTForImageClassification
+
+    check_exportable(model)
+    cfg = model.config
+    w = _SpecWriter()
+    base = {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_attention_heads, "embedding_norm": None, "final_norm": None}
+    if isinstance(model, PolyGPTForCausalLM):
+        t = model.transformer
+        layers = [w.layer(f"h.{i}", blk) for i, blk in enumerate(t.h)]
+        base.update(family="gpt", causal=True, max_length=max_length or cfg.max_position_embeddings,
+                    final_norm=w.norm("ln_f", t.ln_f), head={"kind": "last_token", "lm_head": w.linear("lm_head", model.lm_head)},
+                    vocab_size=cfg.vocab_size)
+        limit = cfg.max_position_embeddings
+    elif isinstance(model, PolyBertForSequenceClassification):
+        bert = model.bert
+        layers = [w.layer(f"layers.{i}", blk) for i, blk in enumerate(bert.layers)]
+        base.update(family="bert", causal=False, max_length=max_length or cfg.max_position_embeddings,
+                    embedding_norm=w.norm("embeddings.norm", bert.embeddings.norm),
+                    head={"kind": "pooler_cls", "pooler": w.linear("pooler", bert.pooler.dense),
+                          "pooler_act": w.act(bert.pooler.activation), "classifier": w.linear("classifier", model.classifier)},
+                    num_labels=cfg.num_labels)
+        limit = cfg.max_position_embeddings
+    elif isinstance(model, PolyViTForImageClassification):
+        vit = model.vit
+        layers = [w.layer(f"layers.{i}", blk) for i, blk in enumerate(vit.layers)]
+        limit = vit.embeddings.patch_embeddings.num_patches + 1
+        base.update(family="vit", causal=False, max_length=limit, final_norm=w.norm("norm", vit.norm),
+                    head={"kind": "cls", "classifier": w.linear("classifier", model.classifier)}, num_labels=cfg.num_labels)
+    else:
+        raise ValueError(f"cannot export {type(model).__name__}; accepted: PolyGPTForCausalLM, "
+                         "PolyBertForSequenceClassification, PolyViTForImageClassification")
+    if base["max_length"] > limit:
+        raise ValueError(f"max_length {base['max_length']} exceeds the model's {limit} positions")
+    w.spec.config = {**base, "layers": layers}
+    return w.spec
+
+
+def build_circuit(model, seq_len: int, attention_mask=None, all_logits: bool = False, slots: Optional[int] = None):
+    """Shortcut: ``build_transformer_circuit(model_to_spec(model), ...)``."""
+    return build_transformer_circuit(model_to_spec(model), seq_len, attention_mask, all_logits, slots)
+
+
+@torch.no_grad()
+def client_embeddings(model, input_ids=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
+    """What the client computes in the clear before encrypting: the ``L x d`` embedding matrix (float64)."""
+    from .models.poly_bert import PolyBertForSequenceClassification
+    from .models.poly_gpt import PolyGPTForCausalLM
+    from .models.poly_vit import PolyViTForImageClassification
+
+    if isinstance(model, PolyGPTForCausalLM):
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        t = model.transformer
+        x = t.wte(ids) + t.wpe(torch.arange(ids.shape[1])[None])
+    elif isinstance(model, PolyBertForSequenceClassification):
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        e = model.bert.embeddings
+        tt = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids).reshape(1, -1)
+        x = e.word_embeddings(ids) + e.position_embeddings(torch.arange(ids.shape[1])[None]) + e.token_type_embeddings(tt)
+    elif isinstance(model, PolyViTForImageClassification):
+        x = model.vit.embeddings(torch.as_tensor(pixel_values, dtype=model.vit.embeddings.cls_token.dtype))
+    else:
+        raise ValueError(f"cannot embed for {type(model).__name__}")
+    return _np(x[0])
+
+
+@torch.no_grad()
+def client_tables(model) -> dict:
+    """The embedding tables the client keeps (float64)."""
+    from .models.poly_bert import PolyBertForSequenceClassification
+    from .models.poly_gpt import PolyGPTForCausalLM
+
+    if isinstance(model, PolyGPTForCausalLM):
+        return {"word_embeddings": _np(model.transformer.wte.weight), "position_embeddings": _np(model.transformer.wpe.weight)}
+    if isinstance(model, PolyBertForSequenceClassification):
+        e = model.bert.embeddings
+        return {"word_embeddings": _np(e.word_embeddings.weight), "position_embeddings": _np(e.position_embeddings.weight),
+                "token_type_embeddings": _np(e.token_type_embeddings.weight)}
+    e = model.vit.embeddings
+    return {"cls_token": _np(e.cls_token), "patch_weight": _np(e.patch_embeddings.projection.weight),
+            "patch_bias": _np(e.patch_embeddings.projection.bias), "position_embeddings": _np(e.position_embeddings[0])}
+
+
+TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classification", "vit": "encrypted-image-classification"}
+
+
+def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: Optional[int] = None) -> str:
+    """Export a fully polynomial Poly model for encrypted inference into ``out_dir``.
+
+    Writes the server part (architecture, fitted polynomials, weights: ``server/``), the client part
+    (embedding tables and the tokenizer or image processor: ``client/``) and ``pipeline.json``. Refuses a
+    model that is not fully polynomial, listing the offending operators."""
+    import json
+    import os
+
+    from .he.session import PIPELINE_FORMAT, PIPELINE_VERSION
+
+    model = model.eval()
+    spec = model_to_spec(model, max_length)
+    os.makedirs(out_dir, exist_ok=True)
+    spec.save(os.path.join(out_dir, "server"))
+    client_dir = os.path.join(out_dir, "client")
+    os.makedirs(client_dir, exist_ok=True)
+    np.savez(os.path.join(client_dir, "embeddings.npz"), **client_tables(model))
+    if tokenizer_or_processor is not None:
+        tokenizer_or_processor.save_pretrained(client_dir)
+    cfg = model.config
+    family = spec.config["family"]
+    meta = {
+        "format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "task": TASKS[family], "family": family,
+        "model_type": cfg.model_type, "max_length": spec.config["max_length"], "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_hidden_layers, "server": "server", "client": "client",
+        "security": "128-bit CKKS (HEStd_128_classic) by default; toy parameters only for tests",
+        "threat_model": "client: secret key, inputs, embedding tables; server: weights, ciphertexts, evaluation keys",
+    }
+    if family == "gpt":
+        meta.update(vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    else:
+        meta.update(id2label={str(k): v for k, v in cfg.id2label.items()})
+    with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return str(out_dir)

@@ -1,0 +1,277 @@
+"""The circuit IR: a small, versioned graph of HE-level operations on packed tensors.
+
+A :class:`Circuit` has named encrypted ``inputs`` (each a ``rows x cols`` matrix), a topologically ordered
+list of :class:`Node` (``op``, ``name``, ``inputs``, JSON ``attrs``), named ``outputs`` and plaintext
+``weights`` (numpy arrays referenced from attrs by name). All tensors of a circuit share one packing:
+``block`` (D, features per ciphertext row) and ``slots`` (CKKS batch size); see :mod:`hf_polyhe.he.packing`.
+
+Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` functions):
+
+==============  ===========================================================================================
+``linear``      ``X @ W + b`` with plaintext ``W`` (d_in x d_out), diagonal method with BSGS rotations; 1 level
+``add``/``sub`` elementwise sum / difference of two encrypted tensors of the same shape; 0 levels
+``mul``         elementwise ct x ct product (relinearised, rescaled); 1 level
+``add_plain``   ``X + P`` with plaintext ``P`` (scalar, ``(cols,)``, ``(rows, 1)`` or ``(rows, cols)``); 0 levels
+``mul_plain``   ``X * P`` (same broadcasting; masks, per-row constants, scalars); 1 level
+``poly``        elementwise polynomial (an :class:`~hf_polyhe.approx.Approximation` dict); its depth
+``rotate``      cyclic rotation of every ciphertext's slots by ``offset`` (a layout-level primitive); 0 levels
+``row_sum``     ``scale * sum_j X[i, j]`` broadcast to every column of row ``i`` (LayerNorm mean/var); 1 level
+``select_rows`` ``X[rows]`` (last token, CLS); 1 level
+``slice_cols``  ``X[:, start:stop]``, block aligned (free); ``concat_cols``: ``hstack``, block aligned (free)
+``qk_scores``   per head ``scale * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal); 2 levels
+``attn_apply``  per head ``(A_h * mask) @ V_h`` concatenated over heads (A in score layout); 2 levels
+``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
+==============  ===========================================================================================
+
+On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
+names/shapes) and ``weights.npz``. A circuit of another ``version`` is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import CircuitError, LayoutError
+from .packing import MatrixLayout, is_pow2
+
+FORMAT = "hf_polyhe.circuit"
+IR_VERSION = 1
+
+
+@dataclass
+class Node:
+    op: str
+    name: str
+    inputs: list
+    attrs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "name": self.name, "inputs": list(self.inputs), "attrs": self.attrs}
+
+
+class Circuit:
+    """A graph of HE ops with a builder API: every builder method appends a node and returns its name."""
+
+    def __init__(self, block: int, slots: int, name: str = "circuit"):
+        if not is_pow2(int(block)) or not is_pow2(int(slots)) or block > slots:
+            raise CircuitError(f"block ({block}) and slots ({slots}) must be powers of two with block <= slots")
+        self.block, self.slots, self.name = int(block), int(slots), name
+        self.inputs: dict = {}  # name -> (rows, cols)
+        self.nodes: list = []
+        self.outputs: list = []
+        self.weights: dict = {}
+        self.meta: dict = {}
+        self._names: set = set()
+
+    # ----------------------------------------------------------------- building
+    def _fresh(self, base: str) -> str:
+        i = len(self.nodes)
+        while f"{base}_{i}" in self._names:
+            i += 1
+        return f"{base}_{i}"
+
+    def _name_ok(self, name: str) -> str:
+        if not isinstance(name, str) or not name or name in self._names:
+            raise CircuitError(f"value name {name!r} is empty or already used")
+        self._names.add(name)
+        return name
+
+    def add_weight(self, value, name: Optional[str] = None) -> str:
+        arr = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise CircuitError("weights must be finite")
+        name = name or f"w{len(self.weights)}"
+        if name in self.weights:
+            raise CircuitError(f"weight name {name!r} already used")
+        self.weights[name] = arr
+        return name
+
+    def input(self, name: str, rows: int, cols: int) -> str:
+        MatrixLayout(int(rows), int(cols), self.block, self.slots)  # validates
+        self.inputs[self._name_ok(name)] = (int(rows), int(cols))
+        return name
+
+    def node(self, op: str, inputs, attrs=None, name: Optional[str] = None) -> str:
+        from .ops import OPS
+
+        if op not in OPS:
+            raise CircuitError(f"unknown op {op!r}; accepted: {', '.join(sorted(OPS))}")
+        for i in inputs:
+            if i not in self._names:
+                raise CircuitError(f"op {op!r}: unknown input value {i!r}")
+        n = Node(op, self._name_ok(name or self._fresh(op)), list(inputs), dict(attrs or {}))
+        self.nodes.append(n)
+        try:
+            self.layouts()  # shape-check eagerly so the builder fails at the bad op
+        except Exception:
+            self.nodes.pop()
+            self._names.discard(n.name)
+            raise
+        return n.name
+
+    def output(self, *names: str):
+        for n in names:
+            if n not in self._names:
+                raise CircuitError(f"unknown output value {n!r}")
+            self.outputs.append(n)
+        return self
+
+    def linear(self, x, weight, bias=None, name=None):
+        attrs = {"weight": self.add_weight(weight)}
+        if bias is not None:
+            attrs["bias"] = self.add_weight(np.asarray(bias).reshape(-1))
+        return self.node("linear", [x], attrs, name)
+
+    def add(self, x, y, name=None):
+        return self.node("add", [x, y], {}, name)
+
+    def sub(self, x, y, name=None):
+        return self.node("sub", [x, y], {}, name)
+
+    def mul(self, x, y, name=None):
+        return self.node("mul", [x, y], {}, name)
+
+    def add_plain(self, x, value, name=None):
+        if np.ndim(value) == 0:
+            return self.node("add_plain", [x], {"scalar": float(value)}, name)
+        return self.node("add_plain", [x], {"value": self.add_weight(value)}, name)
+
+    def mul_plain(self, x, value, name=None):
+        if np.ndim(value) == 0:
+            return self.node("mul_plain", [x], {"scalar": float(value)}, name)
+        return self.node("mul_plain", [x], {"value": self.add_weight(value)}, name)
+
+    def poly(self, x, approximation, name=None):
+        d = approximation if isinstance(approximation, dict) else approximation.to_dict()
+        return self.node("poly", [x], {"approximation": d}, name)
+
+    def rotate(self, x, offset: int, name=None):
+        return self.node("rotate", [x], {"offset": int(offset)}, name)
+
+    def row_sum(self, x, scale: float = 1.0, name=None):
+        return self.node("row_sum", [x], {"scale": float(scale)}, name)
+
+    def select_rows(self, x, rows, name=None):
+        return self.node("select_rows", [x], {"rows": [int(r) for r in rows]}, name)
+
+    def slice_cols(self, x, start: int, stop: int, name=None):
+        return self.node("slice_cols", [x], {"start": int(start), "stop": int(stop)}, name)
+
+    def concat_cols(self, xs, name=None):
+        return self.node("concat_cols", list(xs), {}, name)
+
+    def qk_scores(self, q, k, heads: int, scale: float = 1.0, causal: bool = False, name=None):
+        return self.node("qk_scores", [q, k], {"heads": int(heads), "scale": float(scale), "causal": bool(causal)}, name)
+
+    def attn_apply(self, scores, v, mask=None, scale: float = 1.0, name=None):
+        attrs = {"scale": float(scale)}
+        if mask is not None:
+            attrs["mask"] = self.add_weight(mask)
+        return self.node("attn_apply", [scores, v], attrs, name)
+
+    def bootstrap(self, x, bound: float = 1.0, name=None):
+        return self.node("bootstrap", [x], {"bound": float(bound)}, name)
+
+    # ----------------------------------------------------------------- analysis
+    def layouts(self) -> dict:
+        """Layout of every value (inputs and nodes), checking shapes and attributes."""
+        from .ops import OPS
+
+        lay = {n: MatrixLayout(r, c, self.block, self.slots) for n, (r, c) in self.inputs.items()}
+        for node in self.nodes:
+            if node.op not in OPS:
+                raise CircuitError(f"node {node.name!r}: unknown op {node.op!r}; accepted: {', '.join(sorted(OPS))}")
+            for i in node.inputs:
+                if i not in lay:
+                    raise CircuitError(f"node {node.name!r}: input {i!r} is not defined before it")
+            try:
+                lay[node.name] = OPS[node.op].infer(self, node, [lay[i] for i in node.inputs])
+            except (LayoutError, KeyError, TypeError) as e:
+                raise CircuitError(f"node {node.name!r} ({node.op}): {e}") from e
+        return lay
+
+    def weight(self, name: str) -> np.ndarray:
+        if name not in self.weights:
+            raise CircuitError(f"missing weight {name!r}")
+        return self.weights[name]
+
+    def validate(self):
+        self.layouts()
+        if not self.outputs:
+            raise CircuitError("circuit has no outputs")
+        return self
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": IR_VERSION,
+            "name": self.name,
+            "block": self.block,
+            "slots": self.slots,
+            "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "nodes": [n.to_dict() for n in self.nodes],
+            "outputs": list(self.outputs),
+            "weights": {k: list(v.shape) for k, v in self.weights.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, weights: dict) -> "Circuit":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CircuitError(f"not a {FORMAT} document")
+        if d.get("version") != IR_VERSION:
+            raise CircuitError(
+                f"circuit IR version {d.get('version')!r} is not supported by this runtime (supports {IR_VERSION})"
+            )
+        try:
+            c = cls(d["block"], d["slots"], d.get("name", "circuit"))
+            c.meta = dict(d.get("meta", {}))
+            for k, shape in d["weights"].items():
+                if k not in weights:
+                    raise CircuitError(f"weights file lacks {k!r}")
+                w = np.asarray(weights[k], dtype=np.float64)
+                if list(w.shape) != list(shape):
+                    raise CircuitError(f"weight {k!r} has shape {w.shape}, circuit says {tuple(shape)}")
+                c.weights[k] = w
+            for k, (r, cc) in d["inputs"].items():
+                c.input(k, r, cc)
+            for nd in d["nodes"]:
+                n = Node(nd["op"], c._name_ok(nd["name"]), list(nd["inputs"]), dict(nd.get("attrs", {})))
+                c.nodes.append(n)
+            c.layouts()
+            c.output(*d["outputs"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CircuitError):
+                raise
+            raise CircuitError(f"malformed circuit document: {e!r}") from e
+        return c
+
+    def save(self, directory) -> str:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "circuit.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        np.savez(os.path.join(directory, "weights.npz"), **self.weights)
+        return str(directory)
+
+    @classmethod
+    def load(cls, directory) -> "Circuit":
+        try:
+            with open(os.path.join(directory, "circuit.json")) as f:
+                d = json.load(f)
+            wpath = os.path.join(directory, "weights.npz")
+            weights = {}
+            if os.path.exists(wpath):
+                with np.load(wpath, allow_pickle=False) as z:
+                    weights = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise CircuitError(f"cannot read circuit from {directory!r}: {e}") from e
+        return cls.from_dict(d, weights)
+
+    def __repr__(self):
+        return f"Circuit({self.name!r}, {len(self.inputs)} inputs, {len(self.nodes)} nodes, block={self.block}, slots={self.slots})"

@@ -1,0 +1,556 @@
+"""The op registry: for every IR op, its layout inference, its numpy reference semantics on unpacked tensors,
+its packed execution on any backend, and its multiplicative depth (levels, as OpenFHE spends them).
+
+Add an op by subclassing :class:`OpSpec` and decorating it with :func:`register_op`; tests are
+parametrised over :data:`OPS`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hf_polyhe.approx.base import Approximation, ChebyshevSeries
+
+from .errors import CircuitError, LayoutError
+from .packing import MatrixLayout, ScoreLayout, bsgs_plan
+
+OPS: dict = {}
+
+
+def register_op(name: str):
+    def wrap(cls):
+        cls.name = name
+        OPS[name] = cls()
+        return cls
+
+    return wrap
+
+
+def cheb_depth_openfhe(degree: int) -> int:
+    """Levels ``EvalChebyshevSeries`` consumes for a series of ``degree`` (measured, openfhe 1.6.1)."""
+    if degree <= 0:
+        return 0
+    if degree <= 2:
+        return degree
+    # 3-5: 3, 6-13: 4, 14-27: 5, 28-59: 6, 60-119: 7, ... (upper ends 2^k * 7/4 - 1 ... ~ 2^(k-1)*... )
+    bounds = [5, 13, 27, 59, 119, 247, 495, 1007, 2031]
+    for i, ub in enumerate(bounds):
+        if degree <= ub:
+            return 3 + i
+    raise CircuitError(f"Chebyshev degree {degree} too large (max 2031)")
+
+
+def approximation_depth(approx: Approximation) -> int:
+    """Levels the packed evaluation of ``approx`` consumes on the OpenFHE backend.
+
+    With FLEXIBLEAUTO the input of a stage usually carries a pending rescale (it comes out of a product) and
+    ``EvalChebyshevSeries`` then spends one level more than on a fresh ciphertext (measured), hence ``+1``."""
+    d = sum(cheb_depth_openfhe(s.degree) + 1 for s in approx.stages)  # +1: pending rescale of the input
+    if approx.kind == "relu_from_sign":
+        d += 1
+    elif approx.kind in ("newton_inv_sqrt", "newton_reciprocal"):
+        d += 2 * approx.newton_steps
+    return d
+
+
+def _same(op, a, b):
+    if a.kind != b.kind or a.shape != b.shape or (a.kind == "scores" and a != b):
+        raise LayoutError(f"{op}: operands have different shapes/layouts: {a.to_dict()} vs {b.to_dict()}")
+
+
+def _scale(series: ChebyshevSeries, c: float) -> ChebyshevSeries:
+    return ChebyshevSeries(series.coeffs * c, series.interval)
+
+
+class OpSpec:
+    name = "?"
+    n_inputs = 1
+
+    def check_arity(self, node):
+        if self.n_inputs is not None and len(node.inputs) != self.n_inputs:
+            raise CircuitError(f"op {self.name!r} takes {self.n_inputs} input(s), got {len(node.inputs)}")
+
+    def infer(self, circuit, node, layouts):
+        raise NotImplementedError
+
+    def reference(self, circuit, node, xs, layouts):
+        """Numpy semantics on unpacked tensors (``layouts``: input layouts, for layout-level ops)."""
+        raise NotImplementedError
+
+    def execute(self, ev, node, xs):
+        """Packed execution: ``xs`` are :class:`~hf_polyhe.he.interpreter.Packed`; returns a list of cts."""
+        raise NotImplementedError
+
+    def depth(self, circuit, node, layouts) -> int:
+        return 0
+
+
+@register_op("linear")
+class Linear(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        x = lay[0]
+        if x.kind != "matrix":
+            raise LayoutError("linear needs a matrix input")
+        W = c.weight(node.attrs["weight"])
+        if W.ndim != 2 or W.shape[0] != x.cols:
+            raise LayoutError(f"weight shape {W.shape} does not match input features {x.cols}")
+        if "bias" in node.attrs and c.weight(node.attrs["bias"]).shape != (W.shape[1],):
+            raise LayoutError(f"bias shape {c.weight(node.attrs['bias']).shape} != ({W.shape[1]},)")
+        return MatrixLayout(x.rows, int(W.shape[1]), x.block, x.slots, clean=True)
+
+    def reference(self, c, node, xs, lay):
+        y = xs[0] @ c.weight(node.attrs["weight"])
+        return y + c.weight(node.attrs["bias"]) if "bias" in node.attrs else y
+
+    def depth(self, c, node, lay):
+        return 1
+
+    def execute(self, ev, node, xs):
+        x = xs[0]
+        L = x.layout
+        W = ev.circuit.weight(node.attrs["weight"])
+        plan = ev.cached((node.name, "bsgs"), lambda: bsgs_plan(W, L, W.shape[1]))
+        out_l = ev.layouts[node.name]
+        bias = None
+        if "bias" in node.attrs:
+            bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
+        be, out = ev.backend, []
+        for rb in range(L.row_blocks):
+            babies = []
+            for ib in range(L.col_blocks):
+                ct = x.cts[L.ct_index(rb, ib)]
+                rots = ev.rotate_many(ct, plan.baby)
+                rots[0] = ct
+                babies.append(rots)
+            for ob in range(out_l.col_blocks):
+                acc = None
+                for g in plan.giant:
+                    inner = None
+                    for ib in range(L.col_blocks):
+                        for b, vec in plan.terms[(rb, ib, ob)].get(g, {}).items():
+                            t = be.mul_plain(babies[ib][b], vec)
+                            inner = t if inner is None else be.add(inner, t)
+                    if inner is None:
+                        continue
+                    inner = ev.rotate(inner, g)
+                    acc = inner if acc is None else be.add(acc, inner)
+                if acc is None:  # an all-zero weight block
+                    acc = be.mul_scalar(x.cts[L.ct_index(rb, 0)], 0.0)
+                if bias is not None:
+                    acc = be.add_plain(acc, bias[out_l.ct_index(rb, ob)])
+                out.append(acc)
+        return out
+
+
+class _Binary(OpSpec):
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        _same(self.name, lay[0], lay[1])
+        clean = (lay[0].clean or lay[1].clean) if self.name == "mul" else (lay[0].clean and lay[1].clean)
+        return lay[0].with_(clean=clean)
+
+    def execute(self, ev, node, xs):
+        f = getattr(ev.backend, self.name)
+        return [f(a, b) for a, b in zip(xs[0].cts, xs[1].cts)]
+
+
+@register_op("add")
+class Add(_Binary):
+    def reference(self, c, node, xs, lay):
+        return xs[0] + xs[1]
+
+
+@register_op("sub")
+class Sub(_Binary):
+    def reference(self, c, node, xs, lay):
+        return xs[0] - xs[1]
+
+
+@register_op("mul")
+class Mul(_Binary):
+    def reference(self, c, node, xs, lay):
+        return xs[0] * xs[1]
+
+    def depth(self, c, node, lay):
+        return 1
+
+
+class _Plain(OpSpec):
+    def value(self, c, node, layout):
+        if "scalar" in node.attrs:
+            return float(node.attrs["scalar"])
+        return layout.broadcast(c.weight(node.attrs["value"]))
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        if "scalar" not in node.attrs:
+            lay[0].broadcast(c.weight(node.attrs["value"]))  # shape check
+        clean = lay[0].clean if (self.name == "add_plain" or "scalar" in node.attrs) else True
+        return lay[0].with_(clean=clean)
+
+
+@register_op("add_plain")
+class AddPlain(_Plain):
+    def reference(self, c, node, xs, lay):
+        return xs[0] + self.value(c, node, lay[0])
+
+    def execute(self, ev, node, xs):
+        L = xs[0].layout
+        vecs = L.pack(L.broadcast(self.value(ev.circuit, node, L)))
+        return [ev.backend.add_plain(ct, v) for ct, v in zip(xs[0].cts, vecs)]
+
+
+@register_op("mul_plain")
+class MulPlain(_Plain):
+    def reference(self, c, node, xs, lay):
+        return xs[0] * self.value(c, node, lay[0])
+
+    def depth(self, c, node, lay):
+        return 1
+
+    def execute(self, ev, node, xs):
+        L = xs[0].layout
+        if "scalar" in node.attrs:
+            return [ev.backend.mul_scalar(ct, float(node.attrs["scalar"])) for ct in xs[0].cts]
+        vecs = ev.cached((node.name, "vec"), lambda: L.pack(self.value(ev.circuit, node, L)))
+        return [ev.backend.mul_plain(ct, v) for ct, v in zip(xs[0].cts, vecs)]
+
+
+@register_op("poly")
+class Poly(OpSpec):
+    def approx(self, node) -> Approximation:
+        try:
+            return Approximation.from_dict(node.attrs["approximation"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LayoutError(f"bad approximation: {e}") from e
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        self.approx(node)
+        return lay[0].with_(clean=False)
+
+    def reference(self, c, node, xs, lay):
+        return self.approx(node).evaluate(xs[0])
+
+    def depth(self, c, node, lay):
+        return approximation_depth(self.approx(node))
+
+    def execute(self, ev, node, xs):
+        a = self.approx(node)
+        be = ev.backend
+        masks = ev.cached((node.name, "valid"), lambda: xs[0].layout.valid_masks())
+        out = []
+        for ct, valid in zip(xs[0].cts, masks):
+            where = node.name
+
+            def cheb(v, s, k):
+                return be.cheb(v, s, where=f"{where}[stage {k}]", valid=valid)
+
+            if a.kind == "chebyshev":
+                y = cheb(ct, a.stages[0], 0)
+            elif a.kind == "composite_sign":
+                y = ct
+                for k, s in enumerate(a.stages):
+                    y = cheb(y, s, k)
+            elif a.kind == "relu_from_sign":
+                # (x + x*s)/2 with the 1/2 folded into the last stage: x/2 + x*(s/2)
+                y = ct
+                for k, s in enumerate(a.stages):
+                    y = cheb(y, _scale(s, 0.5) if k == len(a.stages) - 1 else s, k)
+                y = be.add(be.mul_scalar(ct, 0.5), be.mul(ct, y))
+            elif a.kind == "newton_inv_sqrt":
+                # y <- 1.5 y - 0.5 x y^3 : two levels per step
+                y = cheb(ct, a.stages[0], 0)
+                xh = be.mul_scalar(ct, -0.5)
+                for _ in range(a.newton_steps):
+                    y2 = be.mul(y, y)
+                    xy = be.mul(xh, y)
+                    y = be.add(be.mul_scalar(y, 1.5), be.mul(xy, y2))
+            elif a.kind == "newton_reciprocal":
+                # y <- 2y - x y^2
+                y = cheb(ct, a.stages[0], 0)
+                for _ in range(a.newton_steps):
+                    y = be.sub(be.add(y, y), be.mul(be.mul(ct, y), y))
+            else:
+                raise CircuitError(f"approximation kind {a.kind!r} not supported by the runtime")
+            out.append(y)
+        return out
+
+
+@register_op("rotate")
+class Rotate(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        int(node.attrs["offset"])
+        return lay[0].with_(clean=False)
+
+    def reference(self, c, node, xs, lay):
+        L = lay[0]
+        k = int(node.attrs["offset"])
+        return L.unpack([np.roll(v, -k) for v in L.pack(xs[0])])
+
+    def execute(self, ev, node, xs):
+        return [ev.rotate(ct, int(node.attrs["offset"])) for ct in xs[0].cts]
+
+
+@register_op("row_sum")
+class RowSum(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        x = lay[0]
+        if x.kind != "matrix":
+            raise LayoutError("row_sum needs a matrix input")
+        ragged = x.cols % x.block != 0
+        if ragged and not x.clean:
+            raise LayoutError(
+                f"row_sum over {x.cols} features in blocks of {x.block} reads padding columns that may be "
+                "nonzero here (after a poly/rotate); insert mul_plain(x, ones((cols,))) first"
+            )
+        return x.with_(clean=not ragged)
+
+    def reference(self, c, node, xs, lay):
+        s = float(node.attrs.get("scale", 1.0)) * xs[0].sum(axis=1, keepdims=True)
+        return np.broadcast_to(s, xs[0].shape).copy()
+
+    def depth(self, c, node, lay):
+        return 1
+
+    def execute(self, ev, node, xs):
+        L, be = xs[0].layout, ev.backend
+        D, scale = L.block, float(node.attrs.get("scale", 1.0))
+        out = []
+        for rb in range(L.row_blocks):
+            s = None
+            for cb in range(L.col_blocks):
+                ct = xs[0].cts[L.ct_index(rb, cb)]
+                s = ct if s is None else be.add(s, ct)
+            k = 1
+            while k < D:
+                s = be.add(s, ev.rotate(s, k))
+                k *= 2
+            mask = np.zeros(L.slots)
+            mask[np.arange(L.block_rows(rb)) * D] = scale
+            m = be.mul_plain(s, mask)
+            k = 1
+            while k < D:
+                m = be.add(m, ev.rotate(m, -k))
+                k *= 2
+            out.extend([m] * L.col_blocks)
+        return out
+
+
+@register_op("select_rows")
+class SelectRows(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        x, rows = lay[0], node.attrs["rows"]
+        if x.kind != "matrix" or not rows or any((not 0 <= int(r) < x.rows) for r in rows):
+            raise LayoutError(f"select_rows: rows {rows} must be a non-empty list in [0, {x.rows})")
+        return x.with_(rows=len(rows), clean=True)
+
+    def reference(self, c, node, xs, lay):
+        return xs[0][np.asarray(node.attrs["rows"], dtype=int)]
+
+    def depth(self, c, node, lay):
+        return 1
+
+    def execute(self, ev, node, xs):
+        L, be = xs[0].layout, ev.backend
+        out_l = ev.layouts[node.name]
+        rows, D, R = node.attrs["rows"], L.block, L.R
+        out = []
+        for ob in range(out_l.row_blocks):
+            groups = {}
+            for o in range(ob * R, min((ob + 1) * R, len(rows))):
+                r = int(rows[o])
+                groups.setdefault((r // R, (r % R) - (o % R)), []).append(o % R)
+            for cb in range(L.col_blocks):
+                acc = None
+                for (rb, shift), olocal in sorted(groups.items()):
+                    mask = np.zeros((R, D))
+                    mask[olocal, : L.block_cols(cb)] = 1.0
+                    t = be.mul_plain(ev.rotate(xs[0].cts[L.ct_index(rb, cb)], shift * D), mask.reshape(-1))
+                    acc = t if acc is None else be.add(acc, t)
+                out.append(acc)
+        return out
+
+
+@register_op("slice_cols")
+class SliceCols(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        x = lay[0]
+        a, b = int(node.attrs["start"]), int(node.attrs["stop"])
+        if x.kind != "matrix" or not (0 <= a < b <= x.cols) or a % x.block:
+            raise LayoutError(f"slice_cols [{a}, {b}) must satisfy 0 <= start < stop <= {x.cols}, start % {x.block} == 0")
+        clean = x.clean and (b == x.cols or b % x.block == 0)
+        return x.with_(cols=b - a, clean=clean)
+
+    def reference(self, c, node, xs, lay):
+        return xs[0][:, int(node.attrs["start"]) : int(node.attrs["stop"])]
+
+    def execute(self, ev, node, xs):
+        L = xs[0].layout
+        a, b = int(node.attrs["start"]), int(node.attrs["stop"])
+        cbs = range(a // L.block, -(-b // L.block))
+        return [xs[0].cts[L.ct_index(rb, cb)] for rb in range(L.row_blocks) for cb in cbs]
+
+
+@register_op("concat_cols")
+class ConcatCols(OpSpec):
+    n_inputs = None
+
+    def infer(self, c, node, lay):
+        if not lay:
+            raise LayoutError("concat_cols needs at least one input")
+        for i, x in enumerate(lay):
+            if x.kind != "matrix" or x.rows != lay[0].rows:
+                raise LayoutError("concat_cols inputs must be matrices with the same number of rows")
+            if i < len(lay) - 1 and x.cols % x.block:
+                raise LayoutError(f"concat_cols: input {i} has {x.cols} columns, not a multiple of block {x.block}")
+        return lay[0].with_(cols=sum(x.cols for x in lay), clean=all(x.clean for x in lay))
+
+    def reference(self, c, node, xs, lay):
+        return np.concatenate(xs, axis=1)
+
+    def execute(self, ev, node, xs):
+        out = []
+        for rb in range(xs[0].layout.row_blocks):
+            for x in xs:
+                out.extend(x.cts[x.layout.ct_index(rb, cb)] for cb in range(x.layout.col_blocks))
+        return out
+
+
+def _single_ct(name, x):
+    if x.kind != "matrix" or x.num_cts != 1:
+        raise LayoutError(
+            f"{name} needs a single-ciphertext matrix (rows <= slots/block = {x.slots // x.block}, cols <= block = "
+            f"{x.block}); got {x.rows} x {x.cols}"
+        )
+
+
+@register_op("qk_scores")
+class QKScores(OpSpec):
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        q, k = lay
+        _single_ct("qk_scores", q)
+        _same("qk_scores", q, k)
+        h = int(node.attrs["heads"])
+        if h <= 0 or q.cols % h:
+            raise LayoutError(f"{q.cols} features do not split into {h} heads")
+        return ScoreLayout(q.rows, h, q.cols // h, q.block, q.slots, bool(node.attrs.get("causal", False)))
+
+    def reference(self, c, node, xs, lay):
+        q, k = xs
+        h = int(node.attrs["heads"])
+        dh = q.shape[1] // h
+        qh = q.reshape(q.shape[0], h, dh).transpose(1, 0, 2)
+        kh = k.reshape(k.shape[0], h, dh).transpose(1, 0, 2)
+        return float(node.attrs.get("scale", 1.0)) * qh @ kh.transpose(0, 2, 1)
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        S = ev.layouts[node.name]
+        q, k = xs[0].cts[0], xs[1].cts[0]
+        D, dh, scale = S.block, S.head_dim, float(node.attrs.get("scale", 1.0))
+        out = [None] * S.num_cts
+        for ct, m, s in S.positions():
+            p = be.mul(q, ev.rotate(k, s * D))
+            kk = 1
+            while kk < dh:
+                p = be.add(p, ev.rotate(p, kk))
+                kk *= 2
+            mask = np.zeros((S.R, D))
+            rows = np.nonzero(S.pair_valid(s))[0]
+            mask[np.ix_(rows, np.arange(S.heads) * dh)] = scale
+            p = ev.rotate(be.mul_plain(p, mask.reshape(-1)), -m)
+            out[ct] = p if out[ct] is None else be.add(out[ct], p)
+        return out
+
+
+@register_op("attn_apply")
+class AttnApply(OpSpec):
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        s, v = lay
+        if s.kind != "scores":
+            raise LayoutError("attn_apply's first input must be attention scores (from qk_scores)")
+        _single_ct("attn_apply", v)
+        if v.rows != s.rows or v.cols != s.heads * s.head_dim or v.block != s.block:
+            raise LayoutError(f"values of shape {v.shape} do not match scores {s.shape} x head_dim {s.head_dim}")
+        if "mask" in node.attrs and c.weight(node.attrs["mask"]).shape != (s.rows, s.rows):
+            raise LayoutError(f"mask must have shape ({s.rows}, {s.rows})")
+        return MatrixLayout(v.rows, v.cols, v.block, v.slots, clean=True)
+
+    def _mask(self, c, node, S):
+        m = np.ones((S.rows, S.rows))
+        if "mask" in node.attrs:
+            m = m * c.weight(node.attrs["mask"])
+        if S.causal:
+            m = np.tril(m)
+        return m * float(node.attrs.get("scale", 1.0))
+
+    def reference(self, c, node, xs, lay):
+        A, V = xs
+        S = lay[0]
+        M = self._mask(c, node, S)
+        dh = S.head_dim
+        out = np.zeros(V.shape)
+        for h in range(S.heads):
+            out[:, h * dh : (h + 1) * dh] = (A[h] * M) @ V[:, h * dh : (h + 1) * dh]
+        return out
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        S = xs[0].layout
+        M = self._mask(ev.circuit, node, S)
+        v = xs[1].cts[0]
+        D, dh = S.block, S.head_dim
+        out = None
+        for ct, m, s in S.positions():
+            a = ev.rotate(xs[0].cts[ct], m)
+            mask = np.zeros((S.R, D))
+            rows = np.nonzero(S.pair_valid(s))[0]
+            cols = (rows + s) % S.R
+            mask[np.ix_(rows, np.arange(S.heads) * dh)] = M[rows, cols][:, None]
+            a = be.mul_plain(a, mask.reshape(-1))
+            kk = 1
+            while kk < dh:
+                a = be.add(a, ev.rotate(a, -kk))
+                kk *= 2
+            t = be.mul(a, ev.rotate(v, s * D))
+            out = t if out is None else be.add(out, t)
+        return [out]
+
+
+@register_op("bootstrap")
+class Bootstrap(OpSpec):
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        b = float(node.attrs.get("bound", 1.0))
+        if not (b > 0 and math.isfinite(b)):
+            raise LayoutError(f"bootstrap bound must be a positive finite number, got {b}")
+        return lay[0]
+
+    def reference(self, c, node, xs, lay):
+        return xs[0]
+
+    def execute(self, ev, node, xs):
+        b = float(node.attrs.get("bound", 1.0))
+        return [ev.backend.bootstrap(ct, b, where=node.name) for ct in xs[0].cts]

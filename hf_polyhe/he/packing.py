@@ -1,0 +1,366 @@
+"""Packing of tensors into CKKS slot vectors.
+
+Matrix layout (:class:`MatrixLayout`)
+-------------------------------------
+An activation ``X`` of shape ``rows x cols`` (L tokens x d features) is cut into blocks of ``R x D`` where
+``D = block`` (a power of two, the same for every tensor of a circuit, typically the hidden size) and
+``R = slots // D``. Block ``(rb, cb)`` lives in ciphertext number ``rb * col_blocks + cb`` and is stored
+row-major::
+
+    slot(i, j) = (i mod R) * D + (j mod D)        ciphertext = (i // R) * col_blocks + (j // D)
+
+so one ciphertext holds ``R`` whole rows of ``D`` features. With ``L * d <= slots`` and ``d <= D`` a tensor
+is one ciphertext. Slots outside ``[0, rows) x [0, cols)`` are *padding*. A layout is ``clean`` when its
+padding is known to be zero (the client encrypts zeros there; a polynomial makes it dirty since
+``p(0) != 0``). Ops that would read padding either ignore it structurally (``linear`` uses zero diagonal
+entries, attention masks invalid pairs) or require a clean input (``row_sum`` when ``cols % D != 0``).
+
+Slot rotation is cyclic over the ``slots`` of a ciphertext (OpenFHE sparse packing):
+``rot(v, k)[s] = v[(s + k) mod slots]``. Rotation indices are normalised to ``(-slots/2, slots/2]``.
+
+Plaintext matmul (``linear``): generalised diagonal method. For a ``D x D`` weight block,
+``y[s] = sum_t diag_t[s] * rot(x, t)[s]`` over ``t in (-D, D)`` with
+``diag_t[i*D + j] = W[j + t, j]`` when ``0 <= j + t < D`` (else 0: a row never reads its neighbour).
+Baby-step/giant-step: ``t = g*n1 + b``; ``y = sum_g rot(sum_b roll(diag_t, g*n1) * rot(x, b), g*n1)``,
+baby rotations shared by all output blocks, giant rotations once per output block.
+
+Score layout (:class:`ScoreLayout`)
+-----------------------------------
+Attention scores of ``heads`` heads of width ``dh = cols / heads`` for ``L <= R`` rows. A *shift* ``s``
+pairs query row ``i`` with key row ``j = (i + s) mod R``. Shifts are grouped by ``dh``; group ``g`` is one
+ciphertext with ``slot(i * D + h * dh + m) = S_h[i, (i + shifts[g*dh + m]) mod R]``. Only pairs with
+``i < L``, ``j < L`` (and ``j <= i`` if causal) are *covered*; other slots are zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import LayoutError
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(math.ceil(math.log2(max(n, 1)))))
+
+
+def norm_rot(k: int, slots: int) -> int:
+    """Rotation index ``k`` normalised to ``(-slots/2, slots/2]`` (one key per distinct value)."""
+    k %= slots
+    return k - slots if k > slots // 2 else k
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    """``rows x cols`` tensor in ``R x D`` row-major blocks (see module docstring)."""
+
+    rows: int
+    cols: int
+    block: int
+    slots: int
+    clean: bool = field(default=True, compare=False)
+
+    kind = "matrix"
+
+    def __post_init__(self):
+        for name in ("rows", "cols", "block", "slots"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise LayoutError(f"{name} must be a positive integer, got {v!r}")
+        if not is_pow2(self.block) or not is_pow2(self.slots) or self.slots < self.block:
+            raise LayoutError(f"block ({self.block}) and slots ({self.slots}) must be powers of two with block <= slots")
+
+    @property
+    def R(self) -> int:
+        return self.slots // self.block
+
+    @property
+    def row_blocks(self) -> int:
+        return -(-self.rows // self.R)
+
+    @property
+    def col_blocks(self) -> int:
+        return -(-self.cols // self.block)
+
+    @property
+    def num_cts(self) -> int:
+        return self.row_blocks * self.col_blocks
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows, self.cols)
+
+    def with_(self, **kw) -> "MatrixLayout":
+        d = dict(rows=self.rows, cols=self.cols, block=self.block, slots=self.slots, clean=self.clean)
+        d.update(kw)
+        return MatrixLayout(**d)
+
+    def block_rows(self, rb: int) -> int:
+        """Valid rows in row block ``rb``."""
+        return min(self.R, self.rows - rb * self.R)
+
+    def block_cols(self, cb: int) -> int:
+        return min(self.block, self.cols - cb * self.block)
+
+    def ct_index(self, rb: int, cb: int) -> int:
+        return rb * self.col_blocks + cb
+
+    def check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != self.shape:
+            raise LayoutError(f"expected a tensor of shape {self.shape}, got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise LayoutError("tensor contains NaN or inf")
+        return x
+
+    def pack(self, x) -> list:
+        """``rows x cols`` array -> list of ``num_cts`` slot vectors (float64, length ``slots``)."""
+        x = self.check(x)
+        out = []
+        for rb in range(self.row_blocks):
+            for cb in range(self.col_blocks):
+                blk = np.zeros((self.R, self.block))
+                r, c = self.block_rows(rb), self.block_cols(cb)
+                blk[:r, :c] = x[rb * self.R : rb * self.R + r, cb * self.block : cb * self.block + c]
+                out.append(blk.reshape(-1))
+        return out
+
+    def unpack(self, vecs: Sequence) -> np.ndarray:
+        if len(vecs) != self.num_cts:
+            raise LayoutError(f"layout {self.shape} needs {self.num_cts} slot vectors, got {len(vecs)}")
+        x = np.zeros(self.shape)
+        for rb in range(self.row_blocks):
+            for cb in range(self.col_blocks):
+                v = np.asarray(vecs[self.ct_index(rb, cb)], dtype=np.float64).reshape(-1)
+                if v.size < self.slots:
+                    raise LayoutError(f"slot vector of length {v.size} < {self.slots} slots")
+                blk = v[: self.slots].reshape(self.R, self.block)
+                r, c = self.block_rows(rb), self.block_cols(cb)
+                x[rb * self.R : rb * self.R + r, cb * self.block : cb * self.block + c] = blk[:r, :c]
+        return x
+
+    def valid_masks(self) -> list:
+        """Per ciphertext, a boolean slot mask of the non-padding slots."""
+        return [v > 0 for v in self.pack(np.ones(self.shape))]
+
+    def broadcast(self, value) -> np.ndarray:
+        """Broadcast a plaintext (scalar, ``(cols,)``, ``(rows, 1)``, ``(rows, cols)``) to ``rows x cols``."""
+        v = np.asarray(value, dtype=np.float64)
+        try:
+            return np.broadcast_to(v, self.shape).copy()
+        except ValueError:
+            raise LayoutError(f"plaintext of shape {v.shape} does not broadcast to {self.shape}") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": "matrix", "rows": self.rows, "cols": self.cols, "block": self.block, "slots": self.slots,
+                "clean": self.clean}
+
+
+def attention_shifts(rows: int, R: int, causal: bool) -> tuple:
+    """Cyclic row shifts ``s`` (key row ``(i + s) mod R``) that cover at least one valid (query, key) pair."""
+    if rows > R:
+        raise LayoutError(f"attention needs all {rows} rows in one ciphertext (at most R = slots/block = {R})")
+    out = []
+    i = np.arange(rows)
+    for s in range(R):
+        j = (i + s) % R
+        ok = (j < rows) & ((j <= i) if causal else True)
+        if ok.any():
+            out.append(s)
+    # order: s = 0 first, then the negative shifts (previous tokens) nearest first, then positive ones
+    return tuple(sorted(out, key=lambda s: (s != 0, s <= R // 2, -s if s > R // 2 else s)))
+
+
+@dataclass(frozen=True)
+class ScoreLayout:
+    """Per-head ``L x L`` attention scores packed by shifts (see module docstring)."""
+
+    rows: int
+    heads: int
+    head_dim: int
+    block: int
+    slots: int
+    causal: bool
+    clean: bool = field(default=True, compare=False)
+
+    kind = "scores"
+
+    def __post_init__(self):
+        if not is_pow2(self.head_dim):
+            raise LayoutError(f"head_dim must be a power of two for the in-head rotation sums, got {self.head_dim}")
+        if self.heads * self.head_dim > self.block:
+            raise LayoutError(f"heads*head_dim = {self.heads * self.head_dim} exceeds block {self.block}")
+
+    @property
+    def R(self) -> int:
+        return self.slots // self.block
+
+    @property
+    def shifts(self) -> tuple:
+        return attention_shifts(self.rows, self.R, self.causal)
+
+    @property
+    def num_cts(self) -> int:
+        return -(-len(self.shifts) // self.head_dim)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.heads, self.rows, self.rows)
+
+    def with_(self, **kw):
+        d = dict(rows=self.rows, heads=self.heads, head_dim=self.head_dim, block=self.block, slots=self.slots,
+                 causal=self.causal, clean=self.clean)
+        d.update(kw)
+        return ScoreLayout(**d)
+
+    def pair_valid(self, s: int) -> np.ndarray:
+        """Boolean over query rows ``i < rows``: is (i, (i+s) mod R) a covered pair."""
+        i = np.arange(self.rows)
+        j = (i + s) % self.R
+        return (j < self.rows) & ((j <= i) if self.causal else True)
+
+    def positions(self):
+        """Yield ``(ct, m, s)``: shift ``s`` lives in ciphertext ``ct`` at column offset ``m`` of each head."""
+        for n, s in enumerate(self.shifts):
+            yield n // self.head_dim, n % self.head_dim, s
+
+    def pack(self, S) -> list:
+        S = np.asarray(S, dtype=np.float64)
+        if S.shape != self.shape:
+            raise LayoutError(f"expected scores of shape {self.shape}, got {S.shape}")
+        vecs = [np.zeros(self.slots) for _ in range(self.num_cts)]
+        for ct, m, s in self.positions():
+            ok = self.pair_valid(s)
+            for i in np.nonzero(ok)[0]:
+                j = (i + s) % self.R
+                for h in range(self.heads):
+                    vecs[ct][i * self.block + h * self.head_dim + m] = S[h, i, j]
+        return vecs
+
+    def unpack(self, vecs) -> np.ndarray:
+        if len(vecs) != self.num_cts:
+            raise LayoutError(f"score layout needs {self.num_cts} slot vectors, got {len(vecs)}")
+        S = np.zeros(self.shape)
+        for ct, m, s in self.positions():
+            v = np.asarray(vecs[ct], dtype=np.float64)
+            for i in np.nonzero(self.pair_valid(s))[0]:
+                j = (i + s) % self.R
+                for h in range(self.heads):
+                    S[h, i, j] = v[i * self.block + h * self.head_dim + m]
+        return S
+
+    def coverage(self) -> np.ndarray:
+        """Boolean ``(heads, L, L)``: which score entries the layout holds."""
+        return self.unpack(self.pack(np.ones(self.shape))) > 0
+
+    def valid_masks(self) -> list:
+        return [v > 0 for v in self.pack(np.ones(self.shape))]
+
+    def broadcast(self, value) -> np.ndarray:
+        v = np.asarray(value, dtype=np.float64)
+        try:
+            return np.broadcast_to(v, self.shape).copy()
+        except ValueError:
+            raise LayoutError(f"plaintext of shape {v.shape} does not broadcast to {self.shape}") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": "scores", "rows": self.rows, "heads": self.heads, "head_dim": self.head_dim,
+                "block": self.block, "slots": self.slots, "causal": self.causal, "clean": self.clean}
+
+
+def layout_from_dict(d: dict):
+    d = dict(d)
+    kind = d.pop("kind", "matrix")
+    if kind == "matrix":
+        return MatrixLayout(**d)
+    if kind == "scores":
+        return ScoreLayout(**d)
+    raise LayoutError(f"unknown layout kind {kind!r}; accepted: matrix, scores")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plaintext matmul: diagonals and baby-step/giant-step schedule
+
+
+@dataclass
+class BSGSPlan:
+    """Schedule of one ``linear`` op: ``n1`` baby steps, and per (in block, out block) the rotated diagonals
+    ``{(g, b): vector}`` for each row block."""
+
+    n1: int
+    baby: tuple  # baby rotation amounts (> 0)
+    giant: tuple  # giant rotation amounts (multiples of n1, != 0 or 0)
+    terms: dict  # (rb, ib, ob) -> {giant: {baby: slot vector}}
+
+
+def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nrows: int, d_out: int) -> dict:
+    """Nonzero generalised diagonals ``{t: slot vector}`` of weight block ``(ib, ob)`` for ``nrows`` valid rows."""
+    D, R = layout_in.block, layout_in.R
+    d_in = layout_in.cols
+    blk = np.zeros((D, D))
+    r0, c0 = ib * D, ob * D
+    sub = W[r0 : min(r0 + D, d_in), c0 : min(c0 + D, d_out)]
+    blk[: sub.shape[0], : sub.shape[1]] = sub
+    out = {}
+    j = np.arange(D)
+    for t in range(-(D - 1), D):
+        k = j + t
+        ok = (k >= 0) & (k < D)
+        row = np.zeros(D)
+        row[ok] = blk[k[ok], j[ok]]
+        if not np.any(row):
+            continue
+        v = np.zeros((R, D))
+        v[:nrows] = row
+        out[t] = v.reshape(-1)
+    return out
+
+
+def choose_n1(ts: Sequence[int], n_in: int, n_out: int) -> int:
+    """Baby-step size minimising baby (per input block) + giant (per output block) rotations."""
+    if not ts:
+        return 1
+    best = None
+    for n1 in [1 << p for p in range(0, 12)]:
+        babies = {t % n1 for t in ts} - {0}
+        giants = {(t // n1) * n1 for t in ts} - {0}
+        cost = n_in * len(babies) + n_out * len(giants)
+        key = (cost, len(babies) + len(giants))
+        if best is None or key < best[0]:
+            best = (key, n1)
+        if n1 > 2 * max(abs(t) for t in ts):
+            break
+    return best[1]
+
+
+def bsgs_plan(W: np.ndarray, layout_in: MatrixLayout, d_out: int) -> BSGSPlan:
+    """Diagonals of ``W`` (``cols x d_out``) for every row block, grouped for baby-step/giant-step."""
+    W = np.asarray(W, dtype=np.float64)
+    if W.shape != (layout_in.cols, d_out):
+        raise LayoutError(f"weight of shape {W.shape} does not map {layout_in.cols} features to {d_out}")
+    n_out = -(-d_out // layout_in.block)
+    diags = {}
+    for rb in range(layout_in.row_blocks):
+        nrows = layout_in.block_rows(rb)
+        for ib in range(layout_in.col_blocks):
+            for ob in range(n_out):
+                diags[(rb, ib, ob)] = block_diagonals(W, layout_in, ib, ob, nrows, d_out)
+    ts = sorted({t for d in diags.values() for t in d})
+    n1 = choose_n1(ts, layout_in.col_blocks, n_out)
+    terms = {}
+    for key, d in diags.items():
+        groups = {}
+        for t, v in d.items():
+            g, b = (t // n1) * n1, t % n1
+            groups.setdefault(g, {})[b] = np.roll(v, g)
+        terms[key] = groups
+    baby = tuple(sorted({t % n1 for t in ts} - {0}))
+    giant = tuple(sorted({(t // n1) * n1 for t in ts}))
+    return BSGSPlan(n1=n1, baby=baby, giant=giant, terms=terms)

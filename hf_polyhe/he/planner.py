@@ -1,0 +1,343 @@
+"""The planner: from the circuit alone, levels per op, bootstrap placement, rotation keys, CKKS parameters, and
+a cost report (counts, key sizes, predicted time from a measured per-op cost table).
+
+Levels are counted the way OpenFHE spends them (FLEXIBLEAUTO): a fresh or bootstrapped ciphertext carries
+``levels_after_bootstrap`` levels (leveled circuits: the whole depth); ``mul``/``mul_plain``/``linear``... consume
+what :meth:`OpSpec.depth` says. Counts and levels come from running the real interpreter on a symbolic
+:class:`TraceBackend`, so they match what the OpenFHE backend executes, op for op.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import params as P
+from .errors import PlanningError
+from .interpreter import Evaluator, Packed
+from .ir import Circuit, Node
+from .ops import OPS, cheb_depth_openfhe
+
+# Per-primitive cost model t(T) = (N / 2^16) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext carries.
+# Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads); benchmarks/he_ops.py --write-costs refits them.
+COST_TABLE_PATH = os.path.join(os.path.dirname(__file__), "cost_table.json")
+DEFAULT_COSTS = {
+    "rotate": [4.7e-3, 7.7e-4],
+    "mul": [6.2e-3, 1.07e-3],
+    "mul_plain": [2.0e-3, 0.0],
+    "add_plain": [1.5e-3, 0.0],
+    "mul_scalar": [3.0e-4, 0.0],
+    "add": [1.0e-4, 0.0],
+    "cheb_per_degree": [2.0e-3, 3.0e-4],  # per unit of degree
+    "bootstrap": [18.0, 0.0],  # seconds at N=2^16, constant
+    "ref_ring_dim": 65536,
+}
+
+
+def load_cost_table(path: str = COST_TABLE_PATH) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return {**DEFAULT_COSTS, **json.load(f)}
+    return dict(DEFAULT_COSTS)
+
+
+class TraceCt:
+    __slots__ = ("level",)
+
+    def __init__(self, level: int):
+        self.level = level
+
+
+class TraceBackend:
+    """Symbolic backend: a ciphertext is its level (levels consumed since fresh/bootstrap). Counts every
+    primitive, records rotation indices and the levels each op reaches, and sums predicted time."""
+
+    name = "trace"
+
+    def __init__(self, slots, total_depth, start_level, levels_after_bootstrap, ring_dim, costs):
+        self.slots = slots
+        self.total_depth, self.start_level, self.lb = total_depth, start_level, levels_after_bootstrap
+        self.N, self.costs = ring_dim, costs
+        self.counts = {k: 0 for k in ("rotate", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "cheb",
+                                      "bootstrap")}
+        self.rotation_keys = set()
+        self.time = 0.0
+        self.time_by_op = {}
+        self.node = None
+        self.max_level = 0
+        self.node_levels = {}
+
+    def begin_node(self, node):
+        self.node = node
+
+    def _cost(self, kind, level, mult=1.0):
+        T = max(self.total_depth - (self.start_level + level) + 1, 1)
+        a, b = self.costs[kind]
+        t = (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T) * mult
+        self.time += t
+        if self.node is not None:
+            self.time_by_op[self.node.op] = self.time_by_op.get(self.node.op, 0.0) + t
+
+    def _out(self, level):
+        self.max_level = max(self.max_level, level)
+        if self.node is not None:
+            self.node_levels[self.node.name] = max(self.node_levels.get(self.node.name, 0), level)
+        return TraceCt(level)
+
+    def add(self, a, b):
+        self.counts["add"] += 1
+        self._cost("add", max(a.level, b.level))
+        return self._out(max(a.level, b.level))
+
+    sub = add
+
+    def mul(self, a, b):
+        self.counts["mul"] += 1
+        self._cost("mul", max(a.level, b.level))
+        return self._out(max(a.level, b.level) + 1)
+
+    def add_plain(self, a, v):
+        self.counts["add_plain"] += 1
+        self._cost("add_plain", a.level)
+        return self._out(a.level)
+
+    def mul_plain(self, a, v):
+        self.counts["mul_plain"] += 1
+        self._cost("mul_plain", a.level)
+        return self._out(a.level + 1)
+
+    def mul_scalar(self, a, c):
+        self.counts["mul_scalar"] += 1
+        self._cost("mul_scalar", a.level)
+        return self._out(a.level + 1)
+
+    def rotate(self, a, k):
+        self.counts["rotate"] += 1
+        self.rotation_keys.add(int(k))
+        self._cost("rotate", a.level)
+        return self._out(a.level)
+
+    def rotate_many(self, a, ks):
+        return {k: self.rotate(a, k) for k in ks}
+
+    def cheb(self, a, series, where="", valid=None):
+        self.counts["cheb"] += 1
+        self._cost("cheb_per_degree", a.level, mult=max(series.degree, 1))
+        return self._out(a.level + cheb_depth_openfhe(series.degree) + 1)
+
+    def bootstrap(self, a, bound, where=""):
+        self.counts["bootstrap"] += 1
+        scaled = bound != 1.0
+        if a.level + int(scaled) > self.lb:
+            raise PlanningError(f"{where}: bootstrap input at level {a.level} has no level left for scaling by 1/bound")
+        if scaled:
+            self.mul_scalar(a, 1.0)
+        self.time += self.costs["bootstrap"][0] * (self.N / self.costs["ref_ring_dim"])
+        self.time_by_op["bootstrap"] = self.time_by_op.get("bootstrap", 0.0) + self.costs["bootstrap"][0] * (
+            self.N / self.costs["ref_ring_dim"])
+        out = TraceCt(0)
+        if scaled:
+            out = self.mul_scalar(out, 1.0)
+        return out
+
+
+@dataclass
+class Plan:
+    """What the planner decided and predicts. ``circuit`` is the circuit to run (bootstraps inserted)."""
+
+    circuit: Circuit
+    params: P.CKKSParams
+    levels: dict  # value name -> levels consumed since fresh/bootstrap
+    depth: int  # levels needed by the longest leveled segment
+    rotation_keys: list
+    counts: dict
+    inserted_bootstraps: list
+    start_level: int  # OpenFHE level fresh ciphertexts are encrypted at
+    key_bytes: dict
+    predicted_seconds: float
+    time_by_op: dict = field(default_factory=dict)
+
+    def report(self) -> str:
+        p = self.params
+        lines = [
+            f"circuit {self.circuit.name!r}: {len(self.circuit.nodes)} ops, slots {self.circuit.slots}, block {self.circuit.block}",
+            f"params: {p.name} ({p.security}), ring dim {p.ring_dim or 'auto'}, scale {p.scale_bits} bits, "
+            f"total depth {p.depth}, bootstrap={p.bootstrap}"
+            + (f" (levels after bootstrap {p.levels_after_bootstrap}, level budget {list(p.level_budget)})" if p.bootstrap else ""),
+            f"multiplicative depth of the longest segment: {self.depth}",
+            f"#rotations {self.counts['rotate']} ({len(self.rotation_keys)} keys), #ct x ct mults {self.counts['mul']}, "
+            f"#pt x ct mults {self.counts['mul_plain']}, #Chebyshev series {self.counts['cheb']}, "
+            f"#bootstraps {self.counts['bootstrap']} ({len(self.inserted_bootstraps)} inserted by the planner)",
+            f"keys (estimate): relin {self.key_bytes['relin'] / 2**20:.1f} MiB, rotations "
+            f"{self.key_bytes['rotation'] / 2**20:.1f} MiB" + (
+                f", bootstrapping ~{self.key_bytes['bootstrap'] / 2**20:.0f} MiB" if p.bootstrap else ""),
+            f"predicted time: {self.predicted_seconds:.2f} s ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.time_by_op.items(), key=lambda kv: -kv[1])) + ")",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"params": self.params.to_dict(), "depth": self.depth, "rotation_keys": self.rotation_keys,
+                "counts": self.counts, "start_level": self.start_level, "key_bytes": self.key_bytes,
+                "predicted_seconds": self.predicted_seconds, "inserted_bootstraps": self.inserted_bootstraps}
+
+
+def static_levels(circuit: Circuit) -> dict:
+    """Levels per value with every bootstrap resetting to 0 (+1 when it rescales by its bound)."""
+    lay = circuit.layouts()
+    lev = {n: 0 for n in circuit.inputs}
+    for node in circuit.nodes:
+        if node.op == "bootstrap":
+            lev[node.name] = int(float(node.attrs.get("bound", 1.0)) != 1.0)
+            continue
+        base = max(lev[i] for i in node.inputs)
+        lev[node.name] = base + OPS[node.op].depth(circuit, node, [lay[i] for i in node.inputs])
+    return lev
+
+
+def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dict | None = None):
+    """Copy of ``circuit`` with bootstraps before every op that would leave fewer than one level (kept for the
+    bootstrap's 1/bound scaling) in its segment. ``bounds``: value name -> max |x| over all slots (from
+    :func:`calibrate_bounds`); the bootstrap bound is the next power of two above it (1.0 if unknown)."""
+    lb = int(levels_after_bootstrap)
+    budget = lb - 1
+    bounds = bounds or {}
+    out = Circuit(circuit.block, circuit.slots, circuit.name)
+    out.meta = dict(circuit.meta)
+    out.weights = dict(circuit.weights)
+    for n, (r, c) in circuit.inputs.items():
+        out.input(n, r, c)
+    lay = circuit.layouts()
+    lev = {n: 0 for n in circuit.inputs}
+    alias = {}
+    inserted = []
+
+    def bound_for(v):
+        m = bounds.get(v)
+        return 1.0 if not m or m <= 1.0 else float(2.0 ** math.ceil(math.log2(m * 1.05)))
+
+    for node in circuit.nodes:
+        ins = [alias.get(i, i) for i in node.inputs]
+        if node.op == "bootstrap":
+            d_after = int(float(node.attrs.get("bound", 1.0)) != 1.0)
+            out.nodes.append(Node(node.op, out._name_ok(node.name), ins, dict(node.attrs)))
+            lev[node.name] = d_after
+            continue
+        d = OPS[node.op].depth(circuit, node, [lay[i] for i in node.inputs])
+        if d > budget - 1:
+            raise PlanningError(
+                f"op {node.name!r} ({node.op}) needs {d} levels but a bootstrap segment offers {budget - 1} "
+                f"(levels_after_bootstrap={lb}); split the polynomial into stages or raise levels_after_bootstrap"
+            )
+        for k, i in enumerate(ins):
+            if lev[i] + d > budget:
+                src = node.inputs[k]
+                bname = out._fresh(f"bootstrap_{src}")
+                b = bound_for(src)
+                out.nodes.append(Node("bootstrap", out._name_ok(bname), [i], {"bound": b}))
+                lev[bname] = int(b != 1.0)
+                alias[src] = bname
+                ins[k] = bname
+                inserted.append(bname)
+        out.nodes.append(Node(node.op, out._name_ok(node.name), ins, dict(node.attrs)))
+        lev[node.name] = max(lev[i] for i in ins) + d
+    out.outputs = [alias.get(o, o) if False else o for o in circuit.outputs]
+    out.layouts()
+    return out, inserted
+
+
+def calibrate_bounds(circuit: Circuit, sample_inputs: dict) -> dict:
+    """Max |x| over all slots of every value when the plain backend runs ``sample_inputs``."""
+    from .backends.plain import PlainBackend
+
+    be = PlainBackend(circuit.slots)
+    ev = Evaluator(circuit, be)
+    env = {n: Packed(ev.layouts[n], ev.layouts[n].pack(x)) for n, x in sample_inputs.items()}
+    env = ev.check_inputs(env)
+    res = {}
+    for node in circuit.nodes:
+        cts = OPS[node.op].execute(ev, node, [env[i] for i in node.inputs])
+        env[node.name] = Packed(ev.layouts[node.name], cts)
+        res[node.name] = float(max(np.max(np.abs(c)) for c in cts))
+    for n in circuit.inputs:
+        res[n] = float(max(np.max(np.abs(c)) for c in env[n].cts))
+    return res
+
+
+def _key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
+    N = p.ring_dim or 2**16
+    towers_q = p.depth + 1
+    dnum = p.num_large_digits or 3
+    towers_p = int(math.ceil(towers_q / dnum))
+    one = dnum * 2 * N * (towers_q + towers_p) * 8
+    boot = 0
+    if p.bootstrap:
+        # CoeffsToSlots/SlotsToCoeffs rotations: about 2 * budget * (radix + giant) keys
+        slots = max(p.slots, 1)
+        per = int(math.ceil(math.log2(slots) / max(p.level_budget[0], 1)))
+        boot = one * (2 * sum(p.level_budget) * (2 ** per // 2 + 2) + 1)
+    return {"relin": one, "rotation": one * n_rot, "per_key": one, "bootstrap": boot}
+
+
+def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_bootstrap: int | None = None,
+         bootstrap: str = "auto", bounds: dict | None = None, max_leveled_depth: int = 24,
+         cost_table: dict | None = None) -> Plan:
+    """Plan ``circuit``: levels, bootstraps, rotation keys, CKKS parameters, predicted cost.
+
+    ``bootstrap``: ``"auto"`` (bootstrap only when the leveled depth exceeds ``max_leveled_depth`` or the
+    circuit already has bootstrap ops), ``"never"`` (PlanningError if too deep), ``"always"``.
+    ``params``: a parameter set (default: :func:`params.default`); depth/slots/ring are filled in.
+    """
+    circuit.validate()
+    params = params or P.default()
+    costs = cost_table or load_cost_table()
+    has_explicit = any(n.op == "bootstrap" for n in circuit.nodes)
+    lev = static_levels(circuit)
+    leveled_depth = max(max(lev.values()), 1)
+    want_boot = bootstrap == "always" or has_explicit or (bootstrap == "auto" and leveled_depth > max_leveled_depth)
+    if bootstrap not in ("auto", "never", "always"):
+        raise PlanningError(f"bootstrap must be 'auto', 'never' or 'always', got {bootstrap!r}")
+    if bootstrap == "never" and (has_explicit or leveled_depth > max_leveled_depth):
+        # still allowed if a secure set exists; checked below by min_secure_ring_dim
+        want_boot = has_explicit
+    inserted = []
+    run_circuit = circuit
+    if want_boot:
+        lb = int(levels_after_bootstrap or params.levels_after_bootstrap)
+        run_circuit, inserted = insert_bootstraps(circuit, lb, bounds)
+        lev = static_levels(run_circuit)
+        scale = params.scale_bits if params.scale_bits >= 59 else 59
+        p = params.with_(bootstrap=True, levels_after_bootstrap=lb, scale_bits=scale, slots=circuit.slots)
+        p = p.with_(depth=lb + p.bootstrap_depth)
+        start_level = p.bootstrap_depth - 1  # one spare level for the fresh ciphertext's first rescale
+        seg_depth = max(lev.values())
+    else:
+        # +1: with FLEXIBLEAUTO a fresh ciphertext is encrypted at a doubled scale and spends one level on its
+        # first rescale (measured: a full-depth chain fails without it)
+        p = params.with_(bootstrap=False, slots=circuit.slots, depth=leveled_depth + 1)
+        start_level = 0
+        seg_depth = leveled_depth
+    if p.ring_dim and p.slots * 2 > p.ring_dim:
+        raise PlanningError(f"the circuit needs {p.slots} slots, ring dimension {p.ring_dim} offers {p.ring_dim // 2}")
+    if not p.insecure:
+        n_min = p.min_secure_ring_dim()  # PlanningError if no secure set
+        if p.ring_dim and p.ring_dim < n_min:
+            raise PlanningError(f"ring dimension {p.ring_dim} is not 128-bit secure for log2(QP) ~ "
+                                f"{p.estimate_log_qp()}; need >= {n_min}")
+        p = p.with_(ring_dim=max(p.ring_dim, n_min))
+    tb = TraceBackend(circuit.slots, p.depth, start_level, p.levels_after_bootstrap if p.bootstrap else p.depth,
+                      p.ring_dim, costs)
+    ev = Evaluator(run_circuit, tb)
+    ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in run_circuit.inputs}
+    ev.run(ins)
+    if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
+        raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
+    rot = sorted(tb.rotation_keys)
+    return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
+                inserted_bootstraps=inserted, start_level=start_level, key_bytes=_key_bytes(p, len(rot)),
+                predicted_seconds=tb.time, time_by_op=tb.time_by_op)

@@ -1,0 +1,175 @@
+"""Transformer circuits from a torch-free model description (what an HE server needs, without torch).
+
+``export.py`` writes a :class:`TransformerSpec`: the architecture as JSON (norm kinds, attention options,
+fitted polynomial approximations) plus every server-side weight as a named float64 array. From it,
+:func:`build_transformer_circuit` builds the circuit for any sequence length and padding mask, so one export
+serves every prompt length up to ``max_length``.
+
+Spec layout (``spec.json``; weights referenced by name)::
+
+    {"version": 1, "family": "gpt" | "bert" | "vit", "hidden_size": d, "num_heads": h, "max_length": L,
+     "causal": bool, "embedding_norm": NORM | null, "layers": [LAYER, ...], "final_norm": NORM | null,
+     "head": {"kind": "last_token" | "pooler_cls" | "cls", ...}}
+    LAYER = {"pre_norm": bool, "attention_norm": NORM, "mlp_norm": NORM,
+             "attn": {"q": LIN, "k": LIN, "v": LIN, "o": LIN, "activation": ACT, "scaling": "none"|"length"|"sqrt_length"},
+             "mlp": {"fc_in": LIN, "norm": NORM | null, "act": ACT, "fc_out": LIN}}
+    LIN  = {"weight": name (d_in x d_out), "bias": name | null}
+    NORM = {"kind": "layernorm", "eps": float, "weight": name, "bias": name, "inv_sqrt": APPROX}
+         | {"kind": "affine", "scale": name, "shift": name}
+    ACT  = {"kind": "poly", "approximation": APPROX} | {"kind": "square"} | {"kind": "identity"}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import CircuitError
+from .ir import Circuit
+from .packing import next_pow2
+
+SPEC_VERSION = 1
+SCALINGS = {"none": lambda n: np.ones_like(n), "length": lambda n: n, "sqrt_length": np.sqrt}
+
+
+@dataclass
+class TransformerSpec:
+    config: dict
+    weights: dict = field(default_factory=dict)
+
+    def add(self, name: str, value) -> str:
+        arr = np.asarray(value, dtype=np.float64)
+        if name in self.weights:
+            raise CircuitError(f"weight {name!r} defined twice")
+        self.weights[name] = arr
+        return name
+
+    def save(self, directory) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "spec.json"), "w") as f:
+            json.dump({**self.config, "version": SPEC_VERSION}, f, indent=1)
+        np.savez(os.path.join(directory, "spec_weights.npz"), **self.weights)
+
+    @classmethod
+    def load(cls, directory) -> "TransformerSpec":
+        try:
+            with open(os.path.join(directory, "spec.json")) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CircuitError(f"cannot read transformer spec in {directory}: {e}") from e
+        if config.get("version") != SPEC_VERSION:
+            raise CircuitError(f"transformer spec version {config.get('version')!r} is not supported (expected {SPEC_VERSION})")
+        with np.load(os.path.join(directory, "spec_weights.npz"), allow_pickle=False) as z:
+            weights = {k: z[k] for k in z.files}
+        return cls(config, weights)
+
+
+def default_packing(seq_len: int, hidden_size: int) -> tuple[int, int]:
+    """``(block, slots)``: block = next power of two >= d, one row per token, rows rounded to a power of two."""
+    block = next_pow2(hidden_size)
+    return block, next_pow2(seq_len) * block
+
+
+class _Builder:
+    def __init__(self, spec: TransformerSpec, circuit: Circuit):
+        self.s, self.c = spec, circuit
+
+    def w(self, name):
+        return self.s.weights[name]
+
+    def linear(self, x, lin):
+        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None)
+
+    def act(self, x, act):
+        if act["kind"] == "poly":
+            return self.c.poly(x, act["approximation"])
+        if act["kind"] == "square":
+            return self.c.mul(x, x)
+        if act["kind"] == "identity":
+            return x
+        raise CircuitError(f"unknown activation kind {act['kind']!r}; accepted: poly, square, identity")
+
+    def norm(self, x, norm, d):
+        c = self.c
+        if norm["kind"] == "layernorm":
+            mean = c.row_sum(x, 1.0 / d)
+            xc = c.sub(x, mean)
+            var = c.row_sum(c.mul(xc, xc), 1.0 / d)
+            inv = c.poly(c.add_plain(var, float(norm["eps"])), norm["inv_sqrt"])
+            return c.add_plain(c.mul_plain(c.mul(xc, inv), self.w(norm["weight"])), self.w(norm["bias"]))
+        if norm["kind"] == "affine":
+            return c.add_plain(c.mul_plain(x, self.w(norm["scale"])), self.w(norm["shift"]))
+        raise CircuitError(f"unknown norm kind {norm['kind']!r}; accepted: layernorm, affine")
+
+    def attention(self, x, attn, mask, causal):
+        c = self.c
+        q, k, v = (self.linear(x, attn[n]) for n in "qkv")
+        heads = self.s.config["num_heads"]
+        d = self.s.config["hidden_size"]
+        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
+        weights = self.act(scores, attn["activation"])
+        n = np.maximum(mask.sum(-1, keepdims=True), 1.0)
+        return self.linear(c.attn_apply(weights, v, mask=mask / SCALINGS[attn["scaling"]](n)), attn["o"])
+
+    def mlp(self, x, mlp):
+        h = self.linear(x, mlp["fc_in"])
+        if mlp.get("norm"):
+            h = self.norm(h, mlp["norm"], None)
+        return self.linear(self.act(h, mlp["act"]), mlp["fc_out"])
+
+    def layer(self, x, layer, mask, causal, d):
+        c = self.c
+        if layer["pre_norm"]:
+            x = c.add(x, self.attention(self.norm(x, layer["attention_norm"], d), layer["attn"], mask, causal))
+            return c.add(x, self.mlp(self.norm(x, layer["mlp_norm"], d), layer["mlp"]))
+        x = self.norm(c.add(x, self.attention(x, layer["attn"], mask, causal)), layer["attention_norm"], d)
+        return self.norm(c.add(x, self.mlp(x, layer["mlp"])), layer["mlp_norm"], d)
+
+
+def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, all_logits: bool = False,
+                              slots: Optional[int] = None) -> Circuit:
+    """The circuit computing ``spec``'s output for an ``seq_len x d`` embedding input named ``x``.
+
+    Outputs: the causal LM's last-row logits (``1 x vocab``; every row with ``all_logits``), or a
+    classifier's ``1 x num_labels`` logits. ``attention_mask`` (``seq_len`` entries, 1 = token) masks keys."""
+    cfg = spec.config
+    d, max_len = cfg["hidden_size"], cfg["max_length"]
+    if not 1 <= seq_len <= max_len:
+        raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
+    block, default_slots = default_packing(max_len, d)
+    c = Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-L{seq_len}")
+    b = _Builder(spec, c)
+    x = c.input("x", seq_len, d)
+    mask = np.ones((seq_len, seq_len))
+    if attention_mask is not None:
+        am = np.asarray(attention_mask, dtype=np.float64).reshape(-1)
+        if am.shape != (seq_len,) or not np.isin(am, (0.0, 1.0)).all() or am.sum() == 0:
+            raise CircuitError(f"attention_mask must be {seq_len} zeros/ones with at least one 1, got {am.tolist()}")
+        mask = mask * am[None, :]
+    causal = bool(cfg["causal"])
+    if causal:
+        mask = np.tril(mask)
+    if cfg.get("embedding_norm"):
+        x = b.norm(x, cfg["embedding_norm"], d)
+    for layer in cfg["layers"]:
+        x = b.layer(x, layer, mask, causal, d)
+    if cfg.get("final_norm"):
+        x = b.norm(x, cfg["final_norm"], d)
+    head = cfg["head"]
+    if head["kind"] == "last_token":
+        out = b.linear(x if all_logits else c.select_rows(x, [seq_len - 1]), head["lm_head"])
+    elif head["kind"] == "pooler_cls":
+        pooled = b.act(b.linear(c.select_rows(x, [0]), head["pooler"]), head["pooler_act"])
+        out = b.linear(pooled, head["classifier"])
+    elif head["kind"] == "cls":
+        out = b.linear(c.select_rows(x, [0]), head["classifier"])
+    else:
+        raise CircuitError(f"unknown head kind {head['kind']!r}; accepted: last_token, pooler_cls, cls")
+    c.output(out)
+    c.meta.update(family=cfg["family"], seq_len=seq_len)
+    return c

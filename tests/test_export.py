@@ -1,0 +1,144 @@
+"""Export: the circuit of a fully polynomial model, run by the plain backend, reproduces the torch model."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+import hf_polyhe
+from hf_polyhe.export import build_circuit, client_embeddings
+from hf_polyhe.he import run_plain, run_reference
+
+CASES = [
+    ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(hidden_act="gelu")),
+    ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(attention_activation="square", attention_scaling="length", hidden_act="relu")),
+    ("bert", hf_polyhe.PolyBertForSequenceClassification, {}),
+    ("vit", hf_polyhe.PolyViTForImageClassification, {}),
+    ("vit", hf_polyhe.PolyViTForImageClassification, dict(norm_type="poly_layernorm", attention_scaling="none")),
+]
+
+
+def _poly_model(family, cls, overrides):
+    model = cls(tiny_config(family, **overrides)).eval()
+    hf_polyhe.to_polynomial(model, degree=15)
+    return model.double()
+
+
+def _only(outputs):
+    assert len(outputs) == 1
+    return np.asarray(next(iter(outputs.values())))
+
+
+@pytest.mark.parametrize("family,cls,overrides", CASES, ids=lambda v: str(v) if isinstance(v, str) else "")
+@torch.no_grad()
+def test_plain_backend_reproduces_torch(family, cls, overrides):
+    model = _poly_model(family, cls, overrides)
+    if family == "vit":
+        pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+        expected = model(pixel_values=pixels).logits[0].numpy()
+        x, mask = client_embeddings(model, pixel_values=pixels), None
+    else:
+        ids = torch.randint(1, 97, (1, 7))
+        mask = np.ones(7)
+        if family == "bert":
+            mask[-2:] = 0
+        out = model(input_ids=ids, attention_mask=torch.tensor(mask)[None]).logits[0]
+        expected = (out[-1] if family == "gpt" else out).numpy()
+        x = client_embeddings(model, input_ids=ids)
+    circuit = build_circuit(model, x.shape[0], attention_mask=mask)
+    got = _only(run_plain(circuit, {"x": x})).reshape(-1)
+    ref = _only(run_reference(circuit, {"x": x})).reshape(-1)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-6 * scale
+    assert np.abs(ref - expected).max() <= 1e-6 * scale
+
+
+@torch.no_grad()
+def test_all_logits_of_causal_lm():
+    model = _poly_model("gpt", hf_polyhe.PolyGPTForCausalLM, {})
+    ids = torch.randint(1, 97, (1, 6))
+    expected = model(input_ids=ids).logits[0].numpy()
+    circuit = build_circuit(model, 6, all_logits=True)
+    got = _only(run_plain(circuit, {"x": client_embeddings(model, input_ids=ids)}))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+def test_export_refuses_non_polynomial_and_unsupported():
+    model = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")).eval()
+    with pytest.raises(ValueError, match="not fully polynomial; offending operators: transformer.h.0"):
+        build_circuit(model, 4)
+    power = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt", attention_type="power")).eval()
+    hf_polyhe.to_polynomial(power)
+    with pytest.raises(ValueError, match="attention_type='pointwise'"):
+        build_circuit(power, 4)
+    train_mode = hf_polyhe.to_polynomial(hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")))
+    with pytest.raises(ValueError, match="eval"):
+        build_circuit(train_mode.train(), 4)
+
+
+# ---------------------------------------------------------------- saved pipeline directory
+from hf_polyhe.export import save_encrypted_pipeline  # noqa: E402
+from hf_polyhe.he import CircuitError  # noqa: E402
+from hf_polyhe.he.session import EncryptedModel, sample_next_token  # noqa: E402
+
+
+@torch.no_grad()
+def test_saved_pipeline_generation_matches_generate(tmp_path):
+    model = _poly_model("gpt", hf_polyhe.PolyGPTForCausalLM, dict(hidden_act="gelu")).float()
+    save_encrypted_pipeline(model, None, tmp_path, max_length=16)
+    assert not any("secret" in p.name for p in tmp_path.rglob("*"))
+    enc = EncryptedModel(tmp_path)
+    assert enc.meta["task"] == "encrypted-text-generation" and enc.max_length == 16
+    prompt = torch.randint(1, 97, (1, 5))
+    ids = enc.generate(prompt[0].tolist(), max_new_tokens=7)
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert ids == ref[0].tolist()
+    with pytest.raises(ValueError, match="exceeds max_length 16"):
+        enc.generate(list(range(1, 12)), max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
+        enc.embed([1, 200])
+
+
+@pytest.mark.parametrize("family,cls", [("bert", hf_polyhe.PolyBertForSequenceClassification),
+                                        ("vit", hf_polyhe.PolyViTForImageClassification)])
+@torch.no_grad()
+def test_saved_pipeline_classifiers_match_torch(tmp_path, family, cls):
+    model = _poly_model(family, cls, {})
+    save_encrypted_pipeline(model, None, tmp_path)
+    enc = EncryptedModel(tmp_path)
+    assert enc.meta["id2label"]["0"] == "LABEL_0"
+    if family == "bert":
+        ids = torch.randint(1, 97, (1, 6))
+        expected = model(input_ids=ids).logits[0].numpy()
+        x = enc.embed(input_ids=ids[0].numpy())
+    else:
+        pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+        expected = model(pixel_values=pixels).logits[0].numpy()
+        x = enc.embed(pixel_values=pixels.numpy())
+    got = enc.forward_plain(x)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+def test_saved_pipeline_refuses_bad_directories(tmp_path):
+    model = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")).eval()
+    with pytest.raises(ValueError, match="not fully polynomial"):
+        save_encrypted_pipeline(model, None, tmp_path / "x")
+    with pytest.raises(CircuitError, match="not an encrypted pipeline export"):
+        EncryptedModel(tmp_path)
+    hf_polyhe.to_polynomial(model)
+    save_encrypted_pipeline(model, None, tmp_path / "ok", max_length=8)
+    meta = (tmp_path / "ok" / "pipeline.json").read_text().replace('"version": 1', '"version": 99')
+    (tmp_path / "ok" / "pipeline.json").write_text(meta)
+    with pytest.raises(CircuitError, match="version 99 is not supported"):
+        EncryptedModel(tmp_path / "ok")
+
+
+def test_sampling_is_client_side_and_respects_top_k():
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    assert sample_next_token(logits) == 1
+    rng = np.random.default_rng(0)
+    draws = {sample_next_token(logits, do_sample=True, top_k=2, rng=rng) for _ in range(200)}
+    assert draws == {1, 2}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, do_sample=True, temperature=0)

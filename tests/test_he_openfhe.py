@@ -1,0 +1,169 @@
+"""OpenFHE backend and Client/Server roles (toy parameters: insecure, fast; one slow 128-bit test)."""
+
+import os
+import types
+
+import numpy as np
+import pytest
+
+import hf_polyhe.he as he
+from hf_polyhe.he import params as P
+
+openfhe = pytest.importorskip("openfhe")
+from hf_polyhe.he.roles import Client, EncryptedTensor, Server  # noqa: E402
+from hf_polyhe.he.planner import calibrate_bounds  # noqa: E402
+
+from test_he_plain import fit_operator, random_circuit  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
+
+# CKKS tolerance: leveled toy params (50-bit scale) give ~1e-9 absolute error on O(1) values; we allow 1e-6
+# relative to the output's magnitude. After a bootstrap precision drops to ~1e-4..1e-3 (toy ring).
+TOL = 1e-6
+TOL_BOOT = 1e-2
+
+
+def _roundtrip(circuit, X, tmp_path, tol=TOL, **plan_kw):
+    client = Client.generate(circuit, P.toy(), **plan_kw)
+    client.export_server_bundle(tmp_path / "server")
+    server = Server(tmp_path / "server")
+    enc = {n: client.encrypt(n, x).to_bytes() for n, x in X.items()}
+    out = server.run(enc)
+    ref, be = he.run_plain(client.plan.circuit, X, return_backend=True)
+    lay = client.plan.circuit.layouts()
+    for k in circuit.outputs:
+        got = client.decrypt(out[k].to_bytes())
+        err = np.abs(got - ref[k])
+        if lay[k].kind == "scores":
+            err = err[lay[k].coverage()]
+        assert err.max() <= tol * max(1.0, np.abs(ref[k]).max()), (k, err.max())
+    return client, server, be
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_circuits_openfhe_matches_plain(seed, tmp_path):
+    rng = np.random.default_rng(100 + seed)
+    c = random_circuit(rng, n_ops=5)
+    _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}, tmp_path)
+
+
+def test_attention_block_openfhe(tmp_path):
+    rng = np.random.default_rng(7)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 5, 8)
+    mean = c.row_sum(x, 1 / 8)
+    xc = c.sub(x, mean)
+    q, k, v = (c.linear(xc, rng.normal(size=(8, 8)) / 3) for _ in range(3))
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, scale=1 / 5)
+    c.output(c.select_rows(o, [4]), s)
+    _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8))}, tmp_path)
+
+
+def test_bootstrapping_circuit(tmp_path):
+    rng = np.random.default_rng(8)
+    c = he.Circuit(8, 64)
+    v = c.input("x", 4, 8)
+    for _ in range(3):
+        v = c.poly(v, fit_operator("tanh", (-2, 2), 7))
+        v = c.mul_plain(v, 1.5)
+    c.output(v)
+    X = {"x": rng.uniform(-1, 1, (4, 8))}
+    client, _, be = _roundtrip(c, X, tmp_path, tol=TOL_BOOT, bootstrap="always", levels_after_bootstrap=9,
+                               bounds=calibrate_bounds(c, X))
+    assert client.plan.counts["bootstrap"] >= 1 and be.violations == []
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    rng = np.random.default_rng(9)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 4, 8)
+    c.output(c.mul(c.linear(x, rng.normal(size=(8, 8))), x))
+    client = Client.generate(c, P.toy())
+    d = tmp_path_factory.mktemp("bundle")
+    client.export_server_bundle(d)
+    client.save(tmp_path_factory.mktemp("client"))
+    return c, client, d
+
+
+def test_server_bundle_and_object_hold_no_secret_key(small):
+    c, client, d = small
+    sk = openfhe.Serialize(client.keypair.secretKey, openfhe.BINARY)
+    # windows of the secret key's coefficient data: none may appear in any server file
+    body = sk[len(sk) // 4 :]
+    probes = [body[i : i + 48] for i in range(0, len(body) - 48, max(1, len(body) // 16))]
+    for root, _, files in os.walk(d):
+        for f in files:
+            data = open(os.path.join(root, f), "rb").read()
+            assert not any(p in data for p in probes), f
+            assert b"PrivateKey" not in data and b"secret" not in data.lower() or f.endswith(".json")
+    assert not any("secret" in f for _, _, fs in os.walk(d) for f in fs)
+    server = Server(d)
+    seen, stack = set(), [server]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (type, types.ModuleType)):
+            continue
+        seen.add(id(o))
+        assert not isinstance(o, openfhe.PrivateKey) and not hasattr(o, "secretKey"), type(o)
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__"):
+            stack.extend(vars(o).values())
+
+
+def test_bad_inputs_are_clear_errors(small, tmp_path):
+    c, client, d = small
+    server = Server(d)
+    X = np.random.default_rng(0).uniform(-1, 1, (4, 8))
+    blob = client.encrypt("x", X).to_bytes()
+    with pytest.raises(he.SerializationError):
+        server.run({"x": blob[:-10]})
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(he.SerializationError, match="corrupted"):
+        server.run({"x": bytes(bad)})
+    with pytest.raises(he.SerializationError, match="magic"):
+        server.run({"x": b"garbage" * 10})
+    other = Client.generate(c, P.toy())  # same circuit and params, another secret key
+    with pytest.raises(he.KeyMismatchError):
+        server.run({"x": other.encrypt("x", X).to_bytes()})
+    with pytest.raises(he.LayoutError):
+        client.encrypt("x", np.ones((5, 8)))
+    with pytest.raises(he.CircuitError, match="unknown input"):
+        server.run({"z": blob})
+    wrong = he.Circuit(8, 64)
+    wrong.output(wrong.input("x", 3, 8))
+    t = EncryptedTensor.from_bytes(blob)
+    t.layout = wrong.layouts()["x"]
+    with pytest.raises(he.LayoutError):
+        server.run({"x": t})
+    y = client.decrypt(server.run({"x": blob})[c.outputs[0]])
+    assert np.allclose(y, he.run_plain(c, {"x": X})[c.outputs[0]], atol=1e-6)
+
+
+def test_client_save_load(small, tmp_path):
+    c, client, d = small
+    client.save(tmp_path / "cl")
+    c2 = Client.load(tmp_path / "cl")
+    X = np.random.default_rng(1).uniform(-1, 1, (4, 8))
+    out = Server(d).run({"x": c2.encrypt("x", X)})
+    assert np.allclose(client.decrypt(out[c.outputs[0]]), he.run_plain(c, {"x": X})[c.outputs[0]], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_small_circuit_at_default_128_bit(tmp_path):
+    rng = np.random.default_rng(11)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 4, 8)
+    h = c.poly(c.linear(x, rng.normal(size=(8, 8)) / 3), fit_operator("gelu", (-4, 4), 7))
+    c.output(c.row_sum(c.mul(h, h), 1 / 8))
+    client = Client.generate(c, P.default())
+    assert client.plan.params.security == "HEStd_128_classic" and client.cc.GetRingDimension() >= 2**14
+    client.export_server_bundle(tmp_path / "s")
+    X = rng.uniform(-1, 1, (4, 8))
+    out = Server(tmp_path / "s").run({"x": client.encrypt("x", X).to_bytes()})
+    assert np.allclose(client.decrypt(out[c.outputs[0]]), he.run_plain(c, {"x": X})[c.outputs[0]], atol=1e-5)

@@ -1,0 +1,233 @@
+"""Plain backend, IR, packing and planner: no openfhe needed, milliseconds each."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from hf_polyhe.approx.chebyshev import fit_chebyshev
+from hf_polyhe.approx.functions import EXACT_FUNCTIONS
+
+
+def fit_operator(op, interval, degree):
+    """A plain Chebyshev interpolant (independent of the approximation registry's defaults)."""
+    return fit_chebyshev(EXACT_FUNCTIONS[op], interval, degree, op=op)
+from hf_polyhe.approx.base import Approximation, ChebyshevSeries
+import hf_polyhe.he as he
+from hf_polyhe.he import params as P
+from hf_polyhe.he.planner import calibrate_bounds, static_levels
+
+
+def _close(circuit, X, tol=1e-9):
+    ref = he.run_reference(circuit, X)
+    out, be = he.run_plain(circuit, X, return_backend=True)
+    lay = circuit.layouts()
+    for k in circuit.outputs:
+        err = np.abs(out[k] - ref[k])
+        if lay[k].kind == "scores":
+            err = err[lay[k].coverage()]
+        assert err.max() <= tol * max(1.0, np.abs(ref[k]).max()), (k, err.max())
+    return out, be
+
+
+def op_circuits(rng):
+    """One small circuit per op (multi-ciphertext layouts where the op supports them)."""
+    out = {}
+    W = lambda a, b: rng.normal(size=(a, b)) * 0.3
+    c = he.Circuit(8, 32); x = c.input("x", 9, 20)  # 3 column blocks x 3 row blocks
+    c.output(c.linear(x, W(20, 13), rng.normal(size=13))); out["linear"] = c
+    for op in ("add", "sub", "mul"):
+        c = he.Circuit(8, 64); x = c.input("x", 5, 12); y = c.input("y", 5, 12)
+        c.output(getattr(c, op)(x, y)); out[op] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 12)
+    c.output(c.add_plain(c.add_plain(x, rng.normal(size=12)), 0.5)); out["add_plain"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 12)
+    c.output(c.mul_plain(c.mul_plain(x, rng.normal(size=(5, 1))), -2.0)); out["mul_plain"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 12)
+    c.output(c.poly(x, fit_operator("gelu", (-4, 4), 7))); out["poly"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.rotate(x, 3)); out["rotate"] = c
+    c = he.Circuit(8, 32); x = c.input("x", 6, 16); c.output(c.row_sum(x, 1 / 16)); out["row_sum"] = c
+    c = he.Circuit(8, 32); x = c.input("x", 9, 12); c.output(c.select_rows(x, [8, 0, 4, 4, 1])); out["select_rows"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 20); c.output(c.slice_cols(x, 8, 19)); out["slice_cols"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 16); y = c.input("y", 5, 5)
+    c.output(c.concat_cols([x, y])); out["concat_cols"] = c
+    c = he.Circuit(8, 128); q = c.input("q", 6, 8); k = c.input("k", 6, 8)
+    c.output(c.qk_scores(q, k, heads=2, scale=0.5, causal=False)); out["qk_scores"] = c
+    c = he.Circuit(8, 64); q = c.input("q", 6, 8); k = c.input("k", 6, 8); v = c.input("v", 6, 8)
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    c.output(c.attn_apply(c.mul(s, s), v, mask=(rng.random((6, 6)) > 0.3), scale=1 / 6)); out["attn_apply"] = c
+    c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.bootstrap(x, 8.0)); out["bootstrap"] = c
+    return out
+
+
+def _inputs(c, rng):
+    return {n: rng.uniform(-1, 1, size=s) for n, s in c.inputs.items()}
+
+
+@pytest.mark.parametrize("op", sorted(he.OPS))
+def test_every_op_packed_matches_reference(op):
+    rng = np.random.default_rng(0)
+    circuits = op_circuits(rng)
+    assert set(circuits) == set(he.OPS), "every registered op needs a test circuit"
+    c = circuits[op]
+    _close(c, _inputs(c, rng))
+
+
+def test_attention_non_cyclic_and_cyclic_layouts():
+    rng = np.random.default_rng(1)
+    for slots, causal in ((64, True), (64, False), (128, True), (128, False)):  # R = 8 (< 2L-1) and 16
+        c = he.Circuit(8, slots)
+        q, k, v = (c.input(n, 6, 8) for n in "qkv")
+        s = c.qk_scores(q, k, heads=4, scale=0.3, causal=causal)
+        c.output(c.attn_apply(c.poly(s, fit_operator("relu", (-3, 3), 8)), v, scale=0.5))
+        _close(c, _inputs(c, rng))
+
+
+def random_circuit(rng, block=8, slots=64, rows=5, cols=8, n_ops=6, polys=True):
+    c = he.Circuit(block, slots, name="random")
+    vals = [c.input("x", rows, cols), c.input("y", rows, cols)]
+    for _ in range(n_ops):
+        kind = rng.choice(["linear", "add", "mul", "mul_plain", "poly", "rotate", "row_sum"] if polys else
+                          ["linear", "add", "mul", "mul_plain", "rotate", "row_sum"])
+        a = vals[rng.integers(len(vals))]
+        b = vals[rng.integers(len(vals))]
+        if kind == "linear":
+            v = c.linear(a, rng.normal(size=(cols, cols)) / np.sqrt(cols), rng.normal(size=cols) * 0.1)
+        elif kind == "add":
+            v = c.add(a, b)
+        elif kind == "mul":
+            v = c.mul(a, b)
+        elif kind == "mul_plain":
+            v = c.mul_plain(a, rng.uniform(-1, 1, size=cols))
+        elif kind == "poly":
+            v = c.poly(a, fit_operator("tanh", (-20, 20), 7))
+        elif kind == "rotate":
+            v = c.rotate(a, int(rng.integers(-3, 4)))
+        else:
+            v = c.row_sum(a, 1.0 / cols)
+        vals.append(v)
+    c.output(vals[-1])
+    return c
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_circuits_plain_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    c = random_circuit(rng)
+    _close(c, {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))})
+
+
+def test_poly_kinds_and_range_violations():
+    rng = np.random.default_rng(2)
+    inv = Approximation("inv_sqrt", "newton_inv_sqrt", [fit_operator("inv_sqrt", (0.5, 4), 5).stages[0]],
+                        (0.5, 4), newton_steps=2)
+    sign = fit_operator("sign", (-1, 1), 7).stages[0]
+    relu = Approximation("relu", "relu_from_sign", [ChebyshevSeries(sign.coeffs, (-2, 2)),
+                                                     ChebyshevSeries(sign.coeffs, (-1.5, 1.5))], (-2, 2))
+    rec = Approximation("reciprocal", "newton_reciprocal", [fit_operator("reciprocal", (1, 3), 3).stages[0]],
+                        (1, 3), newton_steps=1)
+    for ap, lo, hi in ((inv, 0.6, 3.9), (relu, -1.9, 1.9), (rec, 1.1, 2.9)):
+        c = he.Circuit(8, 64); x = c.input("x", 4, 8); c.output(c.poly(x, ap))
+        out, be = _close(c, {"x": rng.uniform(lo, hi, (4, 8))})
+        assert be.violations == []
+    c = he.Circuit(8, 64); x = c.input("x", 4, 8); c.output(c.poly(x, fit_operator("gelu", (-1, 1), 7)))
+    _, be = he.run_plain(c, {"x": np.full((4, 8), 3.0)}, return_backend=True)
+    assert be.violations and "leaves the approximation interval" in be.violations[0]["message"]
+    with pytest.raises(he.RangeViolation):
+        he.run_plain(c, {"x": np.full((4, 8), 3.0)}, strict=True)
+
+
+def test_save_load_roundtrip_and_bad_documents(tmp_path):
+    rng = np.random.default_rng(3)
+    c = random_circuit(rng)
+    c.save(tmp_path / "c")
+    c2 = he.Circuit.load(tmp_path / "c")
+    X = {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}
+    assert np.array_equal(he.run_plain(c, X)[c.outputs[0]], he.run_plain(c2, X)[c.outputs[0]])
+    d = json.loads((tmp_path / "c" / "circuit.json").read_text())
+    for patch, msg in (({"version": 99}, "version"), ({"format": "x"}, "not a"),
+                       ({"nodes": d["nodes"] + [{"op": "fft", "name": "z", "inputs": ["x"]}]}, "unknown op")):
+        (tmp_path / "c" / "circuit.json").write_text(json.dumps({**d, **patch}))
+        with pytest.raises(he.CircuitError, match=msg):
+            he.Circuit.load(tmp_path / "c")
+
+
+def test_bad_shapes_are_clear_errors():
+    c = he.Circuit(8, 64); x = c.input("x", 4, 8)
+    with pytest.raises(he.CircuitError, match="weight shape"):
+        c.linear(x, np.ones((7, 3)))
+    y = c.input("y", 4, 6)
+    with pytest.raises(he.CircuitError, match="different shapes"):
+        c.add(x, y)
+    with pytest.raises(he.CircuitError, match="single-ciphertext"):
+        c2 = he.Circuit(8, 16); q = c2.input("q", 4, 8); c2.qk_scores(q, q, heads=2)
+    p = c.poly(y, fit_operator("gelu", (-1, 1), 3))
+    with pytest.raises(he.CircuitError, match="insert mul_plain"):
+        c.row_sum(p)
+    c.output(x)
+    with pytest.raises(he.LayoutError, match="shape"):
+        he.run_plain(c, {"x": np.ones((5, 8)), "y": np.ones((4, 6))})
+    with pytest.raises(he.CircuitError, match="missing input"):
+        he.run_plain(c, {"x": np.ones((4, 8))})
+
+
+def test_planner_counts_levels_and_keys():
+    rng = np.random.default_rng(4)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 6, 8)
+    h = c.linear(x, rng.normal(size=(8, 8)))
+    s = c.qk_scores(h, h, heads=2, causal=True)
+    c.output(c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), h))
+    pl = he.plan(c)
+    lev = static_levels(c)
+    assert pl.depth == max(lev.values()) == 1 + 2 + 5 + 2
+    assert pl.params.depth == pl.depth + 1 and not pl.params.bootstrap
+    assert pl.params.security == "HEStd_128_classic" and pl.params.ring_dim >= 2**14
+    assert pl.counts["mul"] == 2 * 6  # one ct x ct per shift in qk_scores and attn_apply (6 causal shifts)
+    assert all(-32 < k <= 32 and k != 0 for k in pl.rotation_keys)
+    assert "rotations" in pl.report() and pl.predicted_seconds > 0
+
+
+def test_planner_inserts_bootstraps_and_refuses_impossible_depth():
+    rng = np.random.default_rng(5)
+    c = he.Circuit(8, 64)
+    v = c.input("x", 4, 8)
+    for _ in range(8):
+        v = c.poly(v, fit_operator("tanh", (-2, 2), 7))
+    c.output(v)
+    X = {"x": rng.uniform(-1, 1, (4, 8))}
+    pl = he.plan(c, levels_after_bootstrap=12, bootstrap="always", bounds=calibrate_bounds(c, X))
+    assert pl.params.bootstrap and pl.counts["bootstrap"] == len(pl.inserted_bootstraps) >= 3
+    assert max(pl.levels.values()) <= 11
+    out, be = he.run_plain(pl.circuit, X, return_backend=True)
+    assert be.violations == [] and np.allclose(out[v], he.run_reference(c, X)[v], atol=1e-12)
+    deep = he.Circuit(8, 64)
+    v = deep.input("x", 4, 8)
+    for _ in range(80):
+        v = deep.mul(v, v)
+    deep.output(v)
+    with pytest.raises(he.PlanningError, match="exceeds every 128-bit"):
+        he.plan(deep, bootstrap="never")
+    with pytest.raises(he.PlanningError, match="bootstrap segment"):
+        he.plan(c, levels_after_bootstrap=4, bootstrap="always")
+
+
+def test_toy_parameters_warn_and_must_be_named():
+    with pytest.warns(he.ToyParametersWarning):
+        P.toy()
+    with pytest.raises(he.PlanningError, match="by name"):
+        P.CKKSParams(security="HEStd_NotSet")
+    with pytest.raises(he.PlanningError):
+        P.get("insecure")
+
+
+def test_he_package_imports_no_torch():
+    import subprocess, sys
+    # torch made unimportable: the runtime must still import (and never pull torch in)
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "import hf_polyhe.he, hf_polyhe.he.roles, hf_polyhe.he.planner, hf_polyhe.he.backends.openfhe_backend\n"
+            "print(sys.modules.get('torch') is not None)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=__file__.rsplit("/tests", 1)[0])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"

@@ -1,14 +1,21 @@
-"""Per-op CKKS costs at 128-bit security on this machine, and planner-predicted vs measured time of a mid-size
-circuit. Prints a short table.
+"""Per-op CKKS costs at 128-bit security on this machine, the fitted planner cost table, and planner-predicted vs
+measured time of a mid-size circuit. Prints a short table.
 
     python benchmarks/he_ops.py                 # ops + mid-size circuit (leveled, N chosen for 128-bit)
-    python benchmarks/he_ops.py --bootstrap     # also one bootstrap at N=2^16 (~13 GB RAM, ~1 min keys)
-    python benchmarks/he_ops.py --write-costs   # store the fitted cost table for the planner
+    python benchmarks/he_ops.py --bootstrap     # also bootstrapping at 128-bit (N=2^17, ~13 GB RAM, minutes)
+    python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/cost_table.json
+
+The machine may be shared, so op costs are measured twice, right before and right after the circuit, and the
+fit uses their mean (both passes and the load average are printed). Ops are timed on ciphertexts in the state
+the circuit leaves them in (a product with a pending FLEXIBLEAUTO rescale) at three levels; each primitive is
+fitted as t(T) = a*T + b*T^2 over the T towers it carries, and Chebyshev series as effective ct x ct
+multiplications per degree (Paterson-Stockmeyer), see hf_polyhe/he/planner.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -24,15 +31,34 @@ from hf_polyhe.approx.chebyshev import fit_chebyshev  # noqa: E402
 from hf_polyhe.approx.functions import EXACT_FUNCTIONS  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.backends.openfhe_backend import OpenFHEBackend, build_context  # noqa: E402
-from hf_polyhe.he.planner import COST_TABLE_PATH, load_cost_table, plan  # noqa: E402
+from hf_polyhe.he.planner import COST_TABLE_PATH, TraceBackend, TraceCt, load_cost_table, plan  # noqa: E402
+
+PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "mul", "mul_plain", "add_plain", "mul_scalar", "add")
+CHEB_DEGREES = (7, 15, 31)
 
 
-def timeit(fn, n=3):
-    fn()
+def timeit(fn, n=3, warm=True):
+    if warm:
+        fn()
     t = time.perf_counter()
     for _ in range(n):
         fn()
     return (time.perf_counter() - t) / n
+
+
+def mem_available_gib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def loadavg():
+    return "%.2f %.2f %.2f" % os.getloadavg()
 
 
 def mid_circuit(rng, L=16, d=32, heads=4):
@@ -48,11 +74,151 @@ def mid_circuit(rng, L=16, d=32, heads=4):
     return c
 
 
+class TimedBackend(OpenFHEBackend):
+    """OpenFHE backend that sums wall time per primitive (outermost call only)."""
+
+    def __init__(self, cc, slots):
+        super().__init__(cc, slots)
+        self.spent, self._depth = {}, 0
+
+    def _timed(name):  # noqa: N805
+        def wrap(self, *a, **kw):
+            self._depth += 1
+            t = time.perf_counter()
+            try:
+                return getattr(OpenFHEBackend, name)(self, *a, **kw)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    key = "rotate" if name == "rotate_many" else name
+                    self.spent[key] = self.spent.get(key, 0.0) + time.perf_counter() - t
+        return wrap
+
+    for _n in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb",
+               "bootstrap"):
+        locals()[_n] = _timed(_n)
+    del _n
+
+
+def measure_ops(cc, be, p, vec, k_rot, levels, degrees, reps=3):
+    """{kind: [(T, seconds)]} and {degree: (T, seconds)} on pending-rescale ciphertexts at trace ``levels``."""
+    pts, cheb = {}, {}
+    for L in levels:
+        fresh = cc.Encrypt(be._pk, cc.MakeCKKSPackedPlaintext(vec, 1, L - 1, None, p.slots))
+        ct = cc.EvalMult(fresh, 1.0)  # trace level L: rescale pending, as after any product
+        T = p.depth - L + 1
+        pre = cc.EvalFastRotationPrecompute(ct)
+        meas = {
+            "rotate": lambda: cc.EvalRotate(ct, k_rot),
+            "rotate_precompute": lambda: cc.EvalFastRotationPrecompute(ct),
+            "rotate_fast": lambda: cc.EvalFastRotation(ct, k_rot, be.M, pre),
+            "mul": lambda: cc.EvalMult(ct, ct),
+            # plaintexts are encoded for each use in a circuit (each diagonal/mask is used once per level)
+            "mul_plain": lambda: cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(vec, 1, L - 1, None, p.slots)),
+            "add_plain": lambda: cc.EvalAdd(ct, cc.MakeCKKSPackedPlaintext(vec, 1, L - 1, None, p.slots)),
+            "mul_scalar": lambda: cc.EvalMult(ct, 0.5),
+            "add": lambda: cc.EvalAdd(ct, ct),
+        }
+        for kind in PRIMS:
+            pts.setdefault(kind, []).append((T, timeit(meas[kind], n=reps)))
+        if L == levels[0]:
+            for deg in degrees:
+                s = fit_chebyshev(EXACT_FUNCTIONS["tanh"], (-4, 4), deg).stages[0]
+                cheb[deg] = (T, timeit(lambda: be.cheb(ct, s), n=1, warm=False))
+    return pts, cheb
+
+
+def fit_costs(pts, cheb, ring_dim, base):
+    costs = dict(base)
+    costs["ref_ring_dim"] = int(ring_dim)
+    for kind, vals in pts.items():
+        A = np.array([[T, T * T] for T, _ in vals], dtype=float)
+        y = np.array([t for _, t in vals])
+        a, b = np.linalg.lstsq(A, y, rcond=None)[0]
+        if b < 0:
+            a, b = float(np.sum(y * A[:, 0]) / np.sum(A[:, 0] ** 2)), 0.0
+        elif a < 0:
+            a, b = 0.0, float(np.sum(y * A[:, 1]) / np.sum(A[:, 1] ** 2))
+        costs[kind] = [float(a), float(b)]
+    # Chebyshev: effective ct x ct mults = (time - n scalar mult-adds) / one mult, at the measured level
+    unit = lambda kind, T: costs[kind][0] * T + costs[kind][1] * T * T  # noqa: E731
+    costs["cheb_mults"] = {
+        str(d): float((t - d * (unit("mul_scalar", T) + unit("add", T))) / unit("mul", T)) for d, (T, t) in cheb.items()
+    }
+    return costs
+
+
+def average(a, b):
+    pts = {k: [(T, (t1 + t2) / 2) for (T, t1), (_, t2) in zip(a[0][k], b[0][k])] for k in a[0]}
+    cheb = {d: (a[1][d][0], (a[1][d][1] + b[1][d][1]) / 2) for d in a[1]}
+    return pts, cheb
+
+
+def run_bootstrap(rng, costs, rows, slots=512, reps=2):
+    bp = P.default(bootstrap=True, slots=slots, scale_bits=59, secret_key_dist="SPARSE_TERNARY",
+                   levels_after_bootstrap=6)
+    bp = bp.with_(depth=bp.levels_after_bootstrap + bp.bootstrap_depth)
+    bp = bp.with_(ring_dim=bp.min_secure_ring_dim())
+    t = time.perf_counter()
+    bcc = build_context(bp)
+    bkp = bcc.KeyGen()
+    bcc.EvalMultKeyGen(bkp.secretKey)
+    bcc.EvalBootstrapKeyGen(bkp.secretKey, bp.slots)
+    t_bkeys = time.perf_counter() - t
+    bv = rng.uniform(-1, 1, bp.slots)
+    N = bcc.GetRingDimension()
+    ct = bcc.Encrypt(bkp.publicKey, bcc.MakeCKKSPackedPlaintext(bv, 1, bp.depth - 2, None, bp.slots))
+    times, out = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = bcc.EvalBootstrap(ct)
+        times.append(time.perf_counter() - t)
+    boot = float(np.mean(times))
+    dec = bcc.Decrypt(bkp.secretKey, out)
+    dec.SetLength(bp.slots)
+    err = float(np.max(np.abs(np.array(dec.GetRealPackedValue()) - bv)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    left = bp.depth - out.GetLevel()
+    rows.append((f"bootstrap (N=2^{N.bit_length() - 1}, depth {bp.depth}, {bp.slots} slots, {left} levels left)",
+                 [boot], f"keys {t_bkeys:.0f} s, err {err:.1e}, peak RSS {peak:.1f} GiB, runs "
+                 + "/".join(f"{x:.1f}" for x in times)))
+    costs["bootstrap"] = [boot, 0.0]
+    costs["bootstrap_ring_dim"] = int(N)
+    costs["bootstrap_memory"] = {"ring_dim": int(N), "depth": int(bp.depth), "slots": int(bp.slots),
+                                 "peak_gib": round(peak, 2)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", action="store_true")
     ap.add_argument("--write-costs", action="store_true")
+    ap.add_argument("--bootstrap-only", action="store_true",
+                    help="only the bootstrap row; with --write-costs it updates the existing table's bootstrap entries")
+    ap.add_argument("--boot-slots", type=int, default=512,
+                    help="slots of the bootstrapping benchmark (4096 at N=2^17 needs > 18.5 GB: OOM-killed here)")
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    if args.bootstrap_only:
+        avail = mem_available_gib()
+        print(f"# bootstrapping only: {avail:.1f} GiB available, load average {loadavg()}", flush=True)
+        if avail < 15:
+            sys.exit(f"only {avail:.1f} GiB available; bootstrapping at 128-bit needs ~15")
+        costs, brows = load_cost_table(), []
+        run_bootstrap(np.random.default_rng(0), costs, brows, args.boot_slots)
+        print(f"# load average at the end: {loadavg()}")
+        for name, ts, note in brows:
+            print(f"{name:<58} " + " ".join(f"{x:>8.4f}" for x in ts) + ("   " + note if note else ""))
+        if args.write_costs:
+            with open(COST_TABLE_PATH) as f:
+                table = json.load(f)
+            for k in ("bootstrap", "bootstrap_ring_dim", "bootstrap_memory"):
+                table[k] = costs[k]
+            table.setdefault("measured_on", {})["bootstrap_loadavg"] = loadavg()
+            with open(COST_TABLE_PATH, "w") as f:
+                json.dump(table, f, indent=1)
+            print("updated", COST_TABLE_PATH)
+        return
+    load0 = loadavg()
     rng = np.random.default_rng(0)
     circ = mid_circuit(rng)
     pl0 = plan(circ, P.default())
@@ -65,87 +231,94 @@ def main():
     t_keys = time.perf_counter() - t0
     N = cc.GetRingDimension()
     be = OpenFHEBackend(cc, p.slots)
+    be._pk = kp.publicKey
     vec = rng.uniform(-1, 1, p.slots)
-    rows, fit_pts = [], {}
+    D = p.depth
+    levels = (1, (D + 1) // 2, D - 2)
 
-    def fresh(level):
-        return cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(vec, 1, level, None, p.slots))
-
-    for level in (0, p.depth - 4):
-        ct = fresh(level)
-        T = p.depth - level + 1
-        k = pl0.rotation_keys[0]
-        meas = {
-            "rotate": timeit(lambda: be.rotate(ct, k)),
-            "mul": timeit(lambda: be.mul(ct, ct)),
-            "mul_plain": timeit(lambda: cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(vec, 1, level, None, p.slots))),
-            "add_plain": timeit(lambda: cc.EvalAdd(ct, cc.MakeCKKSPackedPlaintext(vec, 1, level, None, p.slots))),
-            "mul_scalar": timeit(lambda: be.mul_scalar(ct, 0.5)),
-            "add": timeit(lambda: be.add(ct, ct)),
-        }
-        for deg in (7, 15, 31):
-            if level == 0 and deg + 0 > 0 and p.depth >= 7:
-                s = fit_chebyshev(EXACT_FUNCTIONS["tanh"], (-4, 4), deg).stages[0]
-                meas[f"cheb{deg}"] = timeit(lambda: be.cheb(ct, s), n=1)
-        for kname, t in meas.items():
-            fit_pts.setdefault(kname, []).append((T, t))
-            rows.append((f"{kname} (N=2^{N.bit_length() - 1}, {T} towers)", t))
-    # fit t = (N/ref) * (a T + b T^2) per primitive; cheb per unit degree from degree 15
-    costs = dict(load_cost_table())
-    costs["ref_ring_dim"] = N
-    for kname in ("rotate", "mul", "mul_plain", "add_plain", "mul_scalar", "add"):
-        A = np.array([[T, T * T] for T, _ in fit_pts[kname]])
-        y = np.array([t for _, t in fit_pts[kname]])
-        a, b = np.linalg.lstsq(A, y, rcond=None)[0]
-        if b < 0:
-            a, b = float(np.sum(y * A[:, 0]) / np.sum(A[:, 0] ** 2)), 0.0
-        costs[kname] = [float(a), float(b)]
-    T0 = p.depth + 1
-    costs["cheb_per_degree"] = [float(fit_pts["cheb15"][0][1] / 15 / T0), 0.0]
-    boot = None
-    if args.bootstrap:
-        bp = P.default(bootstrap=True, slots=4096, scale_bits=59, secret_key_dist="SPARSE_TERNARY",
-                       levels_after_bootstrap=6)
-        bp = bp.with_(depth=bp.levels_after_bootstrap + bp.bootstrap_depth)
-        t = time.perf_counter()
-        bcc = build_context(bp)
-        bkp = bcc.KeyGen()
-        bcc.EvalMultKeyGen(bkp.secretKey)
-        bcc.EvalBootstrapKeyGen(bkp.secretKey, bp.slots)
-        t_bkeys = time.perf_counter() - t
-        bv = rng.uniform(-1, 1, bp.slots)
-        ct = bcc.Encrypt(bkp.publicKey, bcc.MakeCKKSPackedPlaintext(bv, 1, bp.depth - 2, None, bp.slots))
-        t = time.perf_counter()
-        out = bcc.EvalBootstrap(ct)
-        boot = time.perf_counter() - t
-        dec = bcc.Decrypt(bkp.secretKey, out)
-        dec.SetLength(bp.slots)
-        err = float(np.max(np.abs(np.array(dec.GetRealPackedValue()) - bv)))
-        rows.append((f"bootstrap (N=2^{bcc.GetRingDimension().bit_length() - 1}, 4096 slots, keys {t_bkeys:.0f} s, "
-                     f"err {err:.1e})", boot))
-        costs["bootstrap"] = [boot * 65536 / bcc.GetRingDimension(), 0.0]
-        costs["bootstrap"] = [boot * costs["ref_ring_dim"] / bcc.GetRingDimension(), 0.0]
-    pl = plan(circ, P.default(), cost_table=costs)
-    client_ct = [cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(v, 1, pl.start_level, None, p.slots))
-                 for v in pl.circuit.layouts()["x"].pack(rng.uniform(-1, 1, (16, 32)))]
-    ev = he.Evaluator(pl.circuit, OpenFHEBackend(cc, p.slots))
+    # pass A: ops; then the circuit; pass B: ops again (similar load for both)
+    passA = measure_ops(cc, be, p, vec, pl0.rotation_keys[0], levels, CHEB_DEGREES, args.reps)
+    client_ct = [cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(v, 1, pl0.start_level, None, p.slots))
+                 for v in pl0.circuit.layouts()["x"].pack(rng.uniform(-1, 1, (16, 32)))]
+    tbe = TimedBackend(cc, p.slots)
+    ev = he.Evaluator(pl0.circuit, tbe)
+    load_c = loadavg()
     t = time.perf_counter()
-    out = ev.run({"x": he.Packed(ev.layouts["x"], client_ct)})
+    ev.run({"x": he.Packed(ev.layouts["x"], client_ct)})
     measured = time.perf_counter() - t
+    passB = measure_ops(cc, be, p, vec, pl0.rotation_keys[0], levels, CHEB_DEGREES, args.reps)
+    load1 = loadavg()
+
+    base = load_cost_table()
+    costs = fit_costs(*average(passA, passB), N, base)
+    costA, costB = fit_costs(*passA, N, base), fit_costs(*passB, N, base)
+    pl = plan(circ, P.default(), cost_table=costs)
+    predA = plan(circ, P.default(), cost_table=costA).predicted_seconds
+    predB = plan(circ, P.default(), cost_table=costB).predicted_seconds
+    # predicted seconds per primitive kind (trace the planned circuit once more, grouping by primitive)
+    by_prim = {}
+    tb = TraceBackend(p.slots, p.depth, pl.start_level, p.depth, p.ring_dim, costs)
+    for kind in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb"):
+        def wrapped(*a, _f=getattr(tb, kind), _k=kind, **kw):
+            before = tb.time
+            r = _f(*a, **kw)
+            key = "rotate" if _k == "rotate_many" else _k
+            by_prim[key] = by_prim.get(key, 0.0) + tb.time - before
+            return r
+        setattr(tb, kind, wrapped)
+    tev = he.Evaluator(pl.circuit, tb)
+    tev.run({n: he.Packed(tev.layouts[n], [TraceCt(0)] * tev.layouts[n].num_cts) for n in pl.circuit.inputs})
+    spent = dict(tbe.spent)
+    del ev, client_ct, tbe, tev
+
+    rows = []
+    for kind in PRIMS:
+        rows.append((f"{kind} (pending rescale)", [(x[1] + y[1]) / 2 for x, y in zip(passA[0][kind], passB[0][kind])],
+                     ""))
+    for d in CHEB_DEGREES:
+        ta, tb_ = passA[1][d][1], passB[1][d][1]
+        rows.append((f"Chebyshev degree {d} (EvalChebyshevSeries)", [(ta + tb_) / 2], f"passes {ta:.2f}/{tb_:.2f} s, "
+                     f"= {costs['cheb_mults'][str(d)]:.1f} ct x ct mults"))
+    Ts = [p.depth - L + 1 for L in levels]
     print(f"# hf_polyhe.he per-op costs, 128-bit ({p.security}), N={N}, depth {p.depth}, slots {p.slots}, "
-          f"scale {p.scale_bits} bits; keys {t_keys:.1f} s; peak RSS "
+          f"scale {p.scale_bits} bits, 2 threads; keys {t_keys:.1f} s; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
-    print(f"{'op':<60} {'seconds':>10}")
-    for name, t in rows:
-        print(f"{name:<60} {t:>10.4f}")
+    print(f"# load average (1/5/15 min): start {load0}, circuit {load_c}, end {load1}")
+    print(f"{'op':<58} " + " ".join(f"{'T=' + str(T):>8}" for T in Ts) + "   (seconds; T = RNS towers left)")
+    for name, ts, note in rows:
+        print(f"{name:<58} " + " ".join(f"{x:>8.4f}" for x in ts) + ("   " + note if note else ""))
     print(pl.report())
-    print(f"{'mid-size circuit: predicted':<60} {pl.predicted_seconds:>10.2f}")
-    print(f"{'mid-size circuit: measured':<60} {measured:>10.2f}")
-    print(f"prediction error: {100 * (pl.predicted_seconds - measured) / measured:+.1f}%")
-    if args.write_costs:
-        with open(COST_TABLE_PATH, "w") as f:
-            json.dump(costs, f, indent=1)
-        print("wrote", COST_TABLE_PATH)
+    print("per primitive, predicted vs measured in the circuit (s): " + ", ".join(
+        f"{k} {by_prim.get(k, 0.0):.1f}/{spent.get(k, 0.0):.1f}" for k in sorted(set(by_prim) | set(spent))
+        if by_prim.get(k, 0) + spent.get(k, 0) > 0.05))
+    print(f"{'mid-size circuit: predicted (fit of pass A / pass B)':<58} {predA:>8.2f} / {predB:.2f}")
+    print(f"{'mid-size circuit: predicted (mean fit)':<58} {pl.predicted_seconds:>8.2f}")
+    print(f"{'mid-size circuit: measured':<58} {measured:>8.2f}")
+    print(f"prediction error: {100 * (pl.predicted_seconds - measured) / measured:+.1f}%", flush=True)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": load_c, "threads": 2,
+            "circuit_measured_s": round(measured, 2), "circuit_predicted_s": round(pl.predicted_seconds, 2)}
+
+    def write():
+        if args.write_costs:
+            with open(COST_TABLE_PATH, "w") as f:
+                json.dump({**costs, "measured_on": info}, f, indent=1)
+            print("wrote", COST_TABLE_PATH, flush=True)
+
+    write()  # before bootstrapping, which may run out of memory
+    if args.bootstrap:
+        del cc, kp, be
+        gc.collect()
+        avail = mem_available_gib()
+        brows = []
+        if avail < 15:
+            brows.append(("bootstrap", [], f"SKIPPED: only {avail:.1f} GiB available (needs ~15)"))
+        else:
+            print(f"# bootstrapping: {avail:.1f} GiB available, load average {loadavg()}", flush=True)
+            run_bootstrap(rng, costs, brows, args.boot_slots)
+            info["bootstrap_loadavg"] = loadavg()
+            write()
+        for name, ts, note in brows:
+            print(f"{name:<58} " + " ".join(f"{x:>8.4f}" for x in ts) + ("   " + note if note else ""))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Depth, slot count and (for the default set) the ring dimension are filled in by 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
@@ -27,6 +28,36 @@ MAX_LOGQP_128 = {2**10: 27, 2**11: 54, 2**12: 109, 2**13: 218, 2**14: 438, 2**15
 # GetBootstrapDepth): measured, EvalBootstrap returns min(input level, 18), so a bootstrapped ciphertext
 # carries depth - 18 levels.
 BOOTSTRAP_DEPTH = {("UNIFORM_TERNARY", (2, 2)): 18, ("SPARSE_TERNARY", (2, 2)): 18}
+
+# Peak memory (RSS) of context + bootstrapping keys + one bootstrap at 128-bit. Measured with
+# benchmarks/he_ops.py --bootstrap-only (openfhe 1.6.1, 59-bit scale, depth 24 -- which 128-bit security puts
+# on N = 2^17 --, level budget [2, 2]): 512 slots passed 18.5 GB during key generation (stopped before the
+# machine ran out), 4096 slots were OOM-killed at 18.6 GB RSS. So 18.5 GB is a LOWER bound; DESIGN section 5's
+# 12.9 GB cannot be that 128-bit configuration. Other configurations are scaled from it (see
+# :meth:`CKKSParams.estimate_bootstrap_memory_gib`); a measured ``bootstrap_memory`` entry in the planner's
+# cost table replaces it.
+BOOTSTRAP_MEMORY_ANCHOR = {"ring_dim": 2**17, "depth": 24, "slots": 512, "peak_gib": 18.5}
+
+DEFAULT_MAX_MEMORY_GIB = 24.0  # DESIGN section 5: this 24 GB machine; bootstrapping 32768 slots ran out of it
+
+
+def default_max_memory_gib() -> float:
+    """Memory a bootstrapped plan may need: ``$HF_POLYHE_MAX_MEMORY_GIB``, else :data:`DEFAULT_MAX_MEMORY_GIB`
+    (a fixed default, so that a plan does not depend on the machine that computes it)."""
+    env = os.environ.get("HF_POLYHE_MAX_MEMORY_GIB")
+    try:
+        return float(env) if env else DEFAULT_MAX_MEMORY_GIB
+    except ValueError as e:
+        raise PlanningError(f"HF_POLYHE_MAX_MEMORY_GIB must be a number of GiB, got {env!r}") from e
+
+
+def _bootstrap_key_units(ring_dim: int, depth: int, slots: int, level_budget=(2, 2), dnum: int = 3) -> float:
+    """Relative size of bootstrapping keys: N * (towers of Q + towers of P) * (#CoeffsToSlots/SlotsToCoeffs keys)."""
+    towers_q = depth + 1
+    towers_p = int(math.ceil(towers_q / dnum))
+    per = int(math.ceil(math.log2(max(slots, 2)) / max(level_budget[0], 1)))
+    n_keys = 2 * sum(level_budget) * (2**per // 2 + 2) + 1
+    return float(ring_dim) * (towers_q + towers_p) * n_keys
 
 
 @dataclass
@@ -103,6 +134,41 @@ class CKKSParams:
             f"log2(QP) ~ {need} bits (depth {self.depth}, {self.scale_bits}-bit scale) exceeds every 128-bit "
             f"secure parameter set (max {MAX_LOGQP_128[2**17]} bits at N=2^17); enable bootstrapping or reduce depth"
         )
+
+    def secure_ring_dim(self) -> int:
+        """The ring dimension this set will use: ``ring_dim`` if fixed (PlanningError if not secure), else the
+        smallest secure one. Insecure (toy) sets return their fixed ``ring_dim``."""
+        if self.insecure:
+            return self.ring_dim
+        n_min = self.min_secure_ring_dim()
+        if self.ring_dim and self.ring_dim < n_min:
+            raise PlanningError(f"ring dimension {self.ring_dim} is not 128-bit secure for log2(QP) ~ "
+                                f"{self.estimate_log_qp()}; need >= {n_min}")
+        return max(self.ring_dim, n_min)
+
+    def max_levels_after_bootstrap(self, limit: int = 64) -> int:
+        """Largest ``levels_after_bootstrap`` for which a secure ring exists (within ``ring_dim`` when fixed):
+        total depth ``levels + bootstrap_depth`` at this scale must fit log2(QP) <= 3524 bits (N = 2^17).
+        0 if even one level does not fit; ``limit`` for insecure sets."""
+        if self.insecure:
+            return limit
+        best = 0
+        for lb in range(1, limit + 1):
+            q = self.with_(bootstrap=True, levels_after_bootstrap=lb, depth=lb + self.bootstrap_depth)
+            try:
+                q.secure_ring_dim()
+            except PlanningError:
+                break
+            best = lb
+        return best
+
+    def estimate_bootstrap_memory_gib(self, anchor: dict | None = None) -> float:
+        """Peak memory (GiB) of context, bootstrapping keys and a bootstrap for this (planned) set: the measured
+        ``anchor`` (default :data:`BOOTSTRAP_MEMORY_ANCHOR`) scaled by ring dimension, towers and key count."""
+        a = anchor or BOOTSTRAP_MEMORY_ANCHOR
+        n = self.ring_dim or 2**16
+        ref = _bootstrap_key_units(a["ring_dim"], a["depth"], a["slots"])
+        return float(a["peak_gib"]) * _bootstrap_key_units(n, self.depth, max(self.slots, 1), self.level_budget) / ref
 
     def to_dict(self) -> dict:
         d = asdict(self)

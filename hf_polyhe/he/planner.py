@@ -23,27 +23,69 @@ from .interpreter import Evaluator, Packed
 from .ir import Circuit, Node
 from .ops import OPS, cheb_depth_openfhe
 
-# Per-primitive cost model t(T) = (N / 2^16) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext carries.
-# Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads); benchmarks/he_ops.py --write-costs refits them.
+# Per-primitive cost model t(T) = (N / ref_ring_dim) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext
+# carries (ops get cheaper as levels are consumed). Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads);
+# ``benchmarks/he_ops.py --write-costs`` measures this machine and writes ``cost_table.json``, which wins.
+#
+# Hoisted rotations (``rotate_many``: one EvalFastRotationPrecompute + k EvalFastRotation) cost
+# ``rotate_precompute + k * rotate_fast``. A Chebyshev series of degree n costs what Paterson-Stockmeyer costs:
+# ``cheb_mults(n)`` ct x ct multiplications at the input's level plus n scalar multiply-adds, where
+# ``cheb_mults`` is measured per degree (table "cheb_mults": {degree: effective mults}) and interpolated in
+# log2(degree) -- it grows like sqrt(2n) + log2(n), not like n.
 COST_TABLE_PATH = os.path.join(os.path.dirname(__file__), "cost_table.json")
 DEFAULT_COSTS = {
     "rotate": [4.7e-3, 7.7e-4],
+    "rotate_precompute": [2.4e-3, 3.9e-4],
+    "rotate_fast": [2.4e-3, 3.9e-4],
     "mul": [6.2e-3, 1.07e-3],
     "mul_plain": [2.0e-3, 0.0],
     "add_plain": [1.5e-3, 0.0],
     "mul_scalar": [3.0e-4, 0.0],
     "add": [1.0e-4, 0.0],
-    "cheb_per_degree": [2.0e-3, 3.0e-4],  # per unit of degree
-    "bootstrap": [18.0, 0.0],  # seconds at N=2^16, constant
+    # effective ct x ct multiplications per Chebyshev degree (DESIGN section 5: degree 15 ~ 11 mults, 59 ~ 27)
+    "cheb_mults": {"7": 6.9, "15": 11.2, "31": 16.5, "59": 27.4},
+    "bootstrap": [18.0, 0.0],  # seconds at ``bootstrap_ring_dim`` (scaled linearly in N), constant in depth
+    "bootstrap_ring_dim": 65536,
     "ref_ring_dim": 65536,
 }
 
 
+def ps_shape(degree: int) -> float:
+    """Paterson-Stockmeyer's non-scalar multiplication count grows like sqrt(2n) + log2(n)."""
+    n = max(int(degree), 1)
+    return math.sqrt(2 * n) + math.log2(n) if n > 1 else 1.0
+
+
+def cheb_mults(degree: int, table: dict) -> float:
+    """Effective ct x ct multiplications of a degree-``degree`` Chebyshev series: the measured table,
+    interpolated linearly in log2(degree); outside the measured range scaled by :func:`ps_shape`."""
+    pts = sorted((int(k), float(v)) for k, v in table.items())
+    if not pts:
+        return ps_shape(degree)
+    n = max(int(degree), 1)
+    if n <= pts[0][0]:
+        return pts[0][1] * ps_shape(n) / ps_shape(pts[0][0])
+    if n >= pts[-1][0]:
+        return pts[-1][1] * ps_shape(n) / ps_shape(pts[-1][0])
+    for (d0, r0), (d1, r1) in zip(pts, pts[1:]):
+        if d0 <= n <= d1:
+            w = (math.log2(n) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+            return r0 + w * (r1 - r0)
+    return ps_shape(n)  # unreachable
+
+
 def load_cost_table(path: str = COST_TABLE_PATH) -> dict:
+    """The measured cost table (``cost_table.json``) over :data:`DEFAULT_COSTS`; a missing file gives the
+    defaults, an unreadable one a :class:`PlanningError`."""
+    costs = copy.deepcopy(DEFAULT_COSTS)
     if os.path.exists(path):
-        with open(path) as f:
-            return {**DEFAULT_COSTS, **json.load(f)}
-    return dict(DEFAULT_COSTS)
+        try:
+            with open(path) as f:
+                costs.update(json.load(f))
+        except (OSError, ValueError) as e:
+            raise PlanningError(f"cannot read the cost table {path}: {e}") from e
+    costs.pop("cheb_per_degree", None)  # old linear-in-degree model
+    return costs
 
 
 class TraceCt:
@@ -75,13 +117,22 @@ class TraceBackend:
     def begin_node(self, node):
         self.node = node
 
-    def _cost(self, kind, level, mult=1.0):
-        T = max(self.total_depth - (self.start_level + level) + 1, 1)
-        a, b = self.costs[kind]
-        t = (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T) * mult
+    def towers(self, level):
+        return max(self.total_depth - (self.start_level + level) + 1, 1)
+
+    def unit(self, kind, level):
+        """Predicted seconds of one ``kind`` primitive on a ciphertext at ``level``."""
+        T = self.towers(level)
+        a, b = self.costs.get(kind, DEFAULT_COSTS[kind])
+        return (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T)
+
+    def _charge(self, t):
         self.time += t
         if self.node is not None:
             self.time_by_op[self.node.op] = self.time_by_op.get(self.node.op, 0.0) + t
+
+    def _cost(self, kind, level, mult=1.0):
+        self._charge(self.unit(kind, level) * mult)
 
     def _out(self, level):
         self.max_level = max(self.max_level, level)
@@ -123,11 +174,28 @@ class TraceBackend:
         return self._out(a.level)
 
     def rotate_many(self, a, ks):
-        return {k: self.rotate(a, k) for k in ks}
+        # mirrors OpenFHEBackend.rotate_many: one rotation is a plain EvalRotate, more are hoisted
+        if len(ks) == 1:
+            return {ks[0]: self.rotate(a, ks[0])}
+        self._cost("rotate_precompute", a.level)
+        out = {}
+        for k in ks:
+            self.counts["rotate"] += 1
+            self.rotation_keys.add(int(k))
+            self._cost("rotate_fast", a.level)
+            out[k] = self._out(a.level)
+        return out
+
+    def cheb_seconds(self, degree, level):
+        """Predicted seconds of a degree-``degree`` Chebyshev series on a ciphertext at ``level``."""
+        if degree <= 0:
+            return self.unit("mul_scalar", level) + self.unit("add", level)
+        return (cheb_mults(degree, self.costs.get("cheb_mults", DEFAULT_COSTS["cheb_mults"])) * self.unit("mul", level)
+                + degree * (self.unit("mul_scalar", level) + self.unit("add", level)))
 
     def cheb(self, a, series, where="", valid=None):
         self.counts["cheb"] += 1
-        self._cost("cheb_per_degree", a.level, mult=max(series.degree, 1))
+        self._charge(self.cheb_seconds(series.degree, a.level))
         return self._out(a.level + cheb_depth_openfhe(series.degree) + 1)
 
     def bootstrap(self, a, bound, where=""):
@@ -137,9 +205,9 @@ class TraceBackend:
             raise PlanningError(f"{where}: bootstrap input at level {a.level} has no level left for scaling by 1/bound")
         if scaled:
             self.mul_scalar(a, 1.0)
-        self.time += self.costs["bootstrap"][0] * (self.N / self.costs["ref_ring_dim"])
-        self.time_by_op["bootstrap"] = self.time_by_op.get("bootstrap", 0.0) + self.costs["bootstrap"][0] * (
-            self.N / self.costs["ref_ring_dim"])
+        t = self.costs["bootstrap"][0] * self.N / self.costs.get("bootstrap_ring_dim", self.costs["ref_ring_dim"])
+        self.time += t
+        self.time_by_op["bootstrap"] = self.time_by_op.get("bootstrap", 0.0) + t
         out = TraceCt(0)
         if scaled:
             out = self.mul_scalar(out, 1.0)
@@ -161,6 +229,8 @@ class Plan:
     key_bytes: dict
     predicted_seconds: float
     time_by_op: dict = field(default_factory=dict)
+    bootstrap_memory_gib: float = 0.0  # estimated peak memory of bootstrapping (0: leveled)
+    notes: list = field(default_factory=list)
 
     def report(self) -> str:
         p = self.params
@@ -176,6 +246,8 @@ class Plan:
             f"keys (estimate): relin {self.key_bytes['relin'] / 2**20:.1f} MiB, rotations "
             f"{self.key_bytes['rotation'] / 2**20:.1f} MiB" + (
                 f", bootstrapping ~{self.key_bytes['bootstrap'] / 2**20:.0f} MiB" if p.bootstrap else ""),
+            *self.notes,
+            *([f"bootstrapping memory (estimate): ~{self.bootstrap_memory_gib:.1f} GiB peak"] if p.bootstrap else []),
             f"predicted time: {self.predicted_seconds:.2f} s ("
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.time_by_op.items(), key=lambda kv: -kv[1])) + ")",
         ]
@@ -184,7 +256,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"params": self.params.to_dict(), "depth": self.depth, "rotation_keys": self.rotation_keys,
                 "counts": self.counts, "start_level": self.start_level, "key_bytes": self.key_bytes,
-                "predicted_seconds": self.predicted_seconds, "inserted_bootstraps": self.inserted_bootstraps}
+                "predicted_seconds": self.predicted_seconds, "inserted_bootstraps": self.inserted_bootstraps,
+                "bootstrap_memory_gib": self.bootstrap_memory_gib, "notes": list(self.notes)}
 
 
 def static_levels(circuit: Circuit) -> dict:
@@ -284,14 +357,87 @@ def _key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
     return {"relin": one, "rotation": one * n_rot, "per_key": one, "bootstrap": boot}
 
 
+def op_depths(circuit: Circuit) -> list:
+    """``[(node name, op, levels)]`` for every op of ``circuit``, in order."""
+    lay = circuit.layouts()
+    return [(n.name, n.op, OPS[n.op].depth(circuit, n, [lay[i] for i in n.inputs])) for n in circuit.nodes
+            if n.op != "bootstrap"]
+
+
+def choose_levels_after_bootstrap(circuit: Circuit, params: P.CKKSParams, requested: int | None = None,
+                                  max_memory_gib: float | None = None, memory_anchor: dict | None = None):
+    """Levels a bootstrapped ciphertext must carry for ``circuit``: every op must fit in one segment after a
+    bootstrap that rescales by its bound (``levels >= op depth + 2``).
+
+    ``requested`` (explicit): used as is, PlanningError naming the op if too small. ``None``: the larger of
+    ``params.levels_after_bootstrap`` and what the deepest op needs, bounded by what a 128-bit secure ring allows
+    (:meth:`CKKSParams.max_levels_after_bootstrap`) and by the estimated bootstrapping memory
+    (``max_memory_gib``, default :func:`params.default_max_memory_gib`). Returns ``(levels, note)``."""
+    depths = op_depths(circuit)
+    name, op, d = max(depths, key=lambda t: t[2]) if depths else ("-", "-", 0)
+    need = d + 2
+    if requested is not None:
+        lb = int(requested)
+        if lb < need:
+            raise PlanningError(
+                f"op {name!r} ({op}) needs {d} levels but a bootstrap segment offers {lb - 2} "
+                f"(levels_after_bootstrap={lb}); pass levels_after_bootstrap >= {need}, leave it unset to choose it "
+                f"automatically, or split the polynomial into stages")
+        return lb, f"levels after bootstrap {lb} (requested)"
+    lb = max(int(params.levels_after_bootstrap), need)
+    if lb == need and need > int(params.levels_after_bootstrap):
+        note = f"levels after bootstrap {lb} (chosen: op {name!r} ({op}) needs {d} levels, +2 for the bootstrap)"
+    else:
+        note = f"levels after bootstrap {lb} (default)"
+    scaled = params.with_(scale_bits=max(params.scale_bits, 59))  # bootstrapping needs a 59-bit scale
+    cap = scaled.max_levels_after_bootstrap()
+    if lb > cap:
+        if need > cap:
+            raise PlanningError(
+                f"op {name!r} ({op}) needs {d} levels in one bootstrap segment (levels_after_bootstrap >= {need}, "
+                f"total depth {need + params.bootstrap_depth} at a {scaled.scale_bits}-bit scale), but no 128-bit "
+                f"secure ring allows more than {cap} levels after a bootstrap"
+                + (f" within ring dimension {params.ring_dim}" if params.ring_dim else " (N <= 2^17)")
+                + "; lower the polynomial's degree or Newton steps, or split it into stages")
+        lb = cap
+        note = f"levels after bootstrap {lb} (default lowered to the largest secure value)"
+    limit = float(max_memory_gib if max_memory_gib is not None else P.default_max_memory_gib())
+    mem = _boot_params(params, lb, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor)
+    if mem > limit:
+        # the fewest levels that still fit the deepest op
+        mem_need = _boot_params(params, need, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor)
+        if mem_need > limit:
+            raise PlanningError(
+                f"op {name!r} ({op}) needs {d} levels in one bootstrap segment (levels_after_bootstrap >= {need}); "
+                f"bootstrapping keys for that depth ({need + params.bootstrap_depth}) and {circuit.slots} slots need "
+                f"~{mem_need:.1f} GiB, over the {limit:.1f} GiB limit (max_memory_gib / HF_POLYHE_MAX_MEMORY_GIB); "
+                f"lower the polynomial's degree or Newton steps, split it into stages, or use fewer slots")
+        while lb > need and _boot_params(params, lb, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor) > limit:
+            lb -= 1
+        note = f"levels after bootstrap {lb} (lowered to fit the {limit:.1f} GiB memory limit)"
+    return lb, note
+
+
+def _boot_params(params: P.CKKSParams, lb: int, slots: int) -> P.CKKSParams:
+    """The bootstrapping parameter set for ``lb`` levels after a bootstrap (scale >= 59 bits, ring filled in)."""
+    scale = params.scale_bits if params.scale_bits >= 59 else 59
+    p = params.with_(bootstrap=True, levels_after_bootstrap=lb, scale_bits=scale, slots=slots)
+    p = p.with_(depth=lb + p.bootstrap_depth)
+    if not p.insecure:
+        p = p.with_(ring_dim=p.secure_ring_dim())
+    return p
+
+
 def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_bootstrap: int | None = None,
          bootstrap: str = "auto", bounds: dict | None = None, max_leveled_depth: int = 24,
-         cost_table: dict | None = None) -> Plan:
+         cost_table: dict | None = None, max_memory_gib: float | None = None) -> Plan:
     """Plan ``circuit``: levels, bootstraps, rotation keys, CKKS parameters, predicted cost.
 
     ``bootstrap``: ``"auto"`` (bootstrap only when the leveled depth exceeds ``max_leveled_depth`` or the
     circuit already has bootstrap ops), ``"never"`` (PlanningError if too deep), ``"always"``.
     ``params``: a parameter set (default: :func:`params.default`); depth/slots/ring are filled in.
+    ``levels_after_bootstrap``: levels a bootstrapped ciphertext carries; unset, it is chosen from the deepest
+    op (see :func:`choose_levels_after_bootstrap`), bounded by security and ``max_memory_gib``.
     """
     circuit.validate()
     params = params or P.default()
@@ -307,13 +453,14 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         want_boot = has_explicit
     inserted = []
     run_circuit = circuit
+    notes = []
     if want_boot:
-        lb = int(levels_after_bootstrap or params.levels_after_bootstrap)
+        lb, note = choose_levels_after_bootstrap(circuit, params, levels_after_bootstrap, max_memory_gib,
+                                                 costs.get("bootstrap_memory"))
+        notes.append(note)
         run_circuit, inserted = insert_bootstraps(circuit, lb, bounds)
         lev = static_levels(run_circuit)
-        scale = params.scale_bits if params.scale_bits >= 59 else 59
-        p = params.with_(bootstrap=True, levels_after_bootstrap=lb, scale_bits=scale, slots=circuit.slots)
-        p = p.with_(depth=lb + p.bootstrap_depth)
+        p = _boot_params(params, lb, circuit.slots)
         start_level = p.bootstrap_depth - 1  # one spare level for the fresh ciphertext's first rescale
         seg_depth = max(lev.values())
     else:
@@ -325,11 +472,7 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     if p.ring_dim and p.slots * 2 > p.ring_dim:
         raise PlanningError(f"the circuit needs {p.slots} slots, ring dimension {p.ring_dim} offers {p.ring_dim // 2}")
     if not p.insecure:
-        n_min = p.min_secure_ring_dim()  # PlanningError if no secure set
-        if p.ring_dim and p.ring_dim < n_min:
-            raise PlanningError(f"ring dimension {p.ring_dim} is not 128-bit secure for log2(QP) ~ "
-                                f"{p.estimate_log_qp()}; need >= {n_min}")
-        p = p.with_(ring_dim=max(p.ring_dim, n_min))
+        p = p.with_(ring_dim=p.secure_ring_dim())  # PlanningError if no secure set
     tb = TraceBackend(circuit.slots, p.depth, start_level, p.levels_after_bootstrap if p.bootstrap else p.depth,
                       p.ring_dim, costs)
     ev = Evaluator(run_circuit, tb)
@@ -338,6 +481,7 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
+    mem = p.estimate_bootstrap_memory_gib(costs.get("bootstrap_memory")) if p.bootstrap else 0.0
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
                 inserted_bootstraps=inserted, start_level=start_level, key_bytes=_key_bytes(p, len(rot)),
-                predicted_seconds=tb.time, time_by_op=tb.time_by_op)
+                predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes)

@@ -1,0 +1,260 @@
+"""Measuring the inputs of non-polynomial operators: ``RangeTracker`` and ``calibrate``.
+
+A polynomial is only accurate on the interval it was fitted on, so before an operator becomes a polynomial
+we measure what its input actually does on data. ``RangeTracker`` puts a forward pre-hook on every selected
+:class:`~hf_polyhe.nn.PolyOperator` and keeps the running min / max of its input (for the ``inv_sqrt`` of a
+``PolyLayerNorm`` that input is ``var + eps``, so its range *is* the variance range of the norm).
+
+With ``window=K`` only the last ``K`` closed steps count (:meth:`RangeTracker.end_step` closes one), which
+lets the replacement callback reuse the training batches it sees instead of a separate calibration set.
+Under ``torch.distributed`` :meth:`RangeTracker.all_reduce` takes the min / max over ranks so that every rank
+fits the same polynomial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..nn.operators import PolyOperator
+from ..status import select_operators
+
+
+@dataclass
+class OperatorRange:
+    """Observed input range of one operator (``lo``/``hi`` are ``±inf`` before any observation)."""
+
+    path: str
+    op: str
+    role: str
+    layer_idx: Optional[int]
+    lo: float
+    hi: float
+    count: int
+
+    @property
+    def abs_max(self) -> float:
+        return max(abs(self.lo), abs(self.hi))
+
+    @property
+    def observed(self) -> bool:
+        return self.count > 0 and math.isfinite(self.lo) and math.isfinite(self.hi)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return (self.lo, self.hi)
+
+
+class _Stats:
+    """Min / max / element count, for the current step and for the closed steps of the window."""
+
+    def __init__(self, window: Optional[int]):
+        self.lo, self.hi, self.count = math.inf, -math.inf, 0  # current (open) step, or everything if no window
+        self.closed = deque(maxlen=window) if window else None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x.float())
+        self.lo = min(self.lo, float(lo))
+        self.hi = max(self.hi, float(hi))
+        self.count += x.numel()
+
+    def end_step(self) -> None:
+        if self.closed is not None and self.count:
+            self.closed.append((self.lo, self.hi, self.count))
+            self.lo, self.hi, self.count = math.inf, -math.inf, 0
+
+    def merged(self) -> tuple[float, float, int]:
+        lo, hi, n = self.lo, self.hi, self.count
+        for clo, chi, cn in self.closed or ():
+            lo, hi, n = min(lo, clo), max(hi, chi), n + cn
+        return lo, hi, n
+
+
+class RangeTracker:
+    """Forward pre-hooks recording the input range of every selected :class:`PolyOperator`.
+
+    Args:
+        model: the model to watch (hooks go on its ``PolyOperator`` submodules; a DDP wrapper is fine).
+        ops, roles, layers: restrict to these operator names / roles / layer indices (``None`` = all).
+        window: keep only the last ``window`` steps closed by :meth:`end_step` (``None`` = everything since
+            the last :meth:`reset`).
+        training_only: record only forward passes made in training mode (ignore evaluation).
+
+    Use as a context manager (hooks are removed on exit) or call :meth:`remove` yourself::
+
+        with RangeTracker(model) as tracker:
+            for batch in loader:
+                model(**batch)
+        tracker.all_reduce()
+        print(tracker.report())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ops: Optional[Iterable[str]] = None,
+        roles: Optional[Iterable[str]] = None,
+        layers: Optional[Iterable[Optional[int]]] = None,
+        window: Optional[int] = None,
+        training_only: bool = False,
+    ):
+        self.window = window
+        self.training_only = training_only
+        self.operators: dict[str, PolyOperator] = select_operators(_unwrap(model), ops, roles, layers)
+        self._stats = {path: _Stats(window) for path in self.operators}
+        self._handles = [
+            op.register_forward_pre_hook(self._hook(path), prepend=True) for path, op in self.operators.items()
+        ]
+        self.enabled = True
+
+    def _hook(self, path: str):
+        def hook(module, args):
+            if self.enabled and (module.training or not self.training_only):
+                self._stats[path].update(args[0])
+
+        return hook
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def end_step(self) -> None:
+        """Close the current step (only matters with ``window``)."""
+        for s in self._stats.values():
+            s.end_step()
+
+    def reset(self) -> None:
+        self._stats = {path: _Stats(self.window) for path in self.operators}
+
+    def remove(self) -> None:
+        """Remove the hooks (the recorded ranges stay readable)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "RangeTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- results ---------------------------------------------------------------------------------
+    def ranges(self) -> dict[str, OperatorRange]:
+        """``{module path: OperatorRange}`` over the window (or everything since the last reset)."""
+        out = {}
+        for path, op in self.operators.items():
+            lo, hi, n = self._stats[path].merged()
+            out[path] = OperatorRange(path, op.op, op.role, op.layer_idx, lo, hi, n)
+        return out
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """``{path: (lo, hi)}`` for observed operators, ready for ``to_polynomial(model, ranges=...)``."""
+        return {p: r.interval for p, r in self.ranges().items() if r.observed}
+
+    def all_reduce(self) -> "RangeTracker":
+        """Min / max over all ranks of ``torch.distributed`` (no-op when it is not initialised).
+
+        Afterwards the tracker holds the global range as a single closed entry, identical on every rank.
+        Every rank must call this the same number of times (it is a collective)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        if torch.distributed.get_world_size() == 1:
+            return self
+        paths = list(self.operators)
+        merged = [self._stats[p].merged() for p in paths]
+        # one collective: MIN over (lo, -hi), SUM over counts
+        t = torch.tensor([[lo, -hi] for lo, hi, _ in merged] or [[0.0, 0.0]], dtype=torch.float64)
+        n = torch.tensor([c for _, _, c in merged] or [0], dtype=torch.float64)
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        t, n = t.to(device), n.to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM)
+        for i, p in enumerate(paths):
+            s = _Stats(self.window)
+            s.lo, s.hi, s.count = float(t[i, 0]), -float(t[i, 1]), int(n[i])
+            if s.closed is not None:
+                s.end_step()
+            self._stats[p] = s
+        return self
+
+    def report(self, bound: Optional[float] = None) -> str:
+        """A table a person can read: one row per operator, with the fitted interval when there is one.
+
+        ``inside`` says whether the observed range lies inside the operator's polynomial interval (or inside
+        ``[-bound, bound]`` for operators without one when ``bound`` is given)."""
+        head = (f"{'module':<42} {'op':<10} {'role':<10} {'layer':>5} {'min':>10} {'max':>10} {'|max|':>9} "
+                f"{'poly interval':>22} {'inside':>6}")
+        lines = [head, "-" * len(head)]
+        for path, r in self.ranges().items():
+            op = self.operators[path]
+            target = op.interval if op.approximation is not None else (
+                (-bound, bound) if bound is not None and op.op not in POSITIVE_OPS else None)
+            interval = f"[{target[0]:.4g}, {target[1]:.4g}]" if target else "-"
+            inside = "-" if not (target and r.observed) else ("yes" if target[0] <= r.lo and r.hi <= target[1] else "NO")
+            layer = "-" if r.layer_idx is None else str(r.layer_idx)
+            name = "var+eps" if op.op == "inv_sqrt" else op.op
+            lines.append(f"{path[-42:]:<42} {name:<10} {r.role:<10} {layer:>5} {r.lo:>10.4g} {r.hi:>10.4g} "
+                         f"{r.abs_max:>9.4g} {interval:>22} {inside:>6}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"RangeTracker({len(self.operators)} operators, window={self.window})"
+
+
+# Operators defined on positive inputs only: their interval is not symmetric around 0.
+POSITIVE_OPS = ("inv_sqrt", "reciprocal")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate wrappers (hooks must go on the real submodules)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def move_to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    dataloader: Iterable,
+    max_batches: Optional[int] = None,
+    ops=None,
+    roles=None,
+    layers=None,
+    all_reduce: bool = True,
+) -> RangeTracker:
+    """Run ``model`` in eval mode over (up to ``max_batches``) batches and return the tracker with the ranges.
+
+    Batches are dicts of model keyword arguments (``labels`` are dropped). The training/eval mode of the
+    model is restored afterwards; ranges are all-reduced across ranks when ``all_reduce``."""
+    inner = _unwrap(model)
+    was_training = inner.training
+    device = next(inner.parameters()).device
+    inner.eval()
+    tracker = RangeTracker(inner, ops=ops, roles=roles, layers=layers)
+    try:
+        for i, batch in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_to_device(batch, device)
+            if isinstance(batch, dict):
+                inner(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                inner(batch)
+    finally:
+        tracker.remove()
+        inner.train(was_training)
+    return tracker.all_reduce() if all_reduce else tracker

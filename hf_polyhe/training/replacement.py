@@ -1,0 +1,425 @@
+"""Progressive replacement: turn a model into a polynomial one operator group at a time, during training.
+
+The seed paper swaps every operator for its polynomial at once and loses ~80% of its quality gap at that
+step. Here a schedule of :class:`ReplacementStage` s replaces operators by role and/or layer on a step (or
+epoch) schedule. At the start of each stage the callback
+
+1. measures the input range of the stage's operators -- on a ``calibration_dataloader``, or on the training
+   batches of the last ``window`` steps seen through forward hooks -- and takes min / max over all ranks;
+2. fits each polynomial on its own range widened by ``margin`` (same data on every rank, so every rank fits
+   the same coefficients);
+3. ramps ``blend_weight`` from 0 to 1 over ``ramp_steps`` (``(1 - w)·exact + w·poly``), then sets
+   ``mode="poly"``, so training adapts to the polynomial while it comes in.
+
+Operators are :class:`~hf_polyhe.nn.PolyOperator` modules that exist from model construction and have no
+parameters: nothing is created mid-training, so optimizers, LR schedulers and DDP are unaffected.
+
+Works with the stock ``Trainer`` (``callbacks=[PolyReplacementCallback(...)]``) and in a hand-written loop
+(call :meth:`PolyReplacementCallback.step` after each optimizer step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..nn.operators import PolyOperator
+from ..status import polynomial_status, select_operators
+from .ranges import POSITIVE_OPS, RangeTracker, _unwrap, calibrate
+
+logger = logging.getLogger(__name__)
+
+# Default order of schedule_by_operator: cheap, well-behaved activations first, norms (whose 1/sqrt is the
+# hardest to approximate) last.
+DEFAULT_ROLE_ORDER = ("mlp_act", "attn_act", "attn_norm", "pooler_act", "head_act", "act", "norm")
+
+
+@dataclass
+class ReplacementStage:
+    """One group of operators replaced together.
+
+    ``start`` is a global step (or an epoch with ``unit="epoch"`` in the callback); ``ops`` / ``roles`` /
+    ``layers`` select operators as :func:`hf_polyhe.status.select_operators` does (``None`` = any; layer
+    ``None`` = operators outside the layers, e.g. the final norm). ``ramp_steps``, ``degree`` and ``margin``
+    override the callback's defaults for this stage."""
+
+    start: int
+    ops: Optional[list] = None
+    roles: Optional[list] = None
+    layers: Optional[list] = None
+    ramp_steps: Optional[int] = None
+    degree: Optional[int] = None
+    margin: Optional[float] = None
+    name: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReplacementStage":
+        d = dict(d)
+        keys = [k for k in ("start", "step", "epoch") if k in d]
+        if len(keys) != 1:
+            raise ValueError(f"a stage needs exactly one of 'step', 'epoch' or 'start', got {sorted(d)}")
+        start = d.pop(keys[0])
+        allowed = {"ops", "roles", "layers", "ramp_steps", "degree", "margin", "name"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"unknown stage keys {sorted(unknown)}; accepted: step/epoch, {', '.join(sorted(allowed))}")
+        return cls(start=int(start), **d)
+
+    def describe(self) -> str:
+        if self.name:
+            return self.name
+        parts = [f"{k}={v}" for k, v in (("ops", self.ops), ("roles", self.roles), ("layers", self.layers)) if v is not None]
+        return ", ".join(parts) or "all operators"
+
+
+def schedule_by_layer(
+    num_layers: int, start: int, every: int, ramp_steps: Optional[int] = None, roles: Optional[Sequence[str]] = None
+) -> list:
+    """One stage per transformer layer, layer 0 first, ``every`` steps apart; operators outside the layers
+    (final norm, pooler) go with the last layer."""
+    return [
+        ReplacementStage(start + i * every, roles=list(roles) if roles else None,
+                         layers=[i] if i < num_layers - 1 else [i, None], ramp_steps=ramp_steps, name=f"layer {i}")
+        for i in range(num_layers)
+    ]
+
+
+def schedule_by_operator(
+    start: int, every: int, roles: Sequence[Union[str, Sequence[str]]] = DEFAULT_ROLE_ORDER,
+    ramp_steps: Optional[int] = None, layers: Optional[Sequence[Optional[int]]] = None,
+) -> list:
+    """One stage per role (or group of roles), in the given order, ``every`` steps apart. Roles the model
+    does not have simply select nothing (the stage is skipped)."""
+    stages = []
+    for i, r in enumerate(roles):
+        group = [r] if isinstance(r, str) else list(r)
+        stages.append(ReplacementStage(start + i * every, roles=group, layers=list(layers) if layers else None,
+                                       ramp_steps=ramp_steps, name="+".join(group)))
+    return stages
+
+
+def widen_interval(op: str, lo: float, hi: float, margin: float, symmetric: bool = True) -> tuple[float, float]:
+    """The fitting interval for a measured input range ``[lo, hi]``.
+
+    Activations: ``[-A, A]`` with ``A = max(|lo|, |hi|)·(1 + margin)`` (or the range widened by ``margin``
+    around its centre when not ``symmetric``). Positive-domain operators (``inv_sqrt``, ``reciprocal``):
+    ``[lo / (1 + margin), hi · (1 + margin)]``, which stays positive."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"cannot fit {op} on an unmeasured range [{lo}, {hi}]")
+    f = 1.0 + margin
+    if op in POSITIVE_OPS:
+        if lo <= 0:
+            raise ValueError(f"{op} needs positive inputs, measured range is [{lo:.4g}, {hi:.4g}]")
+        lo, hi = lo / f, hi * f
+        return (lo, hi) if hi > lo else (lo, lo * 2.0)
+    if symmetric:
+        a = max(abs(lo), abs(hi), 1e-3) * f
+        return (-a, a)
+    c, h = (lo + hi) / 2, max((hi - lo) / 2, 1e-3) * f
+    return (c - h, c + h)
+
+
+def _clip_to_interval(module: PolyOperator, args):
+    if module.training and module.mode != "exact" and module.approximation is not None:
+        lo, hi = module.approximation.interval
+        return (args[0].clamp(lo, hi),) + tuple(args[1:])
+    return None
+
+
+@dataclass
+class _StageState:
+    stage: ReplacementStage
+    operators: dict  # {path: PolyOperator}, fixed at attach time
+    started_at: Optional[int] = None
+    done: bool = False
+    weight: float = 0.0
+
+
+class PolyReplacementCallback(TrainerCallback):
+    """Replace a model's operators by polynomials progressively during training.
+
+    Args:
+        schedule: list of :class:`ReplacementStage` or dicts such as
+            ``{"step": 100, "roles": ["mlp_act"], "layers": [0, 1]}`` (see also :func:`schedule_by_layer` and
+            :func:`schedule_by_operator`). An operator belongs to the first stage that selects it.
+        calibration_dataloader: batches (dicts of model inputs) on which ranges are measured at each stage
+            start, in eval mode. Without it the ranges of the training batches of the last ``window`` steps
+            are used (recorded by forward hooks).
+        calibration_batches: how many batches of ``calibration_dataloader`` to use.
+        window: steps of training batches remembered when no calibration dataloader is given.
+        margin: relative widening of each measured range before fitting (see :func:`widen_interval`), or
+            ``{op name or role: margin, "default": margin}`` (e.g. a wider one for ``inv_sqrt``, whose Newton
+            steps diverge quickly above the interval).
+        ramp_steps: steps over which ``blend_weight`` goes from 0 to 1 (0: switch at once).
+        degree: polynomial degree, an int or ``{op name: degree}`` (default: each operator's own degree).
+        fit_kwargs: extra keyword arguments for ``PolyOperator.fit``, or ``{op name: kwargs}``.
+        unit: ``"step"`` or ``"epoch"``: what ``ReplacementStage.start`` counts.
+        symmetric: fit activations on a symmetric interval ``[-A, A]``.
+        finish_on_train_end: at the end of training, replace whatever the schedule has not reached (with a
+            warning) so the saved model is fully polynomial.
+        clip_in_training: in training mode, clip the input of a blended / polynomial operator to the interval
+            its polynomial was fitted on, so one outlier cannot turn the loss into NaN (a polynomial grows
+            fast outside its interval). The range loss still sees -- and penalises -- the unclipped input;
+            evaluation is never clipped, exactly as under HE.
+    """
+
+    def __init__(
+        self,
+        schedule: Iterable[Union[ReplacementStage, dict]],
+        calibration_dataloader: Optional[Iterable] = None,
+        calibration_batches: int = 8,
+        window: int = 16,
+        margin: Union[float, dict] = 0.1,
+        ramp_steps: int = 0,
+        degree: Union[int, dict, None] = None,
+        fit_kwargs: Optional[dict] = None,
+        unit: str = "step",
+        symmetric: bool = True,
+        finish_on_train_end: bool = True,
+        clip_in_training: bool = True,
+    ):
+        self.schedule = [s if isinstance(s, ReplacementStage) else ReplacementStage.from_dict(s) for s in schedule]
+        if not self.schedule:
+            raise ValueError("schedule is empty: give at least one ReplacementStage")
+        if unit not in ("step", "epoch"):
+            raise ValueError(f"unit must be 'step' or 'epoch', got {unit!r}")
+        if min(margin.values() if isinstance(margin, dict) else [margin]) < 0 or ramp_steps < 0:
+            raise ValueError(f"margin and ramp_steps must be >= 0, got margin={margin}, ramp_steps={ramp_steps}")
+        self.calibration_dataloader = calibration_dataloader
+        self.calibration_batches = calibration_batches
+        self.window = window
+        self.margin = margin
+        self.ramp_steps = ramp_steps
+        self.degree = degree
+        self.fit_kwargs = fit_kwargs or {}
+        self.unit = unit
+        self.symmetric = symmetric
+        self.finish_on_train_end = finish_on_train_end
+        self.clip_in_training = clip_in_training
+        self.history: list[dict] = []  # one entry per fitted operator
+        self._stages: list[_StageState] = []
+        self._model: Optional[nn.Module] = None
+        self._tracker: Optional[RangeTracker] = None
+        self._clip_handles: list = []
+
+    # -- setup -----------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Resolve the schedule against ``model`` and install the range hooks (done on the first use)."""
+        model = _unwrap(model)
+        if self._model is model:
+            return
+        self.detach()
+        self._model = model
+        claimed: set = set()
+        self._stages = []
+        for stage in sorted(self.schedule, key=lambda s: s.start):
+            ops = {p: op for p, op in select_operators(model, stage.ops, stage.roles, stage.layers).items()
+                   if p not in claimed}
+            claimed |= set(ops)
+            self._stages.append(_StageState(stage, ops))
+        all_ops = select_operators(model)
+        for p, op in all_ops.items():
+            if any(True for _ in op.parameters()):  # the promise to optimizers / DDP
+                raise RuntimeError(f"{p} has parameters; replacement would change the parameter set")
+        left = [p for p in all_ops if p not in claimed]
+        if left:
+            logger.warning("replacement schedule leaves %d operator(s) exact: %s", len(left), ", ".join(left[:8]))
+        blockers = [o for o in polynomial_status(model).operators if not o.convertible]
+        if blockers:
+            logger.warning("%d operator(s) have no polynomial form (%s): the model cannot become fully polynomial",
+                           len(blockers), ", ".join(f"{o.path} ({o.op})" for o in blockers[:4]))
+        if self.calibration_dataloader is None:
+            self._tracker = RangeTracker(model, window=self.window, training_only=True)
+        if self.clip_in_training:
+            # registered last (range hooks are prepended), so trackers and the range loss see unclipped inputs
+            self._clip_handles = [op.register_forward_pre_hook(_clip_to_interval) for op in all_ops.values()]
+
+    def detach(self) -> None:
+        """Remove every hook (the fitted operators keep their polynomials and modes)."""
+        if self._tracker is not None:
+            self._tracker.remove()
+        for h in self._clip_handles:
+            h.remove()
+        self._clip_handles = []
+        self._tracker, self._model = None, None
+
+    # -- progress --------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return bool(self._stages) and all(s.done for s in self._stages)
+
+    def step(self, model: nn.Module, global_step: int, epoch: Optional[float] = None) -> None:
+        """Advance the schedule after optimizer step ``global_step`` (hand-written loops call this; the
+        ``Trainer`` calls it through ``on_step_end``)."""
+        self.attach(model)
+        if self._tracker is not None:
+            self._tracker.end_step()
+        for s in self._stages:
+            if s.started_at is not None and not s.done:
+                self._ramp(s, global_step)
+        position = global_step if self.unit == "step" else (math.floor(epoch + 1e-9) if epoch is not None else None)
+        if position is not None:
+            self._start_due(position, global_step)
+
+    def _start_due(self, position: int, global_step: int) -> None:
+        due = [s for s in self._stages if s.started_at is None and s.stage.start <= position]
+        if due:
+            self._start(due, global_step)
+
+    def _ramp(self, s: _StageState, global_step: int) -> None:
+        ramp = s.stage.ramp_steps if s.stage.ramp_steps is not None else self.ramp_steps
+        k = global_step - s.started_at + 1
+        if ramp <= 1 or k >= ramp:
+            for op in s.operators.values():
+                op.set_mode("poly", 1.0)
+            s.weight, s.done = 1.0, True
+        else:
+            s.weight = k / ramp
+            for op in s.operators.values():
+                op.set_mode("blend", s.weight)
+
+    def _measure(self, paths: set) -> dict:
+        """All-reduced ``{path: OperatorRange}`` for ``paths`` (a collective: every rank calls it together)."""
+        if self.calibration_dataloader is not None:
+            tracker = calibrate(self._model, self.calibration_dataloader, self.calibration_batches)
+            return {p: r for p, r in tracker.ranges().items() if p in paths}
+        return {p: r for p, r in self._tracker.all_reduce().ranges().items() if p in paths}
+
+    def _margin(self, op: PolyOperator) -> float:
+        if not isinstance(self.margin, dict):
+            return float(self.margin)
+        for key in (op.op, op.role, "default"):
+            if key in self.margin:
+                return float(self.margin[key])
+        return 0.1
+
+    def _fit_args(self, op: PolyOperator, stage: ReplacementStage) -> tuple[Optional[int], dict]:
+        degree = stage.degree if stage.degree is not None else self.degree
+        if isinstance(degree, dict):
+            degree = degree.get(op.op)
+        kw = self.fit_kwargs
+        if kw and all(isinstance(v, dict) for v in kw.values()):  # {op name: kwargs}
+            kw = kw.get(op.op, {})
+        return degree, kw
+
+    def _start(self, states: list, global_step: int, final: bool = False) -> None:
+        """Measure, fit and start ramping the operators of ``states`` (stages that are due together)."""
+        todo = {p for s in states for p, op in s.operators.items() if not (op.mode == "poly" and op.approximation)}
+        ranges = self._measure(todo) if todo else {}
+        unobserved = [p for p in todo if not (p in ranges and ranges[p].observed)]
+        if unobserved and self.calibration_dataloader is None and not final:
+            # no training batch has reached these operators yet (ranges are all-reduced, so every rank
+            # agrees): try again after the next step rather than fit on a guessed interval
+            logger.info("step %d: no input observed yet for %s; stage start deferred", global_step, unobserved[0])
+            return
+        for s in states:
+            for path, op in s.operators.items():
+                if path not in todo:  # already polynomial (e.g. resumed from a checkpoint)
+                    continue
+                margin = s.stage.margin if s.stage.margin is not None else self._margin(op)
+                r = ranges.get(path)
+                if r is None or not r.observed:
+                    interval = tuple(op.interval)
+                    logger.warning("%s: no input observed, fitting on its current interval %s", path, interval)
+                else:
+                    interval = widen_interval(op.op, r.lo, r.hi, margin, self.symmetric)
+                degree, kw = self._fit_args(op, s.stage)
+                approx = op.fit(interval=interval, degree=degree, **kw)
+                self.history.append({
+                    "step": global_step, "stage": s.stage.describe(), "path": path, "op": op.op,
+                    "measured": (r.lo, r.hi) if r is not None and r.observed else None,
+                    "interval": tuple(approx.interval), "degree": approx.degree, "depth": approx.depth,
+                    "max_error": float(approx.max_error),
+                })
+            s.started_at = global_step
+            self._ramp(s, global_step)
+            logger.info("step %d: replacement stage '%s' started (%d operators, ramp %s)\n%s", global_step,
+                        s.stage.describe(), len(s.operators), s.stage.ramp_steps if s.stage.ramp_steps is not None
+                        else self.ramp_steps, self.fit_report(global_step))
+
+    def finish(self, model: Optional[nn.Module] = None, global_step: int = -1) -> None:
+        """Replace everything the schedule has not reached yet and end every ramp (fully polynomial)."""
+        if model is not None:
+            self.attach(model)
+        pending = [s for s in self._stages if s.started_at is None]
+        if pending:
+            logger.warning("training ended before %d replacement stage(s) started (%s): replacing them untrained",
+                           len(pending), ", ".join(s.stage.describe() for s in pending))
+            self._start(pending, global_step, final=True)
+        for s in self._stages:
+            if not s.done:
+                for op in s.operators.values():
+                    op.set_mode("poly", 1.0)
+                s.weight, s.done = 1.0, True
+
+    # -- reporting -------------------------------------------------------------------------------
+    def fit_report(self, step: Optional[int] = None) -> str:
+        """Fitted operators (those of ``step`` only, if given): measured range, interval, degree, error."""
+        rows = [h for h in self.history if step is None or h["step"] == step]
+        head = f"{'module':<42} {'measured':>22} {'fitted on':>22} {'deg':>4} {'depth':>5} {'max err':>9}"
+        lines = [head, "-" * len(head)]
+        for h in rows:
+            m = f"[{h['measured'][0]:.4g}, {h['measured'][1]:.4g}]" if h["measured"] else "-"
+            i = f"[{h['interval'][0]:.4g}, {h['interval'][1]:.4g}]"
+            lines.append(f"{h['path'][-42:]:<42} {m:>22} {i:>22} {h['degree']:>4} {h['depth']:>5} {h['max_error']:>9.2e}")
+        return "\n".join(lines)
+
+    def metrics(self) -> dict[str, float]:
+        """Replacement progress for the logs: stages started, fraction of operators polynomial, ramp weight."""
+        if self._model is None:
+            return {}
+        ops = select_operators(self._model)
+        ramping = [s.weight for s in self._stages if s.started_at is not None and not s.done]
+        out = {
+            "poly/stage": float(sum(s.started_at is not None for s in self._stages)),
+            "poly/fraction_polynomial": sum(op.mode == "poly" for op in ops.values()) / max(len(ops), 1),
+        }
+        if ramping:
+            out["poly/blend_weight"] = min(ramping)
+        return out
+
+    def progress(self) -> str:
+        """Short text for a progress bar: ``poly 6/12 ops, stage 2/4``."""
+        if self._model is None:
+            return ""
+        ops = select_operators(self._model)
+        n_poly = sum(op.mode == "poly" for op in ops.values())
+        started = sum(s.started_at is not None for s in self._stages)
+        ramp = [s.weight for s in self._stages if s.started_at is not None and not s.done]
+        text = f"poly {n_poly}/{len(ops)} ops, stage {started}/{len(self._stages)}"
+        return text + (f" (blend {min(ramp):.2f})" if ramp else "")
+
+    # -- TrainerCallback -------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attach(model)
+        if self.calibration_dataloader is not None:
+            position = state.global_step if self.unit == "step" else math.floor((state.epoch or 0) + 1e-9)
+            self._start_due(position, state.global_step)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        if self.unit == "epoch" and self.calibration_dataloader is not None:
+            self.attach(model)
+            self._start_due(round(state.epoch or 0), state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step(model, state.global_step, state.epoch)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        m = self.metrics()
+        if logs is not None and "loss" in logs:  # training logs only
+            logs.update({k: v for k, v in m.items() if k not in logs})
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update({k: v for k, v in m.items() if k not in state.log_history[-1]})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.finish_on_train_end:
+            self.finish(model, state.global_step)
+        if state.is_world_process_zero:
+            logger.info("replacement finished:\n%s", polynomial_status(self._model))
+        self.detach()

@@ -1,0 +1,415 @@
+"""Training side: range tracking, range / variance losses (with gradient accumulation), progressive replacement
+with the stock Trainer and in a hand-written loop, and a 2-process torchrun run."""
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_inputs
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hf_polyhe
+from hf_polyhe.data import lm_blocks, load_tiny_corpus, split_paragraphs, tiny_tokenizer, train_test_split
+from hf_polyhe.status import select_operators
+from hf_polyhe.training import (
+    PolyReplacementCallback,
+    PolyTrainer,
+    RangeLoss,
+    RangeLossConfig,
+    RangeTracker,
+    ReplacementStage,
+    calibrate,
+    range_penalty,
+    schedule_by_layer,
+    schedule_by_operator,
+    widen_interval,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_blocks():
+    """Real text (the packaged Python reference excerpt), split by paragraph: (train, held-out, vocab size)."""
+    train, test = train_test_split(split_paragraphs(load_tiny_corpus()), test_fraction=0.2, seed=0)
+    tok = tiny_tokenizer(vocab_size=256)
+    return lm_blocks(tok, train, 16), lm_blocks(tok, test, 16), len(tok)
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        ids = torch.tensor(self.blocks[i])
+        return {"input_ids": ids, "labels": ids}
+
+
+def gpt(vocab=97, **kw):
+    cfg = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, use_cache=False)
+    cfg.update(kw)
+    c = tiny_config("gpt", **cfg)
+    c.vocab_size = vocab
+    return hf_polyhe.PolyGPTForCausalLM(c)
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                seed=0, dataloader_num_workers=0, logging_steps=5)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks):
+    model.eval()
+    ids = torch.tensor(blocks)
+    return float(model(input_ids=ids, labels=ids).loss)
+
+
+# -- RangeTracker -------------------------------------------------------------------------------------------
+def test_range_tracker_matches_direct_measurement():
+    model = gpt(attention_activation="relu").eval()
+    batches = [tiny_inputs("gpt") for _ in range(3)]
+    seen = {}
+    handles = [op.register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone()))
+               for p, op in select_operators(model).items()]
+    tracker = calibrate(model, batches)
+    for h in handles:
+        h.remove()
+    ranges = tracker.ranges()
+    assert set(ranges) == set(select_operators(model))  # every non-polynomial operator, norms included
+    for path, r in ranges.items():
+        xs = torch.cat([x.flatten() for x in seen[path]])
+        assert r.lo == pytest.approx(float(xs.min()), rel=1e-6) and r.hi == pytest.approx(float(xs.max()), rel=1e-6)
+        assert r.count == xs.numel()
+    norm = ranges["transformer.h.0.attention_norm.inv_sqrt"]
+    assert 0 < norm.lo < norm.hi  # var + eps of the LayerNorm: the variance range
+    report = tracker.report(bound=8.0)
+    assert "transformer.h.1.mlp.act" in report and "var+eps" in report and "attn_act" in report
+    assert model.training is False  # calibrate restores the mode
+
+
+def test_range_tracker_window_and_training_only():
+    model = gpt().train()
+    inputs = [tiny_inputs("gpt") for _ in range(2)]
+    with RangeTracker(model, roles=["mlp_act"], window=2, training_only=True) as t:
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(100.0)
+            model(**inputs[0])  # a step with huge inputs ...
+            t.end_step()
+            model.transformer.wte.weight.div_(100.0)
+            for x in inputs:
+                model(**x)
+                t.end_step()
+        windowed = t.ranges()  # ... that fell out of the 2-step window
+        model.eval()
+        model(**inputs[0])  # eval passes are ignored with training_only
+        assert t.ranges() == windowed
+    model.train()
+    with RangeTracker(model, roles=["mlp_act"]) as ref, torch.no_grad():
+        for x in inputs:
+            model(**x)
+    assert set(windowed) == {"transformer.h.0.mlp.act", "transformer.h.1.mlp.act"}
+    for p, r in windowed.items():
+        assert (r.lo, r.hi, r.count) == pytest.approx((ref.ranges()[p].lo, ref.ranges()[p].hi, ref.ranges()[p].count))
+    assert not model.transformer.h[0].mlp.act._forward_pre_hooks  # removed on exit
+    assert t.all_reduce() is t  # not distributed: no-op
+
+
+# -- losses -------------------------------------------------------------------------------------------------
+def test_range_penalty_and_targets():
+    x = torch.tensor([-3.0, -1.0, 0.0, 2.0, 5.0], requires_grad=True)
+    p = range_penalty(x, -2.0, 2.0)
+    assert float(p.detach()) == pytest.approx((1.0 + 9.0) / 5)
+    p.backward()
+    assert x.grad.tolist() == pytest.approx([-0.4, 0, 0, 0, 1.2])  # pushes outliers back inside
+    assert float(range_penalty(torch.linspace(-2, 2, 11), -2.0, 2.0)) == 0.0
+
+    model = gpt(attention_type="power")
+    loss = RangeLoss(model, RangeLossConfig(bound=4.0, bounds={"attn_act": 9.0, "transformer.h.1.mlp.act": 3.0},
+                                            max_variance=10.0))
+    ops = loss.operators
+    assert loss.target_interval("transformer.h.0.mlp.act", ops["transformer.h.0.mlp.act"]) == (-4.0, 4.0)
+    assert loss.target_interval("transformer.h.1.mlp.act", ops["transformer.h.1.mlp.act"]) == (-3.0, 3.0)
+    assert loss.target_interval("transformer.ln_f.inv_sqrt", ops["transformer.ln_f.inv_sqrt"])[1] == 10.0
+    recip = ops["transformer.h.0.attn.normalizer"]
+    assert loss.target_interval("transformer.h.0.attn.normalizer", recip) == recip.interval  # not symmetric
+    op = ops["transformer.h.0.mlp.act"]
+    op.fit(interval=(-2.5, 2.5))
+    op.set_mode("poly")  # once fitted, the target is the polynomial's interval
+    assert loss.target_interval("transformer.h.0.mlp.act", op) == (-2.5, 2.5)
+    with pytest.raises(ValueError, match="bound"):
+        RangeLossConfig(bound=-1)
+
+
+def test_range_loss_captures_only_training_forwards():
+    model = gpt()
+    rl = RangeLoss(model, alpha=1.0, bound=1e-3, beta=1.0, max_variance=1e-6)
+    model.eval()
+    with torch.no_grad():
+        model(**tiny_inputs("gpt"))
+    out = rl.compute()
+    assert float(out.total) == 0.0  # evaluation never leaks into the loss
+    model.train()
+    model(**tiny_inputs("gpt"))
+    out = rl.compute()
+    assert float(out.range.detach()) > 0 and float(out.variance.detach()) > 0 and out.total.requires_grad
+    assert float(rl.compute().total) == 0.0  # cleared
+    stats = rl.pop_stats()
+    assert {"range/mlp_act_absmax", "range/attn_act_absmax", "range/norm_var_max"} <= set(stats)
+    rl.remove()
+    model(**tiny_inputs("gpt"))
+    assert float(rl.compute().total) == 0.0
+
+
+def _one_sgd_step(tmp_path, batch, accumulation, alpha, data):
+    torch.manual_seed(0)
+    model = gpt()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = PolyTrainer(
+        model=model, train_dataset=Blocks(data),
+        args=args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
+                  optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant",
+                  warmup_steps=0),
+        range_loss=RangeLossConfig(alpha=alpha, bound=0.05, beta=alpha, max_variance=1e-4),
+    )
+    trainer.train()
+    return {n: start[n] - p.detach() for n, p in model.named_parameters()}  # = lr * gradient
+
+
+def test_poly_trainer_gradient_accumulation_matches_full_batch(tmp_path):
+    torch.manual_seed(1)
+    data = [torch.randint(0, 97, (12,)).tolist() for _ in range(4)]
+    full = _one_sgd_step(tmp_path, 4, 1, 100.0, data)
+    halves = _one_sgd_step(tmp_path, 2, 2, 100.0, data)
+    task_only = _one_sgd_step(tmp_path, 4, 1, 0.0, data)
+    diff = max(float((full[n] - halves[n]).abs().max()) for n in full)
+    scale = max(float(full[n].abs().max()) for n in full)
+    penalty_effect = max(float((full[n] - task_only[n]).abs().max()) for n in full)
+    assert penalty_effect > 0.05 * scale  # the range / variance terms do move the gradient
+    assert diff < 1e-5 * max(scale, 1.0)  # 2 accumulated half-batches == 1 full batch
+
+
+def _inputs_outside(model, blocks, bound):
+    outside, total = 0, 0
+    model.eval()
+    with RangeTracker(model):  # (just to show the tracker doesn't interfere)
+        def hook(m, a):
+            nonlocal outside, total
+            outside += int((a[0].abs() > bound).sum())
+            total += a[0].numel()
+        ops = select_operators(model, roles=["mlp_act", "attn_act"])
+        hs = [op.register_forward_pre_hook(hook) for op in ops.values()]
+        with torch.no_grad():
+            model(input_ids=torch.tensor(blocks))
+        for h in hs:
+            h.remove()
+    return outside / total
+
+
+def test_range_loss_keeps_inputs_inside_bound(text_blocks):
+    """Hand-written loop: the same training with and without the range loss; B chosen below the natural range."""
+    train, test, vocab = text_blocks
+    bound = 0.5
+    results = {}
+    for alpha in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = gpt(vocab=vocab, attention_activation="gelu")
+        rl = RangeLoss(model, RangeLossConfig(alpha=alpha, bound=bound, beta=0.0))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for step in range(40):
+            i = (step * 8) % (len(train) - 8)
+            ids = torch.tensor(train[i : i + 8])
+            loss = model(input_ids=ids, labels=ids).loss + rl()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[alpha] = _inputs_outside(model, test, bound)
+    assert results[0.0] > 0.05  # without the loss, plenty of inputs leave [-B, B]
+    assert results[100.0] < 0.25 * results[0.0], results
+
+
+# -- progressive replacement ----------------------------------------------------------------------------------
+def test_schedules_and_stage_validation():
+    model = gpt(attention_type="power")
+    stages = schedule_by_layer(2, start=10, every=5, ramp_steps=3)
+    assert [s.start for s in stages] == [10, 15] and stages[-1].layers == [1, None]
+    cb = PolyReplacementCallback(stages)
+    cb.attach(model)
+    covered = set().union(*(s.operators for s in cb._stages))
+    assert covered == set(select_operators(model))  # every operator, final norm included
+    by_op = schedule_by_operator(start=0, every=2, roles=("mlp_act", ("attn_act", "attn_norm"), "norm"))
+    assert [s.roles for s in by_op] == [["mlp_act"], ["attn_act", "attn_norm"], ["norm"]]
+    assert ReplacementStage.from_dict({"epoch": 2, "roles": ["norm"]}).start == 2
+    with pytest.raises(ValueError, match="exactly one"):
+        ReplacementStage.from_dict({"roles": ["norm"]})
+    with pytest.raises(ValueError, match="unknown stage keys"):
+        ReplacementStage.from_dict({"step": 1, "role": ["norm"]})
+    with pytest.raises(ValueError, match="unit"):
+        PolyReplacementCallback(stages, unit="minute")
+    assert widen_interval("gelu", -3.0, 1.0, 0.1) == pytest.approx((-3.3, 3.3))
+    lo, hi = widen_interval("inv_sqrt", 0.5, 4.0, 0.1)
+    assert 0 < lo < 0.5 and hi == pytest.approx(4.4)
+    with pytest.raises(ValueError, match="positive"):
+        widen_interval("inv_sqrt", 0.0, 1.0, 0.1)
+
+
+def test_callback_hand_written_loop_with_calibration_data():
+    model = gpt()
+    batches = [tiny_inputs("gpt") for _ in range(4)]
+    cb = PolyReplacementCallback([{"step": 2, "roles": ["mlp_act"]}, {"step": 4, "roles": ["attn_act", "norm"]}],
+                                 calibration_dataloader=batches, ramp_steps=2, margin=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    modes = []
+    for step in range(1, 8):
+        model.train()
+        out = model(**batches[step % 4], labels=batches[step % 4]["input_ids"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        cb.step(model, step)
+        modes.append((model.transformer.h[0].mlp.act.mode, model.transformer.h[0].attn.score_activation.mode))
+    assert modes[0] == ("exact", "exact")
+    assert modes[1] == ("blend", "exact") and model.transformer.h[0].mlp.act.mode == "poly"
+    assert modes[3] == ("poly", "blend") and modes[-1] == ("poly", "poly")
+    assert cb.finished and hf_polyhe.polynomial_status(model).is_polynomial
+    # each polynomial was fitted on its own calibrated range widened by the margin
+    for h in cb.history:
+        lo, hi = h["measured"]
+        assert h["interval"] == pytest.approx(widen_interval(h["op"], lo, hi, 0.2))
+    assert len({h["interval"] for h in cb.history}) > 3  # not one shared interval
+
+
+def test_callback_stock_trainer_end_to_end(tmp_path, text_blocks):
+    """Stock Trainer: pre-train exact, then replace everything progressively; the polynomial model stays close
+    to the pre-replacement model on held-out text, and save_pretrained / from_pretrained keep the polynomials."""
+    train, test, vocab = text_blocks
+    torch.manual_seed(0)
+    model = gpt(vocab=vocab, attention_activation="gelu", hidden_act="gelu_new")
+    Trainer(model=model, args=args(tmp_path, max_steps=150, per_device_train_batch_size=8, learning_rate=3e-3),
+            train_dataset=Blocks(train)).train()
+    before = copy.deepcopy(model)
+    schedule = [{"step": 1, "roles": ["mlp_act"], "layers": [0]},
+                {"step": 6, "roles": ["mlp_act", "attn_act"]},
+                {"step": 12, "roles": ["norm"]}]
+    cb = PolyReplacementCallback(schedule, ramp_steps=4, margin={"inv_sqrt": 1.0, "default": 0.3}, window=12)
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
+                                             logging_steps=2), train_dataset=Blocks(train), callbacks=[cb])
+    trainer.train()
+    status = hf_polyhe.polynomial_status(model)
+    assert status.is_polynomial, str(status)
+    assert [h["step"] for h in cb.history][:1] == [1] and max(h["step"] for h in cb.history) == 12
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged[0]["poly/fraction_polynomial"] < 1.0 <= logged[-1]["poly/fraction_polynomial"]
+    assert any("poly/blend_weight" in h for h in logged)
+
+    l_before, l_after = heldout_loss(before, test), heldout_loss(model, test)
+    assert math.isfinite(l_after) and abs(l_after - l_before) < 0.05 * l_before, (l_before, l_after)
+    with torch.no_grad():
+        ids = torch.tensor(test[:4])
+        p_before = before(input_ids=ids).logits.softmax(-1)
+        p_after = model(input_ids=ids).logits.softmax(-1)
+    assert float((p_before - p_after).abs().sum(-1).mean()) < 0.2  # mean total-variation * 2 per token
+
+    model.save_pretrained(tmp_path / "poly")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "poly")
+    assert hf_polyhe.polynomial_status(loaded).is_polynomial
+    saved = json.loads((tmp_path / "poly" / "config.json").read_text())["poly_operators"]
+    fitted = {h["path"]: h["interval"] for h in cb.history}
+    for path, interval in fitted.items():
+        assert tuple(saved[path.removeprefix("transformer.")]["interval"]) == pytest.approx(interval)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_poly_trainer_logs_ranges_and_finishes_unreached_stages(tmp_path, text_blocks, caplog):
+    train, _, vocab = text_blocks
+    model = gpt(vocab=vocab)
+    cb = PolyReplacementCallback(schedule_by_layer(2, start=3, every=100), window=2)  # layer 1 is never reached
+    trainer = PolyTrainer(model=model, args=args(tmp_path, max_steps=6, per_device_train_batch_size=4, logging_steps=3),
+                          train_dataset=Blocks(train), callbacks=[cb], range_loss=RangeLossConfig(alpha=0.1, bound=4.0))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "before 1 replacement stage" in caplog.text
+    assert hf_polyhe.polynomial_status(model).is_polynomial
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("range_loss", "variance_loss", "range/mlp_act_absmax", "range/norm_var_max", "poly/stage"):
+        assert key in logs[-1], key
+    assert logs[-1]["poly/stage"] == 1.0 and logs[-1]["range/norm_var_max"] > 0
+
+
+# -- 2 processes ----------------------------------------------------------------------------------------------
+DDP_SCRIPT = r"""
+import json, os, sys
+import torch
+from transformers import TrainingArguments
+import hf_polyhe
+from hf_polyhe.training import PolyReplacementCallback, PolyTrainer, RangeLossConfig, RangeTracker, schedule_by_operator
+
+torch.manual_seed(0)
+out = sys.argv[1]
+cfg = hf_polyhe.PolyGPTConfig(vocab_size=97, max_position_embeddings=16, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=64, attention_activation="gelu", use_cache=False)
+model = hf_polyhe.PolyGPTForCausalLM(cfg)
+g = torch.Generator().manual_seed(1)
+data = [torch.randint(0, 97, (16,), generator=g) * (1 + i % 3) % 97 for i in range(64)]
+
+class DS(torch.utils.data.Dataset):
+    def __len__(self): return len(data)
+    def __getitem__(self, i): return {"input_ids": data[i], "labels": data[i]}
+
+local = RangeTracker(model, training_only=True)  # this rank's own batches, never all-reduced
+cb = PolyReplacementCallback(schedule_by_operator(start=3, every=3, roles=("mlp_act", "attn_act", "norm"), ramp_steps=2),
+                             window=3)
+args = TrainingArguments(output_dir=os.path.join(out, "run"), use_cpu=True, report_to=[], save_strategy="no",
+                         max_steps=12, per_device_train_batch_size=4, logging_steps=4, disable_tqdm=True, seed=0)
+trainer = PolyTrainer(model=model, args=args, train_dataset=DS(), callbacks=[cb],
+                      range_loss=RangeLossConfig(alpha=0.1, bound=4.0))
+trainer.train()
+rank = trainer.args.process_index
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"world_size": trainer.args.world_size, "specs": model.poly_operator_specs(),
+               "local": {p: [r.lo, r.hi] for p, r in local.ranges().items()},
+               "polynomial": hf_polyhe.polynomial_status(model).is_polynomial}, f)
+if trainer.is_world_process_zero():
+    trainer.save_model(os.path.join(out, "model"))
+"""
+
+
+@pytest.mark.slow  # ~40 s of CPU (two interpreters importing transformers), more on a busy machine
+def test_two_process_torchrun(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
+           "TOKENIZERS_PARALLELISM": "false"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["polynomial"] and r1["polynomial"]
+    assert r0["local"] != r1["local"]  # the ranks saw different batches ...
+    assert r0["specs"] == r1["specs"]  # ... yet fitted bit-identical polynomials on all-reduced ranges
+    for spec in r0["specs"].values():
+        assert spec["mode"] == "poly" and spec["approximation"] is not None
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert hf_polyhe.polynomial_status(loaded).is_polynomial
+    assert loaded.poly_operator_specs() == r0["specs"]

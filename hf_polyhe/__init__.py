@@ -37,6 +37,7 @@ if _HAS_TORCH:
     from .models.poly_vit import PolyViTConfig, PolyViTForImageClassification, PolyViTModel
     from .nn import PolyOperator
     from .status import polynomial_status, set_operator_mode, to_polynomial
+    from .training import PolyReplacementCallback, PolyTrainer, RangeLoss, RangeLossConfig, RangeTracker
 
     _AUTO_REGISTRATIONS = [
         (PolyGPTConfig, AutoModel, PolyGPTModel),
@@ -56,6 +57,9 @@ if _HAS_TORCH:
 
     _register_auto_classes()
 
+    # registers encrypted-text-generation / -text-classification / -image-classification with PIPELINE_REGISTRY
+    from . import pipelines  # noqa: E402,F401
+
     __all__ = [
         "PolyBertConfig",
         "PolyBertForMaskedLM",
@@ -73,4 +77,9 @@ if _HAS_TORCH:
         "save_encrypted_pipeline",
         "set_operator_mode",
         "to_polynomial",
+        "PolyReplacementCallback",
+        "PolyTrainer",
+        "RangeLoss",
+        "RangeLossConfig",
+        "RangeTracker",
     ]

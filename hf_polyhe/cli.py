@@ -1,27 +1,256 @@
-"""The ``hf-polyhe`` command."""
+"""The ``hf-polyhe`` command.
+
+    hf-polyhe export MODEL_DIR OUT_DIR [--max-length N]      Poly model (save_pretrained dir) -> encrypted export
+    hf-polyhe inspect EXPORT_DIR [--toy]                      what the export is and the planner's report
+    hf-polyhe keygen EXPORT_DIR --keys KEY_DIR [--toy]        secret key (0600) + public server bundle
+    hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
+    hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
+    hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens as JSON
+    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]            HTTP server (server part only)
+    hf-polyhe demo [--fast]                                               train, make polynomial, run encrypted
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+
+
+def _params(args):
+    from .pipelines.runtime import resolve_params
+
+    if getattr(args, "toy", False):
+        print("WARNING: --toy uses INSECURE toy CKKS parameters (no security; tests and demos only)", file=sys.stderr)
+        return resolve_params("toy")
+    return resolve_params("default")
+
+
+def _export(args) -> int:
+    import transformers
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification)
+
+    from .export import save_encrypted_pipeline
+    from .pipelines import write_pipeline_config  # importing hf_polyhe registered the Poly Auto classes
+
+    config = AutoConfig.from_pretrained(args.model_dir)
+    archs = " ".join(config.architectures or [])
+    auto = (AutoModelForCausalLM if "CausalLM" in archs else AutoModelForSequenceClassification
+            if "SequenceClassification" in archs else AutoModelForImageClassification if "ImageClassification" in archs
+            else AutoModel)
+    model = auto.from_pretrained(args.model_dir).eval()
+    pre = None
+    for loader in ("AutoTokenizer", "AutoImageProcessor"):
+        try:
+            pre = getattr(transformers, loader).from_pretrained(args.model_dir)
+            break
+        except Exception:
+            continue
+    save_encrypted_pipeline(model, pre, args.out_dir, max_length=args.max_length)
+    write_pipeline_config(args.out_dir)
+    print(f"exported {type(model).__name__} to {args.out_dir} (server/: spec + weights, client/: embeddings"
+          f"{' + ' + type(pre).__name__ if pre is not None else ''})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .he.keys_multi import plan_for_export
+    from .he.session import EncryptedModel
+
+    model = EncryptedModel(args.export_dir)
+    meta = model.meta
+    print(f"export      : {os.path.abspath(args.export_dir)}")
+    print(f"task        : {meta['task']} ({meta['family']}, {meta['num_layers']} layers, d={meta['hidden_size']}, "
+          f"max_length {meta['max_length']})")
+    print(f"threat model: {meta.get('threat_model', '')}")
+    t0 = time.perf_counter()
+    plan = plan_for_export(model, _params(args))
+    p = plan.params
+    print(f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
+          f"depth {p.depth}, {plan.slots} slots, {p.scale_bits}-bit scale, mode {plan.mode}, "
+          f"{len(plan.rotation_keys)} rotation keys  (planned in {time.perf_counter() - t0:.1f} s)")
+    for kind, entry in plan.summary.items():
+        print(f"\n== {kind} circuit, length {entry['length']} ==")
+        print(entry.get("report", ""))
+    return 0
+
+
+def _keygen(args) -> int:
+    from .he.keys_multi import EncryptedClient, plan_for_export
+    from .he.session import EncryptedModel
+    from .pipelines.runtime import save_client
+
+    model = EncryptedModel(args.export_dir)
+    t0 = time.perf_counter()
+    client = EncryptedClient.generate(plan_for_export(model, _params(args)))
+    save_client(client, args.keys)
+    bundle = args.bundle or os.path.join(args.keys, "server_bundle")
+    client.server_bundle(bundle)
+    print(f"keys in {args.keys} (SECRET: keep private, files 0600); public server bundle in {bundle} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _client(args):
+    from .he.keys_multi import EncryptedClient
+
+    return EncryptedClient.load(args.keys)
+
+
+def _encrypt(args) -> int:
+    import numpy as np
+
+    from .he.session import EncryptedModel
+
+    model = EncryptedModel(args.export_dir)
+    if model.family == "vit":
+        if not args.image:
+            raise SystemExit("error: this export classifies images: pass --image FILE.npy (C x H x W floats)")
+        x = model.embed(pixel_values=np.load(args.image))
+    else:
+        if args.text is None:
+            raise SystemExit("error: pass --text")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.join(args.export_dir, model.meta.get("client", "client")))
+        x = model.embed(input_ids=tok(args.text, add_special_tokens=model.family != "gpt")["input_ids"])
+    data = _client(args).encrypt_embeddings(x)
+    with open(args.out, "wb") as f:
+        f.write(data)
+    print(f"encrypted {x.shape[0]} x {x.shape[1]} embeddings -> {args.out} ({len(data)} bytes)")
+    return 0
+
+
+def _run(args) -> int:
+    from .he.keys_multi import EncryptedServer
+    from .he.roles import EncryptedTensor
+    from .he.session import read_pipeline_json
+
+    meta = read_pipeline_json(args.export_dir)
+    server = EncryptedServer(args.bundle, spec=os.path.join(args.export_dir, meta.get("server", "server")))
+    with open(args.inp, "rb") as f:
+        data = f.read()
+    rows = EncryptedTensor.from_bytes(data).layout.rows
+    t0 = time.perf_counter()
+    out = server.run(rows, data)
+    with open(args.out, "wb") as f:
+        f.write(out)
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in server.last_timings.items())
+    print(f"evaluated {rows} encrypted rows in {time.perf_counter() - t0:.1f} s ({timings}) -> {args.out}")
+    return 0
+
+
+def _decrypt(args) -> int:
+    import numpy as np
+
+    from .he.session import EncryptedModel
+    from .pipelines.text_classification import top_labels
+
+    model = EncryptedModel(args.export_dir)
+    with open(args.inp, "rb") as f:
+        logits = _client(args).decrypt_logits(f.read())
+    if model.family == "gpt":
+        order = np.argsort(-logits)[: args.top_k]
+        out = {"next_token_ids": [int(i) for i in order], "logits": [float(logits[i]) for i in order]}
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(os.path.join(args.export_dir, model.meta.get("client", "client")))
+            out["next_tokens"] = [tok.decode([i]) for i in out["next_token_ids"]]
+        except Exception:
+            pass
+    else:
+        out = top_labels(logits, model.meta.get("id2label", {}), args.top_k)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _serve(args) -> int:
+    from .serve.app import MiB, serve
+
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys)", flush=True)
+    serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level, max_sessions=args.max_sessions,
+          max_request_bytes=args.max_request_mb * MiB, max_bundle_bytes=args.max_bundle_mb * MiB,
+          session_ttl_s=args.session_ttl)
+    return 0
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(steps=args.steps, degree=args.degree, max_new_tokens=args.max_new_tokens)
-    return 0 if result["fully_polynomial"] else 1
+    result = run_demo(steps=args.steps, degree=args.degree, max_new_tokens=args.max_new_tokens, fast=args.fast,
+                      encrypted=not args.no_encrypt, encrypted_tokens=args.encrypted_tokens)
+    return 0 if result["fully_polynomial"] and result.get("encrypted_matches", True) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-polyhe", description="Polynomial transformers on encrypted data.")
+    parser = argparse.ArgumentParser(prog="hf-polyhe", description="Polynomial transformers on encrypted data.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a tiny PolyGPT, make it polynomial, compare outputs")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    demo.add_argument("--degree", type=int, default=31, help="polynomial degree of each operator (default 31)")
-    demo.add_argument("--max-new-tokens", type=int, default=12)
-    demo.set_defaults(func=_demo)
+
+    p = sub.add_parser("export", help="export a fully polynomial Poly model (save_pretrained dir) for encrypted inference")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--max-length", type=int, default=None, help="longest sequence the export accepts")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="print an export's description and the CKKS planner report")
+    p.add_argument("export_dir")
+    p.add_argument("--toy", action="store_true", help="plan for INSECURE toy parameters instead of 128-bit")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("keygen", help="generate a key set for an export: secret key + public server bundle")
+    p.add_argument("export_dir")
+    p.add_argument("--keys", required=True, help="client key directory (holds the SECRET key, made 0700/0600)")
+    p.add_argument("--bundle", default=None, help="where to write the public server bundle (default KEYS/server_bundle)")
+    p.add_argument("--toy", action="store_true", help="INSECURE toy parameters (tests only)")
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("encrypt", help="embed and encrypt a text or an image (client side)")
+    p.add_argument("export_dir")
+    p.add_argument("--keys", required=True)
+    p.add_argument("--text", default=None)
+    p.add_argument("--image", default=None, help=".npy file of pixel values (C x H x W)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_encrypt)
+
+    p = sub.add_parser("run", help="evaluate the export on a ciphertext (server side, public keys only)")
+    p.add_argument("export_dir")
+    p.add_argument("--bundle", required=True, help="the client's public server bundle")
+    p.add_argument("--in", dest="inp", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("decrypt", help="decrypt encrypted logits and print labels / next tokens (client side)")
+    p.add_argument("export_dir")
+    p.add_argument("--keys", required=True)
+    p.add_argument("--in", dest="inp", required=True)
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=_decrypt)
+
+    p = sub.add_parser("serve", help="HTTP server holding only the server part of an export")
+    p.add_argument("export_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-sessions", type=int, default=4)
+    p.add_argument("--max-request-mb", type=int, default=64, help="largest ciphertext upload (MiB)")
+    p.add_argument("--max-bundle-mb", type=int, default=4096, help="largest key bundle upload (MiB)")
+    p.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="train a tiny PolyGPT, make it polynomial, export it, generate encrypted")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--degree", type=int, default=15, help="polynomial degree of the GELU (default 15)")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated in the clear (default 12)")
+    p.add_argument("--encrypted-tokens", type=int, default=None,
+                   help="tokens generated under encryption (default: 1 at 128-bit, 3 with --fast)")
+    p.add_argument("--fast", action="store_true", help="INSECURE toy CKKS parameters (quick look; prints a warning)")
+    p.add_argument("--no-encrypt", action="store_true", help="skip the encrypted part")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -182,6 +182,38 @@ def client_tables(model) -> dict:
             "patch_bias": _np(e.patch_embeddings.projection.bias), "position_embeddings": _np(e.position_embeddings[0])}
 
 
+@torch.no_grad()
+def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
+    """``{operator path: (lo, hi)}``: the input range of every polynomial operator over ``inputs`` (a list of
+    model keyword-argument dicts), widened by ``margin`` of the span -- tight calibrated intervals make the
+    fitted polynomials (and Newton inverse square roots) shallow. Pass the result to ``to_polynomial(ranges=)``."""
+    import math
+
+    from .nn import poly_operators
+
+    seen: dict = {}
+    hooks = []
+    for path, op in poly_operators(model).items():
+        def hook(module, args, path=path):
+            lo, hi = seen.get(path, (math.inf, -math.inf))
+            seen[path] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
+        hooks.append(op.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for kw in inputs:
+            model(**kw)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for path, (lo, hi) in seen.items():
+        pad = margin * (hi - lo) + 1e-3
+        out[path] = (lo / 2 if 0 < lo <= pad else lo - pad, hi + pad)
+    return out
+
+
 TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classification", "vit": "encrypted-image-classification"}
 
 

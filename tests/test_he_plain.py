@@ -58,6 +58,13 @@ def op_circuits(rng):
     s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
     c.output(c.attn_apply(c.mul(s, s), v, mask=(rng.random((6, 6)) > 0.3), scale=1 / 6)); out["attn_apply"] = c
     c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.bootstrap(x, 8.0)); out["bootstrap"] = c
+    # decode step over a KV cache (hf_polyhe.he.decode): 5 cached rows + the new one
+    c = he.Circuit(8, 64); kc = c.input("kc", 5, 8); r = c.linear(c.input("r", 1, 8), W(8, 8))
+    c.output(c.append_row(kc, r)); out["append_row"] = c
+    c = he.Circuit(8, 64); q = c.linear(c.input("q", 1, 8), W(8, 8)); k = c.input("k", 6, 8)
+    c.output(c.qk_decode(q, k, heads=2, scale=0.5)); out["qk_decode"] = c
+    c = he.Circuit(8, 64); a = c.input("a", 6, 8); v = c.input("v", 6, 8)
+    c.output(c.attn_decode(c.mul(a, a), v, heads=2, key_weights=rng.random(6))); out["attn_decode"] = c
     return out
 
 

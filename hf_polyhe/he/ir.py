@@ -21,6 +21,9 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ``qk_scores``   per head ``scale * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal); 2 levels
 ``attn_apply``  per head ``(A_h * mask) @ V_h`` concatenated over heads (A in score layout); 2 levels
 ``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
+``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (one rotation); 0 levels
+``qk_decode``   scores of one query row against ``n`` cached keys, per head (column ``h*dh`` of an ``n x d``); 2 levels
+``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d``, padding rows not clean); 2 levels
 ==============  ===========================================================================================
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
@@ -176,6 +179,15 @@ class Circuit:
 
     def bootstrap(self, x, bound: float = 1.0, name=None):
         return self.node("bootstrap", [x], {"bound": float(bound)}, name)
+
+    def append_row(self, cache, x, name=None):
+        return self.node("append_row", [cache, x], {}, name)
+
+    def qk_decode(self, q, keys, heads: int, scale: float = 1.0, name=None):
+        return self.node("qk_decode", [q, keys], {"heads": int(heads), "scale": float(scale)}, name)
+
+    def attn_decode(self, weights, values, heads: int, key_weights, name=None):
+        return self.node("attn_decode", [weights, values], {"heads": int(heads), "weights": self.add_weight(key_weights)}, name)
 
     # ----------------------------------------------------------------- analysis
     def layouts(self) -> dict:

@@ -554,3 +554,150 @@ class Bootstrap(OpSpec):
     def execute(self, ev, node, xs):
         b = float(node.attrs.get("bound", 1.0))
         return [ev.backend.bootstrap(ct, b, where=node.name) for ct in xs[0].cts]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode-step attention over an encrypted KV cache (one new token against ``n`` cached keys/values).
+# All three work on single-ciphertext matrices with one token per row (see packing.MatrixLayout).
+
+
+def _clean_single_row(name, x, what):
+    _single_ct(name, x)
+    if x.rows != 1:
+        raise LayoutError(f"{name}: {what} must be one row (the new token), got {x.rows} rows")
+    if not x.clean:
+        raise LayoutError(f"{name}: {what} must have zero padding (clean layout, e.g. a linear output)")
+
+
+@register_op("append_row")
+class AppendRow(OpSpec):
+    """``vstack(cache, x)``: ``cache`` (n x d, clean) gains the row ``x`` (1 x d, clean) as row ``n``.
+    One rotation of ``x`` by ``-n`` rows and an addition; 0 levels."""
+
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        cache, x = lay
+        _single_ct("append_row", cache)
+        _clean_single_row("append_row", x, "the appended row")
+        if not cache.clean:
+            raise LayoutError("append_row: the cache must have zero padding (clean layout)")
+        if cache.cols != x.cols or cache.block != x.block or cache.slots != x.slots:
+            raise LayoutError(f"append_row: cache {cache.shape} and row {x.shape} have different widths/packing")
+        if cache.rows + 1 > cache.R:
+            raise LayoutError(f"append_row: a cache of {cache.rows} rows is full (at most {cache.R} rows per ciphertext)")
+        return cache.with_(rows=cache.rows + 1, clean=True)
+
+    def reference(self, c, node, xs, lay):
+        return np.vstack([xs[0], xs[1]])
+
+    def execute(self, ev, node, xs):
+        L = xs[0].layout
+        return [ev.backend.add(xs[0].cts[0], ev.rotate(xs[1].cts[0], -L.rows * L.block))]
+
+
+@register_op("qk_decode")
+class QKDecode(OpSpec):
+    """Scores of one query row ``q`` (1 x d) against ``n`` cached keys ``K`` (n x d), per head:
+    ``S[j, h*dh] = scale * q_h . K_h[j]`` (other entries 0), an ``n x d`` matrix. 2 levels."""
+
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        q, k = lay
+        _clean_single_row("qk_decode", q, "the query")
+        _single_ct("qk_decode", k)
+        if not k.clean or q.cols != k.cols or q.block != k.block or q.slots != k.slots:
+            raise LayoutError(f"qk_decode: keys {k.shape} must be clean and as wide as the query {q.shape}")
+        h = int(node.attrs["heads"])
+        if h <= 0 or q.cols % h or not ((q.cols // h) & (q.cols // h - 1)) == 0:
+            raise LayoutError(f"qk_decode: {q.cols} features do not split into {h} heads of a power-of-two width")
+        return k.with_(clean=True)
+
+    def reference(self, c, node, xs, lay):
+        q, K = xs
+        h = int(node.attrs["heads"])
+        dh = q.shape[1] // h
+        S = np.zeros(K.shape)
+        for i in range(h):
+            S[:, i * dh] = float(node.attrs.get("scale", 1.0)) * K[:, i * dh : (i + 1) * dh] @ q[0, i * dh : (i + 1) * dh]
+        return S
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        K = xs[1].layout
+        D, n, h = K.block, K.rows, int(node.attrs["heads"])
+        dh = K.cols // h
+        q = xs[0].cts[0]
+        step = 1
+        while step < n:  # copy the query (row 0, zero elsewhere) into rows 0..n-1
+            q = be.add(q, ev.rotate(q, -step * D))
+            step *= 2
+        p = be.mul(q, xs[1].cts[0])
+        kk = 1
+        while kk < dh:
+            p = be.add(p, ev.rotate(p, kk))
+            kk *= 2
+        mask = np.zeros((K.R, D))
+        mask[:n, np.arange(h) * dh] = float(node.attrs.get("scale", 1.0))
+        return [be.mul_plain(p, mask.reshape(-1))]
+
+
+@register_op("attn_decode")
+class AttnDecode(OpSpec):
+    """``out[0, head h] = sum_j w[j] * A[j, h*dh] * V[j, head h]``: weights ``A`` (n x d, from qk_decode and
+    the activation), values ``V`` (n x d, clean), per-key plaintext weights ``w`` (mask / length scaling).
+    Output ``1 x d``; rows >= 1 of its ciphertext hold copies (not clean). 2 levels."""
+
+    n_inputs = 2
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        a, v = lay
+        _single_ct("attn_decode", a)
+        _single_ct("attn_decode", v)
+        if a.shape != v.shape or not v.clean:
+            raise LayoutError(f"attn_decode: weights {a.shape} and values {v.shape} must match, values clean")
+        h = int(node.attrs["heads"])
+        if h <= 0 or v.cols % h:
+            raise LayoutError(f"attn_decode: {v.cols} features do not split into {h} heads")
+        if c.weight(node.attrs["weights"]).shape != (v.rows,):
+            raise LayoutError(f"attn_decode: weights must have shape ({v.rows},)")
+        return v.with_(rows=1, clean=False)
+
+    def reference(self, c, node, xs, lay):
+        A, V = xs
+        h = int(node.attrs["heads"])
+        dh = V.shape[1] // h
+        w = c.weight(node.attrs["weights"])
+        out = np.zeros((1, V.shape[1]))
+        for i in range(h):
+            out[0, i * dh : (i + 1) * dh] = (w * A[:, i * dh]) @ V[:, i * dh : (i + 1) * dh]
+        return out
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        V = xs[1].layout
+        D, n, h = V.block, V.rows, int(node.attrs["heads"])
+        dh = V.cols // h
+        mask = np.zeros((V.R, D))
+        mask[:n, np.arange(h) * dh] = ev.circuit.weight(node.attrs["weights"])[:, None]
+        a = be.mul_plain(xs[0].cts[0], mask.reshape(-1))
+        kk = 1
+        while kk < dh:  # spread each head's weight over its dh columns
+            a = be.add(a, ev.rotate(a, -kk))
+            kk *= 2
+        t = be.mul(a, xs[1].cts[0])
+        step = 1
+        while step < n:  # sum the rows 0..n-1 into row 0 (rows >= n of V are zero)
+            t = be.add(t, ev.rotate(t, step * D))
+            step *= 2
+        return [t]

@@ -11,7 +11,12 @@ Directory written by :func:`hf_polyhe.save_encrypted_pipeline`::
 
 :class:`EncryptedModel` is what both roles build on: the client embeds (in the clear, its own data) and
 reads the logits; whoever evaluates runs the circuit on the ``plain`` backend (float64 reference) or, through
-:class:`~hf_polyhe.he.roles.Client` / :class:`~hf_polyhe.he.roles.Server`, on CKKS ciphertexts.
+:class:`~hf_polyhe.he.keys_multi.EncryptedClient` / :class:`~hf_polyhe.he.keys_multi.EncryptedServer` (one key
+set for every length of the export), on CKKS ciphertexts.
+
+Generation (:meth:`EncryptedModel.generate`) takes either ``forward(x) -> logits`` (a full re-run per token)
+or a ``runner`` with ``prefill(x) -> logits`` and ``decode(x_row) -> logits`` (a KV cache kept by the
+evaluator): :class:`PlainCacheRunner` here, :class:`~hf_polyhe.he.keys_multi.EncryptedGeneration` on CKKS.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 from .backends.plain import run_plain
 from .errors import CircuitError
+from .decode import build_circuit, build_decode_circuit, cache_names, decode_inputs
 from .transformer import TransformerSpec, build_transformer_circuit
 
 PIPELINE_FORMAT = "hf_polyhe.encrypted_pipeline"
@@ -123,22 +129,46 @@ class EncryptedModel:
         out = run_plain(c, {"x": x}, strict=strict)
         return np.asarray(out[c.outputs[0]]).reshape(-1)
 
+    def prefill_plain(self, x: np.ndarray):
+        """``(logits, caches)`` of the KV-cache prefill on the plain backend (causal LMs)."""
+        out = run_plain(build_circuit(self.spec, x.shape[0], kv_cache=True), {"x": x})
+        return np.asarray(out["logits"]).reshape(-1), {k: out[k] for k in cache_names(self.spec)}
+
+    def decode_plain(self, x_row: np.ndarray, caches: dict):
+        """``(logits, caches)`` of one decode step (``x_row``: ``1 x d``) on the plain backend."""
+        t = next(iter(caches.values())).shape[0]
+        out = run_plain(build_decode_circuit(self.spec, t), decode_inputs(x_row, caches))
+        return np.asarray(out["logits"]).reshape(-1), {k: out[k] for k in cache_names(self.spec)}
+
     def generate(self, input_ids, max_new_tokens: int = 8, forward: Optional[Callable] = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, seed: Optional[int] = None, callback: Optional[Callable] = None) -> list:
-        """Generate token by token; ``forward(x) -> logits`` defaults to the plain backend.
+                 eos_token_id: Optional[int] = None, seed: Optional[int] = None, callback: Optional[Callable] = None,
+                 runner=None, use_cache: bool = False) -> list:
+        """Generate token by token.
 
-        The evaluator only ever sees embeddings (encrypted in the CKKS case); token choice happens here, on
-        the client, from decrypted logits."""
+        ``forward(x) -> logits`` re-runs the whole sequence per token (default: the plain backend);
+        ``runner`` (``prefill(x)``, ``decode(x_row)``) keeps a KV cache so each new token costs one token's
+        work (``use_cache=True`` without a runner: :class:`PlainCacheRunner`). The evaluator only ever sees
+        embeddings (encrypted in the CKKS case); token choice happens here, on the client, from decrypted
+        logits."""
         if self.family != "gpt":
             raise ValueError(f"generation needs a causal LM export, this one is {self.family!r}")
         ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
         if len(ids) + max_new_tokens > self.max_length:
             raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds max_length {self.max_length}")
+        if forward is not None and runner is not None:
+            raise ValueError("pass either forward (full re-run per token) or runner (KV cache), not both")
+        if runner is None and use_cache:
+            runner = PlainCacheRunner(self)
         forward = forward or self.forward_plain
         rng = np.random.default_rng(seed)
-        for _ in range(max_new_tokens):
-            logits = forward(self.embed(ids))
+        for step in range(max_new_tokens):
+            if runner is None:
+                logits = forward(self.embed(ids))
+            elif step == 0:
+                logits = runner.prefill(self.embed(ids))
+            else:
+                logits = runner.decode(self.embed(ids)[-1:])
             nxt = sample_next_token(logits, do_sample, temperature, top_k, rng)
             ids.append(nxt)
             if callback is not None:
@@ -146,3 +176,20 @@ class EncryptedModel:
             if eos_token_id is not None and nxt == eos_token_id:
                 break
         return ids
+
+
+class PlainCacheRunner:
+    """KV-cache generation on the plain backend (the float64 reference of the encrypted KV cache)."""
+
+    def __init__(self, model: EncryptedModel):
+        self.model, self.caches = model, None
+
+    def prefill(self, x):
+        logits, self.caches = self.model.prefill_plain(x)
+        return logits
+
+    def decode(self, x_row):
+        if self.caches is None:
+            raise ValueError("decode before prefill")
+        logits, self.caches = self.model.decode_plain(x_row, self.caches)
+        return logits

@@ -1,0 +1,203 @@
+"""Circuits for generation with an encrypted KV cache: a prefill that also returns every layer's keys and
+values, and a decode step that costs one token's work.
+
+Prefill (``seq_len`` tokens): input ``x`` (``L x d`` embeddings); outputs the last row's logits and, per
+layer ``i``, ``k{i}`` / ``v{i}`` (``L x d``, the attention keys and values, clean packing).
+
+Decode step at position ``t`` (the new token is token number ``t``, 0-based, so ``t`` tokens are cached):
+inputs ``x`` (``1 x d``: the new token's embedding) and per layer ``k{i}`` / ``v{i}`` (``t x d``); outputs the
+logits (``1 x vocab``) and the updated caches ``k{i}`` / ``v{i}`` (``(t + 1) x d``). The new key/value row is
+appended with one rotation (``append_row``), the query meets the ``t + 1`` keys with ``qk_decode`` and the
+values with ``attn_decode``: ``O(log t)`` rotations per layer instead of a full re-run over ``t + 1`` rows.
+
+Both circuits have the same op sequence per layer as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`
+(qk_decode / attn_decode spend the levels qk_scores / attn_apply spend), so the planner places bootstraps at
+the same points and a cache written by the prefill carries the levels the decode step expects
+(:func:`check_cache_levels`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CircuitError, PlanningError
+from .ir import Circuit
+from .transformer import SCALINGS, TransformerSpec, _Builder, default_packing
+
+OUTPUT = "logits"
+
+
+def cache_names(spec: TransformerSpec) -> list:
+    """``["k0", "v0", "k1", "v1", ...]``: the cache tensors of every layer, in circuit order."""
+    return [f"{kv}{i}" for i in range(len(spec.config["layers"])) for kv in "kv"]
+
+
+def _check_causal_lm(spec: TransformerSpec):
+    cfg = spec.config
+    if not cfg.get("causal") or cfg["head"]["kind"] != "last_token":
+        raise CircuitError(f"a KV cache needs a causal LM spec (family 'gpt'), this one is {cfg.get('family')!r}")
+
+
+class _TaggingBuilder(_Builder):
+    """The transformer builder, recording which block (norm, attention, mlp, head) every node belongs to in
+    ``circuit.meta["blocks"]`` (node name -> block), so timings can be reported per block; with
+    ``keep_cache`` it also names each layer's keys/values ``k{i}``/``v{i}`` so they can be outputs."""
+
+    def __init__(self, spec, circuit, keep_cache=False):
+        super().__init__(spec, circuit)
+        self.layer_idx, self.keep_cache = 0, keep_cache
+        self.blocks = circuit.meta.setdefault("blocks", {})
+
+    def tagged(self, block, fn, *args):
+        n0 = len(self.c.nodes)
+        out = fn(*args)
+        for node in self.c.nodes[n0:]:
+            self.blocks.setdefault(node.name, block)
+        return out
+
+    def norm(self, x, norm, d):
+        return self.tagged("norms", super().norm, x, norm, d)
+
+    def mlp(self, x, mlp):
+        return self.tagged("mlp", super().mlp, x, mlp)
+
+    def attention(self, x, attn, mask, causal):
+        return self.tagged("attention", self._attention, x, attn, mask, causal)
+
+    def named_linear(self, x, lin, name):
+        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None, name=name)
+
+    def _attention(self, x, attn, mask, causal):
+        c, i = self.c, self.layer_idx
+        self.layer_idx += 1
+        q = self.linear(x, attn["q"])
+        k = self.named_linear(x, attn["k"], f"k{i}" if self.keep_cache else None)
+        v = self.named_linear(x, attn["v"], f"v{i}" if self.keep_cache else None)
+        heads, d = self.s.config["num_heads"], self.s.config["hidden_size"]
+        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
+        weights = self.act(scores, attn["activation"])
+        n = np.maximum(mask.sum(-1, keepdims=True), 1.0)
+        return self.linear(c.attn_apply(weights, v, mask=mask / SCALINGS[attn["scaling"]](n)), attn["o"])
+
+
+class _DecodeBuilder(_TaggingBuilder):
+    """Decode step: attention of the new row against the cache (inputs ``k{i}_cache``/``v{i}_cache``)."""
+
+    def __init__(self, spec, circuit, position):
+        super().__init__(spec, circuit, keep_cache=True)
+        self.t = position
+
+    def _attention(self, x, attn, mask, causal):
+        c, i = self.c, self.layer_idx
+        self.layer_idx += 1
+        d = self.s.config["hidden_size"]
+        q, k, v = (self.linear(x, attn[n]) for n in "qkv")
+        keys = c.append_row(c.input(f"k{i}_cache", self.t, d), k, name=f"k{i}")
+        values = c.append_row(c.input(f"v{i}_cache", self.t, d), v, name=f"v{i}")
+        heads = self.s.config["num_heads"]
+        scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5)
+        weights = self.act(scores, attn["activation"])
+        key_weights = np.ones(self.t + 1) / float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
+        return self.linear(c.attn_decode(weights, values, heads, key_weights), attn["o"])
+
+
+def _head(b: _TaggingBuilder, x, seq_len: int, all_rows: bool = False):
+    cfg, c = b.s.config, b.c
+    if cfg.get("final_norm"):
+        x = b.norm(x, cfg["final_norm"], cfg["hidden_size"])
+    n0 = len(c.nodes)
+    head = cfg["head"]
+    if head["kind"] == "last_token":
+        out = b.named_linear(x if all_rows else c.select_rows(x, [seq_len - 1]), head["lm_head"], OUTPUT)
+    elif head["kind"] == "pooler_cls":
+        pooled = b.act(b.linear(c.select_rows(x, [0]), head["pooler"]), head["pooler_act"])
+        out = b.named_linear(pooled, head["classifier"], OUTPUT)
+    elif head["kind"] == "cls":
+        out = b.named_linear(c.select_rows(x, [0]), head["classifier"], OUTPUT)
+    else:
+        raise CircuitError(f"unknown head kind {head['kind']!r}; accepted: last_token, pooler_cls, cls")
+    for node in c.nodes[n0:]:
+        b.blocks.setdefault(node.name, "head")
+    return out
+
+
+def _new_circuit(spec, seq_len, name, check_len=True):
+    cfg = spec.config
+    d, max_len = cfg["hidden_size"], cfg["max_length"]
+    if check_len and not 1 <= seq_len <= max_len:
+        raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
+    block, slots = default_packing(max_len, d)
+    return Circuit(block=block, slots=slots, name=f"{cfg['family']}-{name}")
+
+
+def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_cache: bool = False) -> Circuit:
+    """The model's circuit for ``seq_len`` tokens (output ``logits``: the last row's for a causal LM, the
+    classifier's otherwise), with per-block tags; ``kv_cache`` (causal LMs) also outputs every layer's K/V.
+    Same computation as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`."""
+    cfg = spec.config
+    if kv_cache:
+        _check_causal_lm(spec)
+        if attention_mask is not None and not np.all(np.asarray(attention_mask) == 1):
+            raise CircuitError("a KV-cache prefill takes no padding mask (generation runs one unpadded sequence)")
+    c = _new_circuit(spec, seq_len, f"{'prefill' if kv_cache else 'full'}-L{seq_len}")
+    b = _TaggingBuilder(spec, c, keep_cache=kv_cache)
+    d = cfg["hidden_size"]
+    x = c.input("x", seq_len, d)
+    mask = np.ones((seq_len, seq_len))
+    if attention_mask is not None:
+        am = np.asarray(attention_mask, dtype=np.float64).reshape(-1)
+        if am.shape != (seq_len,) or not np.isin(am, (0.0, 1.0)).all() or am.sum() == 0:
+            raise CircuitError(f"attention_mask must be {seq_len} zeros/ones with at least one 1, got {am.tolist()}")
+        mask = mask * am[None, :]
+    causal = bool(cfg["causal"])
+    if causal:
+        mask = np.tril(mask)
+    if cfg.get("embedding_norm"):
+        x = b.norm(x, cfg["embedding_norm"], d)
+    for layer in cfg["layers"]:
+        x = b.layer(x, layer, mask, causal, d)
+    c.output(_head(b, x, seq_len), *(cache_names(spec) if kv_cache else []))
+    c.meta.update(family=cfg["family"], seq_len=seq_len, kind="prefill" if kv_cache else "full")
+    return c
+
+
+def build_prefill_circuit(spec: TransformerSpec, seq_len: int) -> Circuit:
+    """Prompt of ``seq_len`` tokens -> last-row logits and every layer's K/V (see the module docstring)."""
+    return build_circuit(spec, seq_len, kv_cache=True)
+
+
+def build_decode_circuit(spec: TransformerSpec, position: int) -> Circuit:
+    """One decode step for the token at ``position`` (``position`` tokens already cached)."""
+    _check_causal_lm(spec)
+    cfg = spec.config
+    d, max_len = cfg["hidden_size"], cfg["max_length"]
+    if not 1 <= position < max_len:
+        raise CircuitError(f"decode position {position} is outside 1..{max_len - 1} (the export's max_length is "
+                           f"{max_len}; the prompt itself goes through the prefill)")
+    c = _new_circuit(spec, position + 1, f"decode-t{position}")
+    b = _DecodeBuilder(spec, c, position)
+    x = c.input("x", 1, d)
+    if cfg.get("embedding_norm"):
+        x = b.norm(x, cfg["embedding_norm"], d)
+    for layer in cfg["layers"]:
+        x = b.layer(x, layer, None, True, d)
+    c.output(_head(b, x, 1, all_rows=True), *cache_names(spec))
+    c.meta.update(family=cfg["family"], seq_len=position + 1, kind="decode")
+    return c
+
+
+def decode_inputs(x_row, caches: dict) -> dict:
+    """Input dict of a decode circuit: ``x`` and the caches under their input names (``k0_cache``, ...)."""
+    return {"x": x_row, **{f"{k}_cache": v for k, v in caches.items()}}
+
+
+def check_cache_levels(prefill_levels: dict, decode_levels: dict, names) -> None:
+    """A cache handed to a decode step must not carry more consumed levels than the step's own new K/V row
+    (the planner treats cache inputs as fresh); raises :class:`PlanningError` naming the tensor otherwise."""
+    for n in names:
+        new_row = decode_levels.get(n)
+        if new_row is None:
+            continue
+        if prefill_levels.get(n, 0) > new_row:
+            raise PlanningError(f"cache {n!r}: the prefill leaves it at level {prefill_levels[n]}, the decode step "
+                                f"expects at most {new_row}; raise levels_after_bootstrap")

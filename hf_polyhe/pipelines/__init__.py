@@ -1,0 +1,46 @@
+"""Encrypted pipelines, registered with ``transformers.pipelines.PIPELINE_REGISTRY`` when ``hf_polyhe`` is imported.
+
+=================================  =========================================  ===========================
+task                               pipeline class                             export family
+=================================  =========================================  ===========================
+``encrypted-text-generation``      :class:`EncryptedTextGenerationPipeline`   PolyGPT (causal LM)
+``encrypted-text-classification``  :class:`EncryptedTextClassificationPipeline`  PolyBert (sequence cls.)
+``encrypted-image-classification`` :class:`EncryptedImageClassificationPipeline` PolyViT
+=================================  =========================================  ===========================
+
+``pipeline(task, model=export_dir)`` loads a directory written by :func:`hf_polyhe.save_encrypted_pipeline`
+(plus :func:`write_pipeline_config`, which ``hf-polyhe export`` does); ``pipeline(task, model=poly_model,
+tokenizer=tok)`` exports to a temporary directory on the fly. See :class:`~.base.EncryptedPipeline` for the
+extra arguments (``server_url``, ``key_dir``, ``client``, ``he_params``, ``backend``, ``verbose``).
+"""
+
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .base import EncryptedExport, EncryptedPipeline, PolyHEExportConfig, as_export, write_pipeline_config
+from .image_classification import EncryptedImageClassificationPipeline
+from .runtime import EncryptedRuntime, default_key_dir, load_or_create_client, save_client
+from .text_classification import EncryptedTextClassificationPipeline
+from .text_generation import EncryptedTextGenerationPipeline
+
+PIPELINES = {
+    "encrypted-text-generation": EncryptedTextGenerationPipeline,
+    "encrypted-text-classification": EncryptedTextClassificationPipeline,
+    "encrypted-image-classification": EncryptedImageClassificationPipeline,
+}
+
+
+def register_pipelines() -> None:
+    """Register the three tasks (v5 form: ``pt_model`` is the model class ``pipeline()`` loads a path with)."""
+    for task, cls in PIPELINES.items():
+        if task in PIPELINE_REGISTRY.supported_tasks and PIPELINE_REGISTRY.supported_tasks[task]["impl"] is cls:
+            continue
+        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=cls, pt_model=EncryptedExport,
+                                            type="image" if "image" in task else "text")
+
+
+register_pipelines()
+
+__all__ = ["PIPELINES", "EncryptedExport", "EncryptedPipeline", "EncryptedRuntime", "PolyHEExportConfig",
+           "EncryptedTextGenerationPipeline", "EncryptedTextClassificationPipeline",
+           "EncryptedImageClassificationPipeline", "as_export", "default_key_dir", "load_or_create_client",
+           "save_client", "register_pipelines", "write_pipeline_config"]

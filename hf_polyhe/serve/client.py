@@ -1,0 +1,141 @@
+"""HTTP client of ``hf-polyhe serve`` (standard library only): :class:`RemoteServer`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+
+BUNDLE_FILES = ("bundle.json", "context.bin", "eval_mult_keys.bin", "eval_automorphism_keys.bin")
+
+
+class ServerError(RuntimeError):
+    """The server refused a request (``status``: the HTTP status, ``detail``: its explanation)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def bundle_zip(bundle_dir) -> bytes:
+    """The server bundle as one uncompressed zip (public files only; refuses a directory with a secret key)."""
+    names = os.listdir(bundle_dir)
+    if any("secret" in n for n in names):
+        raise ValueError(f"{bundle_dir!r} contains a secret key: a server bundle must never hold one")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name in BUNDLE_FILES:
+            path = os.path.join(bundle_dir, name)
+            if os.path.exists(path):
+                z.write(path, name)
+    return buf.getvalue()
+
+
+class RemoteServer:
+    """An :class:`~hf_polyhe.he.keys_multi.EncryptedServer` behind ``hf-polyhe serve`` at ``url``.
+
+    ``RemoteServer(url, client)`` registers ``client``'s public server bundle (a session) on first use; ``run``,
+    ``start_session``, ``prefill``, ``decode`` and ``end_session`` take and return ciphertext bytes exactly like
+    the in-process server. ``poll_s``: delay between result polls; ``timeout_s``: per job."""
+
+    def __init__(self, url: str, client=None, bundle_dir=None, poll_s: float = 0.05, timeout_s: float = 3600.0):
+        self.url = url.rstrip("/")
+        self.client, self.bundle_dir = client, bundle_dir
+        self.poll_s, self.timeout_s = poll_s, timeout_s
+        self.session_id = None
+        self.last_timings: dict = {}
+        self.verbose = True
+
+    # -- HTTP -------------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: bytes = None, query: dict = None, timeout: float = 600.0):
+        """``(status, headers, body bytes)``; raises :class:`ServerError` for 4xx/5xx."""
+        url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        req = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/octet-stream"} if body is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
+            except ValueError:
+                detail = raw.decode(errors="replace")
+            raise ServerError(e.code, str(detail)) from None
+
+    def health(self) -> dict:
+        return json.loads(self.request("GET", "/health")[2])
+
+    # -- session ----------------------------------------------------------------------------------------
+    def register(self) -> str:
+        """Send the public bundle (context + evaluation keys) and open a session; returns its id."""
+        h = self.health()
+        if h["sessions"] >= h["max_sessions"]:  # do not upload keys a full server would refuse
+            raise ServerError(429, f"the server holds its maximum of {h['max_sessions']} sessions; retry later")
+        if self.bundle_dir is None:
+            if self.client is None:
+                raise ValueError("RemoteServer needs client= or bundle_dir= to register keys")
+            with tempfile.TemporaryDirectory(prefix="hf_polyhe_bundle_") as tmp:
+                self.client.server_bundle(tmp)
+                data = bundle_zip(tmp)
+        else:
+            data = bundle_zip(self.bundle_dir)
+        _, _, body = self.request("POST", "/sessions", data)
+        self.session_id = json.loads(body)["session_id"]
+        return self.session_id
+
+    def _sid(self) -> str:
+        return self.session_id or self.register()
+
+    def close(self):
+        if self.session_id is not None:
+            try:
+                self.request("DELETE", f"/sessions/{self.session_id}")
+            except (ServerError, OSError):
+                pass
+            self.session_id = None
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def submit(self, data: bytes, **query) -> str:
+        _, _, body = self.request("POST", f"/sessions/{self._sid()}/jobs", bytes(data), query)
+        return json.loads(body)["job_id"]
+
+    def result(self, job_id: str) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        delay = self.poll_s
+        while True:
+            status, headers, body = self.request("GET", f"/sessions/{self._sid()}/jobs/{job_id}")
+            if status == 200:
+                self.last_timings = json.loads(headers.get("X-HE-Timings") or headers.get("x-he-timings") or "{}")
+                return body
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {self.timeout_s} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def run(self, seq_len: int, x, attention_mask=None) -> bytes:
+        if attention_mask is not None:
+            raise ValueError("RemoteServer.run: padding masks are not sent over HTTP; run unpadded sequences")
+        return self.result(self.submit(x, op="run", seq_len=int(seq_len)))
+
+    def start_session(self) -> str:
+        _, _, body = self.request("POST", f"/sessions/{self._sid()}/streams")
+        return json.loads(body)["stream_id"]
+
+    def prefill(self, stream_id: str, x) -> bytes:
+        return self.result(self.submit(x, op="prefill", stream=stream_id))
+
+    def decode(self, stream_id: str, x) -> bytes:
+        return self.result(self.submit(x, op="decode", stream=stream_id))
+
+    def end_session(self, stream_id: str) -> None:
+        try:
+            self.request("DELETE", f"/sessions/{self._sid()}/streams/{stream_id}")
+        except ServerError:
+            pass

@@ -1,0 +1,258 @@
+"""Encrypted inference of exported models: one key set per export, client/server split, encrypted generation
+with a server-side encrypted KV cache (ISSUE #5).
+
+Default suite: the KV-cache circuits on the plain backend (exact), planning for a whole export, and CKKS with
+INSECURE toy parameters on the smallest models (1 layer, d = 16, 2 heads, calibrated ranges, shallow
+polynomials; BatchNorm variants keep the circuits shallow enough for leveled toy CKKS). ``slow``: the
+poly-LayerNorm GPT on CKKS, and 128-bit parameters with bootstrapping.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+import hf_polyhe
+from hf_polyhe.export import calibrate_ranges, save_encrypted_pipeline
+from hf_polyhe.he import CircuitError, KeyMismatchError, LayoutError
+from hf_polyhe.he import params as P
+from hf_polyhe.he.decode import build_circuit, build_decode_circuit
+from hf_polyhe.he.keys_multi import ExportPlan, plan_for_export
+from hf_polyhe.he.session import EncryptedModel, PlainCacheRunner
+
+pytestmark = pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
+
+SMALL = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+
+
+def _inputs(family, n=8, length=8):
+    if family == "vit":
+        return [{"pixel_values": torch.randn(n, 3, 8, 8)}]
+    return [{"input_ids": torch.randint(1, 97, (n, length))}]
+
+
+def export_small(tmp_path, family, max_length=8, degree=7, **overrides):
+    """A tiny polynomial model fitted on its calibrated ranges, exported to ``tmp_path``."""
+    cls = {"gpt": hf_polyhe.PolyGPTForCausalLM, "bert": hf_polyhe.PolyBertForSequenceClassification,
+           "vit": hf_polyhe.PolyViTForImageClassification}[family]
+    kw = {**SMALL, "attention_activation": "square", "hidden_act": "gelu", **overrides}
+    model = cls(tiny_config(family, **kw)).eval()
+    ranges = calibrate_ranges(model, _inputs(family))
+    hf_polyhe.to_polynomial(model, ranges=ranges, degree=degree)
+    save_encrypted_pipeline(model, None, tmp_path, max_length=None if family == "vit" else max_length)
+    return model, EncryptedModel(tmp_path)
+
+
+# ---------------------------------------------------------------- plain backend: KV cache is exact
+@torch.no_grad()
+def test_decode_with_cache_equals_full_recompute(tmp_path):
+    model, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm",
+                              attention_scaling="length")
+    ids = torch.randint(1, 97, (1, 10))
+    X = enc.embed(ids[0].numpy())
+    logits, caches = enc.prefill_plain(X[:4])
+    assert np.abs(logits - enc.forward_plain(X[:4])).max() <= 1e-9
+    for t in range(4, 10):
+        logits, caches = enc.decode_plain(X[t : t + 1], caches)
+        full = enc.forward_plain(X[: t + 1])
+        assert np.abs(logits - full).max() <= 1e-9 * max(1.0, np.abs(full).max())
+        assert all(v.shape == (t + 1, 16) for v in caches.values())
+    torch_logits = model.double()(input_ids=ids).logits[0, -1].numpy()
+    assert np.abs(logits - torch_logits).max() <= 1e-6 * np.abs(torch_logits).max()
+    # generation with the cache = without it = model.generate (greedy), and sampling draws the same tokens
+    prompt = ids[0, :4].tolist()
+    cached = enc.generate(prompt, max_new_tokens=5, use_cache=True)
+    assert cached == enc.generate(prompt, max_new_tokens=5)
+    ref = model.generate(ids[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=5,
+                         do_sample=False, pad_token_id=0)
+    assert cached == ref[0].tolist()
+    kw = dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=5, seed=3)
+    assert enc.generate(prompt, runner=PlainCacheRunner(enc), **kw) == enc.generate(prompt, **kw)
+
+
+def test_decode_circuit_errors(tmp_path):
+    _, enc = export_small(tmp_path, "gpt", max_length=6)
+    with pytest.raises(CircuitError, match="decode position 6 is outside 1..5"):
+        build_decode_circuit(enc.spec, 6)
+    c = build_decode_circuit(enc.spec, 3)
+    assert sorted(c.inputs) == ["k0_cache", "v0_cache", "x"] and c.outputs == ["logits", "k0", "v0"]
+    with pytest.raises(CircuitError, match="no padding mask"):
+        build_circuit(enc.spec, 3, attention_mask=[1, 1, 0], kv_cache=True)
+    blocks = set(c.meta["blocks"].values())
+    assert blocks == {"norms", "attention", "mlp", "head"}
+
+
+# ---------------------------------------------------------------- one key set for the whole export
+def test_plan_for_export_covers_every_circuit(tmp_path):
+    _, enc = export_small(tmp_path, "gpt", max_length=6, norm_type="batchnorm")
+    plan = plan_for_export(enc, P.toy(), bootstrap="never")
+    assert plan.mode == "leveled" and plan.kv_cache and plan.slots == 8 * 16
+    again = ExportPlan.from_dict(plan.to_dict())
+    for L in range(1, 7):
+        again.plan_circuit(build_circuit(enc.spec, L), "full")
+        again.plan_circuit(build_circuit(enc.spec, L, attention_mask=[1] * (L - 1) + [0] if L > 1 else None), "full")
+        again.plan_circuit(build_circuit(enc.spec, L, kv_cache=True), "prefill")
+    for t in range(1, 6):
+        again.plan_circuit(build_decode_circuit(enc.spec, t), "decode")
+    again.rotation_keys = again.rotation_keys[:3]
+    with pytest.raises(KeyMismatchError, match="rotation keys"):
+        again.plan_circuit(build_circuit(enc.spec, 6), "full")
+    assert set(plan.summary) == {"full", "prefill", "decode"}
+    assert plan.summary["decode"]["counts"]["rotate"] < plan.summary["prefill"]["counts"]["rotate"]
+
+
+# ---------------------------------------------------------------- CKKS (toy parameters)
+# OpenFHE reads the OpenMP thread count once, when it is imported (torch and OpenFHE share libgomp). Two
+# threads on this loaded 2-core machine made every small CKKS op 10-50x slower (spinning OpenMP barriers,
+# measured); import it single-threaded and give torch its threads back.
+_torch_threads = torch.get_num_threads()
+torch.set_num_threads(1)
+openfhe = pytest.importorskip("openfhe")
+torch.set_num_threads(_torch_threads)
+from hf_polyhe.he.keys_multi import (EncryptedClient, EncryptedGeneration, EncryptedServer,  # noqa: E402
+                                     SessionError)
+
+
+def _rel_err(got, ref):
+    return np.abs(got - ref).max() / max(ref.max() - ref.min(), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def gpt_session(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("gpt")
+    model, enc = export_small(d / "export", "gpt", max_length=6, norm_type="batchnorm")
+    client = EncryptedClient.generate(plan_for_export(enc, P.toy(), bootstrap="never"))
+    client.server_bundle(d / "bundle")
+    return model, enc, client, EncryptedServer(d / "bundle"), d
+
+
+def test_server_bundle_has_no_secret_key(gpt_session):
+    _, _, client, _, d = gpt_session
+    from hf_polyhe.he.roles import _ser
+
+    secret = _ser(client.keypair.secretKey)
+    files = [p for p in (d / "bundle").rglob("*") if p.is_file()]
+    assert files and not any("secret" in p.name for p in files)
+    needle = secret[len(secret) // 2 : len(secret) // 2 + 64]
+    assert not any(needle in p.read_bytes() for p in files)
+
+
+@torch.no_grad()
+def test_encrypted_generation_with_kv_cache_matches_plain(gpt_session):
+    model, enc, client, server, _ = gpt_session
+    prompt = [5, 17, 3]
+    runner = EncryptedGeneration(client, server)
+    got = enc.generate(prompt, max_new_tokens=3, runner=runner)  # prefill + 2 encrypted decode steps
+    assert got == enc.generate(prompt, max_new_tokens=3)
+    ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                         max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert got == ref[0].tolist()
+    assert [w for w, _, _ in runner.timings] == ["prefill", "decode", "decode"]
+    assert {"attention", "mlp", "head"} <= set(runner.timings[-1][2])
+    runner.close()
+    assert not server.sessions
+
+
+def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
+    _, enc, client, server, d = gpt_session
+    client.save(d / "client")
+    reloaded = EncryptedClient.load(d / "client")  # a later client process: same keys, no regeneration
+    for ids, mask in (([7], None), ([4, 9, 11, 2, 8], [1, 1, 1, 1, 0])):
+        x = enc.embed(ids)
+        got = reloaded.decrypt_logits(server.run(len(ids), client.encrypt_embeddings(x), attention_mask=mask))
+        ref = enc.forward_plain(x, attention_mask=mask)
+        assert _rel_err(got, ref) <= 1e-2 and np.argmax(got) == np.argmax(ref)
+
+
+def test_clear_errors(gpt_session):
+    _, enc, client, server, _ = gpt_session
+    x = client.encrypt_embeddings(enc.embed([1, 2, 3]))
+    with pytest.raises(LayoutError, match="expected 4 x 16"):
+        server.run(4, x)
+    with pytest.raises(CircuitError, match="outside the exported range 1..6"):
+        server.run(7, x)
+    with pytest.raises(LayoutError, match=r"shape \(1..6, 16\)"):
+        client.encrypt_embeddings(np.zeros((7, 16)))
+    with pytest.raises(SessionError, match="unknown or finished session"):
+        server.decode("nope", x)
+    sid = server.start_session()
+    with pytest.raises(SessionError, match="call prefill first"):
+        server.decode(sid, x)
+    server.end_session(sid)
+    blob = bytearray(x)
+    blob[-10] ^= 0xFF
+    from hf_polyhe.he import SerializationError
+
+    with pytest.raises(SerializationError, match="checksum"):
+        server.run(3, bytes(blob))
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+@torch.no_grad()
+def test_encrypted_classifiers(tmp_path, family):
+    model, enc = export_small(tmp_path / "export", family, max_length=6, norm_type="batchnorm")
+    client = EncryptedClient.generate(plan_for_export(enc, P.toy(), bootstrap="never",
+                                                      lengths=[5] if family == "bert" else None))
+    client.server_bundle(tmp_path / "bundle")
+    server = EncryptedServer(tmp_path / "bundle")
+    if family == "bert":
+        ids = torch.randint(1, 97, (1, 5))
+        expected = model.double()(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0]])).logits[0].numpy()
+        x, mask = enc.embed(input_ids=ids[0].numpy()), [1, 1, 1, 1, 0]
+    else:
+        pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+        expected = model.double()(pixel_values=pixels).logits[0].numpy()
+        x, mask = enc.embed(pixel_values=pixels.numpy()), None
+    got = client.decrypt_logits(server.run(x.shape[0], client.encrypt_embeddings(x), attention_mask=mask))
+    assert _rel_err(got, expected) <= 1e-2 and np.argmax(got) == np.argmax(expected)
+
+
+# ---------------------------------------------------------------- slow
+@pytest.mark.slow
+@torch.no_grad()
+def test_encrypted_generation_poly_layernorm_and_wrong_key(tmp_path):
+    model, enc = export_small(tmp_path / "export", "gpt", max_length=6, norm_type="poly_layernorm")
+    plan = plan_for_export(enc, P.toy(), bootstrap="never")
+    client = EncryptedClient.generate(plan)
+    client.server_bundle(tmp_path / "bundle")
+    server = EncryptedServer(tmp_path / "bundle")
+    prompt = [5, 17, 3]
+    assert enc.generate(prompt, 2, runner=EncryptedGeneration(client, server)) == enc.generate(prompt, 2)
+    other = EncryptedClient.generate(plan)
+    with pytest.raises(KeyMismatchError, match="another key"):
+        server.run(3, other.encrypt_embeddings(enc.embed(prompt)))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_encrypted_gpt_128bit_bootstrapping(tmp_path):
+    import os
+    if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") < 14 * 2**30:
+        pytest.skip("128-bit bootstrapping needs ~13 GB of free memory")
+    model, enc = export_small(tmp_path / "export", "gpt", max_length=4, norm_type="batchnorm")
+    # 6 levels per bootstrap segment and 8 key-switching digits keep log2(QP) within N = 2^16 at 128 bits
+    plan = plan_for_export(enc, P.default(num_large_digits=8), bootstrap="always", levels_after_bootstrap=6,
+                           lengths=[3], kv_cache=False)
+    assert not plan.params.insecure and plan.params.bootstrap
+    client = EncryptedClient.generate(plan)
+    client.server_bundle(tmp_path / "bundle")
+    server = EncryptedServer(tmp_path / "bundle")
+    x = enc.embed([5, 17, 3])
+    got = client.decrypt_logits(server.run(3, client.encrypt_embeddings(x)))
+    ref = enc.forward_plain(x)
+    assert _rel_err(got, ref) <= 1e-2 and np.argmax(got) == np.argmax(ref)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_encrypted_generation_bootstrapped_toy(tmp_path):
+    """Bootstrapping (the 128-bit path) on the toy ring: KV-cache generation still matches token for token."""
+    _, enc = export_small(tmp_path / "export", "gpt", max_length=6, norm_type="poly_layernorm")
+    plan = plan_for_export(enc, P.toy(), bootstrap="always", levels_after_bootstrap=12)
+    assert plan.mode == "bootstrap" and plan.summary["prefill"]["counts"]["bootstrap"] > 0
+    client = EncryptedClient.generate(plan)
+    client.server_bundle(tmp_path / "bundle")
+    server = EncryptedServer(tmp_path / "bundle")
+    prompt = [5, 17, 3]
+    assert enc.generate(prompt, 2, runner=EncryptedGeneration(client, server)) == enc.generate(prompt, 2)

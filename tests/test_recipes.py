@@ -1,0 +1,70 @@
+"""The recipes' tiny presets run end to end (with very few steps) and write model cards with their numbers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--tiny", "--steps", "12", "--poly-steps", "12", "--eval-samples", "40"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(cmd, tmp_path):
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _check_outputs(out: Path, metric_word: str):
+    import hf_polyhe
+    from transformers import AutoModel
+
+    results = json.loads((out / "card" / "results.json").read_text())
+    assert any(metric_word in k for k in results)
+    card = (out / "card" / "README.md").read_text()
+    assert "library_name: transformers" in card and "hf_polyhe" in card
+    for key, value in results.items():
+        if isinstance(value, float):
+            assert f"{value:.4g}" in card, key
+    model = AutoModel.from_pretrained(out / "poly_model")
+    assert hf_polyhe.polynomial_status(model).is_polynomial
+    return results
+
+
+@pytest.mark.parametrize("recipe,metric", [("poly_vit_images.py", "accuracy"), ("poly_bert_glue.py", "accuracy"),
+                                           ("poly_gpt_wikitext.py", "perplexity")])
+def test_tiny_preset_runs(tmp_path, recipe, metric):
+    out = tmp_path / "run"
+    _run([sys.executable, str(ROOT / "recipes" / recipe), *FAST, "--export", "--output-dir", str(out)], tmp_path)
+    results = _check_outputs(out, metric)
+    # the exported circuit reproduces the polynomial torch model (plain CKKS-packing backend)
+    assert results["export: max rel. error of circuit (plain backend) vs torch"] <= 1e-6
+
+
+def test_yaml_config_and_two_process_torchrun(tmp_path):
+    """Two CPU processes (gloo) through torchrun, arguments from a YAML config."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("tiny: true\nsteps: 8\npoly-steps: 8\neval_samples: 20\nuse_cpu: true\n")
+    out = tmp_path / "run2"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "recipes" / "poly_gpt_wikitext.py"),
+          "--config", str(config), "--output-dir", str(out)], tmp_path)
+    _check_outputs(out, "perplexity")
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("tiny: true\nlearning_rat: 0.1\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "poly_gpt_wikitext.py"), "--config", str(config)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "unknown keys" in proc.stderr and "learning_rat" in proc.stderr

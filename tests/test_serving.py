@@ -1,0 +1,156 @@
+"""`hf-polyhe serve` on loopback in a subprocess: a pipeline runs against it with server_url=, the secret key
+stays in this process; wrong-session, malformed and oversized requests get 4xx and the server keeps serving."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+from test_pipelines import make_model, word_tokenizer  # noqa: E402
+from transformers import pipeline  # noqa: E402
+
+import hf_polyhe  # noqa: E402
+from hf_polyhe.he.errors import ToyParametersWarning  # noqa: E402
+from hf_polyhe.he.keys_multi import EncryptedClient, plan_for_export  # noqa: E402
+from hf_polyhe.pipelines import write_pipeline_config  # noqa: E402
+from hf_polyhe.serve import RemoteServer, ServerError, bundle_zip  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok = word_tokenizer()
+    hf_polyhe.save_encrypted_pipeline(make_model("gpt"), tok, root / "export", max_length=4)
+    write_pipeline_config(root / "export")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hf_polyhe.cli", "serve", str(root / "export"), "--port", str(port),
+                             "--max-sessions", "3", "--max-request-mb", "8", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/health", timeout=2) as r:
+                assert json.load(r)["status"] == "ok"
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("server did not start:\n" + proc.stdout.read().decode(errors="replace"))
+            time.sleep(0.5)
+    yield url, root
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _declared_upload(url, path, size) -> int:
+    """Status of a POST that announces ``size`` bytes (refused on the header, before any upload)."""
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("POST", path)
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def _toy_client(export_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ToyParametersWarning)
+        from hf_polyhe.he import params as P
+        from hf_polyhe.he.session import EncryptedModel
+
+        model = EncryptedModel(export_dir)
+        return model, EncryptedClient.generate(plan_for_export(model, P.toy()))
+
+
+def test_pipeline_against_server_and_bad_requests(served, tmp_path):
+    url, root = served
+    export = str(root / "export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ToyParametersWarning)
+        pipe = pipeline("encrypted-text-generation", model=export, server_url=url, he_params="toy",
+                        key_dir=str(tmp_path / "keys"), verbose=False)
+    health = RemoteServer(url).health()
+    assert health["task"] == "encrypted-text-generation" and health["sessions"] == 0
+
+    # two other clients, each with its own keys and session
+    model, alice = _toy_client(export)
+    _, bob = _toy_client(export)
+    ra, rb = RemoteServer(url, alice), RemoteServer(url, bob)
+    ra.register(), rb.register()
+    x = alice.encrypt_embeddings(model.embed([3, 4]))
+    with pytest.raises(ServerError) as e:  # Alice's ciphertext in Bob's session
+        rb.submit(x, op="run", seq_len=2)
+    assert e.value.status == 409 and "another key" in e.value.detail
+    with pytest.raises(ServerError) as e:  # garbage
+        ra.submit(b"not a ciphertext at all", op="run", seq_len=2)
+    assert e.value.status == 400
+    corrupted = bytearray(x)
+    corrupted[-10] ^= 0xFF
+    with pytest.raises(ServerError) as e:
+        ra.submit(bytes(corrupted), op="run", seq_len=2)
+    assert e.value.status == 400 and "corrupted" in e.value.detail
+    with pytest.raises(ServerError) as e:  # shape does not match what the request says
+        ra.submit(x, op="run", seq_len=3)
+    assert e.value.status == 422
+    assert _declared_upload(url, f"/v1/sessions/{ra.session_id}/jobs?op=run&seq_len=2", 9 << 20) == 413  # > 8 MiB
+    with pytest.raises(ServerError) as e:
+        ra.request("GET", "/sessions/nope/jobs/nothing")
+    assert e.value.status == 404
+    with pytest.raises(ServerError) as e:
+        ra.request("POST", "/sessions", b"PK not really a zip")
+    assert e.value.status == 400
+    (tmp_path / "leaky").mkdir()
+    alice.save(tmp_path / "leaky")
+    with pytest.raises(ValueError, match="secret key"):
+        bundle_zip(tmp_path / "leaky")
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.write(tmp_path / "leaky" / "secret_key.bin", "secret_key.bin")
+        z.writestr("bundle.json", "{}")
+    with pytest.raises(ServerError) as e:
+        ra.request("POST", "/sessions", buf.getvalue())
+    assert e.value.status == 403
+    rb2 = RemoteServer(url, bob)
+    rb2.register()  # third session: the limit
+    with pytest.raises(ServerError) as e:
+        RemoteServer(url, alice).register()
+    assert e.value.status == 429
+    rb2.close()
+    rb.close()
+
+    # the server kept serving: Alice's job runs, and the pipeline generates with the secret key kept here
+    logits = alice.decrypt_logits(ra.result(ra.submit(x, op="run", seq_len=2)))
+    assert abs(logits - model.forward_plain(model.embed([3, 4]))).max() < 1e-6
+    ra.close()
+    (out,) = pipe("the cat", max_new_tokens=2, eos_token_id=-1)
+    plain = pipeline("encrypted-text-generation", model=export, backend="plain", verbose=False)
+    assert out["he"]["token_ids"] == plain("the cat", max_new_tokens=2, eos_token_id=-1)[0]["he"]["token_ids"]
+    assert out["he"]["where"] == url and out["he"]["encrypted"]
+    assert RemoteServer(url).health()["status"] == "ok"

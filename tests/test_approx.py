@@ -99,8 +99,10 @@ def test_default_fit_within_reported_error(op, default_fits):
     err = np.abs(approx(x) - EXACT_FUNCTIONS[op](x))
     assert np.isfinite(approx.max_error)
     assert err.max() <= approx.max_error * (1 + 1e-6) + 1e-12
-    # the reported error is attained, not a loose bound
-    assert err.max() >= 0.9 * approx.max_error
+    # the reported error is attained, not a loose bound (unless it is float64 round-off, which other sample
+    # points resolve differently: a few ulps of the output range)
+    roundoff = 64 * np.finfo(float).eps * max(1.0, np.abs(EXACT_FUNCTIONS[op](x)).max())
+    assert err.max() >= 0.9 * approx.max_error or approx.max_error <= roundoff
 
 
 @pytest.mark.parametrize("op", OPS)

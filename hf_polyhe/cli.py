@@ -57,7 +57,7 @@ def _export(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .he.keys_multi import plan_for_export
+    from .he.keys_multi import plan_for_export, plan_report
     from .he.session import EncryptedModel
 
     model = EncryptedModel(args.export_dir)
@@ -68,13 +68,8 @@ def _inspect(args) -> int:
     print(f"threat model: {meta.get('threat_model', '')}")
     t0 = time.perf_counter()
     plan = plan_for_export(model, _params(args))
-    p = plan.params
-    print(f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
-          f"depth {p.depth}, {plan.slots} slots, {p.scale_bits}-bit scale, mode {plan.mode}, "
-          f"{len(plan.rotation_keys)} rotation keys  (planned in {time.perf_counter() - t0:.1f} s)")
-    for kind, entry in plan.summary.items():
-        print(f"\n== {kind} circuit, length {entry['length']} ==")
-        print(entry.get("report", ""))
+    print(f"planned in  : {time.perf_counter() - t0:.1f} s")
+    print(plan_report(plan))
     return 0
 
 

@@ -217,12 +217,16 @@ def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
 TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classification", "vit": "encrypted-image-classification"}
 
 
-def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: Optional[int] = None) -> str:
+def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: Optional[int] = None,
+                            plan: bool = True) -> str:
     """Export a fully polynomial Poly model for encrypted inference into ``out_dir``.
 
     Writes the server part (architecture, fitted polynomials, weights: ``server/``), the client part
-    (embedding tables and the tokenizer or image processor: ``client/``) and ``pipeline.json``. Refuses a
-    model that is not fully polynomial, listing the offending operators."""
+    (embedding tables and the tokenizer or image processor: ``client/``), ``pipeline.json`` describing both and,
+    with ``plan=True``, the planner's report at the default 128-bit parameters (``plan.txt``, and its numbers
+    under ``pipeline.json["plan"]``: ring dimension, depth, mode, rotation keys, counts and predicted seconds per
+    circuit; or the reason no 128-bit plan exists). Planning generates no keys. Refuses a model that is not
+    fully polynomial, listing the offending operators."""
     import json
     import os
 
@@ -250,6 +254,37 @@ def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: 
         meta.update(vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     else:
         meta.update(id2label={str(k): v for k, v in cfg.id2label.items()})
+    meta["files"] = {"server": sorted(os.listdir(os.path.join(out_dir, "server"))), "client": sorted(os.listdir(client_dir))}
     with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    if plan:
+        meta["plan"] = _write_plan_report(out_dir)
+        with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     return str(out_dir)
+
+
+def _write_plan_report(out_dir) -> dict:
+    """Plan the export at the default 128-bit parameters (no keys) and write ``plan.txt``; returns the overview."""
+    import os
+
+    from .he import params as P
+    from .he.errors import PlanningError
+    from .he.keys_multi import plan_for_export, plan_overview, plan_report
+    from .he.session import EncryptedModel
+
+    path = os.path.join(out_dir, "plan.txt")
+    model = EncryptedModel(out_dir)
+    try:
+        plan = plan_for_export(model, P.default())
+    except PlanningError as e:
+        try:  # bootstrapping keys may not fit in memory where a (slower) leveled ring still does
+            plan = plan_for_export(model, P.default(), bootstrap="never")
+        except PlanningError as e2:
+            reason = f"{e} (without bootstrapping: {e2})"
+            with open(path, "w") as f:
+                f.write(f"No 128-bit CKKS plan for this export: {reason}\n")
+            return {"params": "default", "error": reason}
+    with open(path, "w") as f:
+        f.write(plan_report(plan) + "\n")
+    return plan_overview(plan)

@@ -52,6 +52,10 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1e-3, help="LayerNorm variance loss weight")
     p.add_argument("--bound", type=float, default=8.0, help="B of the range loss")
     p.add_argument("--export", action="store_true", help="export the polynomial model and check the circuit")
+    p.add_argument("--encrypted-samples", type=int, default=0,
+                   help="with --export: also run this many held-out samples on CKKS ciphertexts (OpenFHE)")
+    p.add_argument("--he-params", choices=("default", "toy"), default="default",
+                   help="CKKS parameters of --encrypted-samples: 'default' 128-bit, 'toy' INSECURE (quick looks, tests)")
     p.add_argument("--eval-samples", type=int, default=None, help="limit the evaluation set")
     p.add_argument("--use-cpu", action="store_true", help="force CPU (e.g. under torchrun with gloo)")
     p.set_defaults(**defaults)
@@ -150,18 +154,39 @@ def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+_METRICS: dict = {}
+
+
+def accuracy_metric(predictions, references) -> float:
+    """Accuracy in %, through ``evaluate.load("accuracy")`` when it can be loaded (it needs the hub the first
+    time) and computed locally otherwise -- the same number either way."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    if "accuracy" not in _METRICS:
+        try:
+            import evaluate
+
+            _METRICS["accuracy"] = evaluate.load("accuracy")
+        except Exception as e:  # offline (HF_HUB_OFFLINE=1 or no network): evaluate cannot fetch its script
+            print(f"evaluate.load('accuracy') unavailable ({type(e).__name__}); computing accuracy locally")
+            _METRICS["accuracy"] = None
+    metric = _METRICS["accuracy"]
+    if metric is None:
+        return 100.0 * float((predictions == references).mean())
+    return 100.0 * float(metric.compute(predictions=predictions, references=references)["accuracy"])
+
+
 @torch.no_grad()
 def classification_accuracy(model, dataset, input_key: str, batch_size: int = 64) -> float:
     model.eval()
-    correct = 0
+    preds, refs = [], []
     for i in range(0, len(dataset), batch_size):
         batch = dataset[i : i + batch_size]
         inputs = {input_key: torch.as_tensor(np.asarray(batch[input_key]))}
         if "attention_mask" in batch:
             inputs["attention_mask"] = torch.as_tensor(np.asarray(batch["attention_mask"]))
-        pred = model(**inputs).logits.argmax(-1)
-        correct += int((pred == torch.as_tensor(batch["labels"])).sum())
-    return 100.0 * correct / len(dataset)
+        preds += model(**inputs).logits.argmax(-1).tolist()
+        refs += np.asarray(batch["labels"]).tolist()
+    return accuracy_metric(preds, refs)
 
 
 @torch.no_grad()
@@ -178,27 +203,89 @@ def lm_perplexity(model, dataset, batch_size: int = 16) -> float:
 
 
 @torch.no_grad()
-def export_check(model, processor, out_dir: str, samples: list) -> dict:
+def export_check(model, processor, out_dir: str, samples: list, encrypted_samples: int = 0,
+                 he_params: str = "default") -> dict:
     """Export with ``save_encrypted_pipeline`` and compare the circuit (plain CKKS-packing backend) with torch
-    on ``samples`` (dicts of model inputs for one example)."""
+    on ``samples`` (dicts of model inputs for one example). The export's 128-bit plan (ring, depth, predicted
+    latency) is read back from ``pipeline.json``; with ``encrypted_samples > 0`` the first samples also run on
+    CKKS ciphertexts (OpenFHE, ``he_params``: ``"default"`` 128-bit or ``"toy"`` INSECURE) and are compared with
+    the plain polynomial circuit."""
     from hf_polyhe.export import save_encrypted_pipeline
     from hf_polyhe.he.session import EncryptedModel
 
     model = model.eval()
     save_encrypted_pipeline(model, processor, out_dir)
     enc = EncryptedModel(out_dir)
-    worst, agree = 0.0, 0
+    worst, agree, inputs = 0.0, 0, []
     for s in samples:
         ref = model.double()(**{k: torch.as_tensor(v)[None] for k, v in s.items()}).logits[0]
         ref = (ref[-1] if ref.dim() == 2 else ref).numpy()
         x = enc.embed(**{k: np.asarray(v) for k, v in s.items() if k in ("input_ids", "pixel_values")})
-        got = enc.forward_plain(x, attention_mask=s.get("attention_mask"))
+        mask = s.get("attention_mask")
+        got = enc.forward_plain(x, attention_mask=mask)
         err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12))
         worst = max(worst, err if np.isfinite(err) else float("inf"))  # NaN must not read as 0
         agree += int(np.argmax(got) == np.argmax(ref))
+        # the encrypted run takes the unpadded sequence (padding only masks keys; the circuit of the true length
+        # is smaller and gives the same logits)
+        inputs.append(x if mask is None else x[np.asarray(mask, dtype=bool)])
     model.float()
-    return {"export_dir": out_dir, "samples": len(samples), "max_rel_error_plain_backend": worst,
-            "argmax_agreement": agree / max(1, len(samples))}
+    result = {"export_dir": out_dir, "samples": len(samples), "max_rel_error_plain_backend": worst,
+              "argmax_agreement": agree / max(1, len(samples)), "plan_128bit": enc.meta.get("plan", {})}
+    if encrypted_samples:
+        result["encrypted"] = encrypted_check(enc, inputs[:encrypted_samples], he_params)
+    return result
+
+
+def encrypted_check(enc, inputs: list, he_params: str = "default") -> dict:
+    """Run ``inputs`` (embedding matrices) through CKKS with keys made for this export (kept in memory) and
+    compare each with the plain polynomial circuit: max error relative to the logit range, argmax agreement and
+    the measured seconds (encrypt / server / decrypt)."""
+    import warnings
+
+    from hf_polyhe.he.errors import ToyParametersWarning
+    from hf_polyhe.he.keys_multi import EncryptedClient, plan_for_export
+    from hf_polyhe.pipelines.runtime import EncryptedRuntime, resolve_params
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=ToyParametersWarning)  # the card says INSECURE
+        t0 = time.perf_counter()
+        client = EncryptedClient.generate(plan_for_export(enc, resolve_params(he_params)))
+        runtime = EncryptedRuntime(enc, client=client, verbose=False).prepare()
+        t_keys = time.perf_counter() - t0
+        errs, same, seconds, he = [], 0, [], {}
+        for x in inputs:
+            got, he = runtime.forward(x)
+            ref = enc.forward_plain(x)
+            errs.append(float(np.abs(got - ref).max() / max(float(ref.max() - ref.min()), 1e-12)))
+            same += int(np.argmax(got) == np.argmax(ref))
+            seconds.append(he["timings"]["total_s"] - he["timings"]["setup_s"])
+    return {"params": he.get("security"), "insecure": client.plan.params.insecure, "ring_dim": he.get("ring_dim"),
+            "levels": he.get("levels"), "mode": he.get("mode"), "rotation_keys": he.get("rotation_keys"),
+            "samples": len(inputs), "keys_s": t_keys, "seconds_per_sample": float(np.mean(seconds)),
+            "max_err_over_logit_range": max(errs), "argmax_agreement": same / len(inputs)}
+
+
+def export_results(check: dict, agreement_name: str = "argmax agreement") -> dict:
+    """The model-card rows of an :func:`export_check`."""
+    rows = {"export: max rel. error of circuit (plain backend) vs torch": check["max_rel_error_plain_backend"],
+            f"export: {agreement_name}": check["argmax_agreement"]}
+    plan = check.get("plan_128bit") or {}
+    if "error" in plan:
+        rows["128-bit plan"] = "none: " + plan["error"].split(";")[0]
+    elif plan:
+        full = plan["circuits"].get("full", {})
+        rows["128-bit plan (HEStd_128_classic)"] = (f"ring 2^{int(plan['ring_dim']).bit_length() - 1}, depth {plan['depth']}, "
+                                                    f"{plan['mode']}, {plan['rotation_keys']} rotation keys")
+        rows["128-bit predicted latency, one input of length %s (s)" % full.get("length")] = float(full.get("predicted_seconds", 0))
+    enc = check.get("encrypted")
+    if enc:
+        tag = "toy params, INSECURE" if enc["insecure"] else enc["params"]
+        rows[f"encrypted ({tag}): ring / levels / mode"] = f"2^{int(enc['ring_dim']).bit_length() - 1} / {enc['levels']} / {enc['mode']}"
+        rows[f"encrypted ({tag}): measured seconds per input (mean of {enc['samples']})"] = enc["seconds_per_sample"]
+        rows[f"encrypted ({tag}): max error / logit range vs plain circuit"] = enc["max_err_over_logit_range"]
+        rows[f"encrypted ({tag}): argmax agreement"] = enc["argmax_agreement"]
+    return rows
 
 
 def operator_table(model) -> str:
@@ -256,8 +343,11 @@ range/variance loss, P2 = after progressive polynomial replacement (fully polyno
 
 ## Encrypted inference
 
-Exported circuits run on CKKS with 128-bit parameters (HEStd_128_classic) by default; the planner report of an
-export gives ring dimension, depth, bootstraps and predicted latency (`hf_polyhe.he.plan`).
+Exported circuits run on CKKS with 128-bit parameters (HEStd_128_classic) by default. The rows starting with
+`128-bit` in the table above are the planner's (ring dimension, depth, rotation keys, predicted latency from the
+cost table measured on a 2-core machine, no keys generated); rows starting with `encrypted` were measured on
+ciphertexts by this run (`--encrypted-samples`), with the parameters they name. `hf-polyhe inspect EXPORT_DIR`
+prints the full report.
 
 ## Threat model
 

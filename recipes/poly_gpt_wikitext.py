@@ -24,7 +24,7 @@ from datasets import Dataset, load_dataset  # noqa: E402
 
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
-    export_check, is_main_process, lm_perplexity, parse_args, quiet_transformers, recipe_parser, train_exact,
+    export_check, export_results, is_main_process, lm_perplexity, parse_args, quiet_transformers, recipe_parser, train_exact,
     train_progressive, write_model_card,
 )
 from hf_polyhe.data import lm_blocks, load_tiny_corpus, split_paragraphs, train_test_split, train_tokenizer  # noqa: E402
@@ -82,7 +82,8 @@ def main(argv=None):
     out = args.output_dir
 
     p0 = build(args, tokenizer, he_friendly=False)
-    train_exact(p0, train, args, os.path.join(out, "p0"), args.steps, collate, range_loss=False)
+    # the baseline gets the whole budget of P1 + P2 (same number of optimizer steps)
+    train_exact(p0, train, args, os.path.join(out, "p0"), args.steps + args.poly_steps, collate, range_loss=False)
     ppl0 = lm_perplexity(p0, test)
     torch.manual_seed(args.seed)
     model = build(args, tokenizer, he_friendly=True)
@@ -92,15 +93,14 @@ def main(argv=None):
     ppl2 = lm_perplexity(model, test)
     results = {"P0 softmax GPT perplexity": ppl0, "P1 HE-friendly, exact operators perplexity": ppl1,
                "P2 fully polynomial PolyGPT perplexity": ppl2, "P2 / P0": ppl2 / ppl0,
-               "training steps P0 / P1 / P2": f"{args.steps} / {args.steps} / {args.poly_steps}"}
+               "training steps P0 / P1 / P2": f"{args.steps + args.poly_steps} / {args.steps} / {args.poly_steps}"}
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         tokenizer.save_pretrained(os.path.join(out, "poly_model"))
         if args.export:
             samples = [{"input_ids": test[i]["input_ids"][:16]} for i in range(3)]
-            check = export_check(model, tokenizer, os.path.join(out, "export"), samples)
-            results["export: max rel. error of circuit (plain backend) vs torch"] = check["max_rel_error_plain_backend"]
-            results["export: next-token agreement"] = check["argmax_agreement"]
+            check = export_check(model, tokenizer, os.path.join(out, "export"), samples, args.encrypted_samples, args.he_params)
+            results.update(export_results(check, "next-token agreement"))
         card = write_model_card(args.card_dir or os.path.join(out, "card"),
                                 name="PolyGPT " + ("tiny (Python reference)" if args.tiny else "WikiText-103"),
                                 task="text-generation", metric="held-out perplexity", results=results, model=model,

@@ -120,6 +120,48 @@ def test_saved_pipeline_classifiers_match_torch(tmp_path, family, cls):
     assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
+def test_export_writes_the_128bit_plan(tmp_path):
+    """pipeline.json describes both parts and carries the planner's numbers; plan.txt is the readable report."""
+    import json
+
+    from hf_polyhe.he import params as P
+    from hf_polyhe.he.keys_multi import plan_for_export
+
+    model = hf_polyhe.PolyViTForImageClassification(tiny_config(
+        "vit", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        attention_activation="square", norm_type="batchnorm")).eval()
+    hf_polyhe.to_polynomial(model, degree=7)  # shallow enough for a leveled 128-bit plan
+    save_encrypted_pipeline(model, None, tmp_path)
+    meta = json.loads((tmp_path / "pipeline.json").read_text())
+    assert "spec.json" in meta["files"]["server"] and "embeddings.npz" in meta["files"]["client"]
+    plan = plan_for_export(EncryptedModel(tmp_path), P.default())
+    overview = meta["plan"]
+    assert overview["security"] == "HEStd_128_classic" and overview["ring_dim"] == plan.params.ring_dim >= 2**15
+    assert overview["depth"] == plan.params.depth and overview["rotation_keys"] == len(plan.rotation_keys)
+    full = overview["circuits"]["full"]
+    assert full["counts"] == plan.summary["full"]["counts"] and full["predicted_seconds"] > 0
+    text = (tmp_path / "plan.txt").read_text()
+    assert "HEStd_128_classic" in text and f"ring 2^{plan.params.ring_dim.bit_length() - 1}" in text
+    save_encrypted_pipeline(model, None, tmp_path / "unplanned", plan=False)
+    assert not (tmp_path / "unplanned" / "plan.txt").exists()
+
+
+def test_export_without_a_128bit_plan_says_why(tmp_path, monkeypatch):
+    import json
+
+    import hf_polyhe.he.keys_multi as km
+    from hf_polyhe.he import PlanningError
+
+    def too_deep(*a, **k):
+        raise PlanningError("log2(QP) exceeds every 128-bit secure parameter set")
+
+    monkeypatch.setattr(km, "plan_for_export", too_deep)
+    model = _poly_model("vit", hf_polyhe.PolyViTForImageClassification, {}).float()
+    save_encrypted_pipeline(model, None, tmp_path)  # the export itself still succeeds
+    assert json.loads((tmp_path / "pipeline.json").read_text())["plan"]["error"].startswith("log2(QP) exceeds")
+    assert (tmp_path / "plan.txt").read_text().startswith("No 128-bit CKKS plan for this export: log2(QP)")
+
+
 def test_saved_pipeline_refuses_bad_directories(tmp_path):
     model = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")).eval()
     with pytest.raises(ValueError, match="not fully polynomial"):

@@ -9,7 +9,7 @@ import pytest
 import hf_polyhe.he as he
 from hf_polyhe.he import params as P
 
-openfhe = pytest.importorskip("openfhe")
+import openfhe  # noqa: E402,F401  (a hard dependency: a broken install fails instead of skipping)
 from hf_polyhe.he.roles import Client, EncryptedTensor, Server  # noqa: E402
 from hf_polyhe.he.planner import calibrate_bounds  # noqa: E402
 
@@ -167,3 +167,17 @@ def test_small_circuit_at_default_128_bit(tmp_path):
     X = rng.uniform(-1, 1, (4, 8))
     out = Server(tmp_path / "s").run({"x": client.encrypt("x", X).to_bytes()})
     assert np.allclose(client.decrypt(out[c.outputs[0]]), he.run_plain(c, {"x": X})[c.outputs[0]], atol=1e-5)
+
+
+def test_openfhe_backend_refuses_other_pythons_clearly(monkeypatch):
+    """The openfhe wheel ships a cp310 extension only: on another Python the runtime says so by name."""
+    import collections
+    import sys
+
+    from hf_polyhe.he import BackendUnavailable
+    from hf_polyhe.he.backends.openfhe_backend import import_openfhe
+
+    version = collections.namedtuple("version_info", "major minor micro releaselevel serial")
+    monkeypatch.setattr(sys, "version_info", version(3, 12, 1, "final", 0))
+    with pytest.raises(BackendUnavailable, match=r"needs CPython 3\.10 .* this is Python 3\.12"):
+        import_openfhe()

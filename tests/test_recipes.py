@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,27 @@ def test_tiny_preset_runs(tmp_path, recipe, metric):
     results = _check_outputs(out, metric)
     # the exported circuit reproduces the polynomial torch model (plain CKKS-packing backend)
     assert results["export: max rel. error of circuit (plain backend) vs torch"] <= 1e-6
+    # the card carries the export's 128-bit plan (or the reason there is none)
+    assert any(k.startswith("128-bit plan") for k in results)
+
+
+def test_recipe_encrypted_evaluation_on_ciphertexts(tmp_path):
+    """--encrypted-samples runs held-out samples on CKKS (toy parameters here: a smaller ViT keeps it quick) and
+    the card reports the measured latency, the ring and the error against the plain polynomial circuit."""
+    out = tmp_path / "run"
+    _run([sys.executable, str(ROOT / "recipes" / "poly_vit_images.py"), *FAST, "--layers", "1", "--hidden", "16",
+          "--heads", "2", "--mlp", "32", "--degree", "7", "--export", "--encrypted-samples", "1", "--he-params", "toy",
+          "--output-dir", str(out)], tmp_path)
+    results = _check_outputs(out, "accuracy")
+    tag = "encrypted (toy params, INSECURE)"
+    assert results[f"{tag}: max error / logit range vs plain circuit"] <= 1e-2
+    assert results[f"{tag}: argmax agreement"] == 1.0
+    assert results[f"{tag}: measured seconds per input (mean of 1)"] > 0
+    assert results[f"{tag}: ring / levels / mode"].startswith("2^12 / ")
+    plan_row = results["128-bit plan (HEStd_128_classic)"]
+    assert plan_row.startswith("ring 2^") and "rotation keys" in plan_row
+    card = (out / "card" / "README.md").read_text()
+    assert "128-bit predicted latency" in card and tag in card
 
 
 def test_yaml_config_and_two_process_torchrun(tmp_path):
@@ -59,7 +81,10 @@ def test_yaml_config_and_two_process_torchrun(tmp_path):
     config.write_text("tiny: true\nsteps: 8\npoly-steps: 8\neval_samples: 20\nuse_cpu: true\n")
     out = tmp_path / "run2"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "recipes" / "poly_gpt_wikitext.py"),
+    with socket.socket() as sock:  # a free port: a fixed one may be taken on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "recipes" / "poly_gpt_wikitext.py"),
           "--config", str(config), "--output-dir", str(out)], tmp_path)
     _check_outputs(out, "perplexity")
 

@@ -389,7 +389,7 @@ if trainer.is_world_process_zero():
 """
 
 
-@pytest.mark.slow  # ~40 s of CPU (two interpreters importing transformers), more on a busy machine
+# ~40 s of CPU (two interpreters importing transformers): in the default suite, since the callback must work on 2 ranks
 def test_two_process_torchrun(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))

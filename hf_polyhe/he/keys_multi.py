@@ -125,6 +125,29 @@ class ExportPlan:
         return pl
 
 
+def plan_report(plan: ExportPlan) -> str:
+    """A person-readable planner report of an export: parameters, then each circuit kind's counts, depth and
+    predicted seconds (what ``hf-polyhe inspect`` prints and ``save_encrypted_pipeline`` writes to ``plan.txt``)."""
+    p = plan.params
+    lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
+             f"depth {p.depth}, {plan.slots} slots, {p.scale_bits}-bit scale, mode {plan.mode}, "
+             f"{len(plan.rotation_keys)} rotation keys"]
+    for kind, entry in plan.summary.items():
+        lines += ["", f"== {kind} circuit, length {entry['length']} ==", entry.get("report", "")]
+    return "\n".join(lines)
+
+
+def plan_overview(plan: ExportPlan) -> dict:
+    """The JSON part of :func:`plan_report`: parameters and, per circuit kind, counts and predicted seconds."""
+    p = plan.params
+    return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
+            "depth": p.depth, "slots": plan.slots, "scale_bits": p.scale_bits, "mode": plan.mode,
+            "rotation_keys": len(plan.rotation_keys),
+            "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
+                                "predicted_seconds": round(float(e["predicted_seconds"]), 2)}
+                         for kind, e in plan.summary.items()}}
+
+
 def _sample_embeddings(model, n: int, seed: int = 0) -> list:
     """Calibration inputs: embeddings of random tokens (or random images) at the export's max length."""
     rng = np.random.default_rng(seed)

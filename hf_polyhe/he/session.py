@@ -7,7 +7,7 @@ Directory written by :func:`hf_polyhe.save_encrypted_pipeline`::
     server/spec_weights.npz   ... and every server-side weight
     client/embeddings.npz the client's embedding tables (token/position/type, or CLS/patch/position)
     client/...            tokenizer or image processor files
-    plan.txt              the planner's report for the longest circuit
+    plan.txt              the planner's report at 128-bit (every circuit kind; also pipeline.json["plan"])
 
 :class:`EncryptedModel` is what both roles build on: the client embeds (in the clear, its own data) and
 reads the logits; whoever evaluates runs the circuit on the ``plain`` backend (float64 reference) or, through

@@ -256,3 +256,15 @@ def test_encrypted_generation_bootstrapped_toy(tmp_path):
     server = EncryptedServer(tmp_path / "bundle")
     prompt = [5, 17, 3]
     assert enc.generate(prompt, 2, runner=EncryptedGeneration(client, server)) == enc.generate(prompt, 2)
+
+
+def test_plan_for_export_uses_the_automatically_chosen_bootstrap_levels(tmp_path):
+    """A polynomial deeper than the default segment: "auto" picks enough levels after bootstrap for every circuit
+    (it used to plan the probe with them and then the circuits with the 10-level default, and fail)."""
+    from hf_polyhe.he.planner import op_depths
+
+    _, enc = export_small(tmp_path, "bert", max_length=4, degree=255)
+    deepest = max(d for _, _, d in op_depths(build_circuit(enc.spec, 4)))
+    assert deepest + 2 > P.toy().levels_after_bootstrap  # the default segment is too short for it
+    plan = plan_for_export(enc, P.toy(), bootstrap="always")
+    assert plan.mode == "bootstrap" and plan.levels_after_bootstrap >= deepest + 2

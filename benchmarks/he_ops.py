@@ -154,9 +154,10 @@ def average(a, b):
     return pts, cheb
 
 
-def run_bootstrap(rng, costs, rows, slots=512, reps=2):
+def run_bootstrap(rng, costs, rows, slots=512, reps=2, num_large_digits=0):
+    # more HYBRID key-switching digits shrink the auxiliary modulus P, which can keep log2(QP) within N = 2^16
     bp = P.default(bootstrap=True, slots=slots, scale_bits=59, secret_key_dist="SPARSE_TERNARY",
-                   levels_after_bootstrap=6)
+                   levels_after_bootstrap=6, num_large_digits=num_large_digits)
     bp = bp.with_(depth=bp.levels_after_bootstrap + bp.bootstrap_depth)
     bp = bp.with_(ring_dim=bp.min_secure_ring_dim())
     t = time.perf_counter()
@@ -197,6 +198,8 @@ def main():
     ap.add_argument("--boot-slots", type=int, default=512,
                     help="slots of the bootstrapping benchmark (4096 at N=2^17 needs > 18.5 GB: OOM-killed here)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--num-large-digits", type=int, default=0,
+                    help="HYBRID key-switching digits of the bootstrapping set (8: N = 2^16 at 128-bit)")
     args = ap.parse_args()
     if args.bootstrap_only:
         avail = mem_available_gib()
@@ -204,7 +207,7 @@ def main():
         if avail < 15:
             sys.exit(f"only {avail:.1f} GiB available; bootstrapping at 128-bit needs ~15")
         costs, brows = load_cost_table(), []
-        run_bootstrap(np.random.default_rng(0), costs, brows, args.boot_slots)
+        run_bootstrap(np.random.default_rng(0), costs, brows, args.boot_slots, num_large_digits=args.num_large_digits)
         print(f"# load average at the end: {loadavg()}")
         for name, ts, note in brows:
             print(f"{name:<58} " + " ".join(f"{x:>8.4f}" for x in ts) + ("   " + note if note else ""))
@@ -314,7 +317,7 @@ def main():
             brows.append(("bootstrap", [], f"SKIPPED: only {avail:.1f} GiB available (needs ~15)"))
         else:
             print(f"# bootstrapping: {avail:.1f} GiB available, load average {loadavg()}", flush=True)
-            run_bootstrap(rng, costs, brows, args.boot_slots)
+            run_bootstrap(rng, costs, brows, args.boot_slots, num_large_digits=args.num_large_digits)
             info["bootstrap_loadavg"] = loadavg()
             write()
         for name, ts, note in brows:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CircuitError, PlanningError
 from .ir import Circuit
-from .transformer import SCALINGS, TransformerSpec, _Builder, default_packing
+from .transformer import SCALINGS, TransformerSpec, _Builder, attention_mask_matrix, default_packing
 
 OUTPUT = "logits"
 
@@ -143,15 +143,8 @@ def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_c
     b = _TaggingBuilder(spec, c, keep_cache=kv_cache)
     d = cfg["hidden_size"]
     x = c.input("x", seq_len, d)
-    mask = np.ones((seq_len, seq_len))
-    if attention_mask is not None:
-        am = np.asarray(attention_mask, dtype=np.float64).reshape(-1)
-        if am.shape != (seq_len,) or not np.isin(am, (0.0, 1.0)).all() or am.sum() == 0:
-            raise CircuitError(f"attention_mask must be {seq_len} zeros/ones with at least one 1, got {am.tolist()}")
-        mask = mask * am[None, :]
     causal = bool(cfg["causal"])
-    if causal:
-        mask = np.tril(mask)
+    mask = attention_mask_matrix(seq_len, attention_mask, causal)
     if cfg.get("embedding_norm"):
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:

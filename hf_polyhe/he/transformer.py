@@ -131,6 +131,18 @@ class _Builder:
         return self.norm(c.add(x, self.mlp(x, layer["mlp"])), layer["mlp_norm"], d)
 
 
+def attention_mask_matrix(seq_len: int, attention_mask=None, causal: bool = False) -> np.ndarray:
+    """The multiplicative ``seq_len x seq_len`` 0/1 mask: padded keys (``attention_mask`` zeros) and, for causal
+    models, future positions are 0."""
+    mask = np.ones((seq_len, seq_len))
+    if attention_mask is not None:
+        am = np.asarray(attention_mask, dtype=np.float64).reshape(-1)
+        if am.shape != (seq_len,) or not np.isin(am, (0.0, 1.0)).all() or am.sum() == 0:
+            raise CircuitError(f"attention_mask must be {seq_len} zeros/ones with at least one 1, got {am.tolist()}")
+        mask = mask * am[None, :]
+    return np.tril(mask) if causal else mask
+
+
 def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, all_logits: bool = False,
                               slots: Optional[int] = None) -> Circuit:
     """The circuit computing ``spec``'s output for an ``seq_len x d`` embedding input named ``x``.
@@ -145,15 +157,8 @@ def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mas
     c = Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-L{seq_len}")
     b = _Builder(spec, c)
     x = c.input("x", seq_len, d)
-    mask = np.ones((seq_len, seq_len))
-    if attention_mask is not None:
-        am = np.asarray(attention_mask, dtype=np.float64).reshape(-1)
-        if am.shape != (seq_len,) or not np.isin(am, (0.0, 1.0)).all() or am.sum() == 0:
-            raise CircuitError(f"attention_mask must be {seq_len} zeros/ones with at least one 1, got {am.tolist()}")
-        mask = mask * am[None, :]
     causal = bool(cfg["causal"])
-    if causal:
-        mask = np.tril(mask)
+    mask = attention_mask_matrix(seq_len, attention_mask, causal)
     if cfg.get("embedding_norm"):
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:

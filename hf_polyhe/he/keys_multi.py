@@ -284,18 +284,9 @@ class EncryptedClient:
     @classmethod
     def generate(cls, plan: ExportPlan) -> "EncryptedClient":
         """Generate ONE key set (relinearisation, the union of rotation keys, bootstrapping if planned)."""
-        from .backends.openfhe_backend import build_context
+        from .roles import generate_keys
 
-        if plan.params.insecure:
-            P.warn_toy()
-        cc = build_context(plan.params)
-        kp = cc.KeyGen()
-        cc.EvalMultKeyGen(kp.secretKey)
-        if plan.rotation_keys:
-            cc.EvalRotateKeyGen(kp.secretKey, list(plan.rotation_keys))
-        if plan.params.bootstrap:
-            cc.EvalBootstrapKeyGen(kp.secretKey, plan.params.slots)
-        return cls(plan, cc, kp)
+        return cls(plan, *generate_keys(plan.params, plan.rotation_keys))
 
     def encrypt_embeddings(self, x) -> bytes:
         """``rows x hidden_size`` embeddings (a prompt, or the one new token of a decode step) -> bytes."""

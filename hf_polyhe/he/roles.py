@@ -134,6 +134,21 @@ def _plan_meta(pl: Plan, key_tag: str) -> dict:
             "key_tag": key_tag, "report": pl.report()}
 
 
+def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
+    """``(crypto context, key pair)`` with every evaluation key a planned circuit needs: relinearisation, the
+    given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy parameters warn."""
+    if params.insecure:
+        P.warn_toy()
+    cc = build_context(params)
+    kp = cc.KeyGen()
+    cc.EvalMultKeyGen(kp.secretKey)
+    if rotation_keys:
+        cc.EvalRotateKeyGen(kp.secretKey, list(rotation_keys))
+    if params.bootstrap:
+        cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)
+    return cc, kp
+
+
 class Client(_Role):
     """Holds the secret key. Build with :meth:`generate` (new keys) or :meth:`load` (saved client)."""
 
@@ -145,16 +160,7 @@ class Client(_Role):
     @classmethod
     def generate(cls, circuit_or_plan, params: P.CKKSParams | None = None, **plan_kwargs) -> "Client":
         pl = circuit_or_plan if isinstance(circuit_or_plan, Plan) else make_plan(circuit_or_plan, params, **plan_kwargs)
-        if pl.params.insecure:
-            P.warn_toy()
-        cc = build_context(pl.params)
-        kp = cc.KeyGen()
-        cc.EvalMultKeyGen(kp.secretKey)
-        if pl.rotation_keys:
-            cc.EvalRotateKeyGen(kp.secretKey, list(pl.rotation_keys))
-        if pl.params.bootstrap:
-            cc.EvalBootstrapKeyGen(kp.secretKey, pl.params.slots)
-        return cls(pl, cc, kp)
+        return cls(pl, *generate_keys(pl.params, pl.rotation_keys))
 
     # -- data ---------------------------------------------------------------------------------------
     def encrypt(self, name: str, x) -> EncryptedTensor:

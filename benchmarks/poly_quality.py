@@ -36,10 +36,12 @@ from transformers import TrainingArguments  # noqa: E402
 import hf_polyhe  # noqa: E402
 from hf_polyhe.data import load_python_docs_corpus, lm_blocks, split_paragraphs, train_test_split, train_tokenizer  # noqa: E402
 from hf_polyhe.training import (  # noqa: E402
+    DEFAULT_MARGIN,
     PolyReplacementCallback,
     PolyTrainer,
     RangeLossConfig,
     calibrate,
+    margin_for,
     schedule_by_layer,
     schedule_by_operator,
     widen_interval,
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--attn-bound", type=float, default=None, help="B for attention scores (default: --bound)")
     p.add_argument("--beta", type=float, default=1e-3, help="variance loss weight")
     p.add_argument("--max-variance", type=float, default=50.0)
-    p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--margin", type=float, default=None,
+                   help="relative widening of measured ranges before fitting (default: the callback's DEFAULT_MARGIN)")
     p.add_argument("--schedule", choices=("layer", "operator"), default="layer")
     p.add_argument("--replace-start", type=float, default=0.5, help="first stage, as a fraction of --steps")
     p.add_argument("--replace-end", type=float, default=0.8, help="last stage done, as a fraction of --steps")
@@ -85,6 +88,10 @@ class Blocks(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids = torch.tensor(self.blocks[i])
         return {"input_ids": ids, "labels": ids}
+
+
+def margin(args):
+    return DEFAULT_MARGIN if args.margin is None else args.margin
 
 
 def make_config(args, tok, he: bool):
@@ -145,7 +152,7 @@ def train(args, tok, train_blocks, *, he: bool, range_loss: bool, replace: bool,
         ramp = max(1, every // 2)
         schedule = (schedule_by_layer(args.layers, start, every, ramp_steps=ramp) if args.schedule == "layer"
                     else schedule_by_operator(start, every, roles=("mlp_act", "attn_act", "norm", ("attn_norm", "pooler_act")), ramp_steps=ramp))
-        callbacks.append(PolyReplacementCallback(schedule, window=8, margin=args.margin))
+        callbacks.append(PolyReplacementCallback(schedule, window=8, margin=margin(args)))
     rl = None
     if he and range_loss:
         rl = RangeLossConfig(alpha=args.alpha, bound=args.bound, beta=args.beta, max_variance=args.max_variance,
@@ -194,7 +201,8 @@ def main(argv=None):
         # one-shot: calibrate on training blocks, fit every operator, switch all at once (no retraining)
         cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:64]), batch_size=16))
         print(cal.report(bound=args.bound), flush=True)
-        ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, args.margin) for p, r in cal.ranges().items()}
+        ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, margin_for(margin(args), m.get_submodule(p)))
+                  for p, r in cal.ranges().items()}
         hf_polyhe.to_polynomial(m, ranges=ranges)
         res["P1 one-shot"] = perplexity(m, test_blocks)
         notes["P1 one-shot"] = out_of_range(m, test_blocks)

@@ -113,7 +113,7 @@ def train_progressive(model, train_dataset, args, output_dir, steps, data_collat
                                               collate_fn=data_collator, generator=torch.Generator().manual_seed(args.seed))
     callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
                                        calibration_dataloader=calibration, calibration_batches=8,
-                                       degree=args.degree, margin=0.2)
+                                       degree=args.degree)  # the library's DEFAULT_MARGIN
     # replacement is a fine-tuning phase: a lower learning rate keeps ranges near where they were calibrated
     trainer = PolyTrainer(model=model, args=training_arguments(args, output_dir, steps, lr=args.lr * args.poly_lr_scale),
                           train_dataset=train_dataset, data_collator=data_collator, callbacks=[callback],
@@ -126,12 +126,12 @@ def train_progressive(model, train_dataset, args, output_dir, steps, data_collat
     return trainer, callback
 
 
-def refit_drifted_operators(model, calibration, degree=None, margin: float = 0.2, batches: int = 16) -> list:
+def refit_drifted_operators(model, calibration, degree=None, margin=None, batches: int = 16) -> list:
     """After training, re-measure every operator's input range in eval mode and refit those whose inputs
     now leave the interval their polynomial was fitted on (training moved the weights since the fit; a
     polynomial outside its interval diverges). Returns the refitted paths."""
     from hf_polyhe.nn import poly_operators
-    from hf_polyhe.training import calibrate, widen_interval
+    from hf_polyhe.training import DEFAULT_MARGIN, calibrate, margin_for, widen_interval
 
     ops = poly_operators(model)
     ranges = calibrate(model, calibration, batches).ranges
@@ -143,7 +143,8 @@ def refit_drifted_operators(model, calibration, degree=None, margin: float = 0.2
             continue
         lo, hi = op.approximation.interval
         if r.lo < lo or r.hi > hi:
-            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), margin), degree=degree)
+            m = margin_for(DEFAULT_MARGIN if margin is None else margin, op)
+            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), m), degree=degree)
             refit.append(path)
     if refit:
         print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")

@@ -413,3 +413,18 @@ def test_two_process_torchrun(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert hf_polyhe.polynomial_status(loaded).is_polynomial
     assert loaded.poly_operator_specs() == r0["specs"]
+
+
+def test_default_margins_widen_norm_ranges_more():
+    """Held-out LayerNorm variances exceed the calibrated ones far more than activations do: inv_sqrt is fitted on
+    [lo/2, 2 hi], activations on 1.5x their range, unless the caller says otherwise."""
+    from hf_polyhe.nn.operators import PolyOperator
+    from hf_polyhe.training import DEFAULT_MARGIN, PolyReplacementCallback, margin_for, schedule_by_layer, widen_interval
+
+    norm, act = PolyOperator("inv_sqrt", role="norm"), PolyOperator("gelu", role="mlp_act")
+    assert margin_for(DEFAULT_MARGIN, norm) == 1.0 and margin_for(DEFAULT_MARGIN, act) == 0.5
+    assert widen_interval("inv_sqrt", 0.2, 3.0, margin_for(DEFAULT_MARGIN, norm)) == pytest.approx((0.1, 6.0))
+    assert widen_interval("gelu", -2.0, 4.0, margin_for(DEFAULT_MARGIN, act)) == pytest.approx((-6.0, 6.0))
+    assert margin_for(0.2, norm) == 0.2 and margin_for({"mlp_act": 0.3}, act) == 0.3
+    assert margin_for({"mlp_act": 0.3}, norm) == DEFAULT_MARGIN["default"]
+    assert PolyReplacementCallback(schedule_by_layer(2, start=1, every=1)).margin == DEFAULT_MARGIN

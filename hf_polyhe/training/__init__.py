@@ -10,15 +10,19 @@
 from .losses import RangeLoss, RangeLossConfig, RangeLossOutput, range_penalty
 from .ranges import OperatorRange, RangeTracker, calibrate
 from .replacement import (
+    DEFAULT_MARGIN,
     PolyReplacementCallback,
     ReplacementStage,
     schedule_by_layer,
     schedule_by_operator,
+    margin_for,
     widen_interval,
 )
 from .trainer import PolyTrainer
 
 __all__ = [
+    "DEFAULT_MARGIN",
+    "margin_for",
     "OperatorRange",
     "PolyReplacementCallback",
     "PolyTrainer",

@@ -17,5 +17,6 @@ def test_readme_usage_example_runs(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model is fully polynomial" in proc.stdout
-    assert re.search(r"tensor\(\[\[1, 2, 3(, \d+){5}\]\]\)", proc.stdout), proc.stdout[-500:]
+    # torch pads the printed ids to a common width once one has 3 digits (the example's model is random)
+    assert re.search(r"tensor\(\[\[\s*1,\s+2,\s+3(,\s+\d+){5}\]\]\)", proc.stdout), proc.stdout[-500:]
     assert (tmp_path / "poly-gpt" / "config.json").exists()

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import CircuitError, PlanningError
 from .ir import Circuit
+from .optimize import fold_plaintext_maps
 from .transformer import SCALINGS, TransformerSpec, _Builder, attention_mask_matrix, default_packing
 
 OUTPUT = "logits"
@@ -151,7 +152,7 @@ def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_c
         x = b.layer(x, layer, mask, causal, d)
     c.output(_head(b, x, seq_len), *(cache_names(spec) if kv_cache else []))
     c.meta.update(family=cfg["family"], seq_len=seq_len, kind="prefill" if kv_cache else "full")
-    return c
+    return fold_plaintext_maps(c)
 
 
 def build_prefill_circuit(spec: TransformerSpec, seq_len: int) -> Circuit:
@@ -176,7 +177,7 @@ def build_decode_circuit(spec: TransformerSpec, position: int) -> Circuit:
         x = b.layer(x, layer, None, True, d)
     c.output(_head(b, x, 1, all_rows=True), *cache_names(spec))
     c.meta.update(family=cfg["family"], seq_len=position + 1, kind="decode")
-    return c
+    return fold_plaintext_maps(c)
 
 
 def decode_inputs(x_row, caches: dict) -> dict:

@@ -35,6 +35,7 @@ class Evaluator:
         self.circuit = circuit.validate()
         self.backend = backend
         self.layouts = circuit.layouts()
+        self.producers = {n.name: n for n in circuit.nodes}
         self._cache = {}
         if getattr(backend, "slots", circuit.slots) < circuit.slots:
             raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.slots}")

@@ -199,6 +199,8 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                       max_leveled_depth=max_leveled_depth)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
+    if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
+        params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
     # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
     lb = int(levels_after_bootstrap or probe.params.levels_after_bootstrap) if mode == "bootstrap" else None
     bounds = {"full": {}, "prefill": {}, "decode": {}}

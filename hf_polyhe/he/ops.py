@@ -14,7 +14,7 @@ import numpy as np
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, ScoreLayout, bsgs_plan
+from .packing import MatrixLayout, ScoreLayout, bsgs_plan, single_row_plan
 
 OPS: dict = {}
 
@@ -28,26 +28,11 @@ def register_op(name: str):
     return wrap
 
 
-def cheb_depth_openfhe(degree: int) -> int:
-    """Levels ``EvalChebyshevSeries`` consumes for a series of ``degree`` (measured, openfhe 1.6.1)."""
-    if degree <= 0:
-        return 0
-    if degree <= 2:
-        return degree
-    # 3-5: 3, 6-13: 4, 14-27: 5, 28-59: 6, 60-119: 7, ... (upper ends 2^k * 7/4 - 1 ... ~ 2^(k-1)*... )
-    bounds = [5, 13, 27, 59, 119, 247, 495, 1007, 2031]
-    for i, ub in enumerate(bounds):
-        if degree <= ub:
-            return 3 + i
-    raise CircuitError(f"Chebyshev degree {degree} too large (max 2031)")
-
-
 def approximation_depth(approx: Approximation) -> int:
-    """Levels the packed evaluation of ``approx`` consumes on the OpenFHE backend.
-
-    With FLEXIBLEAUTO the input of a stage usually carries a pending rescale (it comes out of a product) and
-    ``EvalChebyshevSeries`` then spends one level more than on a fresh ciphertext (measured), hence ``+1``."""
-    d = sum(cheb_depth_openfhe(s.degree) + 1 for s in approx.stages)  # +1: pending rescale of the input
+    """Levels the packed evaluation of ``approx`` consumes on the OpenFHE backend: every Chebyshev stage what
+    ``EvalChebyshevSeries`` spends (:func:`hf_polyhe.approx.chebyshev_depth`, counted to a settled output; one
+    level less on ``[-1, 1]``), plus the products of the composite/Newton kinds."""
+    d = sum(s.depth for s in approx.stages)
     if approx.kind == "relu_from_sign":
         d += 1
     elif approx.kind in ("newton_inv_sqrt", "newton_reciprocal"):
@@ -108,20 +93,60 @@ class Linear(OpSpec):
     def depth(self, c, node, lay):
         return 1
 
+    @staticmethod
+    def padding_value(ev, node):
+        """What the input's padding slots hold when it is known: 0.0 (clean), ``p(0)`` for a polynomial of a
+        clean tensor; None otherwise."""
+        L = ev.layouts[node.inputs[0]]
+        if L.clean:
+            return 0.0
+        src = ev.producers.get(node.inputs[0])
+        if src is not None and src.op == "poly" and ev.layouts[src.inputs[0]].clean:
+            v = float(np.asarray(OPS["poly"].approx(src).evaluate(np.zeros(1))).reshape(-1)[0])
+            return 0.0 if abs(v) < 1e-12 else v
+        return None
+
+    @staticmethod
+    def padding_correction(plan, L, out_l, pad):
+        """Per output block, minus what the doubled row's padding (``pad`` in every padding slot) adds to the
+        single-row product: the same schedule run on the padding pattern in numpy."""
+        D = L.block
+        corr = []
+        for ob in range(out_l.col_blocks):
+            acc = np.zeros(L.slots)
+            for ib in range(L.col_blocks):
+                v = np.full(L.slots, pad)
+                v[: L.block_cols(ib)] = 0.0
+                vv = v + np.roll(v, D)  # = v + rot(v, -D)
+                for g, terms in plan.terms[(0, ib, ob)].items():
+                    inner = sum(q * np.roll(vv, -b) for b, q in terms.items())
+                    acc += np.roll(inner, -g)
+            corr.append(-acc)
+        return corr
+
     def execute(self, ev, node, xs):
         x = xs[0]
         L = x.layout
         W = ev.circuit.weight(node.attrs["weight"])
-        plan = ev.cached((node.name, "bsgs"), lambda: bsgs_plan(W, L, W.shape[1]))
+        pad = self.padding_value(ev, node) if L.rows == 1 and L.slots >= 2 * L.block else None
+        if pad is not None:
+            plan = ev.cached((node.name, "row"), lambda: single_row_plan(W, L, W.shape[1]))
+        else:
+            plan = ev.cached((node.name, "bsgs"), lambda: bsgs_plan(W, L, W.shape[1]))
         out_l = ev.layouts[node.name]
         bias = None
         if "bias" in node.attrs:
             bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
+        if pad:  # the doubled row carries the padding constant: its (plaintext) contribution leaves via the bias
+            corr = ev.cached((node.name, "pad"), lambda: self.padding_correction(plan, L, out_l, pad))
+            bias = [c if bias is None else b + c for b, c in zip(bias or [None] * len(corr), corr)]
         be, out = ev.backend, []
         for rb in range(L.row_blocks):
             babies = []
             for ib in range(L.col_blocks):
                 ct = x.cts[L.ct_index(rb, ib)]
+                if plan.doubled:  # a copy of the row right after it (the rows below a single row are free)
+                    ct = be.add(ct, ev.rotate(ct, -L.block))
                 rots = ev.rotate_many(ct, plan.baby)
                 rots[0] = ct
                 babies.append(rots)

@@ -24,6 +24,14 @@ Plaintext matmul (``linear``): generalised diagonal method. For a ``D x D`` weig
 Baby-step/giant-step: ``t = g*n1 + b``; ``y = sum_g rot(sum_b roll(diag_t, g*n1) * rot(x, b), g*n1)``,
 baby rotations shared by all output blocks, giant rotations once per output block.
 
+Single-row matmul (a decode step's token): with one valid row the rows below it are free, so the row is first
+doubled (``xx = x + rot(x, -D)`` puts a copy right after it) and rotations read it *cyclically*: only the ``D``
+cyclic diagonals ``c_t[j] = W[(j + t) mod D, j]`` are needed instead of ``2D - 1``. With ``t = g*n1 + b``,
+``y = sum_g rot(sum_b Q_{g,b} * rot(xx, b), g*n1)`` where ``Q_{g,b}`` holds ``c_t`` at slots
+``[g*n1, g*n1 + D)``; every term stays inside the doubled row and the giant rotation brings it to ``[0, D)``,
+so the output is clean. This needs the input's padding to be zero -- or a known constant (a polynomial of a
+clean tensor holds ``p(0)`` there), which is subtracted from the doubled row at no level cost.
+
 Score layout (:class:`ScoreLayout`)
 -----------------------------------
 Attention scores of ``heads`` heads of width ``dh = cols / heads`` for ``L <= R`` rows. A *shift* ``s``
@@ -298,6 +306,7 @@ class BSGSPlan:
     baby: tuple  # baby rotation amounts (> 0)
     giant: tuple  # giant rotation amounts (multiples of n1, != 0 or 0)
     terms: dict  # (rb, ib, ob) -> {giant: {baby: slot vector}}
+    doubled: bool = False  # single-row plan on the doubled row (see the module docstring)
 
 
 def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nrows: int, d_out: int) -> dict:
@@ -364,3 +373,48 @@ def bsgs_plan(W: np.ndarray, layout_in: MatrixLayout, d_out: int) -> BSGSPlan:
     baby = tuple(sorted({t % n1 for t in ts} - {0}))
     giant = tuple(sorted({(t // n1) * n1 for t in ts}))
     return BSGSPlan(n1=n1, baby=baby, giant=giant, terms=terms)
+
+
+def choose_n1_cyclic(D: int, n_in: int, n_out: int) -> int:
+    """Baby-step size for the single-row plan: ``n_in * (n1 - 1)`` baby + ``n_out * (D / n1 - 1)`` giant rotations."""
+    best = None
+    n1 = 1
+    while n1 <= D:
+        cost = n_in * (n1 - 1) + n_out * (D // n1 - 1)
+        if best is None or cost < best[0]:
+            best = (cost, n1)
+        n1 *= 2
+    return best[1]
+
+
+def single_row_plan(W: np.ndarray, layout_in: MatrixLayout, d_out: int) -> BSGSPlan:
+    """Cyclic-diagonal schedule of ``x @ W`` for a one-row input (see the module docstring); ``terms`` are keyed
+    ``(0, ib, ob)`` like :func:`bsgs_plan`'s, giant amounts ``g * n1``, baby amounts ``b``."""
+    W = np.asarray(W, dtype=np.float64)
+    if W.shape != (layout_in.cols, d_out):
+        raise LayoutError(f"weight of shape {W.shape} does not map {layout_in.cols} features to {d_out}")
+    D, S = layout_in.block, layout_in.slots
+    if layout_in.rows != 1 or S < 2 * D:
+        raise LayoutError("the single-row plan needs a one-row input and at least two rows of slots")
+    n_in, n_out = layout_in.col_blocks, -(-d_out // D)
+    n1 = choose_n1_cyclic(D, n_in, n_out)
+    j = np.arange(D)
+    terms, babies, giants = {}, set(), set()
+    for ib in range(n_in):
+        for ob in range(n_out):
+            blk = np.zeros((D, D))
+            sub = W[ib * D : (ib + 1) * D, ob * D : (ob + 1) * D]
+            blk[: sub.shape[0], : sub.shape[1]] = sub
+            groups = {}
+            for t in range(D):
+                diag = blk[(j + t) % D, j]
+                if not np.any(diag):
+                    continue
+                g, b = (t // n1) * n1, t % n1
+                v = np.zeros(S)
+                v[g : g + D] = diag
+                groups.setdefault(g, {})[b] = v
+                babies.add(b)
+                giants.add(g)
+            terms[(0, ib, ob)] = groups
+    return BSGSPlan(n1=n1, baby=tuple(sorted(babies - {0})), giant=tuple(sorted(giants)), terms=terms, doubled=True)

@@ -67,6 +67,8 @@ class CKKSParams:
     - ``security``: OpenFHE security level name; ``HEStd_NotSet`` only through :func:`toy`.
     - ``ring_dim``: ring dimension N (0: the smallest N the security level allows for the modulus).
     - ``scale_bits`` / ``first_mod_bits``: bits of the scaling primes / of the first prime.
+    - ``min_scale_bits``: the planner may lower a leveled set's scale down to this many bits when that allows a
+      smaller secure ring (every op then costs about half); set it to ``scale_bits`` to keep the scale fixed.
     - ``depth``: total multiplicative depth of the modulus chain (levels), bootstrapping included.
     - ``slots``: CKKS batch size (power of two <= N/2); sparse packing keeps bootstrapping keys small.
     - ``bootstrap``: whether bootstrapping keys are generated; ``level_budget`` its CoeffsToSlots/SlotsToCoeffs
@@ -80,6 +82,7 @@ class CKKSParams:
     ring_dim: int = 0
     scale_bits: int = 50
     first_mod_bits: int = 60
+    min_scale_bits: int = 40
     depth: int = 0
     slots: int = 0
     bootstrap: bool = False

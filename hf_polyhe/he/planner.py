@@ -21,7 +21,7 @@ from . import params as P
 from .errors import PlanningError
 from .interpreter import Evaluator, Packed
 from .ir import Circuit, Node
-from .ops import OPS, cheb_depth_openfhe
+from .ops import OPS
 
 # Per-primitive cost model t(T) = (N / ref_ring_dim) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext
 # carries (ops get cheaper as levels are consumed). Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads);
@@ -196,7 +196,7 @@ class TraceBackend:
     def cheb(self, a, series, where="", valid=None):
         self.counts["cheb"] += 1
         self._charge(self.cheb_seconds(series.degree, a.level))
-        return self._out(a.level + cheb_depth_openfhe(series.degree) + 1)
+        return self._out(a.level + series.depth)
 
     def bootstrap(self, a, bound, where=""):
         self.counts["bootstrap"] += 1
@@ -428,6 +428,33 @@ def _boot_params(params: P.CKKSParams, lb: int, slots: int) -> P.CKKSParams:
     return p
 
 
+def fit_scale(p: P.CKKSParams):
+    """The leveled set ``p`` with the scale (``scale_bits`` down to ``min_scale_bits``, in 5-bit steps) that gives
+    the smallest 128-bit secure ring, the largest such scale on ties; ``(params, note or None)``."""
+    if p.insecure or p.min_scale_bits >= p.scale_bits:
+        return p, None
+
+    def ring(q):
+        try:
+            return q.secure_ring_dim()
+        except PlanningError:
+            return None
+
+    scales = sorted(set(range(p.scale_bits, p.min_scale_bits - 1, -5)) | {p.min_scale_bits}, reverse=True)
+    options = [(ring(p.with_(scale_bits=s)), s) for s in scales]
+    options = [(n, s) for n, s in options if n]
+    if not options:
+        return p, None
+    n, s = min(options, key=lambda o: (o[0], -o[1]))
+    if s == p.scale_bits:
+        return p, None
+    was = ring(p)
+    note = (f"scale lowered from {p.scale_bits} to {s} bits so the {p.depth} levels fit "
+            + (f"ring 2^{n.bit_length() - 1} instead of 2^{was.bit_length() - 1}" if was else
+               f"a 128-bit secure ring (2^{n.bit_length() - 1})"))
+    return p.with_(scale_bits=s), note
+
+
 def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_bootstrap: int | None = None,
          bootstrap: str = "auto", bounds: dict | None = None, max_leveled_depth: int = 24,
          cost_table: dict | None = None, max_memory_gib: float | None = None) -> Plan:
@@ -467,6 +494,9 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         # +1: with FLEXIBLEAUTO a fresh ciphertext is encrypted at a doubled scale and spends one level on its
         # first rescale (measured: a full-depth chain fails without it)
         p = params.with_(bootstrap=False, slots=circuit.slots, depth=leveled_depth + 1)
+        p, note = fit_scale(p)
+        if note:
+            notes.append(note)
         start_level = 0
         seg_depth = leveled_depth
     if p.ring_dim and p.slots * 2 > p.ring_dim:

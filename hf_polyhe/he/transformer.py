@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import CircuitError
 from .ir import Circuit
+from .optimize import fold_plaintext_maps
 from .packing import next_pow2
 
 SPEC_VERSION = 1
@@ -177,4 +178,4 @@ def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mas
         raise CircuitError(f"unknown head kind {head['kind']!r}; accepted: last_token, pooler_cls, cls")
     c.output(out)
     c.meta.update(family=cfg["family"], seq_len=seq_len)
-    return c
+    return fold_plaintext_maps(c)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from ..errors import BackendUnavailable, PlanningError
+
+
+TINY = 2.0**-40  # below CKKS precision: a plaintext of such values is encoded as nothing
 
 
 def import_openfhe():
@@ -94,6 +99,8 @@ class OpenFHEBackend:
         return self.cc.EvalMult(a, b)
 
     def add_plain(self, a, v):
+        if not np.any(np.abs(np.asarray(v, dtype=np.float64)) > TINY):
+            return a  # adding ~0: OpenFHE refuses to encode it ("Scaling factor too small")
         return self.cc.EvalAdd(a, self.encode(v, a.GetLevel()))
 
     def mul_plain(self, a, v):

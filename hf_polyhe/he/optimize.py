@@ -1,0 +1,221 @@
+"""Level-saving rewrites of a circuit: fold plaintext affine maps into the plaintext matmuls next to them.
+
+Every ``mul_plain`` and every affine input map of a Chebyshev series costs one CKKS level, and the ring (hence
+the price of every other op) grows with the levels a circuit needs. Most of those maps sit next to a
+``linear``, whose weights can absorb them for free:
+
+- **affine into the previous linear** -- ``linear(x, W, c) * s + b`` becomes ``linear(x, W diag(s), c s + b)``
+  when the linear feeds nothing else (a norm right after a matmul, e.g. PolyGPT's MLP BatchNorm).
+- **affine into the next linear** -- ``linear(x * s + b, W, c)`` becomes ``linear(x, diag(s) W, c + b W)``
+  when every consumer of ``x * s + b`` is a ``linear`` (a pre-norm transformer's BatchNorm / LayerNorm
+  gain and shift before Q/K/V and the MLP; also through a ``select_rows``, e.g. the final norm before the LM
+  head). ``s``, ``b``: scalars or per-feature vectors. Saves the ``mul_plain``'s level.
+- **linear into the next polynomial's domain** -- a Chebyshev series on ``[lo, hi]`` first maps its input to
+  ``[-1, 1]`` (one level in ``EvalChebyshevSeries``); when its input is a ``linear`` used by nothing else,
+  the map goes into that linear's weights and the series is evaluated on ``[-1, 1]``.
+- **score scale into the attention activation's domain** -- the same map for a polynomial after
+  ``qk_scores`` / ``qk_decode``: the factor joins the op's ``scale`` (already a plaintext multiply) and the
+  offset becomes an ``add_plain`` (no level).
+
+Outputs and values named as outputs are never changed; the rewritten circuit computes the same outputs (up to
+float64 rounding; ``tests/test_he_plain.py`` checks it against the unrewritten one) with fewer levels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hf_polyhe.approx.base import Approximation
+
+from .ir import Circuit, Node
+
+_DOMAIN_KINDS = ("chebyshev", "composite_sign")  # the input meets only the first stage
+
+
+def _consumers(circuit: Circuit) -> dict:
+    uses = {}
+    for node in circuit.nodes:
+        for i in node.inputs:
+            uses.setdefault(i, []).append(node)
+    return uses
+
+
+def _feature_vector(circuit: Circuit, node: Node, cols: int):
+    """The plaintext operand of an ``add_plain``/``mul_plain`` as a ``(cols,)`` vector, or None when it varies
+    by row (then it cannot move into a weight matrix)."""
+    if "scalar" in node.attrs:
+        return np.full(cols, float(node.attrs["scalar"]))
+    v = np.asarray(circuit.weight(node.attrs["value"]), dtype=np.float64)
+    if v.ndim == 0 or v.shape in ((cols,), (1, cols), (1,)):
+        return np.broadcast_to(v.reshape(-1), (cols,)).astype(np.float64)
+    return None
+
+
+def _domain_map(approx: Approximation):
+    lo, hi = approx.stages[0].interval
+    return 2.0 / (hi - lo), -(hi + lo) / (hi - lo)
+
+
+def _normalized_approx(approx: Approximation, alpha: float, beta: float) -> dict:
+    d = approx.to_dict()
+    d["stages"][0]["interval"] = [-1.0, 1.0]
+    d["interval"] = [-1.0, 1.0] if approx.kind == "chebyshev" else d["interval"]
+    d.setdefault("meta", {})["folded_input_map"] = [alpha, beta]
+    return d
+
+
+def _new_weight(circuit: Circuit, value) -> str:
+    k = len(circuit.weights)
+    while f"folded{k}" in circuit.weights:
+        k += 1
+    return circuit.add_weight(value, f"folded{k}")
+
+
+def _set_linear(circuit: Circuit, node: Node, W: np.ndarray, bias: np.ndarray | None):
+    node.attrs["weight"] = _new_weight(circuit, W)
+    if bias is None:
+        node.attrs.pop("bias", None)
+    else:
+        node.attrs["bias"] = _new_weight(circuit, bias)
+
+
+def _linear_wb(circuit: Circuit, node: Node):
+    W = circuit.weight(node.attrs["weight"])
+    b = circuit.weight(node.attrs["bias"]) if "bias" in node.attrs else None
+    return W, b
+
+
+def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        _drop_dead(circuit)
+        uses = _consumers(circuit)
+        lay = circuit.layouts()
+        for node in circuit.nodes:
+            if node.op not in ("mul_plain", "add_plain") or node.name in outputs:
+                continue
+            # the affine chain ending at `node`: [mul_plain] -> [add_plain]
+            chain = [node]
+            src = circuit_node(circuit, node.inputs[0])
+            if node.op == "add_plain" and src is not None and src.op == "mul_plain" and len(uses[src.name]) == 1 \
+                    and src.name not in outputs:
+                chain = [src, node]
+            x = chain[0].inputs[0]
+            cols = lay[x].cols if lay[x].kind == "matrix" else None
+            if cols is None:
+                continue
+            scale, shift = np.ones(cols), np.zeros(cols)
+            ok = True
+            for n in chain:
+                v = _feature_vector(circuit, n, cols)
+                if v is None:
+                    ok = False
+                    break
+                if n.op == "mul_plain":
+                    scale, shift = scale * v, shift * v
+                else:
+                    shift = shift + v
+            if not ok:
+                continue
+            prev = circuit_node(circuit, x)
+            if prev is not None and prev.op == "linear" and prev.name not in outputs and len(uses[x]) == 1:
+                # y = (x W + c) * s + b  ->  x (W diag(s)) + (c * s + b)
+                W, b = _linear_wb(circuit, prev)
+                _set_linear(circuit, prev, W * scale[None, :], (b if b is not None else 0.0) * scale + shift)
+                for u in uses.get(node.name, []):
+                    u.inputs = [x if i == node.name else i for i in u.inputs]
+                folded += len(chain)
+                changed = True
+                break
+            # consumers: linears, or select_rows whose consumers are all linears
+            targets, hops = [], []
+            for u in uses.get(node.name, []):
+                if u.op == "linear":
+                    targets.append(u)
+                elif u.op == "select_rows" and u.name not in outputs and uses.get(u.name) and \
+                        all(w.op == "linear" for w in uses[u.name]):
+                    hops.append(u)
+                    targets.extend(uses[u.name])
+                else:
+                    ok = False
+                    break
+            if not ok or not targets:
+                continue
+            for lin in targets:
+                W, b = _linear_wb(circuit, lin)
+                bias = (b if b is not None else 0.0) + shift @ W
+                _set_linear(circuit, lin, scale[:, None] * W, bias)
+                if lin.inputs[0] == node.name:
+                    lin.inputs[0] = x
+            for h in hops:
+                h.inputs[0] = x
+            folded += len(chain)
+            changed = True
+            break
+    return folded
+
+
+def circuit_node(circuit: Circuit, name: str):
+    for n in circuit.nodes:
+        if n.name == name:
+            return n
+    return None
+
+
+def _fold_domains(circuit: Circuit, outputs: set) -> int:
+    folded = 0
+    uses = _consumers(circuit)
+    by_name = {n.name: n for n in circuit.nodes}
+    new_nodes = []
+    for node in circuit.nodes:
+        if node.op == "poly":
+            approx = Approximation.from_dict(node.attrs["approximation"])
+            src = by_name.get(node.inputs[0])
+            if (approx.kind in _DOMAIN_KINDS and approx.stages[0].interval != (-1.0, 1.0) and src is not None
+                    and src.name not in outputs and len(uses[src.name]) == 1):
+                alpha, beta = _domain_map(approx)
+                if src.op == "linear":
+                    W, b = _linear_wb(circuit, src)
+                    bias = alpha * (b if b is not None else np.zeros(W.shape[1])) + beta
+                    _set_linear(circuit, src, alpha * W, bias)
+                    node.attrs["approximation"] = _normalized_approx(approx, alpha, beta)
+                    folded += 1
+                elif src.op in ("qk_scores", "qk_decode"):
+                    src.attrs["scale"] = float(src.attrs.get("scale", 1.0)) * alpha
+                    if beta != 0.0:
+                        name = circuit._name_ok(circuit._fresh(f"{node.name}_shift"))
+                        new_nodes.append(Node("add_plain", name, [src.name], {"scalar": float(beta)}))
+                        node.inputs[0] = name
+                    node.attrs["approximation"] = _normalized_approx(approx, alpha, beta)
+                    folded += 1
+        new_nodes.append(node)
+    circuit.nodes = new_nodes
+    return folded
+
+
+def _drop_dead(circuit: Circuit) -> None:
+    live = set(circuit.outputs)
+    keep = []
+    for node in reversed(circuit.nodes):
+        if node.name in live:
+            keep.append(node)
+            live.update(node.inputs)
+    dead = {n.name for n in circuit.nodes} - {n.name for n in keep}
+    circuit.nodes = list(reversed(keep))
+    circuit._names -= dead
+    used = {v for n in circuit.nodes for v in n.attrs.values() if isinstance(v, str) and v in circuit.weights}
+    circuit.weights = {k: v for k, v in circuit.weights.items() if k in used}
+
+
+def fold_plaintext_maps(circuit: Circuit) -> Circuit:
+    """Rewrite ``circuit`` in place (see the module docstring); returns it, with
+    ``meta["folded"] = {"affine": n, "domain": m}`` (maps removed)."""
+    outputs = set(circuit.outputs)
+    n_aff = _fold_affine_into_linears(circuit, outputs)
+    n_dom = _fold_domains(circuit, outputs)
+    _drop_dead(circuit)
+    circuit.layouts()
+    circuit.meta["folded"] = {"affine": n_aff, "domain": n_dom}
+    return circuit

@@ -224,7 +224,9 @@ def main():
     load0 = loadavg()
     rng = np.random.default_rng(0)
     circ = mid_circuit(rng)
-    pl0 = plan(circ, P.default())
+    # measured on the ring the workloads run on (2^16), not the smaller one a 40-bit scale would allow here
+    ref = P.default(ring_dim=2**16, min_scale_bits=50)
+    pl0 = plan(circ, ref)
     p = pl0.params
     t0 = time.perf_counter()
     cc = build_context(p)
@@ -255,9 +257,9 @@ def main():
     base = load_cost_table()
     costs = fit_costs(*average(passA, passB), N, base)
     costA, costB = fit_costs(*passA, N, base), fit_costs(*passB, N, base)
-    pl = plan(circ, P.default(), cost_table=costs)
-    predA = plan(circ, P.default(), cost_table=costA).predicted_seconds
-    predB = plan(circ, P.default(), cost_table=costB).predicted_seconds
+    pl = plan(circ, ref, cost_table=costs)
+    predA = plan(circ, ref, cost_table=costA).predicted_seconds
+    predB = plan(circ, ref, cost_table=costB).predicted_seconds
     # predicted seconds per primitive kind (trace the planned circuit once more, grouping by primitive)
     by_prim = {}
     tb = TraceBackend(p.slots, p.depth, pl.start_level, p.depth, p.ring_dim, costs)

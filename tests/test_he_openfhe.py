@@ -181,3 +181,40 @@ def test_openfhe_backend_refuses_other_pythons_clearly(monkeypatch):
     monkeypatch.setattr(sys, "version_info", version(3, 12, 1, "final", 0))
     with pytest.raises(BackendUnavailable, match=r"needs CPython 3\.10 .* this is Python 3\.12"):
         import_openfhe()
+
+
+def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
+    """Key sets larger than one batch are generated and serialised part by part (a 128-bit W1 key set is ~10 GB;
+    serialising it whole would hold it twice). The bundle file must load into an empty key store and run, and
+    keys of another key tag in this process must survive the batched generation."""
+    import openfhe as ofhe
+
+    from hf_polyhe.he import roles
+
+    monkeypatch.setattr(roles, "ROTATION_KEY_BATCH", 2)
+    rng = np.random.default_rng(11)
+    other = Client.generate(_small_linear(rng), P.toy())
+    other_tag = other.key_tag
+    c = he.Circuit(8, 64)
+    x = c.input("x", 5, 8)
+    s = c.qk_scores(c.linear(x, rng.normal(size=(8, 8)) / 3), c.linear(x, rng.normal(size=(8, 8)) / 3), heads=2)
+    c.output(c.attn_apply(s, x, scale=0.2))
+    client = Client.generate(c, P.toy())
+    assert len(client.plan.rotation_keys) > 4  # several parts
+    path = tmp_path / "server" / "eval_automorphism_keys.bin"
+    client.export_server_bundle(tmp_path / "server")
+    assert path.read_bytes().startswith(roles.KEY_PARTS_MAGIC)
+    assert other_tag in ofhe.CryptoContext.GetAllEvalAutomorphismKeys()
+    ofhe.CryptoContext.ClearEvalAutomorphismKeys()  # as in a fresh server process
+    server = Server(tmp_path / "server")
+    assert len(server.cc.GetExistingEvalAutomorphismKeyIndices(client.key_tag)) == len(client.plan.rotation_keys)
+    X = rng.uniform(-1, 1, (5, 8))
+    got = client.decrypt(server.run({"x": client.encrypt("x", X).to_bytes()})[c.outputs[0]].to_bytes())
+    ref = he.run_plain(client.plan.circuit, {"x": X})[c.outputs[0]]
+    assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
+
+
+def _small_linear(rng):
+    c = he.Circuit(8, 64)
+    c.output(c.linear(c.input("x", 2, 8), rng.normal(size=(8, 8))))
+    return c

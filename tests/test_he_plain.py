@@ -238,3 +238,97 @@ def test_he_package_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=__file__.rsplit("/tests", 1)[0])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Level-saving rewrites (he/optimize.py) and the single-row matmul
+
+
+def _folded_copy(c):
+    from hf_polyhe.he.optimize import fold_plaintext_maps
+
+    return fold_plaintext_maps(he.Circuit.from_dict(c.to_dict(), dict(c.weights)))
+
+
+def test_fold_plaintext_maps_keeps_outputs_and_saves_levels():
+    """A pre-norm block with every foldable pattern: per-feature affine before Q/K/V (3 linear consumers), an
+    affine right after a matmul before a polynomial, a final affine before select_rows -> head, and a
+    polynomial attention activation after qk_scores. Outputs (including a K output) must not change; each
+    folded map gives back its level."""
+    rng = np.random.default_rng(3)
+    d, L = 8, 4
+    W = lambda a, b: rng.normal(size=(a, b)) / np.sqrt(a)
+    c = he.Circuit(8, 64)
+    x = c.input("x", L, d)
+    h = c.add_plain(c.mul_plain(x, rng.uniform(0.5, 1.5, d)), rng.normal(size=d) * 0.1)  # norm gain/shift
+    q, k, v = (c.linear(h, W(d, d), rng.normal(size=d) * 0.1, name=n) for n in ("q", "k", "v"))
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    a = c.poly(s, fit_operator("gelu", (-6.0, 6.0), 7))
+    o = c.add(x, c.linear(c.attn_apply(a, v, mask=np.tril(np.ones((L, L))) / 3.0), W(d, d)))
+    f = c.add_plain(c.mul_plain(c.linear(o, W(d, 16), rng.normal(size=16) * 0.1), rng.uniform(0.5, 1.5, 16)),
+                    rng.normal(size=16) * 0.1)  # MLP norm right after fc_in
+    m = c.add(o, c.linear(c.poly(f, fit_operator("gelu", (-8.0, 8.0), 7)), W(16, d)))
+    head = c.linear(c.select_rows(c.add_plain(c.mul_plain(m, rng.uniform(0.5, 1.5, d)), 0.05), [L - 1]), W(d, 5))
+    c.output(head, "k")
+    folded = _folded_copy(c)
+    assert folded.meta["folded"] == {"affine": 6, "domain": 2}  # three gain + shift pairs, two domains
+    assert not any(n.op == "mul_plain" for n in folded.nodes)
+    polys = [n for n in folded.nodes if n.op == "poly"]
+    assert all(p.attrs["approximation"]["stages"][0]["interval"] == [-1.0, 1.0] for p in polys)
+    before, after = static_levels(c), static_levels(folded)
+    # 3 affine levels (norm, MLP norm, final norm) + 2 polynomial domain maps
+    assert max(after.values()) == max(before.values()) - 5
+    X = {"x": rng.normal(size=(L, d))}
+    ref = he.run_reference(c, X)
+    out = he.run_plain(folded, X)
+    for name in (head, "k"):
+        assert np.abs(out[name] - ref[name]).max() <= 1e-9 * max(1.0, np.abs(ref[name]).max())
+
+
+def test_fold_leaves_maps_that_cannot_move():
+    """Row-dependent plaintexts, an affine feeding a non-linear consumer, and a linear used twice stay put."""
+    rng = np.random.default_rng(4)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 4, 8)
+    per_row = c.linear(c.mul_plain(x, rng.normal(size=(4, 1))), rng.normal(size=(8, 8)))  # row-dependent
+    y = c.mul_plain(x, rng.normal(size=8))
+    both = c.add(c.linear(y, rng.normal(size=(8, 8))), c.mul(y, y))  # y also feeds a mul
+    lin = c.linear(x, rng.normal(size=(8, 8)))
+    two = c.add(c.poly(lin, fit_operator("gelu", (-9.0, 9.0), 5)), lin)  # the linear is used twice
+    c.output(c.add(c.add(per_row, both), two))
+    folded = _folded_copy(c)
+    assert folded.meta["folded"] == {"affine": 0, "domain": 0}
+    assert static_levels(folded) == static_levels(c)
+    X = {"x": rng.normal(size=(4, 8))}
+    _close(folded, X)
+
+
+@pytest.mark.parametrize("din,dout", [(8, 8), (20, 13), (8, 30), (5, 3)])
+@pytest.mark.parametrize("source", ["clean", "poly", "dirty"])
+def test_single_row_linear_matches_reference(din, dout, source):
+    """One-row inputs (a decode step's token) use the cyclic-diagonal plan when the padding is zero or a known
+    polynomial constant p(0), and the general plan otherwise; all agree with numpy."""
+    rng = np.random.default_rng(din * dout)
+    c = he.Circuit(8, 64)
+    x = c.input("x", 1, din)
+    if source == "poly":
+        x = c.poly(c.mul_plain(x, 0.5), fit_operator("gelu", (-1.0, 1.0), 7))  # p(0) != 0 in the padding
+    elif source == "dirty":
+        x = c.rotate(x, 0)  # marks the layout dirty: unknown padding
+    c.output(c.linear(x, rng.normal(size=(din, dout)), rng.normal(size=dout)))
+    _close(c, {"x": rng.uniform(-1, 1, size=(1, din))})
+
+
+def test_single_row_linear_needs_fewer_plaintext_products():
+    """The cyclic plan multiplies by the D cyclic diagonals of a block instead of the 2D - 1 generalised ones."""
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(0)
+    counts = {}
+    for rows in (1, 2):
+        c = he.Circuit(16, 256)
+        c.output(c.linear(c.input("x", rows, 16), rng.normal(size=(16, 16))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counts[rows] = PL.plan(c, P.toy(), bootstrap="never").counts["mul_plain"]
+    assert counts[1] == 16 and counts[2] == 31

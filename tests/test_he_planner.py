@@ -250,3 +250,29 @@ def test_shipped_cost_table_is_complete():
         assert len(t[k]) == 2 and t[k][0] >= 0 and t[k][1] >= 0, k
     assert t["cheb_mults"] and all(v > 0 for v in t["cheb_mults"].values())
     assert t["ref_ring_dim"] in (2**14, 2**15, 2**16, 2**17)
+
+
+def _chain(depth):
+    """A leveled circuit of ``depth`` levels (plaintext products)."""
+    c = he.Circuit(8, 64)
+    x = c.input("x", 4, 8)
+    for _ in range(depth):
+        x = c.mul_plain(x, 0.9)
+    c.output(x)
+    return c
+
+
+def test_scale_lowered_when_it_halves_the_ring():
+    """29 levels do not fit 2^16 at a 50-bit scale (log QP > 1747 bits) but do at 40 bits: the planner takes the
+    smaller ring and says so; with ``min_scale_bits = scale_bits`` the scale stays and the ring doubles."""
+    c = _chain(28)  # depth 29 with the fresh ciphertext's first rescale
+    pl = PL.plan(c, P.default(), bootstrap="never")
+    assert pl.params.depth == 29 and pl.params.ring_dim == 2**16 and pl.params.scale_bits == 40
+    assert any("scale lowered from 50 to 40 bits" in n for n in pl.notes)
+    fixed = PL.plan(c, P.default(min_scale_bits=50), bootstrap="never")
+    assert fixed.params.ring_dim == 2**17 and fixed.params.scale_bits == 50 and not fixed.notes
+    # the largest scale that reaches the smallest ring wins: shallow circuits keep 50 bits
+    shallow = PL.plan(_chain(10), P.default(), bootstrap="never")
+    assert shallow.params.scale_bits == 50 and not shallow.notes
+    # the choice never breaks 128-bit security: the chosen set is one OpenFHE's table allows
+    assert pl.params.estimate_log_qp() <= P.MAX_LOGQP_128[2**16]

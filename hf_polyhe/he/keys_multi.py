@@ -327,8 +327,7 @@ class EncryptedClient:
         os.makedirs(directory, exist_ok=True)
         roles._write(os.path.join(directory, "context.bin"), roles._ser(self.cc))
         roles._write(os.path.join(directory, "eval_mult_keys.bin"), ofhe.SerializeEvalMultKeyString(ofhe.BINARY, self.key_tag))
-        roles._write(os.path.join(directory, "eval_automorphism_keys.bin"),
-                     ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, self.key_tag))
+        roles.write_automorphism_keys(os.path.join(directory, "eval_automorphism_keys.bin"), self.key_tag)
         with open(os.path.join(directory, "bundle.json"), "w") as f:
             json.dump({"format": BUNDLE_FORMAT, "key_tag": self.key_tag, "plan": self.plan.to_dict()}, f, indent=1)
         return str(directory)
@@ -399,8 +398,12 @@ class EncryptedServer:
         self.cc = roles._deser(ofhe.DeserializeCryptoContextString, roles._read(os.path.join(bundle_dir, "context.bin")), "context")
         _load_eval_keys(ofhe, ofhe.DeserializeEvalMultKeyString, roles._read(os.path.join(bundle_dir, "eval_mult_keys.bin")),
                         "relinearisation keys")
-        _load_eval_keys(ofhe, ofhe.DeserializeEvalAutomorphismKeyString,
-                        roles._read(os.path.join(bundle_dir, "eval_automorphism_keys.bin")), "rotation keys")
+        try:
+            roles.load_automorphism_keys(os.path.join(bundle_dir, "eval_automorphism_keys.bin"), self.key_tag, self.cc,
+                                         len(set(self.plan.rotation_keys)))
+        except (OSError, RuntimeError) as e:
+            if "already" not in str(e) and "key vector for the given keyTag" not in str(e):
+                raise SerializationError(f"cannot load the rotation keys: {e}") from e
         if self.plan.params.bootstrap:
             from .backends.openfhe_backend import setup_bootstrap
 

@@ -21,10 +21,15 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
+
+from tqdm.auto import tqdm
 
 import numpy as np
 
@@ -134,19 +139,110 @@ def _plan_meta(pl: Plan, key_tag: str) -> dict:
             "key_tag": key_tag, "report": pl.report()}
 
 
+ROTATION_KEY_BATCH = 8  # rotation keys generated and serialised together (~1 GB a batch at N = 2^16)
+KEY_PARTS_MAGIC = b"HFPHKEYPARTS1\n"
+_SPOOLS: dict = {}  # key tag -> private file holding this process's serialised automorphism keys, in parts
+
+
+def _spool_cleanup():
+    for path in _SPOOLS.values():
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+atexit.register(_spool_cleanup)
+
+
 def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     """``(crypto context, key pair)`` with every evaluation key a planned circuit needs: relinearisation, the
-    given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy parameters warn."""
+    given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy parameters warn.
+
+    More than :data:`ROTATION_KEY_BATCH` rotation keys are generated in batches, each serialised right away
+    to a private spool file (0600, removed at exit) that :func:`write_automorphism_keys` later copies into a
+    server bundle: at 128-bit a W1 key set is ~10 GB, and serialising it in one piece would hold it twice."""
     if params.insecure:
         P.warn_toy()
     cc = build_context(params)
     kp = cc.KeyGen()
     cc.EvalMultKeyGen(kp.secretKey)
-    if rotation_keys:
-        cc.EvalRotateKeyGen(kp.secretKey, list(rotation_keys))
-    if params.bootstrap:
-        cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)
+    rot = list(rotation_keys or [])
+    jobs = ([("bootstrap", None)] if params.bootstrap else []) + [
+        ("rotate", rot[i : i + ROTATION_KEY_BATCH]) for i in range(0, len(rot), ROTATION_KEY_BATCH)]
+    if len(jobs) <= 1:
+        if rot:
+            cc.EvalRotateKeyGen(kp.secretKey, rot)
+        if params.bootstrap:
+            cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)
+        return cc, kp
+    ofhe = import_openfhe()
+    tag = kp.secretKey.GetKeyTag()
+    others = {t: m for t, m in ofhe.CryptoContext.GetAllEvalAutomorphismKeys().items() if t != tag}
+    fd, path = tempfile.mkstemp(prefix="hf_polyhe_keys_")  # mode 0600
+    _SPOOLS[tag] = path
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(KEY_PARTS_MAGIC + struct.pack("<I", len(jobs)))
+            for kind, idx in tqdm(jobs, desc="evaluation keys", unit="batch", leave=False,
+                                  disable=len(jobs) < 4 or None):
+                ofhe.CryptoContext.ClearEvalAutomorphismKeys()  # the store then holds this batch only
+                if kind == "bootstrap":
+                    cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)
+                else:
+                    cc.EvalRotateKeyGen(kp.secretKey, idx)
+                data = ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, tag)
+                data = data if isinstance(data, bytes) else data.encode()
+                f.write(struct.pack("<Q", len(data)))
+                f.write(data)
+                del data
+    finally:
+        ofhe.CryptoContext.ClearEvalAutomorphismKeys()
+        for t, m in others.items():
+            cc.InsertEvalAutomorphismKey(m, t)
+    load_automorphism_keys(path, tag)  # back into the store, one part at a time
     return cc, kp
+
+
+def write_automorphism_keys(path, key_tag: str) -> None:
+    """Write the rotation/bootstrapping keys of ``key_tag`` to ``path``: a copy of the spool file when the keys
+    were generated in parts here, else one OpenFHE string."""
+    if key_tag in _SPOOLS and os.path.exists(_SPOOLS[key_tag]):
+        shutil.copyfile(_SPOOLS[key_tag], path)
+        return
+    ofhe = import_openfhe()
+    _write(path, ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, key_tag))
+
+
+def load_automorphism_keys(path, key_tag: str, cc=None, expected: int = 0) -> None:
+    """Load the keys :func:`write_automorphism_keys` wrote (parts or one string) into OpenFHE's process-wide
+    store. Skipped when ``cc`` already sees ``expected`` (> 0) or more keys for ``key_tag`` (a client in this
+    process generated them): reading them again would only double the memory."""
+    ofhe = import_openfhe()
+    if cc is not None and expected > 0:
+        try:
+            have = len(cc.GetExistingEvalAutomorphismKeyIndices(key_tag))
+        except Exception:  # no keys under this tag yet
+            have = 0
+        if have >= expected:
+            return
+    with open(path, "rb") as f:
+        head = f.read(len(KEY_PARTS_MAGIC))
+        if head != KEY_PARTS_MAGIC:
+            f.seek(0)
+            ofhe.DeserializeEvalAutomorphismKeyString(f.read(), ofhe.BINARY)
+            return
+        (n,) = struct.unpack("<I", f.read(4))
+        for _ in range(n):
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise SerializationError(f"{path}: truncated key file")
+            (size,) = struct.unpack("<Q", raw)
+            data = f.read(size)
+            if len(data) != size:
+                raise SerializationError(f"{path}: truncated key file")
+            ofhe.DeserializeEvalAutomorphismKeyString(data, ofhe.BINARY)
+            del data
 
 
 class Client(_Role):
@@ -193,8 +289,7 @@ class Client(_Role):
         _write(os.path.join(directory, "context.bin"), _ser(self.cc))
         _write(os.path.join(directory, "eval_mult_keys.bin"), ofhe.SerializeEvalMultKeyString(ofhe.BINARY, self.key_tag))
         if self.plan.rotation_keys or self.plan.params.bootstrap:
-            _write(os.path.join(directory, "eval_automorphism_keys.bin"),
-                   ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, self.key_tag))
+            write_automorphism_keys(os.path.join(directory, "eval_automorphism_keys.bin"), self.key_tag)
         with open(os.path.join(directory, "bundle.json"), "w") as f:
             json.dump({"format": BUNDLE_FORMAT, **_plan_meta(self.plan, self.key_tag)}, f, indent=1)
         return str(directory)
@@ -274,7 +369,7 @@ class Server(_Role):
                     raise
             path = os.path.join(directory, "eval_automorphism_keys.bin")
             if os.path.exists(path):
-                ofhe.DeserializeEvalAutomorphismKeyString(_read(path), ofhe.BINARY)
+                load_automorphism_keys(path, self.key_tag, self.cc, len(set(self.plan.rotation_keys)))
         except SerializationError:
             raise
         except Exception as e:

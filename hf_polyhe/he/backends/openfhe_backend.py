@@ -1,14 +1,17 @@
 """The ``openfhe`` backend: CKKS (RNS, FLEXIBLEAUTO rescaling, HYBRID key switching) through the ``openfhe``
 wheel, behind the same primitive interface as the plain backend.
 
-Plaintext vectors are encoded at the level of the ciphertext they meet (cached per vector and level).
+Plaintext vectors are encoded at the level of the ciphertext they meet (a bounded LRU per vector and level:
+``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
 Chebyshev stages use ``EvalChebyshevSeries`` (OpenFHE's convention halves ``c0``, so it is doubled here);
 bootstraps scale by ``1/bound`` into the range CKKS bootstrapping needs and back.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import OrderedDict
 
 import numpy as np
 
@@ -76,17 +79,21 @@ class OpenFHEBackend:
         self.cc = cc
         self.slots = int(slots)
         self.M = 2 * cc.GetRingDimension()
-        self._pt = {}
+        self._pt = OrderedDict()
+        # encoded plaintexts are big (N * towers * 8 bytes: ~10 MB at N = 2^16): keep a bounded LRU of them
+        budget = float(os.environ.get("HF_POLYHE_PLAINTEXT_CACHE_MIB", "512")) * 2**20
+        self._pt_max = max(16, int(budget // (cc.GetRingDimension() * 8 * 16)))
 
     def encode(self, vec, level: int = 0):
         key = (id(vec), level)
         hit = self._pt.get(key)
         if hit is not None and hit[0] is vec:
+            self._pt.move_to_end(key)
             return hit[1]
         pt = self.cc.MakeCKKSPackedPlaintext(vec, 1, level, None, self.slots)
-        if len(self._pt) > 4096:
-            self._pt.clear()
         self._pt[key] = (vec, pt)
+        while len(self._pt) > self._pt_max:
+            self._pt.popitem(last=False)
         return pt
 
     def add(self, a, b):

@@ -9,8 +9,13 @@ random inputs, exported with ``save_encrypted_pipeline`` and run through ``Encry
 Prints a markdown table: planner counts, predicted vs measured time, per-block server time (norms, attention,
 mlp, head, bootstrap), client embedding+encryption time, peak RSS, fidelity vs the plain float64 backend.
 
-    python benchmarks/encrypted_inference.py --params default            # 128-bit: needs ~13 GB, 10-30 min
+    python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never
+        # 128-bit W1 on ring 2^16 (depth 29, 86 rotation keys): 13 GB peak, ~17 min with keys (measured)
+    python benchmarks/encrypted_inference.py --plan-only --bootstrap never --norm batchnorm  # planner only, 40 s
     python benchmarks/encrypted_inference.py --params toy --workloads w1  # insecure, quick smoke run
+
+With the default polynomial LayerNorm the inverse square root needs bootstrapping, whose 128-bit keys do not fit
+24 GB for these circuits: the planner says so and the workload reports no plan.
 
 Run one 128-bit workload per process when memory is tight (``--workloads w1``): OpenFHE keeps keys in
 process-wide stores.

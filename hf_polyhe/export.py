@@ -77,10 +77,11 @@ class _SpecWriter:
     def attention(self, name: str, attn: PolyAttention) -> dict:
         if attn.attention_type != "pointwise":
             raise ValueError(f"export supports attention_type='pointwise', got {attn.attention_type!r}")
-        if attn.scaling_position != "post":
-            raise ValueError("export supports attention_scaling_position='post' (the scaling folds into the mask)")
+        if attn.scaling_position not in ("pre", "post"):
+            raise ValueError(f"unknown attention_scaling_position {attn.scaling_position!r}; accepted: pre, post")
         out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
-        return {**out, "activation": self.act(attn.score_activation), "scaling": attn.scaling}
+        return {**out, "activation": self.act(attn.score_activation), "scaling": attn.scaling,
+                "scaling_position": attn.scaling_position}
 
     def layer(self, name: str, block) -> dict:
         mlp = block.mlp

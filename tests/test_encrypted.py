@@ -44,10 +44,13 @@ def export_small(tmp_path, family, max_length=8, degree=7, **overrides):
 
 
 # ---------------------------------------------------------------- plain backend: KV cache is exact
+@pytest.mark.parametrize("position", ["post", "pre"])
 @torch.no_grad()
-def test_decode_with_cache_equals_full_recompute(tmp_path):
+def test_decode_with_cache_equals_full_recompute(tmp_path, position):
+    """``position``: the length scaling after the attention activation (into the mask) or before it (into the
+    scores' per-row scale); both must match torch and cached decoding must match the full recompute."""
     model, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm",
-                              attention_scaling="length")
+                              attention_scaling="length", attention_scaling_position=position)
     ids = torch.randint(1, 97, (1, 10))
     X = enc.embed(ids[0].numpy())
     logits, caches = enc.prefill_plain(X[:4])

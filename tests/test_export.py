@@ -12,7 +12,9 @@ from hf_polyhe.he import run_plain, run_reference
 CASES = [
     ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(hidden_act="gelu")),
     ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(attention_activation="square", attention_scaling="length", hidden_act="relu")),
+    ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(attention_scaling="sqrt_length", attention_scaling_position="pre")),
     ("bert", hf_polyhe.PolyBertForSequenceClassification, {}),
+    ("bert", hf_polyhe.PolyBertForSequenceClassification, dict(attention_scaling="length", attention_scaling_position="pre")),
     ("vit", hf_polyhe.PolyViTForImageClassification, {}),
     ("vit", hf_polyhe.PolyViTForImageClassification, dict(norm_type="poly_layernorm", attention_scaling="none")),
 ]

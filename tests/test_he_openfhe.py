@@ -192,6 +192,7 @@ def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
     from hf_polyhe.he import roles
 
     monkeypatch.setattr(roles, "ROTATION_KEY_BATCH", 2)
+    monkeypatch.setattr(roles, "KEY_PARTS_MIN_GIB", 0.0)
     rng = np.random.default_rng(11)
     other = Client.generate(_small_linear(rng), P.toy())
     other_tag = other.key_tag

@@ -74,11 +74,7 @@ class _TaggingBuilder(_Builder):
         q = self.linear(x, attn["q"])
         k = self.named_linear(x, attn["k"], f"k{i}" if self.keep_cache else None)
         v = self.named_linear(x, attn["v"], f"v{i}" if self.keep_cache else None)
-        heads, d = self.s.config["num_heads"], self.s.config["hidden_size"]
-        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
-        weights = self.act(scores, attn["activation"])
-        n = np.maximum(mask.sum(-1, keepdims=True), 1.0)
-        return self.linear(c.attn_apply(weights, v, mask=mask / SCALINGS[attn["scaling"]](n)), attn["o"])
+        return self.attend(q, k, v, attn, mask, causal)
 
 
 class _DecodeBuilder(_TaggingBuilder):
@@ -96,9 +92,11 @@ class _DecodeBuilder(_TaggingBuilder):
         keys = c.append_row(c.input(f"k{i}_cache", self.t, d), k, name=f"k{i}")
         values = c.append_row(c.input(f"v{i}_cache", self.t, d), v, name=f"v{i}")
         heads = self.s.config["num_heads"]
-        scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5)
+        s_n = float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
+        pre = attn.get("scaling_position", "post") == "pre"
+        scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5 / (s_n if pre else 1.0))
         weights = self.act(scores, attn["activation"])
-        key_weights = np.ones(self.t + 1) / float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
+        key_weights = np.ones(self.t + 1) / (1.0 if pre else s_n)
         return self.linear(c.attn_decode(weights, values, heads, key_weights), attn["o"])
 
 

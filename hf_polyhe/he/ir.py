@@ -18,7 +18,8 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ``row_sum``     ``scale * sum_j X[i, j]`` broadcast to every column of row ``i`` (LayerNorm mean/var); 1 level
 ``select_rows`` ``X[rows]`` (last token, CLS); 1 level
 ``slice_cols``  ``X[:, start:stop]``, block aligned (free); ``concat_cols``: ``hstack``, block aligned (free)
-``qk_scores``   per head ``scale * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal); 2 levels
+``qk_scores``   per head ``scale * r_i * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal;
+                optional per-query-row factors ``r``: ``row_scale``); 2 levels
 ``attn_apply``  per head ``(A_h * mask) @ V_h`` concatenated over heads (A in score layout); 2 levels
 ``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
 ``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (one rotation); 0 levels
@@ -168,8 +169,11 @@ class Circuit:
     def concat_cols(self, xs, name=None):
         return self.node("concat_cols", list(xs), {}, name)
 
-    def qk_scores(self, q, k, heads: int, scale: float = 1.0, causal: bool = False, name=None):
-        return self.node("qk_scores", [q, k], {"heads": int(heads), "scale": float(scale), "causal": bool(causal)}, name)
+    def qk_scores(self, q, k, heads: int, scale: float = 1.0, causal: bool = False, row_scale=None, name=None):
+        attrs = {"heads": int(heads), "scale": float(scale), "causal": bool(causal)}
+        if row_scale is not None:
+            attrs["row_scale"] = self.add_weight(np.asarray(row_scale, dtype=np.float64).reshape(-1))
+        return self.node("qk_scores", [q, k], attrs, name)
 
     def attn_apply(self, scores, v, mask=None, scale: float = 1.0, name=None):
         attrs = {"scale": float(scale)}

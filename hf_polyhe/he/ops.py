@@ -471,7 +471,14 @@ class QKScores(OpSpec):
         h = int(node.attrs["heads"])
         if h <= 0 or q.cols % h:
             raise LayoutError(f"{q.cols} features do not split into {h} heads")
+        if "row_scale" in node.attrs and c.weight(node.attrs["row_scale"]).shape != (q.rows,):
+            raise LayoutError(f"row_scale must have shape ({q.rows},)")
         return ScoreLayout(q.rows, h, q.cols // h, q.block, q.slots, bool(node.attrs.get("causal", False)))
+
+    @staticmethod
+    def row_factors(c, node, rows):
+        r = np.full(rows, float(node.attrs.get("scale", 1.0)))
+        return r * c.weight(node.attrs["row_scale"]) if "row_scale" in node.attrs else r
 
     def reference(self, c, node, xs, lay):
         q, k = xs
@@ -479,7 +486,7 @@ class QKScores(OpSpec):
         dh = q.shape[1] // h
         qh = q.reshape(q.shape[0], h, dh).transpose(1, 0, 2)
         kh = k.reshape(k.shape[0], h, dh).transpose(1, 0, 2)
-        return float(node.attrs.get("scale", 1.0)) * qh @ kh.transpose(0, 2, 1)
+        return self.row_factors(c, node, q.shape[0])[None, :, None] * (qh @ kh.transpose(0, 2, 1))
 
     def depth(self, c, node, lay):
         return 2
@@ -488,7 +495,8 @@ class QKScores(OpSpec):
         be = ev.backend
         S = ev.layouts[node.name]
         q, k = xs[0].cts[0], xs[1].cts[0]
-        D, dh, scale = S.block, S.head_dim, float(node.attrs.get("scale", 1.0))
+        D, dh = S.block, S.head_dim
+        r = self.row_factors(ev.circuit, node, S.rows)
         out = [None] * S.num_cts
         for ct, m, s in S.positions():
             p = be.mul(q, ev.rotate(k, s * D))
@@ -498,7 +506,7 @@ class QKScores(OpSpec):
                 kk *= 2
             mask = np.zeros((S.R, D))
             rows = np.nonzero(S.pair_valid(s))[0]
-            mask[np.ix_(rows, np.arange(S.heads) * dh)] = scale
+            mask[np.ix_(rows, np.arange(S.heads) * dh)] = r[rows][:, None]
             p = ev.rotate(be.mul_plain(p, mask.reshape(-1)), -m)
             out[ct] = p if out[ct] is None else be.add(out[ct], p)
         return out

@@ -155,12 +155,22 @@ def _spool_cleanup():
 atexit.register(_spool_cleanup)
 
 
+KEY_PARTS_MIN_GIB = float(os.environ.get("HF_POLYHE_KEY_PARTS_GIB", "4"))  # smaller key sets: one piece
+
+
+def _rotation_key_gib(cc, params: P.CKKSParams, n_keys: int) -> float:
+    """Estimated size of ``n_keys`` rotation keys (HYBRID: dnum digits of 2 polynomials over Q*P)."""
+    dnum = params.num_large_digits or 3
+    towers = params.depth + 1
+    return n_keys * dnum * 2 * cc.GetRingDimension() * (towers + -(-towers // dnum)) * 8 / 2**30
+
+
 def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     """``(crypto context, key pair)`` with every evaluation key a planned circuit needs: relinearisation, the
     given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy parameters warn.
 
-    More than :data:`ROTATION_KEY_BATCH` rotation keys are generated in batches, each serialised right away
-    to a private spool file (0600, removed at exit) that :func:`write_automorphism_keys` later copies into a
+    Key sets over ``HF_POLYHE_KEY_PARTS_GIB`` (default 4 GiB, and any bootstrapping set) are generated in
+    batches of :data:`ROTATION_KEY_BATCH`, each serialised right away to a private spool file (0600, removed at exit) that :func:`write_automorphism_keys` later copies into a
     server bundle: at 128-bit a W1 key set is ~10 GB, and serialising it in one piece would hold it twice."""
     if params.insecure:
         P.warn_toy()
@@ -170,7 +180,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     rot = list(rotation_keys or [])
     jobs = ([("bootstrap", None)] if params.bootstrap else []) + [
         ("rotate", rot[i : i + ROTATION_KEY_BATCH]) for i in range(0, len(rot), ROTATION_KEY_BATCH)]
-    if len(jobs) <= 1:
+    if len(jobs) <= 1 or (not params.bootstrap and _rotation_key_gib(cc, params, len(rot)) < KEY_PARTS_MIN_GIB):
         if rot:
             cc.EvalRotateKeyGen(kp.secretKey, rot)
         if params.bootstrap:
@@ -181,6 +191,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     others = {t: m for t, m in ofhe.CryptoContext.GetAllEvalAutomorphismKeys().items() if t != tag}
     fd, path = tempfile.mkstemp(prefix="hf_polyhe_keys_")  # mode 0600
     _SPOOLS[tag] = path
+    maps = []
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(KEY_PARTS_MAGIC + struct.pack("<I", len(jobs)))
@@ -191,6 +202,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
                     cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)
                 else:
                     cc.EvalRotateKeyGen(kp.secretKey, idx)
+                maps.append(cc.GetEvalAutomorphismKeyMap(tag))
                 data = ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, tag)
                 data = data if isinstance(data, bytes) else data.encode()
                 f.write(struct.pack("<Q", len(data)))
@@ -200,7 +212,8 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
         ofhe.CryptoContext.ClearEvalAutomorphismKeys()
         for t, m in others.items():
             cc.InsertEvalAutomorphismKey(m, t)
-    load_automorphism_keys(path, tag)  # back into the store, one part at a time
+        for m in maps:  # every batch back into the store (the same key objects: no copy, no new memory)
+            cc.InsertEvalAutomorphismKey(m, tag)
     return cc, kp
 
 

@@ -11,7 +11,8 @@ Spec layout (``spec.json``; weights referenced by name)::
      "causal": bool, "embedding_norm": NORM | null, "layers": [LAYER, ...], "final_norm": NORM | null,
      "head": {"kind": "last_token" | "pooler_cls" | "cls", ...}}
     LAYER = {"pre_norm": bool, "attention_norm": NORM, "mlp_norm": NORM,
-             "attn": {"q": LIN, "k": LIN, "v": LIN, "o": LIN, "activation": ACT, "scaling": "none"|"length"|"sqrt_length"},
+             "attn": {"q": LIN, "k": LIN, "v": LIN, "o": LIN, "activation": ACT, "scaling": "none"|"length"|"sqrt_length",
+                      "scaling_position": "post" | "pre"},   # pre: act(S / s(n)) * M, post: act(S) * M / s(n)
              "mlp": {"fc_in": LIN, "norm": NORM | null, "act": ACT, "fc_out": LIN}}
     LIN  = {"weight": name (d_in x d_out), "bias": name | null}
     NORM = {"kind": "layernorm", "eps": float, "weight": name, "bias": name, "inv_sqrt": APPROX}
@@ -110,12 +111,19 @@ class _Builder:
     def attention(self, x, attn, mask, causal):
         c = self.c
         q, k, v = (self.linear(x, attn[n]) for n in "qkv")
+        return self.attend(q, k, v, attn, mask, causal)
+
+    def attend(self, q, k, v, attn, mask, causal):
+        """Scores, activation and the weighted values; the length scaling ``s(n)`` (``n`` the unmasked keys of
+        each query row) goes into the scores' per-row scale (``pre``) or into the values' mask (``post``)."""
+        c = self.c
         heads = self.s.config["num_heads"]
         d = self.s.config["hidden_size"]
-        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
+        s_n = SCALINGS[attn["scaling"]](np.maximum(mask.sum(-1), 1.0))
+        pre = attn.get("scaling_position", "post") == "pre"
+        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal, row_scale=1.0 / s_n if pre else None)
         weights = self.act(scores, attn["activation"])
-        n = np.maximum(mask.sum(-1, keepdims=True), 1.0)
-        return self.linear(c.attn_apply(weights, v, mask=mask / SCALINGS[attn["scaling"]](n)), attn["o"])
+        return self.linear(c.attn_apply(weights, v, mask=mask if pre else mask / s_n[:, None]), attn["o"])
 
     def mlp(self, x, mlp):
         h = self.linear(x, mlp["fc_in"])

@@ -7,7 +7,7 @@ layer ``i``, ``k{i}`` / ``v{i}`` (``L x d``, the attention keys and values, clea
 Decode step at position ``t`` (the new token is token number ``t``, 0-based, so ``t`` tokens are cached):
 inputs ``x`` (``1 x d``: the new token's embedding) and per layer ``k{i}`` / ``v{i}`` (``t x d``); outputs the
 logits (``1 x vocab``) and the updated caches ``k{i}`` / ``v{i}`` (``(t + 1) x d``). The new key/value row is
-appended with one rotation (``append_row``), the query meets the ``t + 1`` keys with ``qk_decode`` and the
+appended with popcount(t) rotations (``append_row``), the query meets the ``t + 1`` keys with ``qk_decode`` and the
 values with ``attn_decode``: ``O(log t)`` rotations per layer instead of a full re-run over ``t + 1`` rows.
 
 Both circuits have the same op sequence per layer as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`

@@ -22,7 +22,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
                 optional per-query-row factors ``r``: ``row_scale``); 2 levels
 ``attn_apply``  per head ``(A_h * mask) @ V_h`` concatenated over heads (A in score layout); 2 levels
 ``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
-``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (one rotation); 0 levels
+``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (popcount(n) rotations); 0 levels
 ``qk_decode``   scores of one query row against ``n`` cached keys, per head (column ``h*dh`` of an ``n x d``); 2 levels
 ``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d``, padding rows not clean); 2 levels
 ==============  ===========================================================================================

@@ -14,7 +14,7 @@ import numpy as np
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, ScoreLayout, bsgs_plan, single_row_plan
+from .packing import MatrixLayout, ScoreLayout, bsgs_plan, norm_rot, single_row_plan
 
 OPS: dict = {}
 
@@ -451,6 +451,35 @@ class ConcatCols(OpSpec):
         return out
 
 
+class _ShiftWalk:
+    """``rot(ct, a)`` for a sequence of row shifts ``a``, each reached from the previous one by one rotation of
+    the difference: consecutive attention shifts differ by one row, so one key (+-D) serves all of them instead
+    of a key per shift (a 32-row prompt: 31 keys, ~3.6 GB at 128-bit). Same rotation count."""
+
+    def __init__(self, ev, ct):
+        self.ev, self.base, self.prev, self.at = ev, ct, ct, 0
+
+    def __call__(self, amount):
+        slots = self.ev.circuit.slots
+        a = norm_rot(int(amount), slots)
+        if a == 0:
+            return self.base
+        self.prev = self.ev.rotate(self.prev, norm_rot(a - self.at, slots))
+        self.at = a
+        return self.prev
+
+
+def _rotate_rows_pow2(ev, ct, rows: int, D: int):
+    """``rot(ct, -rows * D)`` as rotations by powers of two rows (keys shared by every cache length)."""
+    k = 0
+    while rows:
+        if rows & 1:
+            ct = ev.rotate(ct, -(D << k))
+        rows >>= 1
+        k += 1
+    return ct
+
+
 def _single_ct(name, x):
     if x.kind != "matrix" or x.num_cts != 1:
         raise LayoutError(
@@ -498,8 +527,9 @@ class QKScores(OpSpec):
         D, dh = S.block, S.head_dim
         r = self.row_factors(ev.circuit, node, S.rows)
         out = [None] * S.num_cts
+        keys = _ShiftWalk(ev, k)
         for ct, m, s in S.positions():
-            p = be.mul(q, ev.rotate(k, s * D))
+            p = be.mul(q, keys(s * D))
             kk = 1
             while kk < dh:
                 p = be.add(p, ev.rotate(p, kk))
@@ -556,6 +586,7 @@ class AttnApply(OpSpec):
         v = xs[1].cts[0]
         D, dh = S.block, S.head_dim
         out = None
+        values = _ShiftWalk(ev, v)
         for ct, m, s in S.positions():
             a = ev.rotate(xs[0].cts[ct], m)
             mask = np.zeros((S.R, D))
@@ -567,7 +598,7 @@ class AttnApply(OpSpec):
             while kk < dh:
                 a = be.add(a, ev.rotate(a, -kk))
                 kk *= 2
-            t = be.mul(a, ev.rotate(v, s * D))
+            t = be.mul(a, values(s * D))
             out = t if out is None else be.add(out, t)
         return [out]
 
@@ -605,7 +636,7 @@ def _clean_single_row(name, x, what):
 @register_op("append_row")
 class AppendRow(OpSpec):
     """``vstack(cache, x)``: ``cache`` (n x d, clean) gains the row ``x`` (1 x d, clean) as row ``n``.
-    One rotation of ``x`` by ``-n`` rows and an addition; 0 levels."""
+    Rotations of ``x`` by ``-n`` rows (one per set bit of ``n``: keys shared by every length), an addition; 0 levels."""
 
     n_inputs = 2
 
@@ -627,7 +658,7 @@ class AppendRow(OpSpec):
 
     def execute(self, ev, node, xs):
         L = xs[0].layout
-        return [ev.backend.add(xs[0].cts[0], ev.rotate(xs[1].cts[0], -L.rows * L.block))]
+        return [ev.backend.add(xs[0].cts[0], _rotate_rows_pow2(ev, xs[1].cts[0], L.rows, L.block))]
 
 
 @register_op("qk_decode")

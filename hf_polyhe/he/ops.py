@@ -102,8 +102,7 @@ class Linear(OpSpec):
             return 0.0
         src = ev.producers.get(node.inputs[0])
         if src is not None and src.op == "poly" and ev.layouts[src.inputs[0]].clean:
-            v = float(np.asarray(OPS["poly"].approx(src).evaluate(np.zeros(1))).reshape(-1)[0])
-            return 0.0 if abs(v) < 1e-12 else v
+            return float(np.asarray(OPS["poly"].approx(src).evaluate(np.zeros(1))).reshape(-1)[0])
         return None
 
     @staticmethod

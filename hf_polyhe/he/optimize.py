@@ -92,13 +92,14 @@ def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
         changed = False
         _drop_dead(circuit)
         uses = _consumers(circuit)
+        by_name = {n.name: n for n in circuit.nodes}
         lay = circuit.layouts()
         for node in circuit.nodes:
             if node.op not in ("mul_plain", "add_plain") or node.name in outputs:
                 continue
             # the affine chain ending at `node`: [mul_plain] -> [add_plain]
             chain = [node]
-            src = circuit_node(circuit, node.inputs[0])
+            src = by_name.get(node.inputs[0])
             if node.op == "add_plain" and src is not None and src.op == "mul_plain" and len(uses[src.name]) == 1 \
                     and src.name not in outputs:
                 chain = [src, node]
@@ -119,7 +120,7 @@ def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
                     shift = shift + v
             if not ok:
                 continue
-            prev = circuit_node(circuit, x)
+            prev = by_name.get(x)
             if prev is not None and prev.op == "linear" and prev.name not in outputs and len(uses[x]) == 1:
                 # y = (x W + c) * s + b  ->  x (W diag(s)) + (c * s + b)
                 W, b = _linear_wb(circuit, prev)
@@ -155,13 +156,6 @@ def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
             changed = True
             break
     return folded
-
-
-def circuit_node(circuit: Circuit, name: str):
-    for n in circuit.nodes:
-        if n.name == name:
-            return n
-    return None
 
 
 def _fold_domains(circuit: Circuit, outputs: set) -> int:

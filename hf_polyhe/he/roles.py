@@ -29,9 +29,8 @@ import shutil
 import struct
 import tempfile
 
-from tqdm.auto import tqdm
-
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import params as P
 from .backends.openfhe_backend import OpenFHEBackend, build_context, import_openfhe, setup_bootstrap
@@ -39,7 +38,7 @@ from .errors import CircuitError, KeyMismatchError, LayoutError, SerializationEr
 from .interpreter import Evaluator, Packed
 from .ir import Circuit
 from .packing import layout_from_dict
-from .planner import Plan, plan as make_plan
+from .planner import Plan, _key_bytes, plan as make_plan
 
 MAGIC = b"HFPHECT1"
 BUNDLE_FORMAT = "hf_polyhe.server_bundle"
@@ -158,20 +157,13 @@ atexit.register(_spool_cleanup)
 KEY_PARTS_MIN_GIB = float(os.environ.get("HF_POLYHE_KEY_PARTS_GIB", "4"))  # smaller key sets: one piece
 
 
-def _rotation_key_gib(cc, params: P.CKKSParams, n_keys: int) -> float:
-    """Estimated size of ``n_keys`` rotation keys (HYBRID: dnum digits of 2 polynomials over Q*P)."""
-    dnum = params.num_large_digits or 3
-    towers = params.depth + 1
-    return n_keys * dnum * 2 * cc.GetRingDimension() * (towers + -(-towers // dnum)) * 8 / 2**30
-
-
 def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     """``(crypto context, key pair)`` with every evaluation key a planned circuit needs: relinearisation, the
     given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy parameters warn.
 
     Key sets over ``HF_POLYHE_KEY_PARTS_GIB`` (default 4 GiB, and any bootstrapping set) are generated in
-    batches of :data:`ROTATION_KEY_BATCH`, each serialised right away to a private spool file (0600, removed at exit) that :func:`write_automorphism_keys` later copies into a
-    server bundle: at 128-bit a W1 key set is ~10 GB, and serialising it in one piece would hold it twice."""
+    batches of :data:`ROTATION_KEY_BATCH`, each serialised right away to a private spool file (0600, removed at
+    exit) that :func:`write_automorphism_keys` later copies into a server bundle: at 128-bit a W1 key set is ~10 GB, and serialising it in one piece would hold it twice."""
     if params.insecure:
         P.warn_toy()
     cc = build_context(params)
@@ -180,7 +172,8 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     rot = list(rotation_keys or [])
     jobs = ([("bootstrap", None)] if params.bootstrap else []) + [
         ("rotate", rot[i : i + ROTATION_KEY_BATCH]) for i in range(0, len(rot), ROTATION_KEY_BATCH)]
-    if len(jobs) <= 1 or (not params.bootstrap and _rotation_key_gib(cc, params, len(rot)) < KEY_PARTS_MIN_GIB):
+    small = _key_bytes(params.with_(ring_dim=cc.GetRingDimension()), len(rot))["rotation"] < KEY_PARTS_MIN_GIB * 2**30
+    if len(jobs) <= 1 or (not params.bootstrap and small):
         if rot:
             cc.EvalRotateKeyGen(kp.secretKey, rot)
         if params.bootstrap:

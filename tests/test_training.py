@@ -386,6 +386,11 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
                "polynomial": hf_polyhe.polynomial_status(model).is_polynomial}, f)
 if trainer.is_world_process_zero():
     trainer.save_model(os.path.join(out, "model"))
+# orderly shutdown: without it a rank that exits while the other still saves can abort in gloo's threads
+# ("terminate called without an active exception", seen once in a fresh-clone CI run)
+trainer.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -89,7 +89,7 @@ def setup(enc, args, **plan_kw):
     t0 = time.perf_counter()
     client = EncryptedClient.generate(plan)
     t_keys = time.perf_counter() - t0
-    bundle = tempfile.mkdtemp(prefix="bundle_")
+    bundle = os.path.join(enc.directory, "server_bundle")  # inside the run's temporary directory (~10 GB at 128-bit)
     client.server_bundle(bundle)
     server = EncryptedServer(bundle)
     return plan, client, server, t_plan, t_keys

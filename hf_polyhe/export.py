@@ -138,9 +138,10 @@ def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
     return w.spec
 
 
-def build_circuit(model, seq_len: int, attention_mask=None, all_logits: bool = False, slots: Optional[int] = None):
+def build_circuit(model, seq_len: int, attention_mask=None, all_logits: bool = False, slots: Optional[int] = None,
+                  groups: int = 1):
     """Shortcut: ``build_transformer_circuit(model_to_spec(model), ...)``."""
-    return build_transformer_circuit(model_to_spec(model), seq_len, attention_mask, all_logits, slots)
+    return build_transformer_circuit(model_to_spec(model), seq_len, attention_mask, all_logits, slots, groups)
 
 
 @torch.no_grad()

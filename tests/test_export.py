@@ -31,9 +31,11 @@ def _only(outputs):
     return np.asarray(next(iter(outputs.values())))
 
 
+@pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("family,cls,overrides", CASES, ids=lambda v: str(v) if isinstance(v, str) else "")
 @torch.no_grad()
-def test_plain_backend_reproduces_torch(family, cls, overrides):
+def test_plain_backend_reproduces_torch(family, cls, overrides, groups):
+    """Also with 4 row groups per ciphertext (replicated / stacked layouts: packing.grouped_plan)."""
     model = _poly_model(family, cls, overrides)
     if family == "vit":
         pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
@@ -47,7 +49,7 @@ def test_plain_backend_reproduces_torch(family, cls, overrides):
         out = model(input_ids=ids, attention_mask=torch.tensor(mask)[None]).logits[0]
         expected = (out[-1] if family == "gpt" else out).numpy()
         x = client_embeddings(model, input_ids=ids)
-    circuit = build_circuit(model, x.shape[0], attention_mask=mask)
+    circuit = build_circuit(model, x.shape[0], attention_mask=mask, groups=groups)
     got = _only(run_plain(circuit, {"x": x})).reshape(-1)
     ref = _only(run_reference(circuit, {"x": x})).reshape(-1)
     scale = np.abs(expected).max()

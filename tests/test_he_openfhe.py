@@ -47,9 +47,10 @@ def test_random_circuits_openfhe_matches_plain(seed, tmp_path):
     _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}, tmp_path)
 
 
-def test_attention_block_openfhe(tmp_path):
+@pytest.mark.parametrize("groups", [1, 4])
+def test_attention_block_openfhe(tmp_path, groups):
     rng = np.random.default_rng(7)
-    c = he.Circuit(8, 64)
+    c = he.Circuit(8, 64, groups=groups)
     x = c.input("x", 5, 8)
     mean = c.row_sum(x, 1 / 8)
     xc = c.sub(x, mean)
@@ -58,6 +59,19 @@ def test_attention_block_openfhe(tmp_path):
     o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, scale=1 / 5)
     c.output(c.select_rows(o, [4]), s)
     _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8))}, tmp_path)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_grouped_mlp_openfhe(tmp_path, rows):
+    """Stacked MLP on 4 row groups (one pass of plaintext products, group-sum rotations) under CKKS."""
+    rng = np.random.default_rng(rows)
+    c = he.Circuit(8, 64, groups=4)
+    x = c.input("x", rows, 8)
+    h = c.poly(c.linear(x, rng.normal(size=(8, 32)) / 3, rng.normal(size=32) / 4), fit_operator("gelu", (-6, 6), 7))
+    y = c.linear(h, rng.normal(size=(32, 8)) / 4)
+    c.output(c.linear(c.add(y, x), rng.normal(size=(8, 24)) / 3))
+    client, _, _ = _roundtrip(c, {"x": rng.uniform(-1, 1, (rows, 8))}, tmp_path)
+    assert client.plan.params.slots == 256
 
 
 def test_bootstrapping_circuit(tmp_path):

@@ -332,3 +332,80 @@ def test_single_row_linear_needs_fewer_plaintext_products():
             warnings.simplefilter("ignore")
             counts[rows] = PL.plan(c, P.toy(), bootstrap="never").counts["mul_plain"]
     assert counts[1] == 16 and counts[2] == 31
+
+
+# ---------------------------------------------------------------- row groups (packing.grouped_plan)
+
+
+def test_grouped_layouts_pack_replicated_and_stacked():
+    from hf_polyhe.he.packing import MatrixLayout
+    from hf_polyhe.he.errors import LayoutError
+
+    rng = np.random.default_rng(0)
+    rep = MatrixLayout(5, 8, 8, 64, groups=4)  # one block: every group holds it
+    X = rng.normal(size=(5, 8))
+    (v,) = rep.pack(X)
+    assert v.shape == (256,) and np.array_equal(v, np.tile(v[:64], 4))
+    assert np.array_equal(rep.unpack([v]), X)
+    st = MatrixLayout(5, 20, 8, 64, groups=4)  # three blocks stacked, groups 0/1/2, group 3 empty
+    assert st.stacked and st.per_ct == 4 and st.num_cts == 1
+    Y = rng.normal(size=(5, 20))
+    (w,) = st.pack(Y)
+    assert np.array_equal(st.unpack([w]), Y) and not np.any(w[192:])
+    wide = MatrixLayout(2, 40, 8, 64, groups=2)  # five blocks, two per ciphertext
+    assert wide.num_cts == 3 and np.array_equal(wide.unpack(wide.pack(Y[:2, :20].repeat(2, axis=1))), Y[:2, :20].repeat(2, axis=1))
+    with pytest.raises(LayoutError, match="one group"):
+        MatrixLayout(9, 8, 8, 64, groups=2)  # 9 rows > R = 8
+    with pytest.raises(LayoutError, match="power of two"):
+        MatrixLayout(2, 8, 8, 64, groups=3)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("source", ["clean", "poly", "dirty"])
+def test_grouped_linears_match_reference(groups, rows, source):
+    """Wide linears on row groups: replicated -> stacked (MLP in, LM head), a polynomial on the stacked
+    tensor, stacked -> replicated (MLP out, group sum), for full, one-row (doubled row, p(0) padding) and
+    unknown-padding inputs; every group count gives numpy's answer."""
+    rng = np.random.default_rng(groups * 100 + rows)
+    c = he.Circuit(16, 256, groups=groups)
+    x = c.input("x", rows, 16)
+    if source == "poly":
+        x = c.poly(c.mul_plain(x, 0.5), fit_operator("gelu", (-2.0, 2.0), 7))
+    elif source == "dirty":
+        x = c.add_plain(x, 0.25)  # padding 0.25 but not a known polynomial constant: the general plan
+    h = c.linear(x, rng.normal(size=(16, 40)) / 4, rng.normal(size=40))
+    h = c.poly(h, fit_operator("gelu", (-9.0, 9.0), 7))
+    y = c.linear(h, rng.normal(size=(40, 16)) / 6, rng.normal(size=16))
+    c.output(c.linear(c.add(y, x), rng.normal(size=(16, 70)) / 4))
+    lay = c.layouts()
+    if groups > 1:
+        assert lay[h].stacked and not lay[y].stacked and lay[y].clean
+    _close(c, {"x": rng.uniform(-1, 1, size=(rows, 16))})
+
+
+def test_grouped_linears_save_plaintext_products_and_refuse_what_they_cannot_do():
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(1)
+    counts = {}
+    for groups in (1, 4):
+        c = he.Circuit(16, 256, groups=groups)
+        h = c.linear(c.input("x", 9, 16), rng.normal(size=(16, 64)))
+        c.output(c.linear(c.mul(h, h), rng.normal(size=(64, 16))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl = PL.plan(c, P.toy(2**13), bootstrap="never")
+        counts[groups] = pl.counts
+        assert pl.params.slots == 256 * groups
+    # 4 output + 4 input blocks of 31 generalised diagonals each, against one pass over 4 stacked blocks
+    assert counts[1]["mul_plain"] == 8 * 31 and counts[4]["mul_plain"] == 2 * 31
+    assert counts[4]["mul"] == counts[1]["mul"] // 4  # the square runs on one stacked ciphertext
+    c = he.Circuit(16, 256, groups=4)
+    h = c.linear(c.input("x", 4, 16), rng.normal(size=(16, 64)))
+    with pytest.raises(he.CircuitError, match="stacked"):
+        c.linear(h, rng.normal(size=(64, 32)))
+    with pytest.raises(he.CircuitError, match="stacked"):
+        c.row_sum(h)
+    with pytest.raises(he.CircuitError, match="row group"):
+        c.rotate(h, 1)

@@ -7,6 +7,7 @@ tensors (no packing at all), the ground truth packed execution is compared again
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,17 +29,49 @@ class Packed:
             raise LayoutError(f"layout {self.layout.shape} needs {self.layout.num_cts} ciphertexts, got {len(self.cts)}")
 
 
+class GroupTiling:
+    """A backend seen through row groups: plaintext vectors of one group (``slots`` long) are tiled over the
+    ``groups`` of a ciphertext (kept in a small LRU so the backend's own encoding cache still hits); full-length
+    vectors pass as they are. Everything else goes straight to the backend."""
+
+    def __init__(self, backend, slots: int, groups: int, keep: int = 256):
+        self._be, self._slots, self._groups, self._keep = backend, int(slots), int(groups), keep
+        self._tiled = OrderedDict()
+
+    def __getattr__(self, name):
+        return getattr(self._be, name)
+
+    def _tile(self, v):
+        if np.ndim(v) == 0 or np.size(v) != self._slots:
+            return v
+        hit = self._tiled.get(id(v))
+        if hit is not None and hit[0] is v:
+            self._tiled.move_to_end(id(v))
+            return hit[1]
+        t = np.tile(np.asarray(v, dtype=np.float64), self._groups)
+        self._tiled[id(v)] = (v, t)
+        while len(self._tiled) > self._keep:
+            self._tiled.popitem(last=False)
+        return t
+
+    def add_plain(self, a, v):
+        return self._be.add_plain(a, self._tile(v))
+
+    def mul_plain(self, a, v):
+        return self._be.mul_plain(a, self._tile(v))
+
+
 class Evaluator:
     """Runs ``circuit`` on ``backend``. Rotations go through :meth:`rotate` (normalised index, 0 skipped)."""
 
     def __init__(self, circuit, backend):
         self.circuit = circuit.validate()
-        self.backend = backend
+        self.backend = backend if circuit.groups == 1 else GroupTiling(backend, circuit.slots, circuit.groups)
         self.layouts = circuit.layouts()
         self.producers = {n.name: n for n in circuit.nodes}
         self._cache = {}
-        if getattr(backend, "slots", circuit.slots) < circuit.slots:
-            raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.slots}")
+        if getattr(backend, "slots", circuit.ct_slots) < circuit.ct_slots:
+            raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.ct_slots}")
 
     def cached(self, key, fn):
         if key not in self._cache:
@@ -47,6 +80,11 @@ class Evaluator:
 
     def rotate(self, ct, k):
         k = norm_rot(int(k), self.circuit.slots)
+        return ct if k == 0 else self.backend.rotate(ct, k)
+
+    def rotate_slots(self, ct, k):
+        """A rotation over the whole ciphertext (normalised to ``groups * slots``): moves whole row groups."""
+        k = norm_rot(int(k), self.circuit.ct_slots)
         return ct if k == 0 else self.backend.rotate(ct, k)
 
     def rotate_many(self, ct, ks):
@@ -90,7 +128,7 @@ def run_reference(circuit, inputs: dict, keep_all: bool = False) -> dict:
     for name, (r, c) in circuit.inputs.items():
         if name not in inputs:
             raise CircuitError(f"missing input {name!r}")
-        env[name] = MatrixLayout(r, c, circuit.block, circuit.slots).check(inputs[name])
+        env[name] = MatrixLayout(r, c, circuit.block, circuit.slots, groups=circuit.groups).check(inputs[name])
     for node in circuit.nodes:
         env[node.name] = OPS[node.op].reference(circuit, node, [env[i] for i in node.inputs],
                                                 [lay[i] for i in node.inputs])

@@ -3,7 +3,8 @@
 A :class:`Circuit` has named encrypted ``inputs`` (each a ``rows x cols`` matrix), a topologically ordered
 list of :class:`Node` (``op``, ``name``, ``inputs``, JSON ``attrs``), named ``outputs`` and plaintext
 ``weights`` (numpy arrays referenced from attrs by name). All tensors of a circuit share one packing:
-``block`` (D, features per ciphertext row) and ``slots`` (CKKS batch size); see :mod:`hf_polyhe.he.packing`.
+``block`` (D, features per ciphertext row), ``slots`` (slots per row group) and ``groups`` (row groups per
+ciphertext; the CKKS batch size is ``groups * slots``); see :mod:`hf_polyhe.he.packing`.
 
 Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` functions):
 
@@ -61,16 +62,23 @@ class Node:
 class Circuit:
     """A graph of HE ops with a builder API: every builder method appends a node and returns its name."""
 
-    def __init__(self, block: int, slots: int, name: str = "circuit"):
+    def __init__(self, block: int, slots: int, name: str = "circuit", groups: int = 1):
         if not is_pow2(int(block)) or not is_pow2(int(slots)) or block > slots:
             raise CircuitError(f"block ({block}) and slots ({slots}) must be powers of two with block <= slots")
-        self.block, self.slots, self.name = int(block), int(slots), name
+        if not is_pow2(int(groups)):
+            raise CircuitError(f"groups must be a power of two, got {groups}")
+        self.block, self.slots, self.name, self.groups = int(block), int(slots), name, int(groups)
         self.inputs: dict = {}  # name -> (rows, cols)
         self.nodes: list = []
         self.outputs: list = []
         self.weights: dict = {}
         self.meta: dict = {}
         self._names: set = set()
+
+    @property
+    def ct_slots(self) -> int:
+        """CKKS slots of a ciphertext (the batch size): ``groups * slots``."""
+        return self.groups * self.slots
 
     # ----------------------------------------------------------------- building
     def _fresh(self, base: str) -> str:
@@ -96,7 +104,7 @@ class Circuit:
         return name
 
     def input(self, name: str, rows: int, cols: int) -> str:
-        MatrixLayout(int(rows), int(cols), self.block, self.slots)  # validates
+        MatrixLayout(int(rows), int(cols), self.block, self.slots, groups=self.groups)  # validates
         self.inputs[self._name_ok(name)] = (int(rows), int(cols))
         return name
 
@@ -198,7 +206,7 @@ class Circuit:
         """Layout of every value (inputs and nodes), checking shapes and attributes."""
         from .ops import OPS
 
-        lay = {n: MatrixLayout(r, c, self.block, self.slots) for n, (r, c) in self.inputs.items()}
+        lay = {n: MatrixLayout(r, c, self.block, self.slots, groups=self.groups) for n, (r, c) in self.inputs.items()}
         for node in self.nodes:
             if node.op not in OPS:
                 raise CircuitError(f"node {node.name!r}: unknown op {node.op!r}; accepted: {', '.join(sorted(OPS))}")
@@ -230,6 +238,7 @@ class Circuit:
             "name": self.name,
             "block": self.block,
             "slots": self.slots,
+            "groups": self.groups,
             "inputs": {k: list(v) for k, v in self.inputs.items()},
             "nodes": [n.to_dict() for n in self.nodes],
             "outputs": list(self.outputs),
@@ -246,7 +255,7 @@ class Circuit:
                 f"circuit IR version {d.get('version')!r} is not supported by this runtime (supports {IR_VERSION})"
             )
         try:
-            c = cls(d["block"], d["slots"], d.get("name", "circuit"))
+            c = cls(d["block"], d["slots"], d.get("name", "circuit"), int(d.get("groups", 1)))
             c.meta = dict(d.get("meta", {}))
             for k, shape in d["weights"].items():
                 if k not in weights:
@@ -290,4 +299,5 @@ class Circuit:
         return cls.from_dict(d, weights)
 
     def __repr__(self):
-        return f"Circuit({self.name!r}, {len(self.inputs)} inputs, {len(self.nodes)} nodes, block={self.block}, slots={self.slots})"
+        g = f", groups={self.groups}" if self.groups > 1 else ""
+        return f"Circuit({self.name!r}, {len(self.inputs)} inputs, {len(self.nodes)} nodes, block={self.block}, slots={self.slots}{g})"

@@ -42,7 +42,7 @@ from .decode import build_circuit, build_decode_circuit, cache_names, check_cach
 from .errors import HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError
 from .interpreter import Evaluator, Packed
 from .ops import OPS
-from .packing import MatrixLayout
+from .packing import MatrixLayout, next_pow2
 from .planner import calibrate_bounds, plan as make_plan
 from .transformer import TransformerSpec, default_packing
 
@@ -89,6 +89,7 @@ class ExportPlan:
     kv_cache: bool
     spec_dir: Optional[str] = None
     summary: dict = field(default_factory=dict)
+    groups: int = 1  # row groups per ciphertext (packing.MatrixLayout); the CKKS batch is groups * slots
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,6 +107,9 @@ class ExportPlan:
     # -- planning one circuit with the export's parameters ---------------------------------------------
     def plan_circuit(self, circuit, kind: str):
         """Plan ``circuit`` under this export's parameters; KeyMismatchError if the keys cannot run it."""
+        if circuit.groups != self.groups or circuit.slots != self.slots:
+            raise KeyMismatchError(f"circuit {circuit.name!r} packs {circuit.groups} row groups of {circuit.slots} slots, "
+                                   f"this export {self.groups} of {self.slots}: build it with groups={self.groups}")
         base = self.params
         kw = dict(bounds=self.bounds.get(kind), max_leveled_depth=self.max_leveled_depth)
         if self.mode == "bootstrap":
@@ -130,7 +134,7 @@ def plan_report(plan: ExportPlan) -> str:
     predicted seconds (what ``hf-polyhe inspect`` prints and ``save_encrypted_pipeline`` writes to ``plan.txt``)."""
     p = plan.params
     lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
-             f"depth {p.depth}, {plan.slots} slots, {p.scale_bits}-bit scale, mode {plan.mode}, "
+             f"depth {p.depth}, {p.slots} slots ({plan.groups} row groups of {plan.slots}), {p.scale_bits}-bit scale, mode {plan.mode}, "
              f"{len(plan.rotation_keys)} rotation keys"]
     for kind, entry in plan.summary.items():
         lines += ["", f"== {kind} circuit, length {entry['length']} ==", entry.get("report", "")]
@@ -141,7 +145,7 @@ def plan_overview(plan: ExportPlan) -> dict:
     """The JSON part of :func:`plan_report`: parameters and, per circuit kind, counts and predicted seconds."""
     p = plan.params
     return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
-            "depth": p.depth, "slots": plan.slots, "scale_bits": p.scale_bits, "mode": plan.mode,
+            "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
             "rotation_keys": len(plan.rotation_keys),
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
                                 "predicted_seconds": round(float(e["predicted_seconds"]), 2)}
@@ -163,6 +167,18 @@ def _sample_embeddings(model, n: int, seed: int = 0) -> list:
     return out
 
 
+def _auto_groups(circuit, ring_dim: int) -> int:
+    """Row groups for ``circuit`` on a ring of ``ring_dim``: as many as the ring's ``N/2`` slots hold, but no
+    more than the widest linear (input or output) has column blocks -- beyond that they only replicate."""
+    fit = max(1, (ring_dim // 2) // circuit.slots)
+    widest = 1
+    for node in circuit.nodes:
+        if node.op == "linear":
+            W = circuit.weight(node.attrs["weight"])
+            widest = max(widest, next_pow2(-(-max(W.shape) // circuit.block)))
+    return int(min(fit, widest))
+
+
 def _merge_max(acc: dict, new: dict):
     for k, v in new.items():
         acc[k] = max(acc.get(k, 0.0), float(v))
@@ -171,14 +187,18 @@ def _merge_max(acc: dict, new: dict):
 def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: str = "auto",
                     levels_after_bootstrap: Optional[int] = None, max_leveled_depth: int = 24,
                     lengths=None, kv_cache: Optional[bool] = None, calibration: Optional[list] = None,
-                    calibration_samples: int = 2) -> ExportPlan:
+                    calibration_samples: int = 2, groups: Optional[int] = None) -> ExportPlan:
     """Plan every circuit a server may run for ``model`` (an :class:`~hf_polyhe.he.session.EncryptedModel`).
 
     ``lengths``: prompt lengths to support (default ``1..max_length``); ``kv_cache`` (default: causal LMs)
     adds the KV-cache prefill for each length and the decode steps ``1..max_length-1``. ``bootstrap`` as in
     :func:`~hf_polyhe.he.planner.plan`; bootstrap bounds come from ``calibration`` (a list of ``max_length x d``
     embedding matrices; default: random tokens through the client's tables). Padding masks change neither
-    depth nor rotations, so the keys cover every mask."""
+    depth nor rotations, so the keys cover every mask.
+
+    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`). Default: a leveled export fills
+    the ring's slots -- up to the widest linear's column blocks -- so wide linears (MLP, LM head) and their
+    activations cost one block's work; a bootstrapping export keeps one group (sparse bootstrapping)."""
     spec, max_len = model.spec, model.max_length
     causal = model.family == "gpt"
     kv_cache = causal if kv_cache is None else bool(kv_cache)
@@ -190,15 +210,29 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     if not lengths or lengths[0] < 1 or lengths[-1] > max_len:
         raise PlanningError(f"lengths must lie in 1..{max_len}, got {lengths}")
     params = params or P.default()
-    jobs = [("full", L, build_circuit(spec, L)) for L in lengths]
-    if kv_cache:
-        jobs += [("prefill", L, build_circuit(spec, L, kv_cache=True)) for L in lengths]
-        jobs += [("decode", t, build_decode_circuit(spec, t)) for t in range(1, max_len)]
+    if groups is not None and (int(groups) < 1 or int(groups) & (int(groups) - 1)):
+        raise PlanningError(f"groups must be a power of two >= 1, got {groups!r}")
+
+    def make_jobs(g):
+        out = [("full", L, build_circuit(spec, L, groups=g)) for L in lengths]
+        if kv_cache:
+            out += [("prefill", L, build_circuit(spec, L, kv_cache=True, groups=g)) for L in lengths]
+            out += [("decode", t, build_decode_circuit(spec, t, groups=g)) for t in range(1, max_len)]
+        return out
+
+    jobs = make_jobs(1)
     # resolve "auto" once, on the longest circuit, so every circuit runs the same way
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                       max_leveled_depth=max_leveled_depth)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
+    if groups is None:
+        groups = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else 1
+    groups = int(groups)
+    if groups > 1:
+        if mode == "bootstrap":
+            raise PlanningError(f"groups={groups} needs a leveled export (this one bootstraps); use groups=1")
+        jobs = make_jobs(groups)
     if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
         params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
     # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
@@ -263,7 +297,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                       levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
                       digest=spec_digest(spec), family=model.family, max_length=max_len,
                       hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
-                      spec_dir=spec_dir, summary=summary)
+                      spec_dir=spec_dir, summary=summary, groups=groups)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -295,10 +329,10 @@ class EncryptedClient:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.plan.hidden_size or not 1 <= x.shape[0] <= self.plan.max_length:
             raise LayoutError(f"embeddings must have shape (1..{self.plan.max_length}, {self.plan.hidden_size}), got {x.shape}")
-        L = MatrixLayout(x.shape[0], x.shape[1], self.plan.block, self.plan.slots)
+        L = MatrixLayout(x.shape[0], x.shape[1], self.plan.block, self.plan.slots, groups=self.plan.groups)
         cts = []
         for v in L.pack(x):
-            pt = self.cc.MakeCKKSPackedPlaintext(v, 1, self.plan.start_level, None, self.plan.slots)
+            pt = self.cc.MakeCKKSPackedPlaintext(v, 1, self.plan.start_level, None, self.plan.params.slots)
             cts.append(self.cc.Encrypt(self.keypair.publicKey, pt))
         return _roles().EncryptedTensor(L, cts, self.key_tag, self.cc.GetRingDimension()).to_bytes()
 
@@ -311,7 +345,7 @@ class EncryptedClient:
         vecs = []
         for ct in t.cts:
             pt = self.cc.Decrypt(self.keypair.secretKey, ct)
-            pt.SetLength(self.plan.slots)
+            pt.SetLength(self.plan.params.slots)
             vecs.append(np.asarray(pt.GetRealPackedValue(), dtype=np.float64))
         return t.layout.unpack(vecs)
 
@@ -411,7 +445,7 @@ class EncryptedServer:
             setup_bootstrap(self.cc, self.plan.params)
         from .backends.openfhe_backend import OpenFHEBackend
 
-        self.backend = OpenFHEBackend(self.cc, self.plan.slots)
+        self.backend = OpenFHEBackend(self.cc, self.plan.params.slots)
         self._evaluators: dict = {}
         self.sessions: dict = {}
         self.last_timings: dict = {}
@@ -422,9 +456,9 @@ class EncryptedServer:
         key = (kind, n, None if attention_mask is None else tuple(np.asarray(attention_mask).reshape(-1).astype(int).tolist()))
         if key not in self._evaluators:
             if kind == "decode":
-                c = build_decode_circuit(self.spec, n)
+                c = build_decode_circuit(self.spec, n, groups=self.plan.groups)
             else:
-                c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"))
+                c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"), groups=self.plan.groups)
             pl = self.plan.plan_circuit(c, kind)
             ev = Evaluator(pl.circuit, self.backend)
             ev.plan = pl
@@ -441,7 +475,7 @@ class EncryptedServer:
                                    f"session uses {self.key_tag[:12]}...)")
         if t.ring_dim != self.cc.GetRingDimension():
             raise KeyMismatchError(f"{name!r} belongs to another crypto context (ring {t.ring_dim})")
-        want = MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots)
+        want = MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots, groups=self.plan.groups)
         if t.layout != want:
             raise LayoutError(f"{name!r} has layout {t.layout.to_dict()}, expected {rows} x {self.plan.hidden_size} "
                               f"embeddings packed as {want.to_dict()}")

@@ -14,7 +14,7 @@ import numpy as np
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, ScoreLayout, bsgs_plan, norm_rot, single_row_plan
+from .packing import MatrixLayout, ScoreLayout, bsgs_plan, grouped_plan, norm_rot, single_row_plan
 
 OPS: dict = {}
 
@@ -41,7 +41,7 @@ def approximation_depth(approx: Approximation) -> int:
 
 
 def _same(op, a, b):
-    if a.kind != b.kind or a.shape != b.shape or (a.kind == "scores" and a != b):
+    if a.kind != b.kind or a.shape != b.shape or a.groups != b.groups or (a.kind == "scores" and a != b):
         raise LayoutError(f"{op}: operands have different shapes/layouts: {a.to_dict()} vs {b.to_dict()}")
 
 
@@ -84,7 +84,11 @@ class Linear(OpSpec):
             raise LayoutError(f"weight shape {W.shape} does not match input features {x.cols}")
         if "bias" in node.attrs and c.weight(node.attrs["bias"]).shape != (W.shape[1],):
             raise LayoutError(f"bias shape {c.weight(node.attrs['bias']).shape} != ({W.shape[1]},)")
-        return MatrixLayout(x.rows, int(W.shape[1]), x.block, x.slots, clean=True)
+        out = MatrixLayout(x.rows, int(W.shape[1]), x.block, x.slots, clean=True, groups=x.groups)
+        if x.stacked and out.col_blocks > 1:
+            raise LayoutError(f"a linear from a stacked input ({x.cols} features in {x.groups} row groups) must map to "
+                              f"at most {x.block} features, got {out.cols}; build the circuit with groups=1")
+        return out
 
     def reference(self, c, node, xs, lay):
         y = xs[0] @ c.weight(node.attrs["weight"])
@@ -123,11 +127,70 @@ class Linear(OpSpec):
             corr.append(-acc)
         return corr
 
+    @staticmethod
+    def grouped_padding_correction(plan, L, out_l, pad):
+        """:meth:`padding_correction` for a grouped single-row plan (full-ciphertext vectors, group sum)."""
+        D, P = L.block, L.slots
+        valid = L.valid_masks()
+        corr = []
+        for no in range(out_l.num_cts):
+            acc = np.zeros(L.ct_slots)
+            for ni in range(L.num_cts):
+                v = np.where(valid[ni], 0.0, pad)
+                vv = v + np.roll(v, D)
+                for g, terms in plan.terms.get((ni, no), {}).items():
+                    acc += np.roll(sum(q * np.roll(vv, -b) for b, q in terms.items()), -g)
+            for j in range(plan.group_sum):
+                acc = acc + np.roll(acc, -(P << j))
+            corr.append(-acc)
+        return corr
+
+    def _execute_grouped(self, ev, node, x, W, pad):
+        """Row-grouped layouts: one pass of plaintext products serves every group (see packing.grouped_plan)."""
+        L, out_l, be = x.layout, ev.layouts[node.name], ev.backend
+        single = pad is not None
+        plan = ev.cached((node.name, "grouped"), lambda: grouped_plan(W, L, out_l, single))
+        bias = None
+        if "bias" in node.attrs:
+            bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
+        if pad:
+            corr = ev.cached((node.name, "gpad"), lambda: self.grouped_padding_correction(plan, L, out_l, pad))
+            bias = corr if bias is None else [b + c for b, c in zip(bias, corr)]
+        babies = []
+        for ct in x.cts:
+            if plan.doubled:
+                ct = be.add(ct, ev.rotate(ct, -L.block))
+            rots = ev.rotate_many(ct, plan.baby)
+            rots[0] = ct
+            babies.append(rots)
+        out = []
+        for no in range(out_l.num_cts):
+            acc = None
+            for g in plan.giant:
+                inner = None
+                for ni in range(L.num_cts):
+                    for b, vec in plan.terms.get((ni, no), {}).get(g, {}).items():
+                        t = be.mul_plain(babies[ni][b], vec)
+                        inner = t if inner is None else be.add(inner, t)
+                if inner is not None:
+                    inner = ev.rotate(inner, g)
+                    acc = inner if acc is None else be.add(acc, inner)
+            if acc is None:
+                acc = be.mul_scalar(x.cts[0], 0.0)
+            for j in range(plan.group_sum):  # sum the stacked blocks: every group gets all of them
+                acc = be.add(acc, ev.rotate_slots(acc, L.slots << j))
+            if bias is not None:
+                acc = be.add_plain(acc, bias[no])
+            out.append(acc)
+        return out
+
     def execute(self, ev, node, xs):
         x = xs[0]
         L = x.layout
         W = ev.circuit.weight(node.attrs["weight"])
         pad = self.padding_value(ev, node) if L.rows == 1 and L.slots >= 2 * L.block else None
+        if L.groups > 1:
+            return self._execute_grouped(ev, node, x, W, pad)
         if pad is not None:
             plan = ev.cached((node.name, "row"), lambda: single_row_plan(W, L, W.shape[1]))
         else:
@@ -311,6 +374,8 @@ class Rotate(OpSpec):
     def infer(self, c, node, lay):
         self.check_arity(node)
         int(node.attrs["offset"])
+        if getattr(lay[0], "groups", 1) > 1:
+            raise LayoutError("rotate acts on one row group; build the circuit with groups=1")
         return lay[0].with_(clean=False)
 
     def reference(self, c, node, xs, lay):
@@ -329,6 +394,7 @@ class RowSum(OpSpec):
         x = lay[0]
         if x.kind != "matrix":
             raise LayoutError("row_sum needs a matrix input")
+        _unstacked("row_sum", x)
         ragged = x.cols % x.block != 0
         if ragged and not x.clean:
             raise LayoutError(
@@ -375,6 +441,7 @@ class SelectRows(OpSpec):
         x, rows = lay[0], node.attrs["rows"]
         if x.kind != "matrix" or not rows or any((not 0 <= int(r) < x.rows) for r in rows):
             raise LayoutError(f"select_rows: rows {rows} must be a non-empty list in [0, {x.rows})")
+        _unstacked("select_rows", x)
         return x.with_(rows=len(rows), clean=True)
 
     def reference(self, c, node, xs, lay):
@@ -412,6 +479,8 @@ class SliceCols(OpSpec):
         a, b = int(node.attrs["start"]), int(node.attrs["stop"])
         if x.kind != "matrix" or not (0 <= a < b <= x.cols) or a % x.block:
             raise LayoutError(f"slice_cols [{a}, {b}) must satisfy 0 <= start < stop <= {x.cols}, start % {x.block} == 0")
+        if x.groups > 1:
+            raise LayoutError("slice_cols works on one row group; build the circuit with groups=1")
         clean = x.clean and (b == x.cols or b % x.block == 0)
         return x.with_(cols=b - a, clean=clean)
 
@@ -435,6 +504,8 @@ class ConcatCols(OpSpec):
         for i, x in enumerate(lay):
             if x.kind != "matrix" or x.rows != lay[0].rows:
                 raise LayoutError("concat_cols inputs must be matrices with the same number of rows")
+            if x.groups > 1:
+                raise LayoutError("concat_cols works on one row group; build the circuit with groups=1")
             if i < len(lay) - 1 and x.cols % x.block:
                 raise LayoutError(f"concat_cols: input {i} has {x.cols} columns, not a multiple of block {x.block}")
         return lay[0].with_(cols=sum(x.cols for x in lay), clean=all(x.clean for x in lay))
@@ -479,8 +550,14 @@ def _rotate_rows_pow2(ev, ct, rows: int, D: int):
     return ct
 
 
+def _unstacked(name, x):
+    if getattr(x, "stacked", False):
+        raise LayoutError(f"{name} does not take a stacked layout ({x.cols} features in {x.groups} row groups); "
+                          "build the circuit with groups=1")
+
+
 def _single_ct(name, x):
-    if x.kind != "matrix" or x.num_cts != 1:
+    if x.kind != "matrix" or x.num_cts != 1 or x.col_blocks != 1:
         raise LayoutError(
             f"{name} needs a single-ciphertext matrix (rows <= slots/block = {x.slots // x.block}, cols <= block = "
             f"{x.block}); got {x.rows} x {x.cols}"
@@ -501,7 +578,8 @@ class QKScores(OpSpec):
             raise LayoutError(f"{q.cols} features do not split into {h} heads")
         if "row_scale" in node.attrs and c.weight(node.attrs["row_scale"]).shape != (q.rows,):
             raise LayoutError(f"row_scale must have shape ({q.rows},)")
-        return ScoreLayout(q.rows, h, q.cols // h, q.block, q.slots, bool(node.attrs.get("causal", False)))
+        return ScoreLayout(q.rows, h, q.cols // h, q.block, q.slots, bool(node.attrs.get("causal", False)),
+                           groups=q.groups)
 
     @staticmethod
     def row_factors(c, node, rows):
@@ -555,7 +633,7 @@ class AttnApply(OpSpec):
             raise LayoutError(f"values of shape {v.shape} do not match scores {s.shape} x head_dim {s.head_dim}")
         if "mask" in node.attrs and c.weight(node.attrs["mask"]).shape != (s.rows, s.rows):
             raise LayoutError(f"mask must have shape ({s.rows}, {s.rows})")
-        return MatrixLayout(v.rows, v.cols, v.block, v.slots, clean=True)
+        return v.with_(clean=True)
 
     def _mask(self, c, node, S):
         m = np.ones((S.rows, S.rows))

@@ -15,6 +15,17 @@ padding is known to be zero (the client encrypts zeros there; a polynomial makes
 ``p(0) != 0``). Ops that would read padding either ignore it structurally (``linear`` uses zero diagonal
 entries, attention masks invalid pairs) or require a clean input (``row_sum`` when ``cols % D != 0``).
 
+Row groups (``groups = G > 1``): a ciphertext then carries ``G * slots`` CKKS slots, ``G`` groups of ``slots``
+each (``R`` rows of ``D``), and the tensor must fit one row block (``rows <= R``). A one-block tensor
+(``cols <= D``) is *replicated*: every group holds the same ``R x D`` block, so the slot vector is periodic
+with period ``slots`` and every op built for one group (its plaintexts tiled ``G`` times, rotations by less
+than a group) computes the same thing in every group -- this is how OpenFHE's sparse packing already lays
+out a batch smaller than ``N/2``. A wider tensor is *stacked*: ``k = min(G, next_pow2(col_blocks))`` column
+blocks per ciphertext, block ``n * k + (g mod k)`` in group ``g`` of ciphertext ``n`` (each block ``G / k``
+times). ``linear`` then multiplies all ``k`` blocks with one plaintext: a replicated input feeds ``k`` output
+blocks at the cost of one, and a stacked input's ``k`` blocks are summed by ``log2 k`` rotations by whole
+groups, which leaves the (one-block) output replicated. Only pointwise ops and ``linear`` take stacked input.
+
 Slot rotation is cyclic over the ``slots`` of a ciphertext (OpenFHE sparse packing):
 ``rot(v, k)[s] = v[(s + k) mod slots]``. Rotation indices are normalised to ``(-slots/2, slots/2]``.
 
@@ -74,16 +85,43 @@ class MatrixLayout:
     block: int
     slots: int
     clean: bool = field(default=True, compare=False)
+    groups: int = 1
 
     kind = "matrix"
 
     def __post_init__(self):
-        for name in ("rows", "cols", "block", "slots"):
+        for name in ("rows", "cols", "block", "slots", "groups"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v <= 0:
                 raise LayoutError(f"{name} must be a positive integer, got {v!r}")
         if not is_pow2(self.block) or not is_pow2(self.slots) or self.slots < self.block:
             raise LayoutError(f"block ({self.block}) and slots ({self.slots}) must be powers of two with block <= slots")
+        if not is_pow2(self.groups):
+            raise LayoutError(f"groups must be a power of two, got {self.groups}")
+        if self.groups > 1 and self.rows > self.R:
+            raise LayoutError(f"with {self.groups} row groups a tensor must fit one group of R = {self.R} rows, "
+                              f"got {self.rows} rows")
+
+    @property
+    def ct_slots(self) -> int:
+        """CKKS slots of one ciphertext: ``groups * slots``."""
+        return self.groups * self.slots
+
+    @property
+    def per_ct(self) -> int:
+        """Column blocks per ciphertext: 1 (replicated in every group) or ``k`` stacked blocks."""
+        if self.groups == 1 or self.col_blocks == 1:
+            return 1
+        return min(self.groups, next_pow2(self.col_blocks))
+
+    @property
+    def stacked(self) -> bool:
+        return self.per_ct > 1
+
+    def block_at(self, n: int, g: int) -> Optional[int]:
+        """Column block held by group ``g`` of ciphertext ``n`` (None: an empty group)."""
+        cb = n * self.per_ct + g % self.per_ct
+        return cb if cb < self.col_blocks else None
 
     @property
     def R(self) -> int:
@@ -99,14 +137,15 @@ class MatrixLayout:
 
     @property
     def num_cts(self) -> int:
-        return self.row_blocks * self.col_blocks
+        return self.row_blocks * -(-self.col_blocks // self.per_ct)
 
     @property
     def shape(self) -> tuple:
         return (self.rows, self.cols)
 
     def with_(self, **kw) -> "MatrixLayout":
-        d = dict(rows=self.rows, cols=self.cols, block=self.block, slots=self.slots, clean=self.clean)
+        d = dict(rows=self.rows, cols=self.cols, block=self.block, slots=self.slots, clean=self.clean,
+                 groups=self.groups)
         d.update(kw)
         return MatrixLayout(**d)
 
@@ -118,6 +157,8 @@ class MatrixLayout:
         return min(self.block, self.cols - cb * self.block)
 
     def ct_index(self, rb: int, cb: int) -> int:
+        if self.groups > 1:
+            return cb // self.per_ct
         return rb * self.col_blocks + cb
 
     def check(self, x: np.ndarray) -> np.ndarray:
@@ -131,13 +172,23 @@ class MatrixLayout:
     def pack(self, x) -> list:
         """``rows x cols`` array -> list of ``num_cts`` slot vectors (float64, length ``slots``)."""
         x = self.check(x)
-        out = []
+        blocks = []
         for rb in range(self.row_blocks):
             for cb in range(self.col_blocks):
                 blk = np.zeros((self.R, self.block))
                 r, c = self.block_rows(rb), self.block_cols(cb)
                 blk[:r, :c] = x[rb * self.R : rb * self.R + r, cb * self.block : cb * self.block + c]
-                out.append(blk.reshape(-1))
+                blocks.append(blk.reshape(-1))
+        if self.groups == 1:
+            return blocks
+        out = []
+        for n in range(self.num_cts):
+            v = np.zeros(self.ct_slots)
+            for g in range(self.groups):
+                cb = self.block_at(n, g)
+                if cb is not None:
+                    v[g * self.slots : (g + 1) * self.slots] = blocks[cb]
+            out.append(v)
         return out
 
     def unpack(self, vecs: Sequence) -> np.ndarray:
@@ -147,9 +198,10 @@ class MatrixLayout:
         for rb in range(self.row_blocks):
             for cb in range(self.col_blocks):
                 v = np.asarray(vecs[self.ct_index(rb, cb)], dtype=np.float64).reshape(-1)
-                if v.size < self.slots:
-                    raise LayoutError(f"slot vector of length {v.size} < {self.slots} slots")
-                blk = v[: self.slots].reshape(self.R, self.block)
+                if v.size < self.ct_slots:
+                    raise LayoutError(f"slot vector of length {v.size} < {self.ct_slots} slots")
+                g0 = (cb % self.per_ct) * self.slots  # the block's first group
+                blk = v[g0 : g0 + self.slots].reshape(self.R, self.block)
                 r, c = self.block_rows(rb), self.block_cols(cb)
                 x[rb * self.R : rb * self.R + r, cb * self.block : cb * self.block + c] = blk[:r, :c]
         return x
@@ -167,8 +219,11 @@ class MatrixLayout:
             raise LayoutError(f"plaintext of shape {v.shape} does not broadcast to {self.shape}") from None
 
     def to_dict(self) -> dict:
-        return {"kind": "matrix", "rows": self.rows, "cols": self.cols, "block": self.block, "slots": self.slots,
-                "clean": self.clean}
+        d = {"kind": "matrix", "rows": self.rows, "cols": self.cols, "block": self.block, "slots": self.slots,
+             "clean": self.clean}
+        if self.groups > 1:
+            d["groups"] = self.groups
+        return d
 
 
 def attention_shifts(rows: int, R: int, causal: bool) -> tuple:
@@ -197,6 +252,7 @@ class ScoreLayout:
     slots: int
     causal: bool
     clean: bool = field(default=True, compare=False)
+    groups: int = 1  # replicated in every row group (see MatrixLayout)
 
     kind = "scores"
 
@@ -224,7 +280,7 @@ class ScoreLayout:
 
     def with_(self, **kw):
         d = dict(rows=self.rows, heads=self.heads, head_dim=self.head_dim, block=self.block, slots=self.slots,
-                 causal=self.causal, clean=self.clean)
+                 causal=self.causal, clean=self.clean, groups=self.groups)
         d.update(kw)
         return ScoreLayout(**d)
 
@@ -250,7 +306,7 @@ class ScoreLayout:
                 j = (i + s) % self.R
                 for h in range(self.heads):
                     vecs[ct][i * self.block + h * self.head_dim + m] = S[h, i, j]
-        return vecs
+        return [np.tile(v, self.groups) for v in vecs] if self.groups > 1 else vecs
 
     def unpack(self, vecs) -> np.ndarray:
         if len(vecs) != self.num_cts:
@@ -279,8 +335,11 @@ class ScoreLayout:
             raise LayoutError(f"plaintext of shape {v.shape} does not broadcast to {self.shape}") from None
 
     def to_dict(self) -> dict:
-        return {"kind": "scores", "rows": self.rows, "heads": self.heads, "head_dim": self.head_dim,
-                "block": self.block, "slots": self.slots, "causal": self.causal, "clean": self.clean}
+        d = {"kind": "scores", "rows": self.rows, "heads": self.heads, "head_dim": self.head_dim,
+             "block": self.block, "slots": self.slots, "causal": self.causal, "clean": self.clean}
+        if self.groups > 1:
+            d["groups"] = self.groups
+        return d
 
 
 def layout_from_dict(d: dict):
@@ -307,6 +366,7 @@ class BSGSPlan:
     giant: tuple  # giant rotation amounts (multiples of n1, != 0 or 0)
     terms: dict  # (rb, ib, ob) -> {giant: {baby: slot vector}}
     doubled: bool = False  # single-row plan on the doubled row (see the module docstring)
+    group_sum: int = 0  # grouped plans: rotations by 1, 2, 4, ... groups summing a stacked input's blocks
 
 
 def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nrows: int, d_out: int) -> dict:
@@ -418,3 +478,66 @@ def single_row_plan(W: np.ndarray, layout_in: MatrixLayout, d_out: int) -> BSGSP
                 giants.add(g)
             terms[(0, ib, ob)] = groups
     return BSGSPlan(n1=n1, baby=tuple(sorted(babies - {0})), giant=tuple(sorted(giants)), terms=terms, doubled=True)
+
+
+def grouped_plan(W: np.ndarray, layout_in: MatrixLayout, layout_out: MatrixLayout, single_row: bool) -> BSGSPlan:
+    """Schedule of ``x @ W`` on row-grouped layouts (``groups > 1``, see the module docstring): ``terms`` are
+    keyed ``(input ct, output ct)`` with full-ciphertext plaintexts (``groups * slots``), each group holding the
+    diagonals of the weight block between the blocks that group carries. A replicated input feeds every
+    output block at once; a stacked input's blocks are summed afterwards by ``group_sum`` = ``log2 k``
+    rotations by whole groups (output replicated). ``single_row``: the cyclic-diagonal plan on the doubled
+    row of :func:`single_row_plan`, else generalised diagonals of :func:`bsgs_plan` (rolled over the whole
+    ciphertext, since giant rotations cross group borders)."""
+    W = np.asarray(W, dtype=np.float64)
+    Li, Lo = layout_in, layout_out
+    if W.shape != (Li.cols, Lo.cols):
+        raise LayoutError(f"weight of shape {W.shape} does not map {Li.cols} features to {Lo.cols}")
+    if Li.groups != Lo.groups or Li.groups == 1:
+        raise LayoutError("grouped_plan needs input and output with the same number (> 1) of row groups")
+    if Li.stacked and Lo.stacked:
+        raise LayoutError("a linear from a stacked input must produce one column block")
+    D, P, G = Li.block, Li.slots, Li.groups
+    n_in, n_out = Li.num_cts, Lo.num_cts
+
+    def blk(ib, ob):
+        out = np.zeros((D, D))
+        sub = W[ib * D : (ib + 1) * D, ob * D : (ob + 1) * D]
+        out[: sub.shape[0], : sub.shape[1]] = sub
+        return out
+
+    # per (input ct, output ct, group): the (in block, out block) pair the group computes
+    pairs = {}
+    for ni in range(n_in):
+        for no in range(n_out):
+            for g in range(G):
+                ib, ob = Li.block_at(ni, g), Lo.block_at(no, g)
+                if ib is not None and ob is not None:
+                    pairs.setdefault((ni, no), {})[g] = (ib, ob)
+    diags = {}  # (ni, no) -> {t: full vector}
+    j = np.arange(D)
+    for key, groups in pairs.items():
+        d = {}
+        for g, (ib, ob) in groups.items():
+            if single_row:
+                B = blk(ib, ob)
+                for t in range(D):
+                    diag = B[(j + t) % D, j]
+                    if np.any(diag):
+                        d.setdefault(t, np.zeros(G * P))[g * P : g * P + D] = diag
+            else:
+                for t, v in block_diagonals(W, Li, ib, ob, Li.rows, Lo.cols).items():
+                    d.setdefault(t, np.zeros(G * P))[g * P : (g + 1) * P] = v
+        diags[key] = d
+    ts = sorted({t for d in diags.values() for t in d})
+    n1 = choose_n1_cyclic(D, n_in, n_out) if single_row else choose_n1(ts, n_in, n_out)
+    terms, babies, giants = {}, set(), set()
+    for key, d in diags.items():
+        groups = {}
+        for t, v in d.items():
+            g, b = (t // n1) * n1, t % n1
+            groups.setdefault(g, {})[b] = np.roll(v, g)  # single row: the diagonal moves to [g, g + D) of its group
+            babies.add(b)
+            giants.add(g)
+        terms[key] = groups
+    return BSGSPlan(n1=n1, baby=tuple(sorted(babies - {0})), giant=tuple(sorted(giants)), terms=terms,
+                    doubled=single_row, group_sum=int(math.log2(Li.per_ct)))

@@ -235,7 +235,7 @@ class Plan:
     def report(self) -> str:
         p = self.params
         lines = [
-            f"circuit {self.circuit.name!r}: {len(self.circuit.nodes)} ops, slots {self.circuit.slots}, block {self.circuit.block}",
+            f"circuit {self.circuit.name!r}: {len(self.circuit.nodes)} ops, slots {self.circuit.ct_slots} ({self.circuit.groups} row groups), block {self.circuit.block}",
             f"params: {p.name} ({p.security}), ring dim {p.ring_dim or 'auto'}, scale {p.scale_bits} bits, "
             f"total depth {p.depth}, bootstrap={p.bootstrap}"
             + (f" (levels after bootstrap {p.levels_after_bootstrap}, level budget {list(p.level_budget)})" if p.bootstrap else ""),
@@ -280,7 +280,7 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
     lb = int(levels_after_bootstrap)
     budget = lb - 1
     bounds = bounds or {}
-    out = Circuit(circuit.block, circuit.slots, circuit.name)
+    out = Circuit(circuit.block, circuit.slots, circuit.name, circuit.groups)
     out.meta = dict(circuit.meta)
     out.weights = dict(circuit.weights)
     for n, (r, c) in circuit.inputs.items():
@@ -328,7 +328,7 @@ def calibrate_bounds(circuit: Circuit, sample_inputs: dict) -> dict:
     """Max |x| over all slots of every value when the plain backend runs ``sample_inputs``."""
     from .backends.plain import PlainBackend
 
-    be = PlainBackend(circuit.slots)
+    be = PlainBackend(circuit.ct_slots)
     ev = Evaluator(circuit, be)
     env = {n: Packed(ev.layouts[n], ev.layouts[n].pack(x)) for n, x in sample_inputs.items()}
     env = ev.check_inputs(env)
@@ -402,17 +402,17 @@ def choose_levels_after_bootstrap(circuit: Circuit, params: P.CKKSParams, reques
         lb = cap
         note = f"levels after bootstrap {lb} (default lowered to the largest secure value)"
     limit = float(max_memory_gib if max_memory_gib is not None else P.default_max_memory_gib())
-    mem = _boot_params(params, lb, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor)
+    mem = _boot_params(params, lb, circuit.ct_slots).estimate_bootstrap_memory_gib(memory_anchor)
     if mem > limit:
         # the fewest levels that still fit the deepest op
-        mem_need = _boot_params(params, need, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor)
+        mem_need = _boot_params(params, need, circuit.ct_slots).estimate_bootstrap_memory_gib(memory_anchor)
         if mem_need > limit:
             raise PlanningError(
                 f"op {name!r} ({op}) needs {d} levels in one bootstrap segment (levels_after_bootstrap >= {need}); "
-                f"bootstrapping keys for that depth ({need + params.bootstrap_depth}) and {circuit.slots} slots need "
+                f"bootstrapping keys for that depth ({need + params.bootstrap_depth}) and {circuit.ct_slots} slots need "
                 f"~{mem_need:.1f} GiB, over the {limit:.1f} GiB limit (max_memory_gib / HF_POLYHE_MAX_MEMORY_GIB); "
                 f"lower the polynomial's degree or Newton steps, split it into stages, or use fewer slots")
-        while lb > need and _boot_params(params, lb, circuit.slots).estimate_bootstrap_memory_gib(memory_anchor) > limit:
+        while lb > need and _boot_params(params, lb, circuit.ct_slots).estimate_bootstrap_memory_gib(memory_anchor) > limit:
             lb -= 1
         note = f"levels after bootstrap {lb} (lowered to fit the {limit:.1f} GiB memory limit)"
     return lb, note
@@ -487,13 +487,13 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         notes.append(note)
         run_circuit, inserted = insert_bootstraps(circuit, lb, bounds)
         lev = static_levels(run_circuit)
-        p = _boot_params(params, lb, circuit.slots)
+        p = _boot_params(params, lb, circuit.ct_slots)
         start_level = p.bootstrap_depth - 1  # one spare level for the fresh ciphertext's first rescale
         seg_depth = max(lev.values())
     else:
         # +1: with FLEXIBLEAUTO a fresh ciphertext is encrypted at a doubled scale and spends one level on its
         # first rescale (measured: a full-depth chain fails without it)
-        p = params.with_(bootstrap=False, slots=circuit.slots, depth=leveled_depth + 1)
+        p = params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth + 1)
         p, note = fit_scale(p)
         if note:
             notes.append(note)
@@ -503,7 +503,7 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         raise PlanningError(f"the circuit needs {p.slots} slots, ring dimension {p.ring_dim} offers {p.ring_dim // 2}")
     if not p.insecure:
         p = p.with_(ring_dim=p.secure_ring_dim())  # PlanningError if no secure set
-    tb = TraceBackend(circuit.slots, p.depth, start_level, p.levels_after_bootstrap if p.bootstrap else p.depth,
+    tb = TraceBackend(circuit.ct_slots, p.depth, start_level, p.levels_after_bootstrap if p.bootstrap else p.depth,
                       p.ring_dim, costs)
     ev = Evaluator(run_circuit, tb)
     ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in run_circuit.inputs}

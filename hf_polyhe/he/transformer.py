@@ -153,7 +153,7 @@ def attention_mask_matrix(seq_len: int, attention_mask=None, causal: bool = Fals
 
 
 def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, all_logits: bool = False,
-                              slots: Optional[int] = None) -> Circuit:
+                              slots: Optional[int] = None, groups: int = 1) -> Circuit:
     """The circuit computing ``spec``'s output for an ``seq_len x d`` embedding input named ``x``.
 
     Outputs: the causal LM's last-row logits (``1 x vocab``; every row with ``all_logits``), or a
@@ -163,7 +163,7 @@ def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mas
     if not 1 <= seq_len <= max_len:
         raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
     block, default_slots = default_packing(max_len, d)
-    c = Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-L{seq_len}")
+    c = Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-L{seq_len}", groups=groups)
     b = _Builder(spec, c)
     x = c.input("x", seq_len, d)
     causal = bool(cfg["causal"])

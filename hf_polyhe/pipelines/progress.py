@@ -36,7 +36,7 @@ class ProgressServer(EncryptedServer):
 
             self.cc.Enable(import_openfhe().FHE)
             setup_bootstrap(self.cc, self.plan.params)
-        self.backend = OpenFHEBackend(self.cc, self.plan.slots)
+        self.backend = OpenFHEBackend(self.cc, self.plan.params.slots)
         self._evaluators, self.sessions, self.last_timings = {}, {}, {}
         return self
 

@@ -212,7 +212,7 @@ class EncryptedRuntime:
         p = plan.params
         return {"backend": "openfhe", "encrypted": True, "where": self.server_url or "in-process",
                 "security": "NONE (toy parameters, tests only)" if p.insecure else p.security,
-                "ring_dim": p.ring_dim, "slots": plan.slots, "scale_bits": p.scale_bits, "levels": p.depth,
+                "ring_dim": p.ring_dim, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "levels": p.depth,
                 "start_level": plan.start_level, "mode": plan.mode, "rotation_keys": len(plan.rotation_keys)}
 
     def forward(self, x: np.ndarray) -> tuple:

@@ -72,7 +72,7 @@ def run_plain(circuit, inputs: dict, strict: bool = False, return_backend: bool 
     """Pack ``inputs`` (name -> array), run ``circuit`` on the plain backend, unpack the outputs."""
     from ..interpreter import Evaluator, Packed
 
-    be = PlainBackend(circuit.slots, strict=strict)
+    be = PlainBackend(circuit.ct_slots, strict=strict)
     ev = Evaluator(circuit, be)
     packed = {}
     for name in circuit.inputs:

@@ -58,6 +58,8 @@ def op_circuits(rng):
     s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
     c.output(c.attn_apply(c.mul(s, s), v, mask=(rng.random((6, 6)) > 0.3), scale=1 / 6)); out["attn_apply"] = c
     c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.bootstrap(x, 8.0)); out["bootstrap"] = c
+    c = he.Circuit(8, 64, groups=4); x = c.input("x", 5, 8)
+    c.output(c.replicate(c.linear(x, W(8, 8), confine=True))); out["replicate"] = c
     # decode step over a KV cache (hf_polyhe.he.decode): 5 cached rows + the new one
     c = he.Circuit(8, 64); kc = c.input("kc", 5, 8); r = c.linear(c.input("r", 1, 8), W(8, 8))
     c.output(c.append_row(kc, r)); out["append_row"] = c
@@ -409,3 +411,53 @@ def test_grouped_linears_save_plaintext_products_and_refuse_what_they_cannot_do(
         c.row_sum(h)
     with pytest.raises(he.CircuitError, match="row group"):
         c.rotate(h, 1)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_spread_attention_matches_reference(groups, rows, causal):
+    """Keys/values confined to one row group: each ct x ct product serves ``groups`` shifts (doubling, walked
+    and one-by-one batches, incomplete last batches), values summed over the groups; padding mask included.
+    The replicated cache copy (``replicate``) equals the keys."""
+    rng = np.random.default_rng(groups * 10 + rows)
+    c = he.Circuit(8, 128, groups=groups)  # R = 16 rows per group, prompts up to 8
+    x = c.input("x", rows, 8)
+    q = c.linear(x, rng.normal(size=(8, 8)) / 3)
+    k, v = (c.linear(x, rng.normal(size=(8, 8)) / 3, confine=True) for _ in range(2))
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=causal)
+    mask = np.ones((rows, rows))
+    if not causal and rows > 1:
+        mask[:, -1] = 0.0
+    o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, mask=mask, scale=1 / rows)
+    c.output(c.add(o, x), s, c.replicate(k))
+    lay = c.layouts()
+    assert lay[s].spread and lay[k].confined and not lay[o].confined
+    assert lay[s].num_cts == -(-len(lay[s].shifts) // (lay[s].head_dim * groups))
+    _close(c, {"x": rng.uniform(-1, 1, size=(rows, 8))})
+
+
+def test_spread_attention_saves_rotations_and_products():
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(3)
+    counts = {}
+    for groups, confine in ((1, False), (8, True)):
+        c = he.Circuit(16, 32 * 16, groups=groups)
+        x = c.input("x", 16, 16)
+        q = c.linear(x, rng.normal(size=(16, 16)))
+        k, v = (c.linear(x, rng.normal(size=(16, 16)), confine=confine) for _ in range(2))
+        c.output(c.attn_apply(c.qk_scores(q, k, heads=2, causal=True), v))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counts[groups] = PL.plan(c, P.toy(2**13), bootstrap="never").counts
+    # 16 causal shifts: 32 ct x ct products one by one, 4 in two batches of 8 (2 per op)
+    assert counts[1]["mul"] == 32 and counts[8]["mul"] == 4
+    assert counts[8]["rotate"] < counts[1]["rotate"] / 3
+    c = he.Circuit(8, 128, groups=4)
+    x = c.input("x", 9, 8)
+    q, k = c.linear(x, rng.normal(size=(8, 8))), c.linear(x, rng.normal(size=(8, 8)), confine=True)
+    with pytest.raises(he.CircuitError, match="R/2"):  # 9 rows > R/2 = 8
+        c.qk_scores(q, k, heads=2)
+    with pytest.raises(he.CircuitError, match="confined"):
+        c.poly(k, fit_operator("gelu", (-4, 4), 7))

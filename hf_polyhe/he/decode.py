@@ -72,8 +72,14 @@ class _TaggingBuilder(_Builder):
         c, i = self.c, self.layer_idx
         self.layer_idx += 1
         q = self.linear(x, attn["q"])
-        k = self.named_linear(x, attn["k"], f"k{i}" if self.keep_cache else None)
-        v = self.named_linear(x, attn["v"], f"v{i}" if self.keep_cache else None)
+        if self.spread_attention():  # the cache leaves replicated, as the decode steps read it
+            k, v = (self.linear(x, attn[n], confine=True) for n in "kv")
+            if self.keep_cache:
+                c.replicate(k, name=f"k{i}")
+                c.replicate(v, name=f"v{i}")
+        else:
+            k = self.named_linear(x, attn["k"], f"k{i}" if self.keep_cache else None)
+            v = self.named_linear(x, attn["v"], f"v{i}" if self.keep_cache else None)
         return self.attend(q, k, v, attn, mask, causal)
 
 

@@ -18,6 +18,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ``rotate``      cyclic rotation of every ciphertext's slots by ``offset`` (a layout-level primitive); 0 levels
 ``row_sum``     ``scale * sum_j X[i, j]`` broadcast to every column of row ``i`` (LayerNorm mean/var); 1 level
 ``select_rows`` ``X[rows]`` (last token, CLS); 1 level
+``replicate``   a confined tensor (``linear(..., confine=True)``: row group 0 only) copied to every group; 0 levels
 ``slice_cols``  ``X[:, start:stop]``, block aligned (free); ``concat_cols``: ``hstack``, block aligned (free)
 ``qk_scores``   per head ``scale * r_i * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal;
                 optional per-query-row factors ``r``: ``row_scale``); 2 levels
@@ -133,8 +134,10 @@ class Circuit:
             self.outputs.append(n)
         return self
 
-    def linear(self, x, weight, bias=None, name=None):
+    def linear(self, x, weight, bias=None, name=None, confine: bool = False):
         attrs = {"weight": self.add_weight(weight)}
+        if confine:
+            attrs["confine"] = True
         if bias is not None:
             attrs["bias"] = self.add_weight(np.asarray(bias).reshape(-1))
         return self.node("linear", [x], attrs, name)
@@ -188,6 +191,9 @@ class Circuit:
         if mask is not None:
             attrs["mask"] = self.add_weight(mask)
         return self.node("attn_apply", [scores, v], attrs, name)
+
+    def replicate(self, x, name=None):
+        return self.node("replicate", [x], {}, name)
 
     def bootstrap(self, x, bound: float = 1.0, name=None):
         return self.node("bootstrap", [x], {"bound": float(bound)}, name)

@@ -7,7 +7,9 @@ parametrised over :data:`OPS`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import numpy as np
 
@@ -84,7 +86,11 @@ class Linear(OpSpec):
             raise LayoutError(f"weight shape {W.shape} does not match input features {x.cols}")
         if "bias" in node.attrs and c.weight(node.attrs["bias"]).shape != (W.shape[1],):
             raise LayoutError(f"bias shape {c.weight(node.attrs['bias']).shape} != ({W.shape[1]},)")
-        out = MatrixLayout(x.rows, int(W.shape[1]), x.block, x.slots, clean=True, groups=x.groups)
+        _not_confined("linear", x)
+        confine = bool(node.attrs.get("confine", False))
+        if confine and (x.groups == 1 or x.stacked or W.shape[1] > x.block):
+            raise LayoutError("linear(confine=True) needs row groups, a replicated input and at most one block out")
+        out = MatrixLayout(x.rows, int(W.shape[1]), x.block, x.slots, clean=True, groups=x.groups, confined=confine)
         if x.stacked and out.col_blocks > 1:
             raise LayoutError(f"a linear from a stacked input ({x.cols} features in {x.groups} row groups) must map to "
                               f"at most {x.block} features, got {out.cols}; build the circuit with groups=1")
@@ -149,7 +155,10 @@ class Linear(OpSpec):
         """Row-grouped layouts: one pass of plaintext products serves every group (see packing.grouped_plan)."""
         L, out_l, be = x.layout, ev.layouts[node.name], ev.backend
         single = pad is not None
-        plan = ev.cached((node.name, "grouped"), lambda: grouped_plan(W, L, out_l, single))
+        # full-ciphertext plaintexts are big (groups x the one-group ones): shared by every evaluator that
+        # runs the same weight on the same layouts (each decode position, each cached circuit)
+        key = ("grouped", _digest(W), repr(L), repr(out_l), single)
+        plan = ev.cached((node.name, "grouped"), lambda: _shared(key, lambda: grouped_plan(W, L, out_l, single)))
         bias = None
         if "bias" in node.attrs:
             bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
@@ -189,7 +198,7 @@ class Linear(OpSpec):
         L = x.layout
         W = ev.circuit.weight(node.attrs["weight"])
         pad = self.padding_value(ev, node) if L.rows == 1 and L.slots >= 2 * L.block else None
-        if L.groups > 1:
+        if L.groups > 1 and (L.stacked or ev.layouts[node.name].stacked or ev.layouts[node.name].confined):
             return self._execute_grouped(ev, node, x, W, pad)
         if pad is not None:
             plan = ev.cached((node.name, "row"), lambda: single_row_plan(W, L, W.shape[1]))
@@ -200,7 +209,8 @@ class Linear(OpSpec):
         if "bias" in node.attrs:
             bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
         if pad:  # the doubled row carries the padding constant: its (plaintext) contribution leaves via the bias
-            corr = ev.cached((node.name, "pad"), lambda: self.padding_correction(plan, L, out_l, pad))
+            corr = ev.cached((node.name, "pad"), lambda: [np.tile(c, L.groups) for c in
+                                                           self.padding_correction(plan, L, out_l, pad)])
             bias = [c if bias is None else b + c for b, c in zip(bias or [None] * len(corr), corr)]
         be, out = ev.backend, []
         for rb in range(L.row_blocks):
@@ -232,12 +242,31 @@ class Linear(OpSpec):
         return out
 
 
+_SHARED: "OrderedDict" = OrderedDict()
+SHARED_PLANS = 32  # grouped linear plans kept across evaluators (~32 MB each for a 64 x 256 block at 8 groups)
+
+
+def _digest(W) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(W, dtype=np.float64).tobytes(), digest_size=16).hexdigest()
+
+
+def _shared(key, fn):
+    hit = _SHARED.get(key)
+    if hit is None:
+        hit = _SHARED[key] = fn()
+    _SHARED.move_to_end(key)
+    while len(_SHARED) > SHARED_PLANS:
+        _SHARED.popitem(last=False)
+    return hit
+
+
 class _Binary(OpSpec):
     n_inputs = 2
 
     def infer(self, c, node, lay):
         self.check_arity(node)
         _same(self.name, lay[0], lay[1])
+        _not_confined(self.name, lay[0])
         clean = (lay[0].clean or lay[1].clean) if self.name == "mul" else (lay[0].clean and lay[1].clean)
         return lay[0].with_(clean=clean)
 
@@ -275,6 +304,7 @@ class _Plain(OpSpec):
 
     def infer(self, c, node, lay):
         self.check_arity(node)
+        _not_confined(self.name, lay[0])
         if "scalar" not in node.attrs:
             lay[0].broadcast(c.weight(node.attrs["value"]))  # shape check
         clean = lay[0].clean if (self.name == "add_plain" or "scalar" in node.attrs) else True
@@ -319,6 +349,7 @@ class Poly(OpSpec):
     def infer(self, c, node, lay):
         self.check_arity(node)
         self.approx(node)
+        _not_confined("poly", lay[0])
         return lay[0].with_(clean=False)
 
     def reference(self, c, node, xs, lay):
@@ -539,6 +570,51 @@ class _ShiftWalk:
         return self.prev
 
 
+class _GroupShifts:
+    """Keys or values confined to group 0 -> for each batch of shifts, a ciphertext whose group ``g`` holds them
+    moved by ``shifts[g]`` rows (``rot(x, s*D - g*P)``). A full batch in arithmetic progression
+    (``s_g = s_0 + c*g``) costs ``log2 groups`` doubling rotations; a batch equal to the previous one moved by
+    ``delta`` rows costs one; any other batch one rotation per shift. A group's rows move by ``|s| < rows`` and
+    the layout has ``R >= 2 * rows``, so what crosses a group border lands in the neighbour's padding rows,
+    where the replicated query (zero padding) and the masks cancel it; carried-along shifts of an incomplete
+    batch are only kept while they stay in that safe range ``[rows - R, R - rows]``."""
+
+    def __init__(self, ev, ct, S):
+        self.ev, self.x0, self.S = ev, ct, S
+        self.prev = None  # (row shifts per group, ciphertext)
+
+    def _safe(self, s):
+        return self.S.rows - self.S.R <= s <= self.S.R - self.S.rows
+
+    def __call__(self, shifts):
+        ev, S, be = self.ev, self.S, self.ev.backend
+        D, P, G = S.block, S.slots, S.groups
+        sh = [norm_rot(int(s), S.R) for s in shifts]  # rows, in (-R/2, R/2]
+        ct = None
+        if self.prev is not None:
+            prev_sh, prev_ct = self.prev
+            delta = sh[0] - prev_sh[0]
+            moved = [s + delta for s in prev_sh]
+            if moved[: len(sh)] == sh and all(self._safe(s) for s in moved):
+                ct, sh = ev.rotate_slots(prev_ct, delta * D), moved
+        if ct is None and len(sh) == G and (G == 1 or len({b - a for a, b in zip(sh, sh[1:])}) == 1):
+            c = sh[1] - sh[0] if G > 1 else 0
+            ct, step = ev.rotate_slots(self.x0, sh[0] * D), 1
+            while step < G:
+                ct = be.add(ct, ev.rotate_slots(ct, step * (c * D - P)))
+                step *= 2
+        if ct is None:
+            for g, s in enumerate(sh):
+                t = ev.rotate_slots(self.x0, s * D - g * P)
+                ct = t if ct is None else be.add(ct, t)
+            sh = sh + [None] * (G - len(sh))  # empty groups: nothing to carry
+        if None not in sh:
+            self.prev = (sh, ct)
+        else:
+            self.prev = None
+        return ct
+
+
 def _rotate_rows_pow2(ev, ct, rows: int, D: int):
     """``rot(ct, -rows * D)`` as rotations by powers of two rows (keys shared by every cache length)."""
     k = 0
@@ -550,13 +626,21 @@ def _rotate_rows_pow2(ev, ct, rows: int, D: int):
     return ct
 
 
+def _not_confined(name, x):
+    if getattr(x, "confined", False):
+        raise LayoutError(f"{name} does not take a confined layout (attention keys/values in one row group); "
+                          "replicate it first")
+
+
 def _unstacked(name, x):
     if getattr(x, "stacked", False):
         raise LayoutError(f"{name} does not take a stacked layout ({x.cols} features in {x.groups} row groups); "
                           "build the circuit with groups=1")
 
 
-def _single_ct(name, x):
+def _single_ct(name, x, confined_ok=False):
+    if not confined_ok:
+        _not_confined(name, x)
     if x.kind != "matrix" or x.num_cts != 1 or x.col_blocks != 1:
         raise LayoutError(
             f"{name} needs a single-ciphertext matrix (rows <= slots/block = {x.slots // x.block}, cols <= block = "
@@ -572,14 +656,16 @@ class QKScores(OpSpec):
         self.check_arity(node)
         q, k = lay
         _single_ct("qk_scores", q)
+        _single_ct("qk_scores", k, confined_ok=True)
         _same("qk_scores", q, k)
         h = int(node.attrs["heads"])
         if h <= 0 or q.cols % h:
             raise LayoutError(f"{q.cols} features do not split into {h} heads")
         if "row_scale" in node.attrs and c.weight(node.attrs["row_scale"]).shape != (q.rows,):
             raise LayoutError(f"row_scale must have shape ({q.rows},)")
+        # confined keys: the shifts are spread over the row groups (see _GroupShifts)
         return ScoreLayout(q.rows, h, q.cols // h, q.block, q.slots, bool(node.attrs.get("causal", False)),
-                           groups=q.groups)
+                           groups=q.groups, spread=k.confined)
 
     @staticmethod
     def row_factors(c, node, rows):
@@ -597,9 +683,34 @@ class QKScores(OpSpec):
     def depth(self, c, node, lay):
         return 2
 
+    def _execute_spread(self, ev, node, xs, S):
+        """Keys confined to group 0: each ct x ct product meets ``groups`` shifts at once (group g holds the keys
+        moved by its shift), so the in-head sums and products run once per batch of shifts."""
+        be = ev.backend
+        q = xs[0].cts[0]
+        D, dh, P = S.block, S.head_dim, S.slots
+        r = self.row_factors(ev.circuit, node, S.rows)
+        keys = _GroupShifts(ev, xs[1].cts[0], S)
+        out = [None] * S.num_cts
+        for ct, m, shifts in S.batches():
+            p = be.mul(q, keys(shifts))
+            kk = 1
+            while kk < dh:
+                p = be.add(p, ev.rotate(p, kk))
+                kk *= 2
+            mask = np.zeros((S.groups, S.R, D))
+            for g, s in enumerate(shifts):
+                rows = np.nonzero(S.pair_valid(s))[0]
+                mask[g][np.ix_(rows, np.arange(S.heads) * dh)] = r[rows][:, None]
+            p = ev.rotate(be.mul_plain(p, mask.reshape(-1)), -m)
+            out[ct] = p if out[ct] is None else be.add(out[ct], p)
+        return out
+
     def execute(self, ev, node, xs):
         be = ev.backend
         S = ev.layouts[node.name]
+        if S.spread:
+            return self._execute_spread(ev, node, xs, S)
         q, k = xs[0].cts[0], xs[1].cts[0]
         D, dh = S.block, S.head_dim
         r = self.row_factors(ev.circuit, node, S.rows)
@@ -628,12 +739,14 @@ class AttnApply(OpSpec):
         s, v = lay
         if s.kind != "scores":
             raise LayoutError("attn_apply's first input must be attention scores (from qk_scores)")
-        _single_ct("attn_apply", v)
+        _single_ct("attn_apply", v, confined_ok=True)
+        if s.spread != v.confined:
+            raise LayoutError("attn_apply: spread scores go with confined values (and replicated with replicated)")
         if v.rows != s.rows or v.cols != s.heads * s.head_dim or v.block != s.block:
             raise LayoutError(f"values of shape {v.shape} do not match scores {s.shape} x head_dim {s.head_dim}")
         if "mask" in node.attrs and c.weight(node.attrs["mask"]).shape != (s.rows, s.rows):
             raise LayoutError(f"mask must have shape ({s.rows}, {s.rows})")
-        return v.with_(clean=True)
+        return v.with_(clean=True, confined=False)
 
     def _mask(self, c, node, S):
         m = np.ones((S.rows, S.rows))
@@ -656,10 +769,38 @@ class AttnApply(OpSpec):
     def depth(self, c, node, lay):
         return 2
 
+    def _execute_spread(self, ev, node, xs, S, M):
+        """Spread scores and confined values: one product per batch of ``groups`` shifts, then the groups'
+        partial outputs are summed by ``log2 groups`` rotations (every group gets the total: replicated)."""
+        be = ev.backend
+        D, dh = S.block, S.head_dim
+        values = _GroupShifts(ev, xs[1].cts[0], S)
+        out = None
+        for ct, m, shifts in S.batches():
+            a = ev.rotate(xs[0].cts[ct], m)
+            mask = np.zeros((S.groups, S.R, D))
+            for g, s in enumerate(shifts):
+                rows = np.nonzero(S.pair_valid(s))[0]
+                mask[g][np.ix_(rows, np.arange(S.heads) * dh)] = M[rows, (rows + s) % S.R][:, None]
+            a = be.mul_plain(a, mask.reshape(-1))
+            kk = 1
+            while kk < dh:
+                a = be.add(a, ev.rotate(a, -kk))
+                kk *= 2
+            t = be.mul(a, values(shifts))
+            out = t if out is None else be.add(out, t)
+        g = 1
+        while g < S.groups:
+            out = be.add(out, ev.rotate_slots(out, g * S.slots))
+            g *= 2
+        return [out]
+
     def execute(self, ev, node, xs):
         be = ev.backend
         S = xs[0].layout
         M = self._mask(ev.circuit, node, S)
+        if S.spread:
+            return self._execute_spread(ev, node, xs, S, M)
         v = xs[1].cts[0]
         D, dh = S.block, S.head_dim
         out = None
@@ -678,6 +819,28 @@ class AttnApply(OpSpec):
             t = be.mul(a, values(s * D))
             out = t if out is None else be.add(out, t)
         return [out]
+
+
+@register_op("replicate")
+class Replicate(OpSpec):
+    """A confined tensor (group 0 only) copied into every row group: ``log2 groups`` rotations, 0 levels."""
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        if not getattr(lay[0], "confined", False):
+            raise LayoutError("replicate needs a confined layout (a linear with confine=True)")
+        return lay[0].with_(confined=False)
+
+    def reference(self, c, node, xs, lay):
+        return xs[0]
+
+    def execute(self, ev, node, xs):
+        L, ct = xs[0].layout, xs[0].cts[0]
+        g = 1
+        while g < L.groups:
+            ct = ev.backend.add(ct, ev.rotate_slots(ct, -g * L.slots))
+            g *= 2
+        return [ct]
 
 
 @register_op("bootstrap")

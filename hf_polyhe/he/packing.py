@@ -86,6 +86,7 @@ class MatrixLayout:
     slots: int
     clean: bool = field(default=True, compare=False)
     groups: int = 1
+    confined: bool = False  # one block in group 0 only, zeros in the other groups (attention keys/values)
 
     kind = "matrix"
 
@@ -101,6 +102,8 @@ class MatrixLayout:
         if self.groups > 1 and self.rows > self.R:
             raise LayoutError(f"with {self.groups} row groups a tensor must fit one group of R = {self.R} rows, "
                               f"got {self.rows} rows")
+        if self.confined and (self.groups == 1 or self.col_blocks != 1):
+            raise LayoutError("a confined layout needs several row groups and one column block")
 
     @property
     def ct_slots(self) -> int:
@@ -120,6 +123,8 @@ class MatrixLayout:
 
     def block_at(self, n: int, g: int) -> Optional[int]:
         """Column block held by group ``g`` of ciphertext ``n`` (None: an empty group)."""
+        if self.confined and g:
+            return None
         cb = n * self.per_ct + g % self.per_ct
         return cb if cb < self.col_blocks else None
 
@@ -145,7 +150,7 @@ class MatrixLayout:
 
     def with_(self, **kw) -> "MatrixLayout":
         d = dict(rows=self.rows, cols=self.cols, block=self.block, slots=self.slots, clean=self.clean,
-                 groups=self.groups)
+                 groups=self.groups, confined=self.confined)
         d.update(kw)
         return MatrixLayout(**d)
 
@@ -223,6 +228,8 @@ class MatrixLayout:
              "clean": self.clean}
         if self.groups > 1:
             d["groups"] = self.groups
+        if self.confined:
+            d["confined"] = True
         return d
 
 
@@ -252,7 +259,8 @@ class ScoreLayout:
     slots: int
     causal: bool
     clean: bool = field(default=True, compare=False)
-    groups: int = 1  # replicated in every row group (see MatrixLayout)
+    groups: int = 1  # replicated in every row group (see MatrixLayout) ...
+    spread: bool = False  # ... or shifts spread over the groups: shift number n in group n mod groups
 
     kind = "scores"
 
@@ -261,6 +269,8 @@ class ScoreLayout:
             raise LayoutError(f"head_dim must be a power of two for the in-head rotation sums, got {self.head_dim}")
         if self.heads * self.head_dim > self.block:
             raise LayoutError(f"heads*head_dim = {self.heads * self.head_dim} exceeds block {self.block}")
+        if self.spread and (self.groups == 1 or 2 * self.rows > self.R):
+            raise LayoutError(f"spread scores need several row groups and at most R/2 = {self.R // 2} rows")
 
     @property
     def R(self) -> int:
@@ -271,16 +281,38 @@ class ScoreLayout:
         return attention_shifts(self.rows, self.R, self.causal)
 
     @property
+    def per_ct(self) -> int:
+        """Shifts per ciphertext: ``head_dim`` column offsets (times ``groups`` when spread)."""
+        return self.head_dim * (self.groups if self.spread else 1)
+
+    @property
     def num_cts(self) -> int:
-        return -(-len(self.shifts) // self.head_dim)
+        return -(-len(self.shifts) // self.per_ct)
 
     @property
     def shape(self) -> tuple:
         return (self.heads, self.rows, self.rows)
 
+    def batches(self):
+        """Spread scores: yield ``(ct, m, shifts)``, the shifts (one per group, fewer in the last batch) held at
+        column offset ``m`` of ciphertext ``ct``."""
+        sh = self.shifts
+        for b in range(-(-len(sh) // self.groups)):
+            yield b // self.head_dim, b % self.head_dim, sh[b * self.groups : (b + 1) * self.groups]
+
+    def _slots_of(self):
+        """``(ct, slot offset, m, s)`` for every shift: where its ``R x D`` block of scores lives."""
+        if self.spread:
+            for ct, m, shifts in self.batches():
+                for g, s in enumerate(shifts):
+                    yield ct, g * self.slots, m, s
+        else:
+            for ct, m, s in self.positions():
+                yield ct, 0, m, s
+
     def with_(self, **kw):
         d = dict(rows=self.rows, heads=self.heads, head_dim=self.head_dim, block=self.block, slots=self.slots,
-                 causal=self.causal, clean=self.clean, groups=self.groups)
+                 causal=self.causal, clean=self.clean, groups=self.groups, spread=self.spread)
         d.update(kw)
         return ScoreLayout(**d)
 
@@ -299,25 +331,25 @@ class ScoreLayout:
         S = np.asarray(S, dtype=np.float64)
         if S.shape != self.shape:
             raise LayoutError(f"expected scores of shape {self.shape}, got {S.shape}")
-        vecs = [np.zeros(self.slots) for _ in range(self.num_cts)]
-        for ct, m, s in self.positions():
+        vecs = [np.zeros(self.slots * (self.groups if self.spread else 1)) for _ in range(self.num_cts)]
+        for ct, off, m, s in self._slots_of():
             ok = self.pair_valid(s)
             for i in np.nonzero(ok)[0]:
                 j = (i + s) % self.R
                 for h in range(self.heads):
-                    vecs[ct][i * self.block + h * self.head_dim + m] = S[h, i, j]
-        return [np.tile(v, self.groups) for v in vecs] if self.groups > 1 else vecs
+                    vecs[ct][off + i * self.block + h * self.head_dim + m] = S[h, i, j]
+        return [np.tile(v, self.groups) for v in vecs] if self.groups > 1 and not self.spread else vecs
 
     def unpack(self, vecs) -> np.ndarray:
         if len(vecs) != self.num_cts:
             raise LayoutError(f"score layout needs {self.num_cts} slot vectors, got {len(vecs)}")
         S = np.zeros(self.shape)
-        for ct, m, s in self.positions():
+        for ct, off, m, s in self._slots_of():
             v = np.asarray(vecs[ct], dtype=np.float64)
             for i in np.nonzero(self.pair_valid(s))[0]:
                 j = (i + s) % self.R
                 for h in range(self.heads):
-                    S[h, i, j] = v[i * self.block + h * self.head_dim + m]
+                    S[h, i, j] = v[off + i * self.block + h * self.head_dim + m]
         return S
 
     def coverage(self) -> np.ndarray:
@@ -339,6 +371,8 @@ class ScoreLayout:
              "block": self.block, "slots": self.slots, "causal": self.causal, "clean": self.clean}
         if self.groups > 1:
             d["groups"] = self.groups
+        if self.spread:
+            d["spread"] = True
         return d
 
 

@@ -84,8 +84,15 @@ class _Builder:
     def w(self, name):
         return self.s.weights[name]
 
-    def linear(self, x, lin):
-        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None)
+    def linear(self, x, lin, name=None, confine=False):
+        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None, name=name,
+                             confine=confine)
+
+    def spread_attention(self) -> bool:
+        """Shift-parallel attention (keys/values confined to one row group, see ops._GroupShifts): with row
+        groups and prompts of at most half a group's rows."""
+        c = self.c
+        return c.groups > 1 and 2 * c.inputs["x"][0] <= c.slots // c.block
 
     def act(self, x, act):
         if act["kind"] == "poly":
@@ -110,7 +117,9 @@ class _Builder:
 
     def attention(self, x, attn, mask, causal):
         c = self.c
-        q, k, v = (self.linear(x, attn[n]) for n in "qkv")
+        spread = self.spread_attention()
+        q = self.linear(x, attn["q"])
+        k, v = (self.linear(x, attn[n], confine=spread) for n in "kv")
         return self.attend(q, k, v, attn, mask, causal)
 
     def attend(self, q, k, v, attn, mask, causal):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .he.transformer import TransformerSpec, build_transformer_circuit
-from .nn.attention import PolyAttention
+from .nn.attention import POWER_EPS, PolyAttention
 from .nn.norms import PolyLayerNorm, SequenceBatchNorm
 from .nn.operators import Identity, PolyOperator, Square
 from .status import polynomial_status
@@ -75,8 +75,12 @@ class _SpecWriter:
         raise ValueError(f"cannot export norm {type(module).__name__} at {name}: use poly_layernorm or batchnorm")
 
     def attention(self, name: str, attn: PolyAttention) -> dict:
+        if attn.attention_type == "power":
+            out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
+            return {**out, "kind": "power", "power": int(attn.power), "eps": float(POWER_EPS),
+                    "normalizer": attn.normalizer.approximation.to_dict()}
         if attn.attention_type != "pointwise":
-            raise ValueError(f"export supports attention_type='pointwise', got {attn.attention_type!r}")
+            raise ValueError(f"export supports attention_type='pointwise' or 'power', got {attn.attention_type!r}")
         if attn.scaling_position not in ("pre", "post"):
             raise ValueError(f"unknown attention_scaling_position {attn.scaling_position!r}; accepted: pre, post")
         out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}

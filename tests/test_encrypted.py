@@ -44,13 +44,15 @@ def export_small(tmp_path, family, max_length=8, degree=7, **overrides):
 
 
 # ---------------------------------------------------------------- plain backend: KV cache is exact
-@pytest.mark.parametrize("position", ["post", "pre"])
+@pytest.mark.parametrize("position", ["post", "pre", "power"])
 @torch.no_grad()
 def test_decode_with_cache_equals_full_recompute(tmp_path, position):
     """``position``: the length scaling after the attention activation (into the mask) or before it (into the
-    scores' per-row scale); both must match torch and cached decoding must match the full recompute."""
-    model, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm",
-                              attention_scaling="length", attention_scaling_position=position)
+    scores' per-row scale), or power-softmax attention; all must match torch and cached decoding must match
+    the full recompute."""
+    attn = dict(attention_type="power") if position == "power" else dict(
+        attention_scaling="length", attention_scaling_position=position)
+    model, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm", **attn)
     ids = torch.randint(1, 97, (1, 10))
     X = enc.embed(ids[0].numpy())
     logits, caches = enc.prefill_plain(X[:4])
@@ -194,6 +196,25 @@ def test_clear_errors(gpt_session):
 
     with pytest.raises(SerializationError, match="checksum"):
         server.run(3, bytes(blob))
+
+
+@torch.no_grad()
+def test_encrypted_power_attention_generation(tmp_path):
+    """Power-softmax attention under CKKS: prefill and KV-cache decode steps give model.generate's tokens."""
+    torch.manual_seed(1)
+    model, enc = export_small(tmp_path / "export", "gpt", max_length=6, norm_type="batchnorm",
+                              attention_type="power", attention_power=2)
+    plan = plan_for_export(enc, P.toy(), bootstrap="never")
+    assert plan.groups > 1  # the row-group layouts (spread attention with its row sums) under CKKS
+    client = EncryptedClient.generate(plan)
+    client.server_bundle(tmp_path / "bundle")
+    runner = EncryptedGeneration(client, EncryptedServer(tmp_path / "bundle"))
+    prompt = [5, 17, 3]
+    got = enc.generate(prompt, max_new_tokens=3, runner=runner)
+    ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                         max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert got == ref[0].tolist() == enc.generate(prompt, max_new_tokens=3)
+    runner.close()
 
 
 @pytest.mark.parametrize("family", ["bert", "vit"])

@@ -17,6 +17,9 @@ CASES = [
     ("bert", hf_polyhe.PolyBertForSequenceClassification, dict(attention_scaling="length", attention_scaling_position="pre")),
     ("vit", hf_polyhe.PolyViTForImageClassification, {}),
     ("vit", hf_polyhe.PolyViTForImageClassification, dict(norm_type="poly_layernorm", attention_scaling="none")),
+    ("gpt", hf_polyhe.PolyGPTForCausalLM, dict(attention_type="power")),
+    ("bert", hf_polyhe.PolyBertForSequenceClassification, dict(attention_type="power", attention_power=2)),
+    ("vit", hf_polyhe.PolyViTForImageClassification, dict(attention_type="power")),
 ]
 
 
@@ -72,10 +75,9 @@ def test_export_refuses_non_polynomial_and_unsupported():
     model = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")).eval()
     with pytest.raises(ValueError, match="not fully polynomial; offending operators: transformer.h.0"):
         build_circuit(model, 4)
-    power = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt", attention_type="power")).eval()
-    hf_polyhe.to_polynomial(power)
-    with pytest.raises(ValueError, match="attention_type='pointwise'"):
-        build_circuit(power, 4)
+    soft = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt", attention_type="softmax")).eval()
+    with pytest.raises(ValueError, match=r"offending operators: .*transformer.h.0.attn \(softmax, exact\)"):
+        build_circuit(soft, 4)  # softmax has no polynomial form (to_polynomial refuses it too)
     train_mode = hf_polyhe.to_polynomial(hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt")))
     with pytest.raises(ValueError, match="eval"):
         build_circuit(train_mode.train(), 4)

@@ -58,6 +58,11 @@ def op_circuits(rng):
     s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
     c.output(c.attn_apply(c.mul(s, s), v, mask=(rng.random((6, 6)) > 0.3), scale=1 / 6)); out["attn_apply"] = c
     c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.bootstrap(x, 8.0)); out["bootstrap"] = c
+    c = he.Circuit(8, 64); q = c.input("q", 6, 8); k = c.input("k", 6, 8)
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    c.output(c.attn_rowsum(c.mul(s, s), mask=(rng.random((6, 6)) > 0.3), scale=1 / 6)); out["attn_rowsum"] = c
+    c = he.Circuit(8, 64); a = c.input("a", 6, 8)
+    c.output(c.decode_rowsum(c.mul(a, a), heads=2, key_weights=rng.random(6))); out["decode_rowsum"] = c
     c = he.Circuit(8, 64, groups=4); x = c.input("x", 5, 8)
     c.output(c.replicate(c.linear(x, W(8, 8), confine=True))); out["replicate"] = c
     # decode step over a KV cache (hf_polyhe.he.decode): 5 cached rows + the new one
@@ -429,8 +434,9 @@ def test_spread_attention_matches_reference(groups, rows, causal):
     mask = np.ones((rows, rows))
     if not causal and rows > 1:
         mask[:, -1] = 0.0
-    o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, mask=mask, scale=1 / rows)
-    c.output(c.add(o, x), s, c.replicate(k))
+    w = c.poly(s, fit_operator("gelu", (-4, 4), 7))
+    o = c.attn_apply(w, v, mask=mask, scale=1 / rows)
+    c.output(c.add(o, x), s, c.replicate(k), c.attn_rowsum(w, mask=mask))  # + power-softmax's row sums
     lay = c.layouts()
     assert lay[s].spread and lay[k].confined and not lay[o].confined
     assert lay[s].num_cts == -(-len(lay[s].shifts) // (lay[s].head_dim * groups))

@@ -98,6 +98,13 @@ class _DecodeBuilder(_TaggingBuilder):
         keys = c.append_row(c.input(f"k{i}_cache", self.t, d), k, name=f"k{i}")
         values = c.append_row(c.input(f"v{i}_cache", self.t, d), v, name=f"v{i}")
         heads = self.s.config["num_heads"]
+        if attn.get("kind") == "power":  # as _Builder.attend, for the one new query row
+            scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5)
+            powered = self.power(scores, int(attn["power"]))
+            w = np.ones(self.t + 1) / (self.t + 1.0)
+            mean = c.decode_rowsum(powered, heads, w)
+            inv = c.poly(c.add_plain(mean, float(attn["eps"])), attn["normalizer"])
+            return self.linear(c.mul(c.attn_decode(powered, values, heads, w), inv), attn["o"])
         s_n = float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
         pre = attn.get("scaling_position", "post") == "pre"
         scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5 / (s_n if pre else 1.0))

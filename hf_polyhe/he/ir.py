@@ -23,10 +23,12 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ``qk_scores``   per head ``scale * r_i * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal;
                 optional per-query-row factors ``r``: ``row_scale``); 2 levels
 ``attn_apply``  per head ``(A_h * mask) @ V_h`` concatenated over heads (A in score layout); 2 levels
+``attn_rowsum`` per head ``sum_j (A_h * mask)[i, j]`` in the head's columns (power-softmax denominator); 2 levels
 ``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
 ``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (popcount(n) rotations); 0 levels
 ``qk_decode``   scores of one query row against ``n`` cached keys, per head (column ``h*dh`` of an ``n x d``); 2 levels
 ``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d``, padding rows not clean); 2 levels
+``decode_rowsum`` ``sum_j w_j A[j, h]`` in head h's columns of one row (decode power-softmax denominator); 2 levels
 ==============  ===========================================================================================
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
@@ -194,6 +196,15 @@ class Circuit:
 
     def replicate(self, x, name=None):
         return self.node("replicate", [x], {}, name)
+
+    def attn_rowsum(self, scores, mask=None, scale: float = 1.0, name=None):
+        attrs = {"scale": float(scale)}
+        if mask is not None:
+            attrs["mask"] = self.add_weight(mask)
+        return self.node("attn_rowsum", [scores], attrs, name)
+
+    def decode_rowsum(self, weights, heads: int, key_weights, name=None):
+        return self.node("decode_rowsum", [weights], {"heads": int(heads), "weights": self.add_weight(key_weights)}, name)
 
     def bootstrap(self, x, bound: float = 1.0, name=None):
         return self.node("bootstrap", [x], {"bound": float(bound)}, name)

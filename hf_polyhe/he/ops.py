@@ -16,7 +16,7 @@ import numpy as np
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, ScoreLayout, bsgs_plan, grouped_plan, norm_rot, single_row_plan
+from .packing import MatrixLayout, ScoreLayout, bsgs_plan, grouped_plan, next_pow2, norm_rot, single_row_plan
 
 OPS: dict = {}
 
@@ -615,6 +615,23 @@ class _GroupShifts:
         return ct
 
 
+def _rot_sum(ev, ct, unit: int, n: int):
+    """``sum_{0 <= j < n} rot(ct, j * unit)`` for a power-of-two ``n`` (``log2 n`` rotations; ``unit < 0``
+    spreads to the other side)."""
+    be, step = ev.backend, 1
+    while step < n:
+        ct = be.add(ct, ev.rotate(ct, step * unit))
+        step *= 2
+    return ct
+
+
+def _decode_weight_mask(ev, node, L, dh):
+    """The per-key weights of a decode step in column ``h*dh`` of each of the ``n`` cache rows."""
+    mask = np.zeros((L.R, L.block))
+    mask[: L.rows, np.arange(L.cols // dh) * dh] = ev.circuit.weight(node.attrs["weights"])[:, None]
+    return mask.reshape(-1)
+
+
 def _rotate_rows_pow2(ev, ct, rows: int, D: int):
     """``rot(ct, -rows * D)`` as rotations by powers of two rows (keys shared by every cache length)."""
     k = 0
@@ -901,6 +918,98 @@ class AppendRow(OpSpec):
         return [ev.backend.add(xs[0].cts[0], _rotate_rows_pow2(ev, xs[1].cts[0], L.rows, L.block))]
 
 
+@register_op("attn_rowsum")
+class AttnRowSum(OpSpec):
+    """Per head and query row ``scale * sum_j A_h[i, j] * mask[i, j]`` (A in score layout), broadcast over the
+    head's ``dh`` columns: the denominator of power-softmax. Like ``attn_apply`` with all-ones values, without
+    the ct x ct product: the masked scores of each ciphertext are summed in-head (``log2 dh`` rotations), column
+    ``h*dh`` is selected and spread back. 2 levels (as ``attn_apply``); clean output."""
+
+    n_inputs = 1
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        s = lay[0]
+        if s.kind != "scores":
+            raise LayoutError("attn_rowsum's input must be attention scores (from qk_scores)")
+        if "mask" in node.attrs and c.weight(node.attrs["mask"]).shape != (s.rows, s.rows):
+            raise LayoutError(f"mask must have shape ({s.rows}, {s.rows})")
+        return MatrixLayout(s.rows, s.heads * s.head_dim, s.block, s.slots, clean=True, groups=s.groups)
+
+    def reference(self, c, node, xs, lay):
+        S = lay[0]
+        M = OPS["attn_apply"]._mask(c, node, S)
+        dh = S.head_dim
+        out = np.zeros((S.rows, S.heads * dh))
+        for h in range(S.heads):
+            out[:, h * dh : (h + 1) * dh] = (xs[0][h] * M).sum(-1, keepdims=True)
+        return out
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        S = xs[0].layout
+        M = OPS["attn_apply"]._mask(ev.circuit, node, S)
+        D, dh, P = S.block, S.head_dim, S.slots
+        G = S.groups if S.spread else 1
+        masks = [np.zeros(G * P) for _ in range(S.num_cts)]
+        for ct, off, m, s in S._slots_of():
+            rows = np.nonzero(S.pair_valid(s))[0]
+            for h in range(S.heads):
+                masks[ct][off + rows * D + h * dh + m] = M[rows, (rows + s) % S.R]
+        acc = None
+        for ct, mask in zip(xs[0].cts, masks):
+            t = be.mul_plain(ct, mask)
+            acc = t if acc is None else be.add(acc, t)
+        acc = _rot_sum(ev, acc, 1, dh)  # column h*dh: the sum over the head's dh shift columns
+        sel = np.zeros((S.R, D))
+        sel[: S.rows, np.arange(S.heads) * dh] = 1.0
+        acc = _rot_sum(ev, be.mul_plain(acc, sel.reshape(-1)), -1, dh)
+        g = 1
+        while g < G:  # spread scores: every group holds a part of the shifts
+            acc = be.add(acc, ev.rotate_slots(acc, g * P))
+            g *= 2
+        return [acc]
+
+
+@register_op("decode_rowsum")
+class DecodeRowSum(OpSpec):
+    """``sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in row 0 and the head's ``dh`` columns (``1 x d``,
+    clean): the power-softmax denominator of a decode step. 2 levels, as ``attn_decode``."""
+
+    n_inputs = 1
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        a = lay[0]
+        _single_ct("decode_rowsum", a)
+        h = int(node.attrs["heads"])
+        if h <= 0 or a.cols % h or (a.cols // h) & (a.cols // h - 1):
+            raise LayoutError(f"decode_rowsum: {a.cols} features do not split into {h} heads of a power-of-two width")
+        if c.weight(node.attrs["weights"]).shape != (a.rows,):
+            raise LayoutError(f"decode_rowsum: weights must have shape ({a.rows},)")
+        return a.with_(rows=1, clean=True)
+
+    def reference(self, c, node, xs, lay):
+        return OPS["attn_decode"].reference(c, node, [xs[0], np.ones_like(xs[0])], lay)  # all-ones values
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        be = ev.backend
+        L = xs[0].layout
+        D, n, h = L.block, L.rows, int(node.attrs["heads"])
+        dh = L.cols // h
+        t = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, L, dh))
+        t = _rot_sum(ev, t, D, next_pow2(n))  # rows 0..n-1 into row 0
+        sel = np.zeros((L.R, D))
+        sel[0, np.arange(h) * dh] = 1.0
+        return [_rot_sum(ev, be.mul_plain(t, sel.reshape(-1)), -1, dh)]
+
+
 @register_op("qk_decode")
 class QKDecode(OpSpec):
     """Scores of one query row ``q`` (1 x d) against ``n`` cached keys ``K`` (n x d), per head:
@@ -992,13 +1101,8 @@ class AttnDecode(OpSpec):
         V = xs[1].layout
         D, n, h = V.block, V.rows, int(node.attrs["heads"])
         dh = V.cols // h
-        mask = np.zeros((V.R, D))
-        mask[:n, np.arange(h) * dh] = ev.circuit.weight(node.attrs["weights"])[:, None]
-        a = be.mul_plain(xs[0].cts[0], mask.reshape(-1))
-        kk = 1
-        while kk < dh:  # spread each head's weight over its dh columns
-            a = be.add(a, ev.rotate(a, -kk))
-            kk *= 2
+        a = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, V, dh))
+        a = _rot_sum(ev, a, -1, dh)  # spread each head's weight over its dh columns
         t = be.mul(a, xs[1].cts[0])
         step = 1
         while step < n:  # sum the rows 0..n-1 into row 0 (rows >= n of V are zero)

@@ -49,6 +49,12 @@ Attention scores of ``heads`` heads of width ``dh = cols / heads`` for ``L <= R`
 pairs query row ``i`` with key row ``j = (i + s) mod R``. Shifts are grouped by ``dh``; group ``g`` is one
 ciphertext with ``slot(i * D + h * dh + m) = S_h[i, (i + shifts[g*dh + m]) mod R]``. Only pairs with
 ``i < L``, ``j < L`` (and ``j <= i`` if causal) are *covered*; other slots are zero.
+
+With row groups the scores are replicated like any one-block tensor, or *spread* (``spread=True``, from
+keys confined to group 0: ``MatrixLayout.confined``): shift number ``n`` lives in group ``n mod G`` at column
+offset ``(n // G) mod dh`` of ciphertext ``n // (G * dh)``, so one ciphertext holds ``G * dh`` shifts and one
+ct x ct product computes ``G`` of them. It needs ``2 * L <= R``: keys moved by ``|s| < L`` rows then cross a
+group border only into the neighbour's padding rows.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ Spec layout (``spec.json``; weights referenced by name)::
     LIN  = {"weight": name (d_in x d_out), "bias": name | null}
     NORM = {"kind": "layernorm", "eps": float, "weight": name, "bias": name, "inv_sqrt": APPROX}
          | {"kind": "affine", "scale": name, "shift": name}
+         | {"kind": "power", "q"/"k"/"v"/"o": LIN, "power": p, "eps": float, "normalizer": APPROX}  # power-softmax
     ACT  = {"kind": "poly", "approximation": APPROX} | {"kind": "square"} | {"kind": "identity"}
 """
 
@@ -122,12 +123,33 @@ class _Builder:
         k, v = (self.linear(x, attn[n], confine=spread) for n in "kv")
         return self.attend(q, k, v, attn, mask, causal)
 
+    def power(self, x, p: int):
+        """``x ** p`` (even ``p``) by squarings: ``ceil(log2 p)`` levels."""
+        c = self.c
+        y, acc, e = c.mul(x, x), None, p // 2
+        while e:
+            if e & 1:
+                acc = y if acc is None else c.mul(acc, y)
+            e >>= 1
+            if e:
+                y = c.mul(y, y)
+        return acc
+
     def attend(self, q, k, v, attn, mask, causal):
         """Scores, activation and the weighted values; the length scaling ``s(n)`` (``n`` the unmasked keys of
-        each query row) goes into the scores' per-row scale (``pre``) or into the values' mask (``post``)."""
+        each query row) goes into the scores' per-row scale (``pre``) or into the values' mask (``post``).
+        Power-softmax (``kind: power``): ``(S^p M / n) V`` times the polynomial reciprocal of the row mean
+        ``sum_j S^p M / n + eps``, per head."""
         c = self.c
         heads = self.s.config["num_heads"]
         d = self.s.config["hidden_size"]
+        if attn.get("kind") == "power":
+            scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
+            powered = self.power(scores, int(attn["power"]))
+            m = mask / np.maximum(mask.sum(-1), 1.0)[:, None]
+            mean = c.attn_rowsum(powered, mask=m)
+            inv = c.poly(c.add_plain(mean, float(attn["eps"])), attn["normalizer"])
+            return self.linear(c.mul(c.attn_apply(powered, v, mask=m), inv), attn["o"])
         s_n = SCALINGS[attn["scaling"]](np.maximum(mask.sum(-1), 1.0))
         pre = attn.get("scaling_position", "post") == "pre"
         scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal, row_scale=1.0 / s_n if pre else None)

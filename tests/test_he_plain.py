@@ -467,3 +467,22 @@ def test_spread_attention_saves_rotations_and_products():
         c.qk_scores(q, k, heads=2)
     with pytest.raises(he.CircuitError, match="confined"):
         c.poly(k, fit_operator("gelu", (-4, 4), 7))
+
+
+def test_linear_after_decode_attention_reads_the_row_copies():
+    """attn_decode / decode_rowsum leave their row in every row of the ciphertext: the next one-row linear uses
+    the D cyclic diagonals without doubling the row or a padding correction (instead of 2D - 1 diagonals)."""
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(5)
+    c = he.Circuit(8, 64)
+    a, v = c.input("a", 6, 8), c.input("v", 6, 8)
+    o = c.attn_decode(c.mul(a, a), v, heads=2, key_weights=rng.random(6))
+    r = c.poly(c.add_plain(c.decode_rowsum(c.mul(a, a), heads=2, key_weights=rng.random(6)), 0.5),
+               fit_operator("gelu", (-1, 9), 7))
+    c.output(c.linear(c.mul(o, r), rng.normal(size=(8, 8)), rng.normal(size=8)))
+    _close(c, {"a": rng.uniform(-1, 1, (6, 8)), "v": rng.uniform(-1, 1, (6, 8))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = PL.plan(c, P.toy(), bootstrap="never").counts
+    assert counts["mul_plain"] == 8 + 3  # the linear's 8 cyclic diagonals + 1 + 2 masks of the decode ops

@@ -151,10 +151,10 @@ class Linear(OpSpec):
             corr.append(-acc)
         return corr
 
-    def _execute_grouped(self, ev, node, x, W, pad):
+    def _execute_grouped(self, ev, node, x, W, pad, copies=False):
         """Row-grouped layouts: one pass of plaintext products serves every group (see packing.grouped_plan)."""
         L, out_l, be = x.layout, ev.layouts[node.name], ev.backend
-        single = pad is not None
+        single = pad is not None or copies
         # full-ciphertext plaintexts are big (groups x the one-group ones): shared by every evaluator that
         # runs the same weight on the same layouts (each decode position, each cached circuit)
         key = ("grouped", _digest(W), repr(L), repr(out_l), single)
@@ -167,7 +167,7 @@ class Linear(OpSpec):
             bias = corr if bias is None else [b + c for b, c in zip(bias, corr)]
         babies = []
         for ct in x.cts:
-            if plan.doubled:
+            if plan.doubled and not copies:
                 ct = be.add(ct, ev.rotate(ct, -L.block))
             rots = ev.rotate_many(ct, plan.baby)
             rots[0] = ct
@@ -193,14 +193,29 @@ class Linear(OpSpec):
             out.append(acc)
         return out
 
+    @staticmethod
+    def row_copies(ev, name) -> bool:
+        """Does every row of ``name``'s ciphertext hold its row 0 (decode attention outputs, and polynomials /
+        products / sums of such)? Then a one-row linear reads the copy below instead of doubling the row."""
+        node = ev.producers.get(name)
+        if node is None:
+            return False
+        if node.op in ("attn_decode", "decode_rowsum"):
+            return True
+        if node.op in ("poly", "mul", "add", "sub", "add_plain", "mul_plain"):
+            return all(Linear.row_copies(ev, i) for i in node.inputs)
+        return False
+
     def execute(self, ev, node, xs):
         x = xs[0]
         L = x.layout
         W = ev.circuit.weight(node.attrs["weight"])
-        pad = self.padding_value(ev, node) if L.rows == 1 and L.slots >= 2 * L.block else None
+        single = L.rows == 1 and L.slots >= 2 * L.block
+        copies = single and self.row_copies(ev, node.inputs[0])
+        pad = self.padding_value(ev, node) if single and not copies else None
         if L.groups > 1 and (L.stacked or ev.layouts[node.name].stacked or ev.layouts[node.name].confined):
-            return self._execute_grouped(ev, node, x, W, pad)
-        if pad is not None:
+            return self._execute_grouped(ev, node, x, W, pad, copies)
+        if pad is not None or copies:
             plan = ev.cached((node.name, "row"), lambda: single_row_plan(W, L, W.shape[1]))
         else:
             plan = ev.cached((node.name, "bsgs"), lambda: bsgs_plan(W, L, W.shape[1]))
@@ -217,7 +232,7 @@ class Linear(OpSpec):
             babies = []
             for ib in range(L.col_blocks):
                 ct = x.cts[L.ct_index(rb, ib)]
-                if plan.doubled:  # a copy of the row right after it (the rows below a single row are free)
+                if plan.doubled and not copies:  # a copy of the row after it (the rows below a single row are free)
                     ct = be.add(ct, ev.rotate(ct, -L.block))
                 rots = ev.rotate_many(ct, plan.baby)
                 rots[0] = ct
@@ -296,6 +311,15 @@ class Mul(_Binary):
         return 1
 
 
+def _fill_rows(ev, node, L, vecs):
+    """A one-row input holding its row in every row (``Linear.row_copies``) gets the plaintext in every row too,
+    so the copies survive the op."""
+    if L.rows != 1 or not Linear.row_copies(ev, node.inputs[0]):
+        return vecs
+    return [np.broadcast_to(v.reshape(-1, L.R, L.block)[:, :1], (v.size // L.slots, L.R, L.block)).reshape(-1).copy()
+            for v in vecs]
+
+
 class _Plain(OpSpec):
     def value(self, c, node, layout):
         if "scalar" in node.attrs:
@@ -318,7 +342,7 @@ class AddPlain(_Plain):
 
     def execute(self, ev, node, xs):
         L = xs[0].layout
-        vecs = L.pack(L.broadcast(self.value(ev.circuit, node, L)))
+        vecs = _fill_rows(ev, node, L, L.pack(L.broadcast(self.value(ev.circuit, node, L))))
         return [ev.backend.add_plain(ct, v) for ct, v in zip(xs[0].cts, vecs)]
 
 
@@ -334,7 +358,7 @@ class MulPlain(_Plain):
         L = xs[0].layout
         if "scalar" in node.attrs:
             return [ev.backend.mul_scalar(ct, float(node.attrs["scalar"])) for ct in xs[0].cts]
-        vecs = ev.cached((node.name, "vec"), lambda: L.pack(self.value(ev.circuit, node, L)))
+        vecs = ev.cached((node.name, "vec"), lambda: _fill_rows(ev, node, L, L.pack(self.value(ev.circuit, node, L))))
         return [ev.backend.mul_plain(ct, v) for ct, v in zip(xs[0].cts, vecs)]
 
 
@@ -976,8 +1000,8 @@ class AttnRowSum(OpSpec):
 
 @register_op("decode_rowsum")
 class DecodeRowSum(OpSpec):
-    """``sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in row 0 and the head's ``dh`` columns (``1 x d``,
-    clean): the power-softmax denominator of a decode step. 2 levels, as ``attn_decode``."""
+    """``sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in the head's ``dh`` columns of every row (``1 x d``
+    with row copies, like ``attn_decode``): the power-softmax denominator of a decode step. 2 levels."""
 
     n_inputs = 1
 
@@ -990,7 +1014,7 @@ class DecodeRowSum(OpSpec):
             raise LayoutError(f"decode_rowsum: {a.cols} features do not split into {h} heads of a power-of-two width")
         if c.weight(node.attrs["weights"]).shape != (a.rows,):
             raise LayoutError(f"decode_rowsum: weights must have shape ({a.rows},)")
-        return a.with_(rows=1, clean=True)
+        return a.with_(rows=1, clean=False)
 
     def reference(self, c, node, xs, lay):
         return OPS["attn_decode"].reference(c, node, [xs[0], np.ones_like(xs[0])], lay)  # all-ones values
@@ -1004,9 +1028,9 @@ class DecodeRowSum(OpSpec):
         D, n, h = L.block, L.rows, int(node.attrs["heads"])
         dh = L.cols // h
         t = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, L, dh))
-        t = _rot_sum(ev, t, D, next_pow2(n))  # rows 0..n-1 into row 0
+        t = _rot_sum(ev, t, D, L.R)  # every row: the sum of rows 0..n-1
         sel = np.zeros((L.R, D))
-        sel[0, np.arange(h) * dh] = 1.0
+        sel[:, np.arange(h) * dh] = 1.0
         return [_rot_sum(ev, be.mul_plain(t, sel.reshape(-1)), -1, dh)]
 
 
@@ -1065,7 +1089,8 @@ class QKDecode(OpSpec):
 class AttnDecode(OpSpec):
     """``out[0, head h] = sum_j w[j] * A[j, h*dh] * V[j, head h]``: weights ``A`` (n x d, from qk_decode and
     the activation), values ``V`` (n x d, clean), per-key plaintext weights ``w`` (mask / length scaling).
-    Output ``1 x d``; rows >= 1 of its ciphertext hold copies (not clean). 2 levels."""
+    Output ``1 x d``; the rows are summed over all ``R`` rows of the group, so every row holds the result
+    (row copies, not clean: the next linear reads the copy below instead of doubling the row). 2 levels."""
 
     n_inputs = 2
 
@@ -1104,8 +1129,4 @@ class AttnDecode(OpSpec):
         a = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, V, dh))
         a = _rot_sum(ev, a, -1, dh)  # spread each head's weight over its dh columns
         t = be.mul(a, xs[1].cts[0])
-        step = 1
-        while step < n:  # sum the rows 0..n-1 into row 0 (rows >= n of V are zero)
-            t = be.add(t, ev.rotate(t, step * D))
-            step *= 2
-        return [t]
+        return [_rot_sum(ev, t, D, V.R)]  # every row: the sum of rows 0..n-1 (rows >= n of V are zero)

@@ -486,3 +486,31 @@ def test_linear_after_decode_attention_reads_the_row_copies():
         warnings.simplefilter("ignore")
         counts = PL.plan(c, P.toy(), bootstrap="never").counts
     assert counts["mul_plain"] == 8 + 3  # the linear's 8 cyclic diagonals + 1 + 2 masks of the decode ops
+
+
+def test_linears_on_one_input_share_their_baby_rotations():
+    """q, k and v read the same ciphertext with the same baby steps: the rotations are made once (and the
+    input rescaled once); a later run through the same evaluator does not reuse the previous run's."""
+    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.packing import bsgs_plan
+
+    rng = np.random.default_rng(6)
+    rot = {}
+    for n in (1, 3):
+        c = he.Circuit(16, 256)
+        x = c.input("x", 9, 16)
+        Ws = [rng.normal(size=(16, 16)) for _ in range(n)]
+        outs = [c.linear(x, W) for W in Ws]
+        c.output(*outs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rot[n] = PL.plan(c, P.toy(), bootstrap="never").counts["rotate"]
+        ev = he.Evaluator(c, he.PlainBackend(c.ct_slots))
+        for _ in range(2):  # two runs on different inputs through one evaluator
+            X = rng.uniform(-1, 1, (9, 16))
+            got = ev.run({"x": he.Packed(ev.layouts["x"], ev.layouts["x"].pack(X))})
+            for o, W in zip(outs, Ws):
+                assert np.abs(ev.layouts[o].unpack(got[o].cts) - X @ W).max() < 1e-9
+    plan = bsgs_plan(Ws[0], c.layouts()["x"], 16)
+    babies, giants = len(plan.baby), len([g for g in plan.giant if g])
+    assert babies > 0 and rot[1] == babies + giants and rot[3] == babies + 3 * giants

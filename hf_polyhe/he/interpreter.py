@@ -70,6 +70,7 @@ class Evaluator:
         self.layouts = circuit.layouts()
         self.producers = {n.name: n for n in circuit.nodes}
         self._cache = {}
+        self.last_babies = None  # (key, rotations): the last linear input's baby steps (ops.Linear.babies)
         if getattr(backend, "slots", circuit.ct_slots) < circuit.ct_slots:
             raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.ct_slots}")
 
@@ -111,12 +112,14 @@ class Evaluator:
 
     def run(self, inputs: dict) -> dict:
         env = self.check_inputs(inputs)
+        self.last_babies = None
         for node in self.circuit.nodes:
             xs = [env[i] for i in node.inputs]
             if hasattr(self.backend, "begin_node"):
                 self.backend.begin_node(node)
             cts = OPS[node.op].execute(self, node, xs)
             env[node.name] = Packed(self.layouts[node.name], cts)
+        self.last_babies = None  # release the rotations
         return {o: env[o] for o in self.circuit.outputs}
 
 

@@ -492,6 +492,7 @@ class EncryptedServer:
             env[node.name] = Packed(ev.layouts[node.name], cts)
             b = "bootstrap" if node.op == "bootstrap" else blocks.get(node.name, "residual")
             times[b] = times.get(b, 0.0) + time.perf_counter() - t0
+        ev.last_babies = None  # release the cached rotations (ops.Linear.babies)
         self.last_timings = times
         return {o: env[o] for o in ev.circuit.outputs}
 

@@ -165,13 +165,7 @@ class Linear(OpSpec):
         if pad:
             corr = ev.cached((node.name, "gpad"), lambda: self.grouped_padding_correction(plan, L, out_l, pad))
             bias = corr if bias is None else [b + c for b, c in zip(bias, corr)]
-        babies = []
-        for ct in x.cts:
-            if plan.doubled and not copies:
-                ct = be.add(ct, ev.rotate(ct, -L.block))
-            rots = ev.rotate_many(ct, plan.baby)
-            rots[0] = ct
-            babies.append(rots)
+        babies = [self.babies(ev, node, n, ct, plan, copies) for n, ct in enumerate(x.cts)]
         out = []
         for no in range(out_l.num_cts):
             acc = None
@@ -192,6 +186,25 @@ class Linear(OpSpec):
                 acc = be.add_plain(acc, bias[no])
             out.append(acc)
         return out
+
+    @staticmethod
+    def babies(ev, node, n, ct, plan, copies):
+        """``{b: rot(x, b)}`` of input ciphertext ``n``: rescaled once (not inside each product that reads it),
+        the row doubled for single-row plans. Linears reading the same input with the same baby steps (the
+        attention's q, k, v) share them through the evaluator's one-entry cache."""
+        double = plan.doubled and not copies
+        key = (node.inputs[0], n, plan.baby, double)
+        hit = ev.last_babies
+        if hit is not None and hit[0] == key and hit[2] is ct:  # the same ciphertext object, not a later run's
+            return hit[1]
+        be, ct_in = ev.backend, ct
+        ct = be.rescale(ct)
+        if double:  # a copy of the row after it (the rows below a single row are free)
+            ct = be.add(ct, ev.rotate(ct, -ev.layouts[node.inputs[0]].block))
+        rots = ev.rotate_many(ct, plan.baby)
+        rots[0] = ct
+        ev.last_babies = (key, rots, ct_in)
+        return rots
 
     @staticmethod
     def row_copies(ev, name) -> bool:
@@ -229,14 +242,8 @@ class Linear(OpSpec):
             bias = [c if bias is None else b + c for b, c in zip(bias or [None] * len(corr), corr)]
         be, out = ev.backend, []
         for rb in range(L.row_blocks):
-            babies = []
-            for ib in range(L.col_blocks):
-                ct = x.cts[L.ct_index(rb, ib)]
-                if plan.doubled and not copies:  # a copy of the row after it (the rows below a single row are free)
-                    ct = be.add(ct, ev.rotate(ct, -L.block))
-                rots = ev.rotate_many(ct, plan.baby)
-                rots[0] = ct
-                babies.append(rots)
+            babies = [self.babies(ev, node, L.ct_index(rb, ib), x.cts[L.ct_index(rb, ib)], plan, copies)
+                      for ib in range(L.col_blocks)]
             for ob in range(out_l.col_blocks):
                 acc = None
                 for g in plan.giant:
@@ -728,10 +735,10 @@ class QKScores(OpSpec):
         """Keys confined to group 0: each ct x ct product meets ``groups`` shifts at once (group g holds the keys
         moved by its shift), so the in-head sums and products run once per batch of shifts."""
         be = ev.backend
-        q = xs[0].cts[0]
+        q = be.rescale(xs[0].cts[0])
         D, dh, P = S.block, S.head_dim, S.slots
         r = self.row_factors(ev.circuit, node, S.rows)
-        keys = _GroupShifts(ev, xs[1].cts[0], S)
+        keys = _GroupShifts(ev, be.rescale(xs[1].cts[0]), S)
         out = [None] * S.num_cts
         for ct, m, shifts in S.batches():
             p = be.mul(q, keys(shifts))
@@ -752,7 +759,7 @@ class QKScores(OpSpec):
         S = ev.layouts[node.name]
         if S.spread:
             return self._execute_spread(ev, node, xs, S)
-        q, k = xs[0].cts[0], xs[1].cts[0]
+        q, k = be.rescale(xs[0].cts[0]), be.rescale(xs[1].cts[0])
         D, dh = S.block, S.head_dim
         r = self.row_factors(ev.circuit, node, S.rows)
         out = [None] * S.num_cts
@@ -815,10 +822,11 @@ class AttnApply(OpSpec):
         partial outputs are summed by ``log2 groups`` rotations (every group gets the total: replicated)."""
         be = ev.backend
         D, dh = S.block, S.head_dim
-        values = _GroupShifts(ev, xs[1].cts[0], S)
+        values = _GroupShifts(ev, be.rescale(xs[1].cts[0]), S)
+        scores = [be.rescale(ct) for ct in xs[0].cts]
         out = None
         for ct, m, shifts in S.batches():
-            a = ev.rotate(xs[0].cts[ct], m)
+            a = ev.rotate(scores[ct], m)
             mask = np.zeros((S.groups, S.R, D))
             for g, s in enumerate(shifts):
                 rows = np.nonzero(S.pair_valid(s))[0]
@@ -842,12 +850,13 @@ class AttnApply(OpSpec):
         M = self._mask(ev.circuit, node, S)
         if S.spread:
             return self._execute_spread(ev, node, xs, S, M)
-        v = xs[1].cts[0]
+        v = be.rescale(xs[1].cts[0])
+        scores = [be.rescale(ct) for ct in xs[0].cts]
         D, dh = S.block, S.head_dim
         out = None
         values = _ShiftWalk(ev, v)
         for ct, m, s in S.positions():
-            a = ev.rotate(xs[0].cts[ct], m)
+            a = ev.rotate(scores[ct], m)
             mask = np.zeros((S.R, D))
             rows = np.nonzero(S.pair_valid(s))[0]
             cols = (rows + s) % S.R

@@ -38,7 +38,8 @@ DEFAULT_COSTS = {
     "rotate_precompute": [2.4e-3, 3.9e-4],
     "rotate_fast": [2.4e-3, 3.9e-4],
     "mul": [6.2e-3, 1.07e-3],
-    "mul_plain": [2.0e-3, 0.0],
+    "mul_plain": [2.0e-3, 0.0],  # on a rescaled ciphertext, the plaintext's encoding included
+    "rescale": [1.6e-3, 0.0],  # the pending rescale of a product's output, paid by its first plaintext product
     "add_plain": [1.5e-3, 0.0],
     "mul_scalar": [3.0e-4, 0.0],
     "add": [1.0e-4, 0.0],
@@ -89,10 +90,13 @@ def load_cost_table(path: str = COST_TABLE_PATH) -> dict:
 
 
 class TraceCt:
-    __slots__ = ("level",)
+    """A traced ciphertext: levels consumed, and whether a rescale is pending (a product's output, which
+    OpenFHE's FLEXIBLEAUTO rescales inside the next multiplication -- in every one that reads it)."""
 
-    def __init__(self, level: int):
-        self.level = level
+    __slots__ = ("level", "pending")
+
+    def __init__(self, level: int, pending: bool = False):
+        self.level, self.pending = level, pending
 
 
 class TraceBackend:
@@ -106,7 +110,7 @@ class TraceBackend:
         self.total_depth, self.start_level, self.lb = total_depth, start_level, levels_after_bootstrap
         self.N, self.costs = ring_dim, costs
         self.counts = {k: 0 for k in ("rotate", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "cheb",
-                                      "bootstrap")}
+                                      "bootstrap", "rescale")}
         self.rotation_keys = set()
         self.time = 0.0
         self.time_by_op = {}
@@ -134,16 +138,16 @@ class TraceBackend:
     def _cost(self, kind, level, mult=1.0):
         self._charge(self.unit(kind, level) * mult)
 
-    def _out(self, level):
+    def _out(self, level, pending=True):
         self.max_level = max(self.max_level, level)
         if self.node is not None:
             self.node_levels[self.node.name] = max(self.node_levels.get(self.node.name, 0), level)
-        return TraceCt(level)
+        return TraceCt(level, pending)
 
     def add(self, a, b):
         self.counts["add"] += 1
         self._cost("add", max(a.level, b.level))
-        return self._out(max(a.level, b.level))
+        return self._out(max(a.level, b.level), a.pending or b.pending)
 
     sub = add
 
@@ -155,11 +159,13 @@ class TraceBackend:
     def add_plain(self, a, v):
         self.counts["add_plain"] += 1
         self._cost("add_plain", a.level)
-        return self._out(a.level)
+        return self._out(a.level, a.pending)
 
     def mul_plain(self, a, v):
         self.counts["mul_plain"] += 1
         self._cost("mul_plain", a.level)
+        if a.pending:
+            self._cost("rescale", a.level)
         return self._out(a.level + 1)
 
     def mul_scalar(self, a, c):
@@ -167,11 +173,18 @@ class TraceBackend:
         self._cost("mul_scalar", a.level)
         return self._out(a.level + 1)
 
+    def rescale(self, a):
+        if not a.pending:
+            return a
+        self.counts["rescale"] += 1
+        self._cost("rescale", a.level)
+        return self._out(a.level, False)
+
     def rotate(self, a, k):
         self.counts["rotate"] += 1
         self.rotation_keys.add(int(k))
         self._cost("rotate", a.level)
-        return self._out(a.level)
+        return self._out(a.level, a.pending)
 
     def rotate_many(self, a, ks):
         # mirrors OpenFHEBackend.rotate_many: one rotation is a plain EvalRotate, more are hoisted
@@ -183,7 +196,7 @@ class TraceBackend:
             self.counts["rotate"] += 1
             self.rotation_keys.add(int(k))
             self._cost("rotate_fast", a.level)
-            out[k] = self._out(a.level)
+            out[k] = self._out(a.level, a.pending)
         return out
 
     def cheb_seconds(self, degree, level):

@@ -65,5 +65,6 @@ class ProgressServer(EncryptedServer):
             bar.update(bar.total - bar.n)
         finally:
             bar.close()
+            ev.last_babies = None  # release the cached rotations (ops.Linear.babies)
         self.last_timings = times
         return {o: env[o] for o in ev.circuit.outputs}

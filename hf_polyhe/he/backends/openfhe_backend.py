@@ -116,6 +116,13 @@ class OpenFHEBackend:
     def mul_scalar(self, a, c):
         return self.cc.EvalMult(a, float(c))
 
+    def rescale(self, a):
+        """Do a product's pending rescale now (FLEXIBLEAUTO would redo it inside every multiplication that reads
+        ``a``: 50-80 ms each at N = 2^16 and ~29 towers, against ~10 ms for the product itself)."""
+        if a.GetNoiseScaleDeg() < 2:
+            return a
+        return self.cc.Compress(a, 1 << 20)  # rescales, keeps every remaining tower
+
     def rotate(self, a, k):
         return self.cc.EvalRotate(a, int(k))
 

@@ -43,6 +43,9 @@ class PlainBackend:
     def mul_scalar(self, a, c):
         return a * c
 
+    def rescale(self, a):
+        return a
+
     def rotate(self, a, k):
         return np.roll(a, -k)
 

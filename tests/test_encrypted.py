@@ -91,22 +91,23 @@ def test_decode_circuit_errors(tmp_path):
 def test_plan_for_export_covers_every_circuit(tmp_path):
     _, enc = export_small(tmp_path, "gpt", max_length=6, norm_type="batchnorm")
     plan = plan_for_export(enc, P.toy(), bootstrap="never")
-    # 8 rows of 16 per group; the toy ring's 2048 slots hold 16 groups, the widest linear (vocab 97) has 7 blocks
-    assert plan.mode == "leveled" and plan.kv_cache and plan.slots == 8 * 16 and plan.groups == 8
+    # one row of 16 per token: 8 rows would not hold 2 x 6 (shift-parallel attention), so groups get 16 rows;
+    # the toy ring's 2048 slots hold 8 such groups
+    assert plan.mode == "leveled" and plan.kv_cache and plan.slots == 16 * 16 and plan.groups == 8
     assert plan.params.slots == 8 * plan.slots
     again = ExportPlan.from_dict(plan.to_dict())
-    g = again.groups
+    kw = dict(groups=again.groups, slots=again.slots)
     for L in range(1, 7):
-        again.plan_circuit(build_circuit(enc.spec, L, groups=g), "full")
-        again.plan_circuit(build_circuit(enc.spec, L, attention_mask=[1] * (L - 1) + [0] if L > 1 else None, groups=g), "full")
-        again.plan_circuit(build_circuit(enc.spec, L, kv_cache=True, groups=g), "prefill")
+        again.plan_circuit(build_circuit(enc.spec, L, **kw), "full")
+        again.plan_circuit(build_circuit(enc.spec, L, attention_mask=[1] * (L - 1) + [0] if L > 1 else None, **kw), "full")
+        again.plan_circuit(build_circuit(enc.spec, L, kv_cache=True, **kw), "prefill")
     for t in range(1, 6):
-        again.plan_circuit(build_decode_circuit(enc.spec, t, groups=g), "decode")
+        again.plan_circuit(build_decode_circuit(enc.spec, t, **kw), "decode")
     with pytest.raises(KeyMismatchError, match="row groups"):
         again.plan_circuit(build_circuit(enc.spec, 6), "full")
     again.rotation_keys = again.rotation_keys[:3]
     with pytest.raises(KeyMismatchError, match="rotation keys"):
-        again.plan_circuit(build_circuit(enc.spec, 6, groups=g), "full")
+        again.plan_circuit(build_circuit(enc.spec, 6, **kw), "full")
     assert set(plan.summary) == {"full", "prefill", "decode"}
     assert plan.summary["decode"]["counts"]["rotate"] < plan.summary["prefill"]["counts"]["rotate"]
 

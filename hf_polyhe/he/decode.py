@@ -18,6 +18,8 @@ the same points and a cache written by the prefill carries the levels the decode
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .errors import CircuitError, PlanningError
@@ -133,27 +135,28 @@ def _head(b: _TaggingBuilder, x, seq_len: int, all_rows: bool = False):
     return out
 
 
-def _new_circuit(spec, seq_len, name, check_len=True, groups=1):
+def _new_circuit(spec, seq_len, name, check_len=True, groups=1, slots=None):
     cfg = spec.config
     d, max_len = cfg["hidden_size"], cfg["max_length"]
     if check_len and not 1 <= seq_len <= max_len:
         raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
-    block, slots = default_packing(max_len, d)
-    return Circuit(block=block, slots=slots, name=f"{cfg['family']}-{name}", groups=groups)
+    block, default_slots = default_packing(max_len, d)
+    return Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-{name}", groups=groups)
 
 
 def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_cache: bool = False,
-                  groups: int = 1) -> Circuit:
+                  groups: int = 1, slots: Optional[int] = None) -> Circuit:
     """The model's circuit for ``seq_len`` tokens (output ``logits``: the last row's for a causal LM, the
     classifier's otherwise), with per-block tags; ``kv_cache`` (causal LMs) also outputs every layer's K/V.
-    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`; the planner's choice).
+    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`) and ``slots`` per group (default: one
+    row per token of ``max_length``, rounded to a power of two); the planner's choice.
     Same computation as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`."""
     cfg = spec.config
     if kv_cache:
         _check_causal_lm(spec)
         if attention_mask is not None and not np.all(np.asarray(attention_mask) == 1):
             raise CircuitError("a KV-cache prefill takes no padding mask (generation runs one unpadded sequence)")
-    c = _new_circuit(spec, seq_len, f"{'prefill' if kv_cache else 'full'}-L{seq_len}", groups=groups)
+    c = _new_circuit(spec, seq_len, f"{'prefill' if kv_cache else 'full'}-L{seq_len}", groups=groups, slots=slots)
     b = _TaggingBuilder(spec, c, keep_cache=kv_cache)
     d = cfg["hidden_size"]
     x = c.input("x", seq_len, d)
@@ -168,12 +171,12 @@ def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_c
     return fold_plaintext_maps(c)
 
 
-def build_prefill_circuit(spec: TransformerSpec, seq_len: int, groups: int = 1) -> Circuit:
+def build_prefill_circuit(spec: TransformerSpec, seq_len: int, groups: int = 1, slots: Optional[int] = None) -> Circuit:
     """Prompt of ``seq_len`` tokens -> last-row logits and every layer's K/V (see the module docstring)."""
-    return build_circuit(spec, seq_len, kv_cache=True, groups=groups)
+    return build_circuit(spec, seq_len, kv_cache=True, groups=groups, slots=slots)
 
 
-def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1) -> Circuit:
+def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, slots: Optional[int] = None) -> Circuit:
     """One decode step for the token at ``position`` (``position`` tokens already cached)."""
     _check_causal_lm(spec)
     cfg = spec.config
@@ -181,7 +184,7 @@ def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1) 
     if not 1 <= position < max_len:
         raise CircuitError(f"decode position {position} is outside 1..{max_len - 1} (the export's max_length is "
                            f"{max_len}; the prompt itself goes through the prefill)")
-    c = _new_circuit(spec, position + 1, f"decode-t{position}", groups=groups)
+    c = _new_circuit(spec, position + 1, f"decode-t{position}", groups=groups, slots=slots)
     b = _DecodeBuilder(spec, c, position)
     x = c.input("x", 1, d)
     if cfg.get("embedding_norm"):

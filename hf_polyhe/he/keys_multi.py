@@ -167,16 +167,26 @@ def _sample_embeddings(model, n: int, seed: int = 0) -> list:
     return out
 
 
-def _auto_groups(circuit, ring_dim: int) -> int:
-    """Row groups for ``circuit`` on a ring of ``ring_dim``: as many as the ring's ``N/2`` slots hold, but no
-    more than the widest linear (input or output) has column blocks -- beyond that they only replicate."""
-    fit = max(1, (ring_dim // 2) // circuit.slots)
+def _auto_groups(circuit, ring_dim: int, max_len: int) -> tuple:
+    """``(groups, slots per group)`` for ``circuit`` (built with one group) on a ring of ``ring_dim``.
+
+    Shift-parallel attention needs ``2 * max_len <= R`` rows per group: when the default packing has fewer and
+    the ring has room, the groups get twice the rows. Then every group the ring holds is used (each one more
+    shift per attention product); otherwise no more than the widest linear (input or output) has column
+    blocks, beyond which groups only replicate."""
+    slots, half = circuit.slots, ring_dim // 2
+    rows = slots // circuit.block
+    if 2 * max_len > rows and half >= 4 * slots:
+        slots, rows = 2 * slots, 2 * rows
+    fit = max(1, half // slots)
+    if fit > 1 and 2 * max_len <= rows:
+        return int(fit), int(slots)
     widest = 1
     for node in circuit.nodes:
         if node.op == "linear":
             W = circuit.weight(node.attrs["weight"])
             widest = max(widest, next_pow2(-(-max(W.shape) // circuit.block)))
-    return int(min(fit, widest))
+    return int(min(fit, widest)), int(circuit.slots)
 
 
 def _merge_max(acc: dict, new: dict):
@@ -213,26 +223,27 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     if groups is not None and (int(groups) < 1 or int(groups) & (int(groups) - 1)):
         raise PlanningError(f"groups must be a power of two >= 1, got {groups!r}")
 
-    def make_jobs(g):
-        out = [("full", L, build_circuit(spec, L, groups=g)) for L in lengths]
+    def make_jobs(g, slots=None):
+        out = [("full", L, build_circuit(spec, L, groups=g, slots=slots)) for L in lengths]
         if kv_cache:
-            out += [("prefill", L, build_circuit(spec, L, kv_cache=True, groups=g)) for L in lengths]
-            out += [("decode", t, build_decode_circuit(spec, t, groups=g)) for t in range(1, max_len)]
+            out += [("prefill", L, build_circuit(spec, L, kv_cache=True, groups=g, slots=slots)) for L in lengths]
+            out += [("decode", t, build_decode_circuit(spec, t, groups=g, slots=slots)) for t in range(1, max_len)]
         return out
 
     jobs = make_jobs(1)
+    block, slots = default_packing(max_len, spec.config["hidden_size"])
     # resolve "auto" once, on the longest circuit, so every circuit runs the same way
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                       max_leveled_depth=max_leveled_depth)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
     if groups is None:
-        groups = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else 1
+        groups, slots = _auto_groups(longest, probe.params.ring_dim, max_len) if mode == "leveled" else (1, slots)
     groups = int(groups)
     if groups > 1:
         if mode == "bootstrap":
             raise PlanningError(f"groups={groups} needs a leveled export (this one bootstraps); use groups=1")
-        jobs = make_jobs(groups)
+        jobs = make_jobs(groups, slots)
     if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
         params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
     # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
@@ -282,7 +293,6 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
         final = final.with_(depth=final.depth + BOOTSTRAP_HEADROOM)
         if not final.insecure:
             final = final.with_(ring_dim=max(final.ring_dim, final.min_secure_ring_dim()))
-    block, slots = default_packing(max_len, spec.config["hidden_size"])
     summary = {}
     for kind in ("full", "prefill", "decode"):
         keys = [k for k in plans if k[0] == kind]
@@ -455,10 +465,11 @@ class EncryptedServer:
         """Planned evaluator of circuit ``kind`` ("full", "prefill", "decode") for length/position ``n``."""
         key = (kind, n, None if attention_mask is None else tuple(np.asarray(attention_mask).reshape(-1).astype(int).tolist()))
         if key not in self._evaluators:
+            g, s = self.plan.groups, self.plan.slots
             if kind == "decode":
-                c = build_decode_circuit(self.spec, n, groups=self.plan.groups)
+                c = build_decode_circuit(self.spec, n, groups=g, slots=s)
             else:
-                c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"), groups=self.plan.groups)
+                c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"), groups=g, slots=s)
             pl = self.plan.plan_circuit(c, kind)
             ev = Evaluator(pl.circuit, self.backend)
             ev.plan = pl

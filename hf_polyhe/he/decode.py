@@ -68,7 +68,7 @@ class _TaggingBuilder(_Builder):
         return self.tagged("attention", self._attention, x, attn, mask, causal)
 
     def named_linear(self, x, lin, name):
-        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None, name=name)
+        return self.linear(x, lin, name=name)
 
     def _attention(self, x, attn, mask, causal):
         c, i = self.c, self.layer_idx

@@ -10,6 +10,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 
 ==============  ===========================================================================================
 ``linear``      ``X @ W + b`` with plaintext ``W`` (d_in x d_out), diagonal method with BSGS rotations; 1 level
+                (``confine=True``: the output in row group 0 only, zeros elsewhere -- attention keys/values)
 ``add``/``sub`` elementwise sum / difference of two encrypted tensors of the same shape; 0 levels
 ``mul``         elementwise ct x ct product (relinearised, rescaled); 1 level
 ``add_plain``   ``X + P`` with plaintext ``P`` (scalar, ``(cols,)``, ``(rows, 1)`` or ``(rows, cols)``); 0 levels

@@ -109,7 +109,7 @@ class ExportPlan:
         """Plan ``circuit`` under this export's parameters; KeyMismatchError if the keys cannot run it."""
         if circuit.groups != self.groups or circuit.slots != self.slots:
             raise KeyMismatchError(f"circuit {circuit.name!r} packs {circuit.groups} row groups of {circuit.slots} slots, "
-                                   f"this export {self.groups} of {self.slots}: build it with groups={self.groups}")
+                                   f"this export {self.groups} of {self.slots}: build it with groups={self.groups}, slots={self.slots}")
         base = self.params
         kw = dict(bounds=self.bounds.get(kind), max_leveled_depth=self.max_leveled_depth)
         if self.mode == "bootstrap":
@@ -206,9 +206,11 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     embedding matrices; default: random tokens through the client's tables). Padding masks change neither
     depth nor rotations, so the keys cover every mask.
 
-    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`). Default: a leveled export fills
-    the ring's slots -- up to the widest linear's column blocks -- so wide linears (MLP, LM head) and their
-    activations cost one block's work; a bootstrapping export keeps one group (sparse bootstrapping)."""
+    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`). Default (:func:`_auto_groups`): a
+    leveled export fills the ring's slots, so wide linears (MLP, LM head) and their activations cost one
+    block's work and attention meets one key shift per group with each product (the groups get twice the
+    rows when a prompt would not fit half of them); a bootstrapping export keeps one group (sparse
+    bootstrapping)."""
     spec, max_len = model.spec, model.max_length
     causal = model.family == "gpt"
     kv_cache = causal if kv_cache is None else bool(kv_cache)

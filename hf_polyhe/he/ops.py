@@ -116,35 +116,19 @@ class Linear(OpSpec):
         return None
 
     @staticmethod
-    def padding_correction(plan, L, out_l, pad):
-        """Per output block, minus what the doubled row's padding (``pad`` in every padding slot) adds to the
-        single-row product: the same schedule run on the padding pattern in numpy."""
-        D = L.block
-        corr = []
-        for ob in range(out_l.col_blocks):
-            acc = np.zeros(L.slots)
-            for ib in range(L.col_blocks):
-                v = np.full(L.slots, pad)
-                v[: L.block_cols(ib)] = 0.0
-                vv = v + np.roll(v, D)  # = v + rot(v, -D)
-                for g, terms in plan.terms[(0, ib, ob)].items():
-                    inner = sum(q * np.roll(vv, -b) for b, q in terms.items())
-                    acc += np.roll(inner, -g)
-            corr.append(-acc)
-        return corr
-
-    @staticmethod
-    def grouped_padding_correction(plan, L, out_l, pad):
-        """:meth:`padding_correction` for a grouped single-row plan (full-ciphertext vectors, group sum)."""
+    def padding_correction(plan, L, out_l, pad, grouped=False):
+        """Per output ciphertext, minus what the doubled row's padding (``pad`` in every padding slot) adds to the
+        single-row product: the same schedule run on the padding pattern in numpy. ``grouped``: a grouped_plan
+        (full-ciphertext vectors, then its group sum); else a one-group plan."""
         D, P = L.block, L.slots
-        valid = L.valid_masks()
+        valid = L.valid_masks() if grouped else [m[:P] for m in L.valid_masks()]
         corr = []
         for no in range(out_l.num_cts):
-            acc = np.zeros(L.ct_slots)
-            for ni in range(L.num_cts):
-                v = np.where(valid[ni], 0.0, pad)
-                vv = v + np.roll(v, D)
-                for g, terms in plan.terms.get((ni, no), {}).items():
+            acc = np.zeros(valid[0].size)
+            for ni, ok in enumerate(valid):
+                v = np.where(ok, 0.0, pad)
+                vv = v + np.roll(v, D)  # = v + rot(v, -D)
+                for g, terms in plan.terms.get((ni, no) if grouped else (0, ni, no), {}).items():
                     acc += np.roll(sum(q * np.roll(vv, -b) for b, q in terms.items()), -g)
             for j in range(plan.group_sum):
                 acc = acc + np.roll(acc, -(P << j))
@@ -163,29 +147,35 @@ class Linear(OpSpec):
         if "bias" in node.attrs:
             bias = out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))
         if pad:
-            corr = ev.cached((node.name, "gpad"), lambda: self.grouped_padding_correction(plan, L, out_l, pad))
+            corr = ev.cached((node.name, "gpad"), lambda: self.padding_correction(plan, L, out_l, pad, grouped=True))
             bias = corr if bias is None else [b + c for b, c in zip(bias, corr)]
         babies = [self.babies(ev, node, n, ct, plan, copies) for n, ct in enumerate(x.cts)]
         out = []
         for no in range(out_l.num_cts):
-            acc = None
-            for g in plan.giant:
-                inner = None
-                for ni in range(L.num_cts):
-                    for b, vec in plan.terms.get((ni, no), {}).get(g, {}).items():
-                        t = be.mul_plain(babies[ni][b], vec)
-                        inner = t if inner is None else be.add(inner, t)
-                if inner is not None:
-                    inner = ev.rotate(inner, g)
-                    acc = inner if acc is None else be.add(acc, inner)
+            acc = self.accumulate(ev, plan, babies, [plan.terms.get((ni, no), {}) for ni in range(L.num_cts)])
             if acc is None:
                 acc = be.mul_scalar(x.cts[0], 0.0)
-            for j in range(plan.group_sum):  # sum the stacked blocks: every group gets all of them
-                acc = be.add(acc, ev.rotate_slots(acc, L.slots << j))
+            acc = _rot_sum(ev, acc, L.slots, 1 << plan.group_sum, whole=True)  # every group gets all the blocks
             if bias is not None:
                 acc = be.add_plain(acc, bias[no])
             out.append(acc)
         return out
+
+    @staticmethod
+    def accumulate(ev, plan, babies, terms):
+        """``sum_g rot(sum_{ct, b} terms[ct][g][b] * babies[ct][b], g)`` over the input ciphertexts' baby
+        rotations and their ``{giant: {baby: plaintext}}`` terms; None when every term is zero."""
+        be, acc = ev.backend, None
+        for g in plan.giant:
+            inner = None
+            for rots, t in zip(babies, terms):
+                for b, vec in t.get(g, {}).items():
+                    p = be.mul_plain(rots[b], vec)
+                    inner = p if inner is None else be.add(inner, p)
+            if inner is not None:
+                inner = ev.rotate(inner, g)
+                acc = inner if acc is None else be.add(acc, inner)
+        return acc
 
     @staticmethod
     def babies(ev, node, n, ct, plan, copies):
@@ -245,17 +235,7 @@ class Linear(OpSpec):
             babies = [self.babies(ev, node, L.ct_index(rb, ib), x.cts[L.ct_index(rb, ib)], plan, copies)
                       for ib in range(L.col_blocks)]
             for ob in range(out_l.col_blocks):
-                acc = None
-                for g in plan.giant:
-                    inner = None
-                    for ib in range(L.col_blocks):
-                        for b, vec in plan.terms[(rb, ib, ob)].get(g, {}).items():
-                            t = be.mul_plain(babies[ib][b], vec)
-                            inner = t if inner is None else be.add(inner, t)
-                    if inner is None:
-                        continue
-                    inner = ev.rotate(inner, g)
-                    acc = inner if acc is None else be.add(acc, inner)
+                acc = self.accumulate(ev, plan, babies, [plan.terms[(rb, ib, ob)] for ib in range(L.col_blocks)])
                 if acc is None:  # an all-zero weight block
                     acc = be.mul_scalar(x.cts[L.ct_index(rb, 0)], 0.0)
                 if bias is not None:
@@ -481,17 +461,10 @@ class RowSum(OpSpec):
             for cb in range(L.col_blocks):
                 ct = xs[0].cts[L.ct_index(rb, cb)]
                 s = ct if s is None else be.add(s, ct)
-            k = 1
-            while k < D:
-                s = be.add(s, ev.rotate(s, k))
-                k *= 2
+            s = _rot_sum(ev, s, 1, D)
             mask = np.zeros(L.slots)
             mask[np.arange(L.block_rows(rb)) * D] = scale
-            m = be.mul_plain(s, mask)
-            k = 1
-            while k < D:
-                m = be.add(m, ev.rotate(m, -k))
-                k *= 2
+            m = _rot_sum(ev, be.mul_plain(s, mask), -1, D)
             out.extend([m] * L.col_blocks)
         return out
 
@@ -630,10 +603,7 @@ class _GroupShifts:
                 ct, sh = ev.rotate_slots(prev_ct, delta * D), moved
         if ct is None and len(sh) == G and (G == 1 or len({b - a for a, b in zip(sh, sh[1:])}) == 1):
             c = sh[1] - sh[0] if G > 1 else 0
-            ct, step = ev.rotate_slots(self.x0, sh[0] * D), 1
-            while step < G:
-                ct = be.add(ct, ev.rotate_slots(ct, step * (c * D - P)))
-                step *= 2
+            ct = _rot_sum(ev, ev.rotate_slots(self.x0, sh[0] * D), c * D - P, G, whole=True)
         if ct is None:
             for g, s in enumerate(sh):
                 t = ev.rotate_slots(self.x0, s * D - g * P)
@@ -646,12 +616,13 @@ class _GroupShifts:
         return ct
 
 
-def _rot_sum(ev, ct, unit: int, n: int):
+def _rot_sum(ev, ct, unit: int, n: int, whole: bool = False):
     """``sum_{0 <= j < n} rot(ct, j * unit)`` for a power-of-two ``n`` (``log2 n`` rotations; ``unit < 0``
-    spreads to the other side)."""
+    spreads to the other side). ``whole``: rotations over the whole ciphertext (across row groups)."""
     be, step = ev.backend, 1
+    rotate = ev.rotate_slots if whole else ev.rotate
     while step < n:
-        ct = be.add(ct, ev.rotate(ct, step * unit))
+        ct = be.add(ct, rotate(ct, step * unit))
         step *= 2
     return ct
 
@@ -742,10 +713,7 @@ class QKScores(OpSpec):
         out = [None] * S.num_cts
         for ct, m, shifts in S.batches():
             p = be.mul(q, keys(shifts))
-            kk = 1
-            while kk < dh:
-                p = be.add(p, ev.rotate(p, kk))
-                kk *= 2
+            p = _rot_sum(ev, p, 1, dh)
             mask = np.zeros((S.groups, S.R, D))
             for g, s in enumerate(shifts):
                 rows = np.nonzero(S.pair_valid(s))[0]
@@ -766,10 +734,7 @@ class QKScores(OpSpec):
         keys = _ShiftWalk(ev, k)
         for ct, m, s in S.positions():
             p = be.mul(q, keys(s * D))
-            kk = 1
-            while kk < dh:
-                p = be.add(p, ev.rotate(p, kk))
-                kk *= 2
+            p = _rot_sum(ev, p, 1, dh)
             mask = np.zeros((S.R, D))
             rows = np.nonzero(S.pair_valid(s))[0]
             mask[np.ix_(rows, np.arange(S.heads) * dh)] = r[rows][:, None]
@@ -832,17 +797,10 @@ class AttnApply(OpSpec):
                 rows = np.nonzero(S.pair_valid(s))[0]
                 mask[g][np.ix_(rows, np.arange(S.heads) * dh)] = M[rows, (rows + s) % S.R][:, None]
             a = be.mul_plain(a, mask.reshape(-1))
-            kk = 1
-            while kk < dh:
-                a = be.add(a, ev.rotate(a, -kk))
-                kk *= 2
+            a = _rot_sum(ev, a, -1, dh)
             t = be.mul(a, values(shifts))
             out = t if out is None else be.add(out, t)
-        g = 1
-        while g < S.groups:
-            out = be.add(out, ev.rotate_slots(out, g * S.slots))
-            g *= 2
-        return [out]
+        return [_rot_sum(ev, out, S.slots, S.groups, whole=True)]
 
     def execute(self, ev, node, xs):
         be = ev.backend
@@ -862,10 +820,7 @@ class AttnApply(OpSpec):
             cols = (rows + s) % S.R
             mask[np.ix_(rows, np.arange(S.heads) * dh)] = M[rows, cols][:, None]
             a = be.mul_plain(a, mask.reshape(-1))
-            kk = 1
-            while kk < dh:
-                a = be.add(a, ev.rotate(a, -kk))
-                kk *= 2
+            a = _rot_sum(ev, a, -1, dh)
             t = be.mul(a, values(s * D))
             out = t if out is None else be.add(out, t)
         return [out]
@@ -885,12 +840,8 @@ class Replicate(OpSpec):
         return xs[0]
 
     def execute(self, ev, node, xs):
-        L, ct = xs[0].layout, xs[0].cts[0]
-        g = 1
-        while g < L.groups:
-            ct = ev.backend.add(ct, ev.rotate_slots(ct, -g * L.slots))
-            g *= 2
-        return [ct]
+        L = xs[0].layout
+        return [_rot_sum(ev, xs[0].cts[0], -L.slots, L.groups, whole=True)]
 
 
 @register_op("bootstrap")
@@ -1000,11 +951,7 @@ class AttnRowSum(OpSpec):
         sel = np.zeros((S.R, D))
         sel[: S.rows, np.arange(S.heads) * dh] = 1.0
         acc = _rot_sum(ev, be.mul_plain(acc, sel.reshape(-1)), -1, dh)
-        g = 1
-        while g < G:  # spread scores: every group holds a part of the shifts
-            acc = be.add(acc, ev.rotate_slots(acc, g * P))
-            g *= 2
-        return [acc]
+        return [_rot_sum(ev, acc, P, G, whole=True)]  # spread scores: every group holds a part of the shifts
 
 
 @register_op("decode_rowsum")
@@ -1034,7 +981,7 @@ class DecodeRowSum(OpSpec):
     def execute(self, ev, node, xs):
         be = ev.backend
         L = xs[0].layout
-        D, n, h = L.block, L.rows, int(node.attrs["heads"])
+        D, h = L.block, int(node.attrs["heads"])
         dh = L.cols // h
         t = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, L, dh))
         t = _rot_sum(ev, t, D, L.R)  # every row: the sum of rows 0..n-1
@@ -1079,16 +1026,8 @@ class QKDecode(OpSpec):
         K = xs[1].layout
         D, n, h = K.block, K.rows, int(node.attrs["heads"])
         dh = K.cols // h
-        q = xs[0].cts[0]
-        step = 1
-        while step < n:  # copy the query (row 0, zero elsewhere) into rows 0..n-1
-            q = be.add(q, ev.rotate(q, -step * D))
-            step *= 2
-        p = be.mul(q, xs[1].cts[0])
-        kk = 1
-        while kk < dh:
-            p = be.add(p, ev.rotate(p, kk))
-            kk *= 2
+        q = _rot_sum(ev, xs[0].cts[0], -D, next_pow2(n))  # copy the query (row 0, zero elsewhere) into rows 0..n-1
+        p = _rot_sum(ev, be.mul(q, xs[1].cts[0]), 1, dh)
         mask = np.zeros((K.R, D))
         mask[:n, np.arange(h) * dh] = float(node.attrs.get("scale", 1.0))
         return [be.mul_plain(p, mask.reshape(-1))]
@@ -1133,7 +1072,7 @@ class AttnDecode(OpSpec):
     def execute(self, ev, node, xs):
         be = ev.backend
         V = xs[1].layout
-        D, n, h = V.block, V.rows, int(node.attrs["heads"])
+        D, h = V.block, int(node.attrs["heads"])
         dh = V.cols // h
         a = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, V, dh))
         a = _rot_sum(ev, a, -1, dh)  # spread each head's weight over its dh columns

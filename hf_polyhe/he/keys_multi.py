@@ -167,15 +167,17 @@ def _sample_embeddings(model, n: int, seed: int = 0) -> list:
     return out
 
 
-def _auto_groups(circuit, ring_dim: int, max_len: int) -> tuple:
-    """``(groups, slots per group)`` for ``circuit`` (built with one group) on a ring of ``ring_dim``.
+def _auto_groups(circuit, ring_dim: int) -> tuple:
+    """``(groups, slots per group)`` for ``circuit`` (the export's longest prompt, built with one group) on a
+    ring of ``ring_dim``.
 
-    Shift-parallel attention needs ``2 * max_len <= R`` rows per group: when the default packing has fewer and
-    the ring has room, the groups get twice the rows. Then every group the ring holds is used (each one more
+    Shift-parallel attention needs ``2 * L <= R`` rows per group for a prompt of ``L``: when the default
+    packing has fewer for the longest prompt and the ring has room, the groups get twice the rows (an export
+    for shorter prompts than ``max_length`` keeps more, shorter groups). Then every group the ring holds is used (each one more
     shift per attention product); otherwise no more than the widest linear (input or output) has column
     blocks, beyond which groups only replicate."""
     slots, half = circuit.slots, ring_dim // 2
-    rows = slots // circuit.block
+    rows, max_len = slots // circuit.block, circuit.inputs["x"][0]
     if 2 * max_len > rows and half >= 4 * slots:
         slots, rows = 2 * slots, 2 * rows
     fit = max(1, half // slots)
@@ -240,7 +242,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                       max_leveled_depth=max_leveled_depth)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
     if groups is None:
-        groups, slots = _auto_groups(longest, probe.params.ring_dim, max_len) if mode == "leveled" else (1, slots)
+        groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
     groups = int(groups)
     if groups > 1:
         if mode == "bootstrap":

@@ -150,7 +150,7 @@ def run_w1(args, tmp):
         ids.append(int(np.argmax(logits)))
         xr = enc.embed(ids)[-1:]
         t0 = time.perf_counter()
-        out = server.decode(sid, client.encrypt_embeddings(xr))
+        out = server.decode(sid, client.encrypt_embeddings(xr, decode=True))
         times.append(time.perf_counter() - t0)
         logits = client.decrypt_logits(out)
         ref, caches = enc.decode_plain(xr, caches)

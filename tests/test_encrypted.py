@@ -7,6 +7,8 @@ polynomials; BatchNorm variants keep the circuits shallow enough for leveled toy
 poly-LayerNorm GPT on CKKS, and 128-bit parameters with bootstrapping.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from hf_polyhe.he import CircuitError, KeyMismatchError, LayoutError
 from hf_polyhe.he import params as P
 from hf_polyhe.he.decode import build_circuit, build_decode_circuit
 from hf_polyhe.he.keys_multi import ExportPlan, plan_for_export
+from hf_polyhe.he.planner import plan as plan_circuit
 from hf_polyhe.he.session import EncryptedModel, PlainCacheRunner
 
 pytestmark = pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
@@ -73,6 +76,53 @@ def test_decode_with_cache_equals_full_recompute(tmp_path, position):
     assert cached == ref[0].tolist()
     kw = dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=5, seed=3)
     assert enc.generate(prompt, runner=PlainCacheRunner(enc), **kw) == enc.generate(prompt, **kw)
+
+
+@pytest.mark.parametrize("attn", ["post", "pre", "power"])
+def test_vector_decode_steps_equal_the_full_recompute(tmp_path, attn):
+    """With row groups the decode steps run on one-row vectors (hf_polyhe.he.decode.vector_decode): the token a
+    column vector, q/k/v tiled, every linear one product. Exact on the plain backend against the full
+    recompute and the matrix-packed decode steps, at the same depth, with far fewer plaintext products."""
+    from hf_polyhe.he.backends.plain import run_plain
+    from hf_polyhe.he.decode import cache_names, decode_inputs, vector_decode
+    from hf_polyhe.he.planner import static_levels
+
+    kw = dict(attention_type="power") if attn == "power" else dict(attention_scaling="length",
+                                                                      attention_scaling_position=attn)
+    _, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm", **kw)
+    G, S = 8, 16 * 16
+    assert vector_decode(enc.spec, G * S) is not None and vector_decode(enc.spec, S) is None  # rows of 16 < 128
+    X = enc.embed(np.random.default_rng(0).integers(1, 97, 10))
+    out = run_plain(build_circuit(enc.spec, 4, kv_cache=True, groups=G, slots=S), {"x": X[:4]})
+    caches = {k: out[k] for k in cache_names(enc.spec)}
+    for t in range(4, 10):
+        c = build_decode_circuit(enc.spec, t, groups=G, slots=S)
+        m = build_decode_circuit(enc.spec, t, groups=G, slots=S, vectors=False)
+        assert c.layouts()["x"].kind == "column" and m.layouts()["x"].kind == "matrix"
+        inputs = decode_inputs(X[t : t + 1], caches)
+        got, ref = run_plain(c, inputs), run_plain(m, inputs)
+        full = enc.forward_plain(X[: t + 1])
+        assert np.abs(got["logits"] - full).max() <= 1e-9 * max(1.0, np.abs(full).max())
+        for k in cache_names(enc.spec):
+            assert np.abs(got[k] - ref[k]).max() <= 1e-9 and got[k].shape == (t + 1, 16)
+        caches = {k: got[k] for k in cache_names(enc.spec)}
+    lev_v, lev_m = static_levels(c), static_levels(m)
+    assert max(lev_v.values()) == max(lev_m.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cv, cm = (plan_circuit(x, P.toy(), bootstrap="never").counts for x in (c, m))
+    assert cv["mul_plain"] * 4 < cm["mul_plain"] and cv["rotate"] < cm["rotate"]
+
+
+def test_vector_decode_needs_clean_attention_scores(tmp_path):
+    """A polynomial attention activation (p(0) != 0) would cost the vector path attn_decode's mask level: those
+    exports keep the matrix-packed decode steps."""
+    from hf_polyhe.he.decode import vector_decode
+
+    _, enc = export_small(tmp_path, "gpt", max_length=6, attention_activation="relu")
+    assert enc.spec.config["layers"][0]["attn"]["activation"]["kind"] == "poly"
+    assert vector_decode(enc.spec, 8 * 16 * 8) is None
+    assert build_decode_circuit(enc.spec, 3, groups=8, slots=16 * 8).layouts()["x"].kind == "matrix"
 
 
 def test_decode_circuit_errors(tmp_path):
@@ -161,6 +211,7 @@ def test_encrypted_generation_with_kv_cache_matches_plain(gpt_session):
     assert got == ref[0].tolist()
     assert [w for w, _, _ in runner.timings] == ["prefill", "decode", "decode"]
     assert {"attention", "mlp", "head"} <= set(runner.timings[-1][2])
+    assert client.plan.decode_input["kind"] == "column"  # the decode steps ran on one-row vectors under CKKS
     runner.close()
     assert not server.sessions
 
@@ -190,6 +241,12 @@ def test_clear_errors(gpt_session):
     sid = server.start_session()
     with pytest.raises(SessionError, match="call prefill first"):
         server.decode(sid, x)
+    server.prefill(sid, x)
+    row = enc.embed([4])
+    with pytest.raises(LayoutError, match="expected 1 x 16 embeddings packed as .*column"):
+        server.decode(sid, client.encrypt_embeddings(row))  # a decode token packed as a prompt
+    with pytest.raises(LayoutError, match="one token's embedding"):
+        client.encrypt_embeddings(enc.embed([4, 5]), decode=True)
     server.end_session(sid)
     blob = bytearray(x)
     blob[-10] ^= 0xFF

@@ -514,3 +514,149 @@ def test_linears_on_one_input_share_their_baby_rotations():
     plan = bsgs_plan(Ws[0], c.layouts()["x"], 16)
     babies, giants = len(plan.baby), len([g for g in plan.giant if g])
     assert babies > 0 and rot[1] == babies + giants and rot[3] == babies + 3 * giants
+
+
+# ---------------------------------------------------------------- one-row vectors (decode steps on vectors)
+def test_vector_layouts_pack_and_round_trip():
+    from hf_polyhe.he.packing import layout_from_dict
+
+    x = np.arange(1.0, 6.0)[None]
+    t = he.TiledVector(5, 8, 64)
+    v = t.pack(x)[0]
+    assert v.shape == (64,) and np.array_equal(v[8:16], [1, 2, 3, 4, 5, 0, 0, 0]) and np.array_equal(t.unpack([v]), x)
+    col = he.ColumnVector(5, 8, 64, valid=3)
+    m = col.pack(x)[0].reshape(8, 8)
+    assert np.array_equal(m[:5, :3], np.repeat(x.T, 3, axis=1)) and not m[:, 3:].any() and not m[5:].any()
+    assert np.array_equal(col.unpack([m.reshape(-1)]), x)
+    for lay in (t, col, he.ColumnVector(5, 8, 64)):
+        back = layout_from_dict(json.loads(json.dumps(lay.to_dict())))
+        assert back == lay and back.to_dict() == lay.to_dict()
+    assert he.ColumnVector(5, 8, 64).valid == 8
+    with pytest.raises(he.LayoutError, match="needs 9 rows"):
+        he.ColumnVector(9, 8, 64)
+    with pytest.raises(he.LayoutError, match="period"):
+        he.TiledVector(9, 8, 64)
+
+
+def _vector_input(c, name, n, kind, width=None):
+    lay = he.TiledVector(n, 1 << (n - 1).bit_length(), c.ct_slots) if kind == "tiled" else \
+        he.ColumnVector(n, width or c.ct_slots // (1 << (n - 1).bit_length()), c.ct_slots)
+    return c.input(name, 1, n, layout=lay)
+
+
+@pytest.mark.parametrize("din,dout", [(8, 8), (5, 3), (8, 30), (16, 64)])
+@pytest.mark.parametrize("source", ["clean", "poly"])
+def test_vector_linears_match_reference(din, dout, source):
+    """tiled -> column (one product, a window sum) then column -> tiled (one product per valid-wide chunk of the
+    output period, a sum over the rows, the period tiled over the row), with biases, non-power-of-two sizes
+    and a polynomial's p(0) in the padding; the row widths chosen so both the one-chunk and the chunked
+    column -> tiled plans run."""
+    rng = np.random.default_rng(din * 7 + dout)
+    c = he.Circuit(8, 1024)
+    x = _vector_input(c, "x", din, "tiled")
+    if source == "poly":
+        x = c.poly(c.mul_plain(x, 0.5), fit_operator("gelu", (-1.0, 1.0), 7))
+    h = c.linear(x, rng.normal(size=(din, 16)), rng.normal(size=16))  # column, rows of 1024/16 = 64
+    lay = c.layouts()
+    assert lay[h].kind == "column" and lay[h].width == 64 and lay[h].valid == 64 - lay[x].period + 1
+    y = c.linear(h, rng.normal(size=(16, dout)), rng.normal(size=dout))
+    assert c.layouts()[y].kind == "tiled"
+    z = c.linear(c.poly(y, fit_operator("gelu", (-4.0, 4.0), 5)), rng.normal(size=(dout, 4)))
+    c.output(y, z)
+    out, be = _close(c, {"x": rng.uniform(-1, 1, size=(1, din))})
+    # the tiled output really is tiled: every period of the slot vector holds it
+    ev = he.Evaluator(c, he.PlainBackend(c.ct_slots))
+    X = rng.uniform(-1, 1, size=(1, din))
+    got = ev.run({"x": he.Packed(ev.layouts["x"], ev.layouts["x"].pack(X))})[y].cts[0]
+    P = ev.layouts[y].period
+    assert np.abs(got.reshape(-1, P) - got[:P]).max() < 1e-9
+
+
+def test_vector_linear_counts():
+    """One plaintext product per linear when the valid columns hold the output period (more, one per chunk,
+    when they do not), log2 rotations."""
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(3)
+    c = he.Circuit(16, 4096)
+    x = _vector_input(c, "x", 16, "column")  # 16 rows of 256
+    h = c.linear(x, rng.normal(size=(16, 64)))  # column -> tiled, period 64
+    y = c.linear(h, rng.normal(size=(64, 16)))  # tiled -> column: valid 256 - 64 + 1 = 193
+    c.output(c.linear(y, rng.normal(size=(16, 256))))  # 193 valid columns < period 256: two chunks of 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = PL.plan(c, P.toy(2**13), bootstrap="never").counts
+    # h: the row sum, 4 (the plaintext lays out 256 / 64 copies of the period, no tiling); y: window 6;
+    # out: chunk placement 1 + rows 4 (nothing to tile: the period is the row)
+    assert counts["mul_plain"] == 1 + 1 + 2 and counts["rotate"] == 4 + 6 + (1 + 4)
+    _close(c, {"x": rng.uniform(-1, 1, size=(1, 16))})
+    with pytest.raises(he.CircuitError, match="rows of at least 512"):
+        c.linear(x, rng.normal(size=(16, 300)))
+
+
+def test_vector_row_sum_and_layernorm():
+    """row_sum on both vector kinds (padding masked out, the sum in every slot); a LayerNorm on a column vector."""
+    rng = np.random.default_rng(4)
+    c = he.Circuit(8, 512)
+    for kind in ("tiled", "column"):
+        x = c.poly(_vector_input(c, kind, 6, kind), fit_operator("gelu", (-1.0, 1.0), 5))  # p(0) in the padding
+        mean = c.row_sum(x, 1 / 6)
+        xc = c.sub(x, mean)
+        c.output(c.mul(xc, c.row_sum(c.mul(xc, xc), 1 / 6)))
+    _close(c, {"tiled": rng.uniform(-1, 1, (1, 6)), "column": rng.uniform(-1, 1, (1, 6))})
+
+
+def test_decode_ops_on_tiled_vectors():
+    """qk_decode / append_row / attn_decode / decode_rowsum with tiled q, k, v rows (the vector decode path):
+    the row is masked into the cache (1 level, no rotation), the query needs no copies, and without key
+    weights attn_decode takes one level (scores must stay clean)."""
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(8)
+    c = he.Circuit(8, 64, groups=4)
+    x = _vector_input(c, "x", 8, "column")
+    q, k, v = (c.linear(x, rng.normal(size=(8, 8))) for _ in range(3))
+    keys = c.append_row(c.input("kc", 5, 8), k)
+    vals = c.append_row(c.input("vc", 5, 8), v)
+    s = c.qk_decode(q, keys, heads=2, scale=0.5)
+    a = c.mul(s, s)
+    o = c.attn_decode(a, vals, heads=2, tiled=True)
+    r = c.decode_rowsum(a, heads=2, key_weights=rng.random(6), tiled=True)
+    lay = c.layouts()
+    assert lay[o].kind == lay[r].kind == "tiled" and lay[keys].rows == 6
+    c.output(c.linear(c.mul(o, r), rng.normal(size=(8, 8))), keys)
+    X = {"x": rng.uniform(-1, 1, (1, 8)), "kc": rng.uniform(-1, 1, (5, 8)), "vc": rng.uniform(-1, 1, (5, 8))}
+    _close(c, X)
+    lev = static_levels(c)
+    assert lev[keys] == lev[q] + 1 and lev[o] == lev[a] + 1 and lev[r] == lev[a] + 2
+    with pytest.raises(he.CircuitError, match="clean scores"):
+        c.attn_decode(c.poly(s, fit_operator("gelu", (-4, 4), 5)), vals, heads=2)
+    with pytest.raises(he.LayoutError, match="zero off the heads"):
+        he.OPS["attn_decode"].reference(c, he.Node("attn_decode", "t", [a, vals], {"heads": 2}),
+                                        [np.ones((6, 8)), np.ones((6, 8))], None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = PL.plan(c, P.toy(), bootstrap="never").counts
+    assert counts["mul_plain"] == 3 + 2 + 1 + 2 + 1  # q, k, v; two row masks; qk's mask; rowsum's 2; the linear
+
+
+@pytest.mark.parametrize("cached", [4, 5])
+def test_append_row_takes_a_part_of_a_wider_tiled_row(cached):
+    """Keys and values from one linear ([k | v], period 2D): part 0 / 1 go to row n of their caches, with one
+    rotation when row n holds the other part (n odd for the keys, even for the values)."""
+    from hf_polyhe.he import planner as PL
+
+    rng = np.random.default_rng(cached)
+    c = he.Circuit(8, 64, groups=4)
+    kv = c.linear(_vector_input(c, "x", 8, "column"), rng.normal(size=(8, 16)), rng.normal(size=16))
+    keys = c.append_row(c.input("kc", cached, 6), kv)
+    vals = c.append_row(c.input("vc", cached, 8), kv, part=1)
+    c.output(keys, vals)
+    X = {"x": rng.uniform(-1, 1, (1, 8)), "kc": rng.uniform(-1, 1, (cached, 6)), "vc": rng.uniform(-1, 1, (cached, 8))}
+    _close(c, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rot = PL.plan(c, P.toy(), bootstrap="never").counts["rotate"]
+    assert rot == 3 + 1  # the linear's row sum (8 rows), then one of the two parts moves one row
+    with pytest.raises(he.CircuitError, match="part 2"):
+        c.append_row(c.input("wc", cached, 8), kv, part=2)

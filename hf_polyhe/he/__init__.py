@@ -10,14 +10,15 @@ from .errors import (BackendUnavailable, CircuitError, HEError, KeyMismatchError
 from .interpreter import Evaluator, Packed, run_reference
 from .ir import IR_VERSION, Circuit, Node
 from .ops import OPS, register_op
-from .packing import MatrixLayout, ScoreLayout
+from .packing import ColumnVector, MatrixLayout, ScoreLayout, TiledVector
 from .backends.plain import PlainBackend, run_plain
 from .planner import Plan, plan
 
 __all__ = [
     "params", "BackendUnavailable", "CircuitError", "HEError", "KeyMismatchError", "LayoutError", "PlanningError",
     "RangeViolation", "SerializationError", "ToyParametersWarning", "Evaluator", "Packed", "run_reference",
-    "IR_VERSION", "Circuit", "Node", "OPS", "register_op", "MatrixLayout", "ScoreLayout", "PlainBackend",
+    "IR_VERSION", "Circuit", "Node", "OPS", "register_op", "MatrixLayout", "ScoreLayout", "TiledVector",
+    "ColumnVector", "PlainBackend",
     "run_plain", "Plan", "plan", "Client", "Server",
 ]
 

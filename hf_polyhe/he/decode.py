@@ -10,6 +10,13 @@ logits (``1 x vocab``) and the updated caches ``k{i}`` / ``v{i}`` (``(t + 1) x d
 appended with popcount(t) rotations (``append_row``), the query meets the ``t + 1`` keys with ``qk_decode`` and the
 values with ``attn_decode``: ``O(log t)`` rotations per layer instead of a full re-run over ``t + 1`` rows.
 
+When the ciphertext is wide enough (row groups, :func:`vector_decode`) the step runs on one-row vectors
+(:class:`~hf_polyhe.he.packing.TiledVector` / :class:`~hf_polyhe.he.packing.ColumnVector`): the client encrypts
+the token as a column vector (``ExportPlan.decode_input``), every linear is one plaintext product and ``log2``
+rotations instead of one product per diagonal, keys and values come from one linear, and the tiled rows are
+masked into the caches (which keep the prefill's matrix packing). Measured at 128-bit on the benchmark's W1
+(2 layers, d = 64): 105 rotations and 18 plaintext products per token instead of 213 and 836.
+
 Both circuits have the same op sequence per layer as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`
 (qk_decode / attn_decode spend the levels qk_scores / attn_apply spend), so the planner places bootstraps at
 the same points and a cache written by the prefill carries the levels the decode step expects
@@ -18,6 +25,7 @@ the same points and a cache written by the prefill carries the levels the decode
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -25,6 +33,7 @@ import numpy as np
 from .errors import CircuitError, PlanningError
 from .ir import Circuit
 from .optimize import fold_plaintext_maps
+from .packing import ColumnVector, next_pow2
 from .transformer import SCALINGS, TransformerSpec, _Builder, attention_mask_matrix, default_packing
 
 OUTPUT = "logits"
@@ -115,6 +124,76 @@ class _DecodeBuilder(_TaggingBuilder):
         return self.linear(c.attn_decode(weights, values, heads, key_weights), attn["o"])
 
 
+class _VectorDecodeBuilder(_DecodeBuilder):
+    """Decode step on one-row vectors (:func:`vector_decode`): the residual stream is a
+    :class:`~hf_polyhe.he.packing.ColumnVector`, q/k/v, the attention output and the MLP's hidden layer are
+    :class:`~hf_polyhe.he.packing.TiledVector` s, so every linear is one plaintext product and ``log2`` rotations
+    (instead of one product per diagonal). The new key/value row is masked into the cache (it is in every row
+    already), and with a square / identity attention activation the per-key weights (a constant ``1/s(n)``) go
+    into the query scale (power-softmax: into decode_rowsum's mask and the output projection), so ``attn_decode``
+    skips its mask: the same levels per layer as the matrix path."""
+
+    def _attention(self, x, attn, mask, causal):
+        c, i = self.c, self.layer_idx
+        self.layer_idx += 1
+        d = self.s.config["hidden_size"]
+        heads = self.s.config["num_heads"]
+        q = self.linear(x, attn["q"])
+        kv = self.c.linear(x, *self._stacked(attn["k"], attn["v"], d))  # [k | v]: one product, one row sum
+        keys = c.append_row(c.input(f"k{i}_cache", self.t, d), kv, name=f"k{i}")
+        values = c.append_row(c.input(f"v{i}_cache", self.t, d), kv, part=1, name=f"v{i}")
+        scale = (d // heads) ** -0.5
+        if attn.get("kind") == "power":  # the mean's 1/(t+1) in decode_rowsum's mask, the values' in W_o
+            w = 1.0 / (self.t + 1.0)
+            powered = self.power(c.qk_decode(q, keys, heads, scale=scale), int(attn["power"]))
+            mean = c.decode_rowsum(powered, heads, scale=w, tiled=True)
+            inv = c.poly(c.add_plain(mean, float(attn["eps"])), attn["normalizer"])
+            return self._scaled_linear(c.mul(c.attn_decode(powered, values, heads, tiled=True), inv), attn["o"], w)
+        s_n = float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
+        pre = attn.get("scaling_position", "post") == "pre"
+        w = 1.0 if pre else 1.0 / s_n  # the same weight for every key: into the query scale
+        if pre:
+            scale /= s_n
+        scale *= math.sqrt(w) if attn["activation"]["kind"] == "square" else w
+        weights = self.act(c.qk_decode(q, keys, heads, scale=scale), attn["activation"])
+        return self.linear(c.attn_decode(weights, values, heads, tiled=True), attn["o"])
+
+    def _scaled_linear(self, x, lin, w):
+        return self.c.linear(x, w * self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None)
+
+
+    def _stacked(self, k, v, d):
+        """``[W_k | 0 | W_v | 0]`` (each padded to a block) and its bias: keys and values as parts 0 and 1."""
+        D = next_pow2(d)
+        W = np.zeros((d, 2 * D))
+        b = np.zeros(2 * D)
+        for p, lin in enumerate((k, v)):
+            W[:, p * D : p * D + d] = self.w(lin["weight"])
+            if lin.get("bias"):
+                b[p * D : p * D + d] = self.w(lin["bias"])
+        return W, b
+
+
+def vector_decode(spec: TransformerSpec, ct_slots: int) -> Optional[ColumnVector]:
+    """The decode input's layout when decode steps run on one-row vectors (:class:`_VectorDecodeBuilder`), else
+    None (the matrix path). It needs rows of ``ct_slots / next_pow2(d)`` slots at least as wide as the tiled
+    periods: twice the hidden size (keys and values), every MLP width and the vocabulary (all rounded up to
+    powers of two); and attention that keeps the scores clean (power-softmax, or a square / identity activation:
+    a polynomial with ``p(0) != 0`` would need attn_decode's mask, a level more than the matrix path spends)."""
+    cfg = spec.config
+    D = next_pow2(cfg["hidden_size"])
+    width = ct_slots // D
+    widths = [2 * D, next_pow2(spec.weights[cfg["head"]["lm_head"]["weight"]].shape[1])]  # 2D: keys | values
+    widths += [next_pow2(spec.weights[layer["mlp"]["fc_in"]["weight"]].shape[1]) for layer in cfg["layers"]]
+    if cfg["head"]["kind"] != "last_token" or width < max(widths):
+        return None
+    for layer in cfg["layers"]:
+        attn = layer["attn"]
+        if attn.get("kind") != "power" and attn["activation"]["kind"] not in ("square", "identity"):
+            return None  # act(0) != 0 would need attn_decode's mask: a level more than the matrix path
+    return ColumnVector(cfg["hidden_size"], width, ct_slots)
+
+
 def _head(b: _TaggingBuilder, x, seq_len: int, all_rows: bool = False):
     cfg, c = b.s.config, b.c
     if cfg.get("final_norm"):
@@ -176,8 +255,11 @@ def build_prefill_circuit(spec: TransformerSpec, seq_len: int, groups: int = 1, 
     return build_circuit(spec, seq_len, kv_cache=True, groups=groups, slots=slots)
 
 
-def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, slots: Optional[int] = None) -> Circuit:
-    """One decode step for the token at ``position`` (``position`` tokens already cached)."""
+def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, slots: Optional[int] = None,
+                         vectors: bool = True) -> Circuit:
+    """One decode step for the token at ``position`` (``position`` tokens already cached). ``vectors``: on
+    one-row vectors when the ciphertext is wide enough (:func:`vector_decode`; the input ``x`` is then a
+    :class:`~hf_polyhe.he.packing.ColumnVector`), else (or ``False``) in the matrix packing."""
     _check_causal_lm(spec)
     cfg = spec.config
     d, max_len = cfg["hidden_size"], cfg["max_length"]
@@ -185,8 +267,9 @@ def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, 
         raise CircuitError(f"decode position {position} is outside 1..{max_len - 1} (the export's max_length is "
                            f"{max_len}; the prompt itself goes through the prefill)")
     c = _new_circuit(spec, position + 1, f"decode-t{position}", groups=groups, slots=slots)
-    b = _DecodeBuilder(spec, c, position)
-    x = c.input("x", 1, d)
+    layout = vector_decode(spec, c.ct_slots) if vectors else None
+    b = (_VectorDecodeBuilder if layout else _DecodeBuilder)(spec, c, position)
+    x = c.input("x", 1, d, layout=layout)
     if cfg.get("embedding_norm"):
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import CircuitError, LayoutError
 from .ops import OPS
-from .packing import MatrixLayout, norm_rot
+from .packing import norm_rot
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Evaluator:
         self.producers = {n.name: n for n in circuit.nodes}
         self._cache = {}
         self.last_babies = None  # (key, rotations): the last linear input's baby steps (ops.Linear.babies)
+        self.last_rescaled = None  # (name, ct, rescaled ct): ops.Linear.rescaled
         if getattr(backend, "slots", circuit.ct_slots) < circuit.ct_slots:
             raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.ct_slots}")
 
@@ -119,7 +120,7 @@ class Evaluator:
                 self.backend.begin_node(node)
             cts = OPS[node.op].execute(self, node, xs)
             env[node.name] = Packed(self.layouts[node.name], cts)
-        self.last_babies = None  # release the rotations
+        self.last_babies = self.last_rescaled = None  # release the rotations
         return {o: env[o] for o in self.circuit.outputs}
 
 
@@ -131,7 +132,7 @@ def run_reference(circuit, inputs: dict, keep_all: bool = False) -> dict:
     for name, (r, c) in circuit.inputs.items():
         if name not in inputs:
             raise CircuitError(f"missing input {name!r}")
-        env[name] = MatrixLayout(r, c, circuit.block, circuit.slots, groups=circuit.groups).check(inputs[name])
+        env[name] = lay[name].check(inputs[name])
     for node in circuit.nodes:
         env[node.name] = OPS[node.op].reference(circuit, node, [env[i] for i in node.inputs],
                                                 [lay[i] for i in node.inputs])

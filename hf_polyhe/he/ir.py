@@ -10,7 +10,9 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 
 ==============  ===========================================================================================
 ``linear``      ``X @ W + b`` with plaintext ``W`` (d_in x d_out), diagonal method with BSGS rotations; 1 level
-                (``confine=True``: the output in row group 0 only, zeros elsewhere -- attention keys/values)
+                (``confine=True``: the output in row group 0 only, zeros elsewhere -- attention keys/values).
+                On one-row vectors (decode steps): tiled -> column and column -> tiled, one plaintext product
+                and ``log2`` rotations (see packing.TiledVector / ColumnVector)
 ``add``/``sub`` elementwise sum / difference of two encrypted tensors of the same shape; 0 levels
 ``mul``         elementwise ct x ct product (relinearised, rescaled); 1 level
 ``add_plain``   ``X + P`` with plaintext ``P`` (scalar, ``(cols,)``, ``(rows, 1)`` or ``(rows, cols)``); 0 levels
@@ -27,9 +29,12 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ``attn_rowsum`` per head ``sum_j (A_h * mask)[i, j]`` in the head's columns (power-softmax denominator); 2 levels
 ``bootstrap``   refresh levels: ``x / bound`` -> CKKS bootstrap -> ``* bound``; identity on values
 ``append_row``  ``vstack(cache, x)``: a 1-row ``x`` becomes row ``n`` of an ``n``-row KV cache (popcount(n) rotations); 0 levels
+                (a tiled ``x``: a row mask, no rotation; 1 level)
 ``qk_decode``   scores of one query row against ``n`` cached keys, per head (column ``h*dh`` of an ``n x d``); 2 levels
-``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d``, padding rows not clean); 2 levels
-``decode_rowsum`` ``sum_j w_j A[j, h]`` in head h's columns of one row (decode power-softmax denominator); 2 levels
+``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d`` in every row; tiled if asked); 2 levels
+                (1 without the weights ``w``: then ``A`` must be clean scores)
+``decode_rowsum`` ``scale * sum_j w_j A[j, h]`` in head h's columns of one row (decode power-softmax denominator);
+                2 levels (1 without ``w``)
 ==============  ===========================================================================================
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
@@ -46,7 +51,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, is_pow2
+from .packing import MatrixLayout, is_pow2, layout_from_dict
 
 FORMAT = "hf_polyhe.circuit"
 IR_VERSION = 1
@@ -63,6 +68,15 @@ class Node:
         return {"op": self.op, "name": self.name, "inputs": list(self.inputs), "attrs": self.attrs}
 
 
+def _decode_attrs(c, heads, key_weights, tiled) -> dict:
+    attrs = {"heads": int(heads)}
+    if key_weights is not None:
+        attrs["weights"] = c.add_weight(key_weights)
+    if tiled:
+        attrs["tiled"] = True
+    return attrs
+
+
 class Circuit:
     """A graph of HE ops with a builder API: every builder method appends a node and returns its name."""
 
@@ -73,6 +87,7 @@ class Circuit:
             raise CircuitError(f"groups must be a power of two, got {groups}")
         self.block, self.slots, self.name, self.groups = int(block), int(slots), name, int(groups)
         self.inputs: dict = {}  # name -> (rows, cols)
+        self.input_layouts: dict = {}  # name -> layout, for inputs not in the matrix packing
         self.nodes: list = []
         self.outputs: list = []
         self.weights: dict = {}
@@ -107,9 +122,19 @@ class Circuit:
         self.weights[name] = arr
         return name
 
-    def input(self, name: str, rows: int, cols: int) -> str:
-        MatrixLayout(int(rows), int(cols), self.block, self.slots, groups=self.groups)  # validates
+    def input(self, name: str, rows: int, cols: int, layout=None) -> str:
+        """An encrypted input; ``layout``: how the client packs it when not the circuit's matrix packing (a
+        :class:`~hf_polyhe.he.packing.ColumnVector` for a decode step's token, or its dict)."""
+        if layout is None:
+            MatrixLayout(int(rows), int(cols), self.block, self.slots, groups=self.groups)  # validates
+        else:
+            layout = layout_from_dict(layout) if isinstance(layout, dict) else layout
+            if layout.shape != (int(rows), int(cols)) or layout.ct_slots != self.ct_slots:
+                raise CircuitError(f"input {name!r}: layout {layout.to_dict()} does not hold {rows} x {cols} in "
+                                   f"{self.ct_slots} slots")
         self.inputs[self._name_ok(name)] = (int(rows), int(cols))
+        if layout is not None:
+            self.input_layouts[name] = layout
         return name
 
     def node(self, op: str, inputs, attrs=None, name: Optional[str] = None) -> str:
@@ -204,27 +229,33 @@ class Circuit:
             attrs["mask"] = self.add_weight(mask)
         return self.node("attn_rowsum", [scores], attrs, name)
 
-    def decode_rowsum(self, weights, heads: int, key_weights, name=None):
-        return self.node("decode_rowsum", [weights], {"heads": int(heads), "weights": self.add_weight(key_weights)}, name)
+    def decode_rowsum(self, weights, heads: int, key_weights=None, tiled: bool = False, scale: float = 1.0, name=None):
+        attrs = _decode_attrs(self, heads, key_weights, tiled)
+        if scale != 1.0:
+            attrs["scale"] = float(scale)
+        return self.node("decode_rowsum", [weights], attrs, name)
 
     def bootstrap(self, x, bound: float = 1.0, name=None):
         return self.node("bootstrap", [x], {"bound": float(bound)}, name)
 
-    def append_row(self, cache, x, name=None):
-        return self.node("append_row", [cache, x], {}, name)
+    def append_row(self, cache, x, part: int = 0, name=None):
+        return self.node("append_row", [cache, x], {"part": int(part)} if part else {}, name)
 
     def qk_decode(self, q, keys, heads: int, scale: float = 1.0, name=None):
         return self.node("qk_decode", [q, keys], {"heads": int(heads), "scale": float(scale)}, name)
 
-    def attn_decode(self, weights, values, heads: int, key_weights, name=None):
-        return self.node("attn_decode", [weights, values], {"heads": int(heads), "weights": self.add_weight(key_weights)}, name)
+    def attn_decode(self, weights, values, heads: int, key_weights=None, tiled: bool = False, name=None):
+        """``key_weights`` None: all ones, one level less (the weights must then be clean scores, see
+        ops.AttnDecode); ``tiled``: the output as a :class:`~hf_polyhe.he.packing.TiledVector`."""
+        return self.node("attn_decode", [weights, values], _decode_attrs(self, heads, key_weights, tiled), name)
 
     # ----------------------------------------------------------------- analysis
     def layouts(self) -> dict:
         """Layout of every value (inputs and nodes), checking shapes and attributes."""
         from .ops import OPS
 
-        lay = {n: MatrixLayout(r, c, self.block, self.slots, groups=self.groups) for n, (r, c) in self.inputs.items()}
+        lay = {n: self.input_layouts.get(n) or MatrixLayout(r, c, self.block, self.slots, groups=self.groups)
+               for n, (r, c) in self.inputs.items()}
         for node in self.nodes:
             if node.op not in OPS:
                 raise CircuitError(f"node {node.name!r}: unknown op {node.op!r}; accepted: {', '.join(sorted(OPS))}")
@@ -258,6 +289,7 @@ class Circuit:
             "slots": self.slots,
             "groups": self.groups,
             "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "input_layouts": {k: v.to_dict() for k, v in self.input_layouts.items()},
             "nodes": [n.to_dict() for n in self.nodes],
             "outputs": list(self.outputs),
             "weights": {k: list(v.shape) for k, v in self.weights.items()},
@@ -282,8 +314,9 @@ class Circuit:
                 if list(w.shape) != list(shape):
                     raise CircuitError(f"weight {k!r} has shape {w.shape}, circuit says {tuple(shape)}")
                 c.weights[k] = w
+            layouts = d.get("input_layouts", {})
             for k, (r, cc) in d["inputs"].items():
-                c.input(k, r, cc)
+                c.input(k, r, cc, layouts.get(k))
             for nd in d["nodes"]:
                 n = Node(nd["op"], c._name_ok(nd["name"]), list(nd["inputs"]), dict(nd.get("attrs", {})))
                 c.nodes.append(n)

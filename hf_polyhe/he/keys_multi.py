@@ -17,7 +17,7 @@ Generation with an encrypted KV cache (the server keeps the caches per session; 
 
     sid = server.start_session()
     logits = client.decrypt_logits(server.prefill(sid, client.encrypt_embeddings(prompt_embeddings)))
-    logits = client.decrypt_logits(server.decode(sid, client.encrypt_embeddings(next_token_embedding)))
+    logits = client.decrypt_logits(server.decode(sid, client.encrypt_embeddings(next_token_embedding, decode=True)))
     server.end_session(sid)
 
 :class:`EncryptedGeneration` wraps exactly this for :meth:`EncryptedModel.generate` (``runner=``).
@@ -42,7 +42,7 @@ from .decode import build_circuit, build_decode_circuit, cache_names, check_cach
 from .errors import HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError
 from .interpreter import Evaluator, Packed
 from .ops import OPS
-from .packing import MatrixLayout, next_pow2
+from .packing import MatrixLayout, layout_from_dict, next_pow2
 from .planner import calibrate_bounds, plan as make_plan
 from .transformer import TransformerSpec, default_packing
 
@@ -90,6 +90,7 @@ class ExportPlan:
     spec_dir: Optional[str] = None
     summary: dict = field(default_factory=dict)
     groups: int = 1  # row groups per ciphertext (packing.MatrixLayout); the CKKS batch is groups * slots
+    decode_input: Optional[dict] = None  # how a decode step's token is packed (a ColumnVector's dict), None: matrix
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -297,6 +298,11 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
         final = final.with_(depth=final.depth + BOOTSTRAP_HEADROOM)
         if not final.insecure:
             final = final.with_(ring_dim=max(final.ring_dim, final.min_secure_ring_dim()))
+    decode_input = None
+    for kind, _, c in jobs:
+        if kind == "decode" and "x" in c.input_layouts:
+            decode_input = c.input_layouts["x"].to_dict()
+            break
     summary = {}
     for kind in ("full", "prefill", "decode"):
         keys = [k for k in plans if k[0] == kind]
@@ -311,7 +317,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                       levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
                       digest=spec_digest(spec), family=model.family, max_length=max_len,
                       hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
-                      spec_dir=spec_dir, summary=summary, groups=groups)
+                      spec_dir=spec_dir, summary=summary, groups=groups, decode_input=decode_input)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -338,12 +344,18 @@ class EncryptedClient:
 
         return cls(plan, *generate_keys(plan.params, plan.rotation_keys))
 
-    def encrypt_embeddings(self, x) -> bytes:
-        """``rows x hidden_size`` embeddings (a prompt, or the one new token of a decode step) -> bytes."""
+    def encrypt_embeddings(self, x, decode: bool = False) -> bytes:
+        """``rows x hidden_size`` embeddings (a prompt, or with ``decode=True`` the one new token of a decode step,
+        packed the way the export's decode circuits read it: ``plan.decode_input``) -> bytes."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.plan.hidden_size or not 1 <= x.shape[0] <= self.plan.max_length:
             raise LayoutError(f"embeddings must have shape (1..{self.plan.max_length}, {self.plan.hidden_size}), got {x.shape}")
-        L = MatrixLayout(x.shape[0], x.shape[1], self.plan.block, self.plan.slots, groups=self.plan.groups)
+        if decode and x.shape[0] != 1:
+            raise LayoutError(f"a decode step takes one token's embedding (1 x {self.plan.hidden_size}), got {x.shape}")
+        if decode and self.plan.decode_input:
+            L = layout_from_dict(self.plan.decode_input)
+        else:
+            L = MatrixLayout(x.shape[0], x.shape[1], self.plan.block, self.plan.slots, groups=self.plan.groups)
         cts = []
         for v in L.pack(x):
             pt = self.cc.MakeCKKSPackedPlaintext(v, 1, self.plan.start_level, None, self.plan.params.slots)
@@ -482,7 +494,7 @@ class EncryptedServer:
             self._evaluators[key] = ev
         return self._evaluators[key]
 
-    def _tensor(self, data, rows: int, name="x"):
+    def _tensor(self, data, rows: int, name="x", want=None):
         roles = _roles()
         t = data if isinstance(data, roles.EncryptedTensor) else roles.EncryptedTensor.from_bytes(data)
         if t.key_tag != self.key_tag or any(ct.GetKeyTag() != self.key_tag for ct in t.cts):
@@ -490,7 +502,7 @@ class EncryptedServer:
                                    f"session uses {self.key_tag[:12]}...)")
         if t.ring_dim != self.cc.GetRingDimension():
             raise KeyMismatchError(f"{name!r} belongs to another crypto context (ring {t.ring_dim})")
-        want = MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots, groups=self.plan.groups)
+        want = want or MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots, groups=self.plan.groups)
         if t.layout != want:
             raise LayoutError(f"{name!r} has layout {t.layout.to_dict()}, expected {rows} x {self.plan.hidden_size} "
                               f"embeddings packed as {want.to_dict()}")
@@ -507,7 +519,7 @@ class EncryptedServer:
             env[node.name] = Packed(ev.layouts[node.name], cts)
             b = "bootstrap" if node.op == "bootstrap" else blocks.get(node.name, "residual")
             times[b] = times.get(b, 0.0) + time.perf_counter() - t0
-        ev.last_babies = None  # release the cached rotations (ops.Linear.babies)
+        ev.last_babies = ev.last_rescaled = None  # release the cached rotations (ops.Linear.babies)
         self.last_timings = times
         return {o: env[o] for o in ev.circuit.outputs}
 
@@ -553,7 +565,7 @@ class EncryptedServer:
         if s.position >= self.plan.max_length:
             raise SessionError(f"session {session_id!r} reached the export's max_length {self.plan.max_length}")
         ev = self.evaluator("decode", s.position)
-        inputs = {"x": self._tensor(x, 1), **{f"{k}_cache": v for k, v in s.caches.items()}}
+        inputs = {"x": self._tensor(x, 1, want=ev.layouts["x"]), **{f"{k}_cache": v for k, v in s.caches.items()}}
         out = self._run(ev, inputs)
         s.caches = {k: out[k] for k in cache_names(self.spec)}
         s.position += 1
@@ -579,7 +591,7 @@ class EncryptedGeneration:
         return self._timed("prefill", lambda: self.server.prefill(self.session, self.client.encrypt_embeddings(x)))
 
     def decode(self, x_row) -> np.ndarray:
-        return self._timed("decode", lambda: self.server.decode(self.session, self.client.encrypt_embeddings(x_row)))
+        return self._timed("decode", lambda: self.server.decode(self.session, self.client.encrypt_embeddings(x_row, decode=True)))
 
     def _timed(self, what, fn):
         t0 = time.perf_counter()

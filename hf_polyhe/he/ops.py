@@ -16,7 +16,8 @@ import numpy as np
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
 from .errors import CircuitError, LayoutError
-from .packing import MatrixLayout, ScoreLayout, bsgs_plan, grouped_plan, next_pow2, norm_rot, single_row_plan
+from .packing import (ColumnVector, MatrixLayout, ScoreLayout, TiledVector, bsgs_plan, grouped_plan, next_pow2, norm_rot,
+                      single_row_plan)
 
 OPS: dict = {}
 
@@ -43,7 +44,8 @@ def approximation_depth(approx: Approximation) -> int:
 
 
 def _same(op, a, b):
-    if a.kind != b.kind or a.shape != b.shape or a.groups != b.groups or (a.kind == "scores" and a != b):
+    if a.kind != b.kind or a.shape != b.shape or a.groups != b.groups or (a.kind in ("scores", "tiled", "column")
+                                                                            and a != b):
         raise LayoutError(f"{op}: operands have different shapes/layouts: {a.to_dict()} vs {b.to_dict()}")
 
 
@@ -79,6 +81,8 @@ class Linear(OpSpec):
     def infer(self, c, node, lay):
         self.check_arity(node)
         x = lay[0]
+        if x.kind in ("tiled", "column"):
+            return self._infer_vector(c, node, x)
         if x.kind != "matrix":
             raise LayoutError("linear needs a matrix input")
         W = c.weight(node.attrs["weight"])
@@ -95,6 +99,79 @@ class Linear(OpSpec):
             raise LayoutError(f"a linear from a stacked input ({x.cols} features in {x.groups} row groups) must map to "
                               f"at most {x.block} features, got {out.cols}; build the circuit with groups=1")
         return out
+
+    @staticmethod
+    def _infer_vector(c, node, x):
+        """One-row vectors (decode steps): tiled -> column (``width`` attr: the output's row width, default the
+        widest that holds one row per output feature) and column -> tiled."""
+        W = c.weight(node.attrs["weight"])
+        if W.ndim != 2 or W.shape[0] != x.cols:
+            raise LayoutError(f"weight shape {W.shape} does not match input features {x.cols}")
+        if "bias" in node.attrs and c.weight(node.attrs["bias"]).shape != (W.shape[1],):
+            raise LayoutError(f"bias shape {c.weight(node.attrs['bias']).shape} != ({W.shape[1]},)")
+        if node.attrs.get("confine"):
+            raise LayoutError("linear(confine=True) takes a matrix input")
+        n_out = int(W.shape[1])
+        if x.kind == "tiled":
+            width = int(node.attrs.get("width") or x.ct_slots // next_pow2(n_out))
+            if x.period > width:
+                raise LayoutError(f"a linear from a tiled vector of period {x.period} to a column vector needs rows "
+                                  f"of at least {x.period} slots; {n_out} rows of {x.ct_slots} slots are {width} wide")
+            return ColumnVector(n_out, width, x.ct_slots, valid=width - x.period + 1)
+        P = next_pow2(n_out)
+        if P > x.width:
+            raise LayoutError(f"a linear from a column vector to a tiled vector of period {P} needs rows of at least "
+                              f"{P} slots, got {x.width}")
+        return TiledVector(n_out, P, x.ct_slots)
+
+    @staticmethod
+    def _column_plaintext(W, L, out_l):
+        """Tiled -> column: row ``r`` holds output ``r``'s weights against the tiled input, so one product and a
+        window sum of ``period`` slots leave ``y[r]`` in the first ``width - period + 1`` slots of row ``r``."""
+        Wp = np.zeros((L.period, out_l.n_rows))
+        Wp[: W.shape[0], : W.shape[1]] = W
+        return Wp[np.arange(out_l.width) % L.period].T.reshape(-1).copy()
+
+    @staticmethod
+    def _tiled_plaintexts(W, L, out_l):
+        """Column -> tiled: plaintexts (one per ``chunk``-wide slice of the output period) and the chunk; with
+        enough valid columns one plaintext lays out several copies of the period at once."""
+        P = out_l.period
+        Wp = np.zeros((L.n_rows, P))
+        Wp[: W.shape[0], : W.shape[1]] = W
+        valid = 1 << (L.valid.bit_length() - 1)  # a power of two <= the valid columns
+        if valid >= P:
+            M = np.zeros((L.n_rows, L.width))
+            M[:, :valid] = Wp[:, np.arange(valid) % P]
+            return [M.reshape(-1)], valid
+        out = []
+        for j in range(P // valid):
+            M = np.zeros((L.n_rows, L.width))
+            M[:, :valid] = Wp[:, j * valid : (j + 1) * valid]
+            out.append(M.reshape(-1))
+        return out, valid
+
+    def _execute_vector(self, ev, node, x, W):
+        L, out_l, be = x.layout, ev.layouts[node.name], ev.backend
+        # the plaintexts do not depend on the decode position: one copy (and one encoding) for every step
+        key = ("vector", _digest(W), repr(L), repr(out_l))
+        ct = self.rescaled(ev, node.inputs[0], x.cts[0])
+        if L.kind == "tiled":
+            M = ev.cached((node.name, "vec"), lambda: _shared(key, lambda: self._column_plaintext(W, L, out_l)))
+            y = _rot_sum(ev, be.mul_plain(ct, M), 1, L.period, whole=True)
+        else:
+            Ms, chunk = ev.cached((node.name, "vec"), lambda: _shared(key, lambda: self._tiled_plaintexts(W, L, out_l)))
+            parts, step = [be.mul_plain(ct, M) for M in Ms], chunk
+            while len(parts) > 1:  # chunk j moves j * chunk slots right: a tree of power-of-two rotations
+                parts = [be.add(a, ev.rotate_slots(b, -step)) for a, b in zip(parts[::2], parts[1::2])]
+                step *= 2
+            y = _rot_sum(ev, parts[0], L.width, L.n_rows, whole=True)  # every row: the sum over all rows
+            filled = max(chunk, out_l.period)
+            y = _rot_sum(ev, y, -filled, L.width // filled, whole=True)  # tile the period over the row
+        if "bias" in node.attrs:
+            b = ev.cached((node.name, "bias"), lambda: out_l.pack(out_l.broadcast(ev.circuit.weight(node.attrs["bias"])))[0])
+            y = be.add_plain(y, b)
+        return [y]
 
     def reference(self, c, node, xs, lay):
         y = xs[0] @ c.weight(node.attrs["weight"])
@@ -197,6 +274,17 @@ class Linear(OpSpec):
         return rots
 
     @staticmethod
+    def rescaled(ev, name, ct):
+        """``ct`` (value ``name``) rescaled once for every linear that reads it (q/k/v of a decode step), not
+        inside each product (see the backends' ``rescale``); the evaluator keeps the last one."""
+        hit = ev.last_rescaled
+        if hit is not None and hit[0] == name and hit[1] is ct:
+            return hit[2]
+        out = ev.backend.rescale(ct)
+        ev.last_rescaled = (name, ct, out)
+        return out
+
+    @staticmethod
     def row_copies(ev, name) -> bool:
         """Does every row of ``name``'s ciphertext hold its row 0 (decode attention outputs, and polynomials /
         products / sums of such)? Then a one-row linear reads the copy below instead of doubling the row."""
@@ -213,6 +301,8 @@ class Linear(OpSpec):
         x = xs[0]
         L = x.layout
         W = ev.circuit.weight(node.attrs["weight"])
+        if L.kind in ("tiled", "column"):
+            return self._execute_vector(ev, node, x, W)
         single = L.rows == 1 and L.slots >= 2 * L.block
         copies = single and self.row_copies(ev, node.inputs[0])
         pad = self.padding_value(ev, node) if single and not copies else None
@@ -270,6 +360,8 @@ class _Binary(OpSpec):
         _same(self.name, lay[0], lay[1])
         _not_confined(self.name, lay[0])
         clean = (lay[0].clean or lay[1].clean) if self.name == "mul" else (lay[0].clean and lay[1].clean)
+        if lay[0].kind == "column":  # the columns valid in both
+            return lay[0].with_(clean=clean, valid=min(lay[0].valid, lay[1].valid))
         return lay[0].with_(clean=clean)
 
     def execute(self, ev, node, xs):
@@ -301,7 +393,7 @@ class Mul(_Binary):
 def _fill_rows(ev, node, L, vecs):
     """A one-row input holding its row in every row (``Linear.row_copies``) gets the plaintext in every row too,
     so the copies survive the op."""
-    if L.rows != 1 or not Linear.row_copies(ev, node.inputs[0]):
+    if L.kind != "matrix" or L.rows != 1 or not Linear.row_copies(ev, node.inputs[0]):
         return vecs
     return [np.broadcast_to(v.reshape(-1, L.R, L.block)[:, :1], (v.size // L.slots, L.R, L.block)).reshape(-1).copy()
             for v in vecs]
@@ -434,6 +526,8 @@ class RowSum(OpSpec):
     def infer(self, c, node, lay):
         self.check_arity(node)
         x = lay[0]
+        if x.kind in ("tiled", "column"):
+            return x.with_(clean=False)  # the sum lands in every slot, padding included
         if x.kind != "matrix":
             raise LayoutError("row_sum needs a matrix input")
         _unstacked("row_sum", x)
@@ -452,8 +546,21 @@ class RowSum(OpSpec):
     def depth(self, c, node, lay):
         return 1
 
+    @staticmethod
+    def _execute_vector(ev, node, x):
+        """The valid slots times ``scale`` (the padding dropped), then summed over the features: over the tiled
+        period, or over the rows of a column vector; every slot gets the sum."""
+        L, be = x.layout, ev.backend
+        mask = ev.cached((node.name, "mask"), lambda: L.valid_masks()[0] * float(node.attrs.get("scale", 1.0)))
+        y = be.mul_plain(x.cts[0], mask)
+        if L.kind == "tiled":
+            return [_rot_sum(ev, y, 1, L.period, whole=True)]
+        return [_rot_sum(ev, y, L.width, L.n_rows, whole=True)]
+
     def execute(self, ev, node, xs):
         L, be = xs[0].layout, ev.backend
+        if L.kind in ("tiled", "column"):
+            return self._execute_vector(ev, node, xs[0])
         D, scale = L.block, float(node.attrs.get("scale", 1.0))
         out = []
         for rb in range(L.row_blocks):
@@ -877,7 +984,10 @@ def _clean_single_row(name, x, what):
 @register_op("append_row")
 class AppendRow(OpSpec):
     """``vstack(cache, x)``: ``cache`` (n x d, clean) gains the row ``x`` (1 x d, clean) as row ``n``.
-    Rotations of ``x`` by ``-n`` rows (one per set bit of ``n``: keys shared by every length), an addition; 0 levels."""
+    Rotations of ``x`` by ``-n`` rows (one per set bit of ``n``: keys shared by every length), an addition; 0 levels.
+    A tiled ``x`` (:class:`~hf_polyhe.he.packing.TiledVector`, already in every row) is masked to row ``n``
+    instead: no rotation, 1 level; ``part`` p takes the features ``[p*D, p*D + d)`` of a wider tiled row (the keys
+    and values of one linear; one rotation when row ``n`` holds another part)."""
 
     n_inputs = 2
 
@@ -885,20 +995,44 @@ class AppendRow(OpSpec):
         self.check_arity(node)
         cache, x = lay
         _single_ct("append_row", cache)
-        _clean_single_row("append_row", x, "the appended row")
+        part = int(node.attrs.get("part", 0))
+        if x.kind == "tiled":
+            if x.period % cache.block or x.ct_slots != cache.ct_slots or not 0 <= part < x.period // cache.block \
+                    or part * cache.block + cache.cols > x.cols:
+                raise LayoutError(f"append_row: a tiled row {x.to_dict()} must have a period that is a multiple of the "
+                                  f"cache's block {cache.block}, {cache.ct_slots} slots, and its part {part} must hold "
+                                  f"the cache's {cache.cols} features")
+        elif part:
+            raise LayoutError("append_row: part applies to a tiled row")
+        else:
+            _clean_single_row("append_row", x, "the appended row")
         if not cache.clean:
             raise LayoutError("append_row: the cache must have zero padding (clean layout)")
-        if cache.cols != x.cols or cache.block != x.block or cache.slots != x.slots:
+        if x.kind == "matrix" and (cache.cols != x.cols or cache.block != x.block or cache.slots != x.slots):
             raise LayoutError(f"append_row: cache {cache.shape} and row {x.shape} have different widths/packing")
         if cache.rows + 1 > cache.R:
             raise LayoutError(f"append_row: a cache of {cache.rows} rows is full (at most {cache.R} rows per ciphertext)")
         return cache.with_(rows=cache.rows + 1, clean=True)
 
     def reference(self, c, node, xs, lay):
-        return np.vstack([xs[0], xs[1]])
+        p = int(node.attrs.get("part", 0)) * lay[0].block
+        return np.vstack([xs[0], xs[1][:, p : p + lay[0].cols]])
+
+    def depth(self, c, node, lay):
+        return 1 if lay[1].kind == "tiled" else 0
 
     def execute(self, ev, node, xs):
         L = xs[0].layout
+        if xs[1].layout.kind == "tiled":  # the row is already everywhere: keep row n of every group
+            def mask():
+                m = np.zeros((L.groups, L.R, L.block))
+                m[:, L.rows, : L.cols] = 1.0
+                return m.reshape(-1)
+
+            # part p of a period of m blocks sits in the rows = p (mod m): bring the nearest one to row n
+            m = xs[1].layout.period // L.block
+            row = ev.rotate_slots(xs[1].cts[0], ((int(node.attrs.get("part", 0)) - L.rows) % m) * L.block)
+            return [ev.backend.add(xs[0].cts[0], ev.backend.mul_plain(row, ev.cached((node.name, "mask"), mask)))]
         return [ev.backend.add(xs[0].cts[0], _rotate_rows_pow2(ev, xs[1].cts[0], L.rows, L.block))]
 
 
@@ -954,10 +1088,42 @@ class AttnRowSum(OpSpec):
         return [_rot_sum(ev, acc, P, G, whole=True)]  # spread scores: every group holds a part of the shifts
 
 
+def _reference_weights(c, node, A, dh):
+    """The per-key weights of a decode op's reference; without weights (ones) ``A`` must be zero off the heads'
+    score columns, which is what the packed op relies on."""
+    if "weights" in node.attrs:
+        return c.weight(node.attrs["weights"])
+    off = np.ones(A.shape[1], dtype=bool)
+    off[::dh] = False
+    if np.any(A[:, off] != 0):
+        raise LayoutError(f"{node.name}: without key weights the scores must be zero off the heads' score columns")
+    return np.ones(A.shape[0])
+
+
+def _decode_out(node, v):
+    """A decode attention output: every row holds it, so it is a tiled vector (``tiled`` attr) or, as the
+    one-row linears of the matrix path read it, a 1-row matrix with row copies."""
+    if node.attrs.get("tiled"):
+        return TiledVector(v.cols, v.block, v.ct_slots)
+    return v.with_(rows=1, clean=False)
+
+
+def _decode_weights(c, node, a, what):
+    """Check the per-key weights, or their absence: then ``A`` must be clean (zero off the heads' score columns,
+    as qk_decode leaves it and squares keep it) and the weights are all ones."""
+    if "weights" in node.attrs:
+        if c.weight(node.attrs["weights"]).shape != (a.rows,):
+            raise LayoutError(f"{what}: weights must have shape ({a.rows},)")
+    elif not a.clean:
+        raise LayoutError(f"{what} without weights needs clean scores (zero off the heads' columns: qk_decode's "
+                          "output, its products and powers); pass key_weights after a polynomial activation")
+
+
 @register_op("decode_rowsum")
 class DecodeRowSum(OpSpec):
-    """``sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in the head's ``dh`` columns of every row (``1 x d``
-    with row copies, like ``attn_decode``): the power-softmax denominator of a decode step. 2 levels."""
+    """``scale * sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in the head's ``dh`` columns of every row (``1 x d``
+    with row copies, like ``attn_decode``): the power-softmax denominator of a decode step. 2 levels (1 without
+    weights, see :func:`_decode_weights`)."""
 
     n_inputs = 1
 
@@ -968,42 +1134,50 @@ class DecodeRowSum(OpSpec):
         h = int(node.attrs["heads"])
         if h <= 0 or a.cols % h or (a.cols // h) & (a.cols // h - 1):
             raise LayoutError(f"decode_rowsum: {a.cols} features do not split into {h} heads of a power-of-two width")
-        if c.weight(node.attrs["weights"]).shape != (a.rows,):
-            raise LayoutError(f"decode_rowsum: weights must have shape ({a.rows},)")
-        return a.with_(rows=1, clean=False)
+        _decode_weights(c, node, a, "decode_rowsum")
+        return _decode_out(node, a)
 
     def reference(self, c, node, xs, lay):
-        return OPS["attn_decode"].reference(c, node, [xs[0], np.ones_like(xs[0])], lay)  # all-ones values
+        ones = np.ones_like(xs[0])  # all-ones values
+        return float(node.attrs.get("scale", 1.0)) * OPS["attn_decode"].reference(c, node, [xs[0], ones], lay)
 
     def depth(self, c, node, lay):
-        return 2
+        return 2 if "weights" in node.attrs else 1
 
     def execute(self, ev, node, xs):
         be = ev.backend
         L = xs[0].layout
         D, h = L.block, int(node.attrs["heads"])
         dh = L.cols // h
-        t = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, L, dh))
+        t = xs[0].cts[0]
+        if "weights" in node.attrs:
+            t = be.mul_plain(t, _decode_weight_mask(ev, node, L, dh))
         t = _rot_sum(ev, t, D, L.R)  # every row: the sum of rows 0..n-1
         sel = np.zeros((L.R, D))
-        sel[:, np.arange(h) * dh] = 1.0
+        sel[:, np.arange(h) * dh] = float(node.attrs.get("scale", 1.0))
         return [_rot_sum(ev, be.mul_plain(t, sel.reshape(-1)), -1, dh)]
 
 
 @register_op("qk_decode")
 class QKDecode(OpSpec):
     """Scores of one query row ``q`` (1 x d) against ``n`` cached keys ``K`` (n x d), per head:
-    ``S[j, h*dh] = scale * q_h . K_h[j]`` (other entries 0), an ``n x d`` matrix. 2 levels."""
+    ``S[j, h*dh] = scale * q_h . K_h[j]`` (other entries 0), an ``n x d`` matrix. 2 levels. The query is a clean
+    row 0 (copied into the ``n`` rows: ``log2 n`` rotations) or a :class:`~hf_polyhe.he.packing.TiledVector`."""
 
     n_inputs = 2
 
     def infer(self, c, node, lay):
         self.check_arity(node)
         q, k = lay
-        _clean_single_row("qk_decode", q, "the query")
         _single_ct("qk_decode", k)
-        if not k.clean or q.cols != k.cols or q.block != k.block or q.slots != k.slots:
-            raise LayoutError(f"qk_decode: keys {k.shape} must be clean and as wide as the query {q.shape}")
+        if q.kind == "tiled":  # the query in every row already
+            if not k.clean or (q.period, q.cols, q.ct_slots) != (k.block, k.cols, k.ct_slots):
+                raise LayoutError(f"qk_decode: keys {k.shape} must be clean; a tiled query {q.to_dict()} needs "
+                                  f"period {k.block}, {k.cols} features and {k.ct_slots} slots")
+        else:
+            _clean_single_row("qk_decode", q, "the query")
+            if not k.clean or q.cols != k.cols or q.block != k.block or q.slots != k.slots:
+                raise LayoutError(f"qk_decode: keys {k.shape} must be clean and as wide as the query {q.shape}")
         h = int(node.attrs["heads"])
         if h <= 0 or q.cols % h or not ((q.cols // h) & (q.cols // h - 1)) == 0:
             raise LayoutError(f"qk_decode: {q.cols} features do not split into {h} heads of a power-of-two width")
@@ -1026,7 +1200,9 @@ class QKDecode(OpSpec):
         K = xs[1].layout
         D, n, h = K.block, K.rows, int(node.attrs["heads"])
         dh = K.cols // h
-        q = _rot_sum(ev, xs[0].cts[0], -D, next_pow2(n))  # copy the query (row 0, zero elsewhere) into rows 0..n-1
+        q = xs[0].cts[0]
+        if xs[0].layout.kind != "tiled":
+            q = _rot_sum(ev, q, -D, next_pow2(n))  # copy the query (row 0, zero elsewhere) into rows 0..n-1
         p = _rot_sum(ev, be.mul(q, xs[1].cts[0]), 1, dh)
         mask = np.zeros((K.R, D))
         mask[:n, np.arange(h) * dh] = float(node.attrs.get("scale", 1.0))
@@ -1038,7 +1214,8 @@ class AttnDecode(OpSpec):
     """``out[0, head h] = sum_j w[j] * A[j, h*dh] * V[j, head h]``: weights ``A`` (n x d, from qk_decode and
     the activation), values ``V`` (n x d, clean), per-key plaintext weights ``w`` (mask / length scaling).
     Output ``1 x d``; the rows are summed over all ``R`` rows of the group, so every row holds the result
-    (row copies, not clean: the next linear reads the copy below instead of doubling the row). 2 levels."""
+    (row copies, not clean: the next linear reads the copy below instead of doubling the row; or, ``tiled``, a
+    :class:`~hf_polyhe.he.packing.TiledVector`). 2 levels; 1 without ``w`` (all ones, ``A`` clean)."""
 
     n_inputs = 2
 
@@ -1052,29 +1229,30 @@ class AttnDecode(OpSpec):
         h = int(node.attrs["heads"])
         if h <= 0 or v.cols % h:
             raise LayoutError(f"attn_decode: {v.cols} features do not split into {h} heads")
-        if c.weight(node.attrs["weights"]).shape != (v.rows,):
-            raise LayoutError(f"attn_decode: weights must have shape ({v.rows},)")
-        return v.with_(rows=1, clean=False)
+        _decode_weights(c, node, a, "attn_decode")
+        return _decode_out(node, v)
 
     def reference(self, c, node, xs, lay):
         A, V = xs
         h = int(node.attrs["heads"])
         dh = V.shape[1] // h
-        w = c.weight(node.attrs["weights"])
+        w = _reference_weights(c, node, A, dh)
         out = np.zeros((1, V.shape[1]))
         for i in range(h):
             out[0, i * dh : (i + 1) * dh] = (w * A[:, i * dh]) @ V[:, i * dh : (i + 1) * dh]
         return out
 
     def depth(self, c, node, lay):
-        return 2
+        return 2 if "weights" in node.attrs else 1
 
     def execute(self, ev, node, xs):
         be = ev.backend
         V = xs[1].layout
         D, h = V.block, int(node.attrs["heads"])
         dh = V.cols // h
-        a = be.mul_plain(xs[0].cts[0], _decode_weight_mask(ev, node, V, dh))
+        a = xs[0].cts[0]
+        if "weights" in node.attrs:  # else A is zero off the score columns already (see _decode_weights)
+            a = be.mul_plain(a, _decode_weight_mask(ev, node, V, dh))
         a = _rot_sum(ev, a, -1, dh)  # spread each head's weight over its dh columns
         t = be.mul(a, xs[1].cts[0])
         return [_rot_sum(ev, t, D, V.R)]  # every row: the sum of rows 0..n-1 (rows >= n of V are zero)

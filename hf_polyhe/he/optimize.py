@@ -104,7 +104,7 @@ def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
                     and src.name not in outputs:
                 chain = [src, node]
             x = chain[0].inputs[0]
-            cols = lay[x].cols if lay[x].kind == "matrix" else None
+            cols = lay[x].cols if lay[x].kind in ("matrix", "tiled", "column") else None
             if cols is None:
                 continue
             scale, shift = np.ones(cols), np.zeros(cols)

@@ -43,6 +43,22 @@ cyclic diagonals ``c_t[j] = W[(j + t) mod D, j]`` are needed instead of ``2D - 1
 so the output is clean. This needs the input's padding to be zero -- or a known constant (a polynomial of a
 clean tensor holds ``p(0)`` there), which is subtracted from the doubled row at no level cost.
 
+One-row vectors (:class:`TiledVector`, :class:`ColumnVector`)
+-------------------------------------------------------------
+A decode step has one token, so a whole ciphertext can hold one ``1 x n`` vector in a shape that makes a
+``linear`` one plaintext product. *Tiled*: ``slot(s) = x[s mod P]`` (``P = next_pow2(n)``). *Column*: rows of
+``width`` slots, ``x[i]`` in the first ``valid`` slots of row ``i``. Then, with ``y = x W``:
+
+- tiled -> column: row ``r`` of the plaintext holds ``W[s mod P, r]``; after the product, a window sum of ``P``
+  slots (``log2 P`` rotations by 1, 2, 4, ...) leaves ``y[r]`` in slots ``0 .. width - P`` of row ``r``;
+- column -> tiled: row ``i`` of the plaintext holds ``W[i, :]`` (as many copies of the period as the valid
+  slots take); the sum over all rows (``log2 rows`` rotations by whole rows) leaves ``y`` in every row, and
+  ``log2`` more rotations tile the period over the row. With fewer valid slots than ``P`` the output is cut
+  into chunks, one product each, put side by side by a tree of power-of-two rotations.
+
+The rows and the window stay inside a row, so nothing crosses rows in the valid slots. A decode step's
+residual stream is a column vector, q/k/v and the MLP's hidden layer are tiled (``hf_polyhe.he.decode``).
+
 Score layout (:class:`ScoreLayout`)
 -----------------------------------
 Attention scores of ``heads`` heads of width ``dh = cols / heads`` for ``L <= R`` rows. A *shift* ``s``
@@ -382,6 +398,127 @@ class ScoreLayout:
         return d
 
 
+# ---------------------------------------------------------------------------------------------------------
+# One-row vectors of a decode step (a single token): the whole ciphertext for one ``1 x n`` vector
+
+
+class _OneRow:
+    """What the two one-row vector layouts share: one ciphertext, one row, no row groups of their own."""
+
+    rows = 1
+    num_cts = 1
+    groups = 1
+    confined = False
+    stacked = False
+    check = MatrixLayout.check
+    broadcast = MatrixLayout.broadcast
+
+    @property
+    def shape(self) -> tuple:
+        return (1, self.cols)
+
+
+@dataclass(frozen=True)
+class TiledVector(_OneRow):
+    """A ``1 x n`` vector tiled over the whole ciphertext: ``slot(s) = x[s mod period]`` (``period`` a power of
+    two >= ``n``; slots with ``s mod period >= n`` are padding, zero when ``clean``). Every ``period`` slots
+    hold the vector, so a row-major cache of ``period``-wide rows meets it in every row (``qk_decode``,
+    ``append_row``), and a ``linear`` to a :class:`ColumnVector` needs one plaintext product and
+    ``log2 period`` rotations."""
+
+    cols: int
+    period: int
+    ct_slots: int
+    clean: bool = field(default=True, compare=False)
+
+    kind = "tiled"
+
+    def __post_init__(self):
+        if not (0 < self.cols <= self.period) or not is_pow2(self.period) or not is_pow2(self.ct_slots) \
+                or self.period > self.ct_slots:
+            raise LayoutError(f"a tiled vector of {self.cols} entries needs a power-of-two period >= {self.cols} "
+                              f"dividing the {self.ct_slots} slots, got {self.period}")
+
+    def with_(self, **kw) -> "TiledVector":
+        d = dict(cols=self.cols, period=self.period, ct_slots=self.ct_slots, clean=self.clean)
+        d.update(kw)
+        return TiledVector(**d)
+
+    def pack(self, x) -> list:
+        v = np.zeros(self.period)
+        v[: self.cols] = self.check(x)[0]
+        return [np.tile(v, self.ct_slots // self.period)]
+
+    def unpack(self, vecs) -> np.ndarray:
+        if len(vecs) != 1 or np.size(vecs[0]) < self.ct_slots:
+            raise LayoutError(f"a tiled vector needs one slot vector of {self.ct_slots} slots")
+        return np.asarray(vecs[0], dtype=np.float64).reshape(-1)[: self.cols].reshape(1, -1).copy()
+
+    def valid_masks(self) -> list:
+        return [np.arange(self.ct_slots) % self.period < self.cols]
+
+    def to_dict(self) -> dict:
+        return {"kind": "tiled", "rows": 1, "cols": self.cols, "period": self.period, "ct_slots": self.ct_slots,
+                "clean": self.clean}
+
+
+@dataclass(frozen=True)
+class ColumnVector(_OneRow):
+    """A ``1 x n`` vector down the rows: the ciphertext is ``ct_slots / width`` rows of ``width`` slots and entry
+    ``i`` fills the first ``valid`` slots of row ``i`` (``slot(i * width + j) = x[i]`` for ``j < valid``; the other
+    columns are don't-care, rows ``>= n`` are padding, zero in the valid columns when ``clean``). A ``linear``
+    from it to a :class:`TiledVector` needs one plaintext product per ``valid``-wide chunk of the output and
+    ``log2(rows)`` rotations; LayerNorm sums over features are sums over rows."""
+
+    cols: int
+    width: int
+    ct_slots: int
+    valid: int = field(default=0, compare=False)  # 0: the whole row
+    clean: bool = field(default=True, compare=False)
+
+    kind = "column"
+
+    def __post_init__(self):
+        if not is_pow2(self.width) or not is_pow2(self.ct_slots) or self.width > self.ct_slots:
+            raise LayoutError(f"row width {self.width} and slots {self.ct_slots} must be powers of two, width <= slots")
+        if self.cols > self.n_rows:
+            raise LayoutError(f"a column vector of {self.cols} entries needs {self.cols} rows, {self.ct_slots} slots "
+                              f"in rows of {self.width} hold {self.n_rows}")
+        if self.valid == 0:
+            object.__setattr__(self, "valid", self.width)
+        if not 0 < self.valid <= self.width:
+            raise LayoutError(f"valid columns must be in 1..{self.width}, got {self.valid}")
+
+    @property
+    def n_rows(self) -> int:
+        return self.ct_slots // self.width
+
+    def with_(self, **kw) -> "ColumnVector":
+        d = dict(cols=self.cols, width=self.width, ct_slots=self.ct_slots, valid=self.valid, clean=self.clean)
+        d.update(kw)
+        return ColumnVector(**d)
+
+    def pack(self, x) -> list:
+        v = np.zeros((self.n_rows, self.width))
+        v[: self.cols, : self.valid] = self.check(x)[0][:, None]
+        return [v.reshape(-1)]
+
+    def unpack(self, vecs) -> np.ndarray:
+        if len(vecs) != 1 or np.size(vecs[0]) < self.ct_slots:
+            raise LayoutError(f"a column vector needs one slot vector of {self.ct_slots} slots")
+        v = np.asarray(vecs[0], dtype=np.float64).reshape(-1)[: self.ct_slots].reshape(self.n_rows, self.width)
+        return v[: self.cols, 0].reshape(1, -1).copy()
+
+    def valid_masks(self) -> list:
+        m = np.zeros((self.n_rows, self.width), dtype=bool)
+        m[: self.cols, : self.valid] = True
+        return [m.reshape(-1)]
+
+    def to_dict(self) -> dict:
+        return {"kind": "column", "rows": 1, "cols": self.cols, "width": self.width, "ct_slots": self.ct_slots,
+                "valid": self.valid, "clean": self.clean}
+
+
 def layout_from_dict(d: dict):
     d = dict(d)
     kind = d.pop("kind", "matrix")
@@ -389,7 +526,11 @@ def layout_from_dict(d: dict):
         return MatrixLayout(**d)
     if kind == "scores":
         return ScoreLayout(**d)
-    raise LayoutError(f"unknown layout kind {kind!r}; accepted: matrix, scores")
+    if kind in ("tiled", "column"):
+        d.pop("rows", None)
+        return (TiledVector if kind == "tiled" else ColumnVector)(**d)
+    raise LayoutError(f"unknown layout kind {kind!r}; accepted: matrix, scores, tiled, column")
+
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degree", type=int, default=15, help="polynomial degree of the GELU (default 15)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated in the clear (default 12)")
     p.add_argument("--encrypted-tokens", type=int, default=None,
-                   help="tokens generated under encryption (default: 1 at 128-bit, 3 with --fast)")
+                   help="tokens generated under encryption (default: 2 at 128-bit, 3 with --fast)")
     p.add_argument("--fast", action="store_true", help="INSECURE toy CKKS parameters (quick look; prints a warning)")
     p.add_argument("--no-encrypt", action="store_true", help="skip the encrypted part")
     p.set_defaults(func=_demo)

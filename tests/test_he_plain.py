@@ -531,6 +531,16 @@ def test_vector_layouts_pack_and_round_trip():
     for lay in (t, col, he.ColumnVector(5, 8, 64)):
         back = layout_from_dict(json.loads(json.dumps(lay.to_dict())))
         assert back == lay and back.to_dict() == lay.to_dict()
+    # a circuit with a vector input saves as IR version 2 and loads back with its input layout
+    c = he.Circuit(8, 64)
+    c.output(c.linear(c.input("x", 1, 5, layout=col), np.ones((5, 3))))
+    d = c.to_dict()
+    assert d["version"] == 2 and d["input_layouts"]["x"] == col.to_dict()
+    back = he.Circuit.from_dict(json.loads(json.dumps(d)), c.weights)
+    assert back.layouts()["x"] == col and back.layouts()["x"].valid == 3
+    assert he.Circuit(8, 64).to_dict()["version"] == 1 and "input_layouts" not in he.Circuit(8, 64).to_dict()
+    with pytest.raises(he.CircuitError, match="does not hold"):
+        he.Circuit(8, 64).input("x", 1, 6, layout=col)
     assert he.ColumnVector(5, 8, 64).valid == 8
     with pytest.raises(he.LayoutError, match="needs 9 rows"):
         he.ColumnVector(9, 8, 64)

@@ -181,11 +181,13 @@ def vector_decode(spec: TransformerSpec, ct_slots: int) -> Optional[ColumnVector
     powers of two); and attention that keeps the scores clean (power-softmax, or a square / identity activation:
     a polynomial with ``p(0) != 0`` would need attn_decode's mask, a level more than the matrix path spends)."""
     cfg = spec.config
+    if cfg["head"]["kind"] != "last_token":
+        return None
     D = next_pow2(cfg["hidden_size"])
-    width = ct_slots // D
     widths = [2 * D, next_pow2(spec.weights[cfg["head"]["lm_head"]["weight"]].shape[1])]  # 2D: keys | values
     widths += [next_pow2(spec.weights[layer["mlp"]["fc_in"]["weight"]].shape[1]) for layer in cfg["layers"]]
-    if cfg["head"]["kind"] != "last_token" or width < max(widths):
+    width = ct_slots // D
+    if width < max(widths):
         return None
     for layer in cfg["layers"]:
         attn = layer["attn"]

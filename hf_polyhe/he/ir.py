@@ -38,7 +38,9 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ==============  ===========================================================================================
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
-names/shapes) and ``weights.npz``. A circuit of another ``version`` is refused with a clear error.
+names/shapes) and ``weights.npz``. A circuit of another ``version`` is refused with a clear error. Version 2
+adds one-row vector layouts (``input_layouts``, tiled / column values); a circuit without them is written as
+version 1, so older runtimes keep reading it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from .errors import CircuitError, LayoutError
 from .packing import MatrixLayout, is_pow2, layout_from_dict
 
 FORMAT = "hf_polyhe.circuit"
-IR_VERSION = 1
+IR_VERSION = 2  # 2: inputs may carry a layout (one-row vectors); circuits without one are still written as 1
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -279,31 +282,36 @@ class Circuit:
             raise CircuitError("circuit has no outputs")
         return self
 
+    def uses_vectors(self) -> bool:
+        """Does any value use a one-row vector layout (IR version 2)?"""
+        return any(getattr(v, "kind", "") in ("tiled", "column") for v in self.layouts().values())
+
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT,
-            "version": IR_VERSION,
+            "version": IR_VERSION if self.uses_vectors() else 1,  # a version-1 runtime reads what it can run
             "name": self.name,
             "block": self.block,
             "slots": self.slots,
             "groups": self.groups,
             "inputs": {k: list(v) for k, v in self.inputs.items()},
-            "input_layouts": {k: v.to_dict() for k, v in self.input_layouts.items()},
             "nodes": [n.to_dict() for n in self.nodes],
             "outputs": list(self.outputs),
             "weights": {k: list(v.shape) for k, v in self.weights.items()},
             "meta": self.meta,
         }
+        if self.input_layouts:
+            d["input_layouts"] = {k: v.to_dict() for k, v in self.input_layouts.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, weights: dict) -> "Circuit":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise CircuitError(f"not a {FORMAT} document")
-        if d.get("version") != IR_VERSION:
-            raise CircuitError(
-                f"circuit IR version {d.get('version')!r} is not supported by this runtime (supports {IR_VERSION})"
-            )
+        if d.get("version") not in READABLE_VERSIONS:
+            raise CircuitError(f"circuit IR version {d.get('version')!r} is not supported by this runtime (supports "
+                               f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             c = cls(d["block"], d["slots"], d.get("name", "circuit"), int(d.get("groups", 1)))
             c.meta = dict(d.get("meta", {}))

@@ -12,6 +12,8 @@ mlp, head, bootstrap), client embedding+encryption time, peak RSS, fidelity vs t
     python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never
         # 128-bit W1 on ring 2^16 (depth 29, 8 row groups, 43 rotation keys): prefill ~130-165 s, decode ~22-25 s
         # per token, 8.5-9.2 GB peak, ~5 min in all with keys (measured on 2 cores; runs vary by ~20 %)
+    python benchmarks/encrypted_inference.py --workloads bert --norm batchnorm --bootstrap never
+        # 128-bit PolyBert on ring 2^17 (depth 38): 325 s, 22.3 GB peak (13 GB of rotation keys): close to 24 GB
     python benchmarks/encrypted_inference.py --plan-only --bootstrap never --norm batchnorm  # planner only, 40 s
     python benchmarks/encrypted_inference.py --params toy --workloads w1  # insecure, quick smoke run
 

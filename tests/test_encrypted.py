@@ -160,6 +160,12 @@ def test_plan_for_export_covers_every_circuit(tmp_path):
         again.plan_circuit(build_circuit(enc.spec, 6, **kw), "full")
     assert set(plan.summary) == {"full", "prefill", "decode"}
     assert plan.summary["decode"]["counts"]["rotate"] < plan.summary["prefill"]["counts"]["rotate"]
+    # decode steps on vectors; a plan of matrix-packed decode steps (as before them) omits the field
+    assert plan.decode_input["kind"] == "column" and again.decode_input == plan.decode_input
+    import dataclasses
+
+    old = dataclasses.replace(plan, decode_input=None).to_dict()
+    assert "decode_input" not in old and ExportPlan.from_dict(old).decode_input is None
 
 
 # ---------------------------------------------------------------- CKKS (toy parameters)

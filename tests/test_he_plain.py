@@ -541,6 +541,16 @@ def test_vector_layouts_pack_and_round_trip():
     assert he.Circuit(8, 64).to_dict()["version"] == 1 and "input_layouts" not in he.Circuit(8, 64).to_dict()
     with pytest.raises(he.CircuitError, match="does not hold"):
         he.Circuit(8, 64).input("x", 1, 6, layout=col)
+    # a column vector packed with fewer valid columns than the circuit reads is refused
+    ev = he.Evaluator(c, he.PlainBackend(64))
+    short = col.with_(valid=1)
+    with pytest.raises(he.LayoutError, match="circuit expects"):
+        ev.check_inputs({"x": he.Packed(short, short.pack(x))})
+    # the decode ops' new options alone make a matrix circuit version 2 as well
+    m = he.Circuit(8, 64)
+    a = m.input("a", 6, 8)
+    m.output(m.decode_rowsum(m.mul(a, a), heads=2, key_weights=np.ones(6), scale=0.5))
+    assert m.to_dict()["version"] == 2
     assert he.ColumnVector(5, 8, 64).valid == 8
     with pytest.raises(he.LayoutError, match="needs 9 rows"):
         he.ColumnVector(9, 8, 64)
@@ -639,8 +649,15 @@ def test_decode_ops_on_tiled_vectors():
     _close(c, X)
     lev = static_levels(c)
     assert lev[keys] == lev[q] + 1 and lev[o] == lev[a] + 1 and lev[r] == lev[a] + 2
-    with pytest.raises(he.CircuitError, match="clean scores"):
-        c.attn_decode(c.poly(s, fit_operator("gelu", (-4, 4), 5)), vals, heads=2)
+    from hf_polyhe.he.planner import insert_bootstraps
+
+    boot, _ = insert_bootstraps(c, 4)  # bootstraps keep the vector input
+    assert boot.layouts()["x"] == c.layouts()["x"] and any(n.op == "bootstrap" for n in boot.nodes)
+    _close(boot, X)
+    assert c.to_dict()["version"] == 2
+    for bad in (c.poly(s, fit_operator("gelu", (-4, 4), 5)), c.add_plain(s, 0.5)):  # nonzero off the score columns
+        with pytest.raises(he.CircuitError, match="zero off the heads' columns"):
+            c.attn_decode(bad, vals, heads=2)
     with pytest.raises(he.LayoutError, match="zero off the heads"):
         he.OPS["attn_decode"].reference(c, he.Node("attn_decode", "t", [a, vals], {"heads": 2}),
                                         [np.ones((6, 8)), np.ones((6, 8))], None)

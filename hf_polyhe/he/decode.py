@@ -177,15 +177,17 @@ class _VectorDecodeBuilder(_DecodeBuilder):
 def vector_decode(spec: TransformerSpec, ct_slots: int) -> Optional[ColumnVector]:
     """The decode input's layout when decode steps run on one-row vectors (:class:`_VectorDecodeBuilder`), else
     None (the matrix path). It needs rows of ``ct_slots / next_pow2(d)`` slots at least as wide as the tiled
-    periods: twice the hidden size (keys and values), every MLP width and the vocabulary (all rounded up to
-    powers of two); and attention that keeps the scores clean (power-softmax, or a square / identity activation:
+    periods: twice the hidden size (keys and values), twice every MLP width (so at most two products per
+    linear) and the vocabulary (all rounded up to powers of two); and attention that keeps the scores clean (power-softmax, or a square / identity activation:
     a polynomial with ``p(0) != 0`` would need attn_decode's mask, a level more than the matrix path spends)."""
     cfg = spec.config
     if cfg["head"]["kind"] != "last_token":
         return None
     D = next_pow2(cfg["hidden_size"])
     widths = [2 * D, next_pow2(spec.weights[cfg["head"]["lm_head"]["weight"]].shape[1])]  # 2D: keys | values
-    widths += [next_pow2(spec.weights[layer["mlp"]["fc_in"]["weight"]].shape[1]) for layer in cfg["layers"]]
+    # twice the MLP period: fc_out's window leaves at least half a row valid, so a linear from the residual stream
+    # needs at most two products (one per valid-wide chunk of its output)
+    widths += [2 * next_pow2(spec.weights[layer["mlp"]["fc_in"]["weight"]].shape[1]) for layer in cfg["layers"]]
     width = ct_slots // D
     if width < max(widths):
         return None

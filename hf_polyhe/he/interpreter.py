@@ -106,7 +106,7 @@ class Evaluator:
             want = self.layouts[name]
             if not isinstance(p, Packed):
                 raise LayoutError(f"input {name!r} must be a Packed tensor, got {type(p).__name__}")
-            if p.layout != want:
+            if p.layout != want or getattr(p.layout, "valid", None) != getattr(want, "valid", None):
                 raise LayoutError(f"input {name!r} has layout {p.layout.to_dict()}, circuit expects {want.to_dict()}")
             out[name] = Packed(want, list(p.cts))
         return out

@@ -39,8 +39,9 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
 names/shapes) and ``weights.npz``. A circuit of another ``version`` is refused with a clear error. Version 2
-adds one-row vector layouts (``input_layouts``, tiled / column values); a circuit without them is written as
-version 1, so older runtimes keep reading it.
+adds one-row vector layouts (``input_layouts``, tiled / column values) and the decode ops' options that go with
+them (:meth:`Circuit.uses_version_2`); a circuit without them is written as version 1, so older runtimes keep
+reading it.
 """
 
 from __future__ import annotations
@@ -282,15 +283,24 @@ class Circuit:
             raise CircuitError("circuit has no outputs")
         return self
 
-    def uses_vectors(self) -> bool:
-        """Does any value use a one-row vector layout (IR version 2)?"""
-        return any(getattr(v, "kind", "") in ("tiled", "column") for v in self.layouts().values())
+    def uses_version_2(self) -> bool:
+        """Does the circuit use what IR version 2 added: one-row vector layouts, ``append_row(part=)``,
+        ``attn_decode`` / ``decode_rowsum`` without key weights, ``tiled`` or with a ``scale``?"""
+        if any(getattr(v, "kind", "") in ("tiled", "column") for v in self.layouts().values()):
+            return True
+        for n in self.nodes:
+            if n.op in ("attn_decode", "decode_rowsum") and ("weights" not in n.attrs or "tiled" in n.attrs
+                                                             or "scale" in n.attrs):
+                return True
+            if n.op == "append_row" and "part" in n.attrs:
+                return True
+        return False
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
         d = {
             "format": FORMAT,
-            "version": IR_VERSION if self.uses_vectors() else 1,  # a version-1 runtime reads what it can run
+            "version": IR_VERSION if self.uses_version_2() else 1,  # a version-1 runtime reads what it can run
             "name": self.name,
             "block": self.block,
             "slots": self.slots,

@@ -95,6 +95,8 @@ class ExportPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["params"] = self.params.to_dict()
+        if d["decode_input"] is None:  # plans of matrix-packed decode steps stay readable by earlier releases
+            del d["decode_input"]
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -482,8 +484,11 @@ class EncryptedServer:
         key = (kind, n, None if attention_mask is None else tuple(np.asarray(attention_mask).reshape(-1).astype(int).tolist()))
         if key not in self._evaluators:
             g, s = self.plan.groups, self.plan.slots
-            if kind == "decode":
-                c = build_decode_circuit(self.spec, n, groups=g, slots=s)
+            if kind == "decode":  # on vectors only if the keys were planned so (exports before vector decode: not)
+                c = build_decode_circuit(self.spec, n, groups=g, slots=s, vectors=self.plan.decode_input is not None)
+                if self.plan.decode_input and c.layouts()["x"].to_dict() != self.plan.decode_input:
+                    raise KeyMismatchError(f"the decode circuit reads {c.layouts()['x'].to_dict()}, the session keys were "
+                                           f"planned for {self.plan.decode_input}: re-plan the export")
             else:
                 c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"), groups=g, slots=s)
             pl = self.plan.plan_circuit(c, kind)
@@ -503,7 +508,7 @@ class EncryptedServer:
         if t.ring_dim != self.cc.GetRingDimension():
             raise KeyMismatchError(f"{name!r} belongs to another crypto context (ring {t.ring_dim})")
         want = want or MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots, groups=self.plan.groups)
-        if t.layout != want:
+        if t.layout != want or getattr(t.layout, "valid", None) != getattr(want, "valid", None):
             raise LayoutError(f"{name!r} has layout {t.layout.to_dict()}, expected {rows} x {self.plan.hidden_size} "
                               f"embeddings packed as {want.to_dict()}")
         return Packed(want, t.cts)

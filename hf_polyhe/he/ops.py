@@ -1108,14 +1108,29 @@ def _decode_out(node, v):
     return v.with_(rows=1, clean=False)
 
 
+def _scores_only(c, name) -> bool:
+    """Is ``name`` zero off the heads' score columns, by construction: qk_decode's output, products with such a
+    value (powers, squares), sums of such values, bootstraps of one?"""
+    node = next((n for n in c.nodes if n.name == name), None)
+    if node is None:
+        return False
+    if node.op == "qk_decode":
+        return True
+    if node.op == "mul":
+        return any(_scores_only(c, i) for i in node.inputs)
+    if node.op in ("add", "sub", "bootstrap"):
+        return all(_scores_only(c, i) for i in node.inputs)
+    return False
+
+
 def _decode_weights(c, node, a, what):
-    """Check the per-key weights, or their absence: then ``A`` must be clean (zero off the heads' score columns,
-    as qk_decode leaves it and squares keep it) and the weights are all ones."""
+    """Check the per-key weights, or their absence: then ``A`` must be zero off the heads' score columns (see
+    :func:`_scores_only`) and the weights are all ones."""
     if "weights" in node.attrs:
         if c.weight(node.attrs["weights"]).shape != (a.rows,):
             raise LayoutError(f"{what}: weights must have shape ({a.rows},)")
-    elif not a.clean:
-        raise LayoutError(f"{what} without weights needs clean scores (zero off the heads' columns: qk_decode's "
+    elif not _scores_only(c, node.inputs[0]):
+        raise LayoutError(f"{what} without weights needs scores that are zero off the heads' columns (qk_decode's "
                           "output, its products and powers); pass key_weights after a polynomial activation")
 
 

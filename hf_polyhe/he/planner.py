@@ -297,7 +297,7 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
     out.meta = dict(circuit.meta)
     out.weights = dict(circuit.weights)
     for n, (r, c) in circuit.inputs.items():
-        out.input(n, r, c)
+        out.input(n, r, c, layout=circuit.input_layouts.get(n))
     lay = circuit.layouts()
     lev = {n: 0 for n in circuit.inputs}
     alias = {}

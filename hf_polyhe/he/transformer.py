@@ -159,7 +159,7 @@ class _Builder:
     def mlp(self, x, mlp):
         h = self.linear(x, mlp["fc_in"])
         if mlp.get("norm"):
-            h = self.norm(h, mlp["norm"], None)
+            h = self.norm(h, mlp["norm"], self.w(mlp["fc_in"]["weight"]).shape[1])
         return self.linear(self.act(h, mlp["act"]), mlp["fc_out"])
 
     def layer(self, x, layer, mask, causal, d):

@@ -148,7 +148,7 @@ class _VectorDecodeBuilder(_DecodeBuilder):
             powered = self.power(c.qk_decode(q, keys, heads, scale=scale), int(attn["power"]))
             mean = c.decode_rowsum(powered, heads, scale=w, tiled=True)
             inv = c.poly(c.add_plain(mean, float(attn["eps"])), attn["normalizer"])
-            return self._scaled_linear(c.mul(c.attn_decode(powered, values, heads, tiled=True), inv), attn["o"], w)
+            return self.linear(c.mul(c.attn_decode(powered, values, heads, tiled=True), inv), attn["o"], scale=w)
         s_n = float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
         pre = attn.get("scaling_position", "post") == "pre"
         w = 1.0 if pre else 1.0 / s_n  # the same weight for every key: into the query scale
@@ -157,9 +157,6 @@ class _VectorDecodeBuilder(_DecodeBuilder):
         scale *= math.sqrt(w) if attn["activation"]["kind"] == "square" else w
         weights = self.act(c.qk_decode(q, keys, heads, scale=scale), attn["activation"])
         return self.linear(c.attn_decode(weights, values, heads, tiled=True), attn["o"])
-
-    def _scaled_linear(self, x, lin, w):
-        return self.c.linear(x, w * self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None)
 
 
     def _stacked(self, k, v, d):
@@ -178,8 +175,9 @@ def vector_decode(spec: TransformerSpec, ct_slots: int) -> Optional[ColumnVector
     """The decode input's layout when decode steps run on one-row vectors (:class:`_VectorDecodeBuilder`), else
     None (the matrix path). It needs rows of ``ct_slots / next_pow2(d)`` slots at least as wide as the tiled
     periods: twice the hidden size (keys and values), twice every MLP width (so at most two products per
-    linear) and the vocabulary (all rounded up to powers of two); and attention that keeps the scores clean (power-softmax, or a square / identity activation:
-    a polynomial with ``p(0) != 0`` would need attn_decode's mask, a level more than the matrix path spends)."""
+    linear) and the vocabulary (all rounded up to powers of two); and attention that keeps the scores zero off
+    the heads' columns (power-softmax, or a square / identity activation: a polynomial with ``p(0) != 0`` would
+    need attn_decode's mask, a level more than the matrix path spends)."""
     cfg = spec.config
     if cfg["head"]["kind"] != "last_token":
         return None

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import CircuitError, LayoutError
 from .ops import OPS
-from .packing import norm_rot
+from .packing import norm_rot, same_packing
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Evaluator:
             want = self.layouts[name]
             if not isinstance(p, Packed):
                 raise LayoutError(f"input {name!r} must be a Packed tensor, got {type(p).__name__}")
-            if p.layout != want or getattr(p.layout, "valid", None) != getattr(want, "valid", None):
+            if not same_packing(p.layout, want):
                 raise LayoutError(f"input {name!r} has layout {p.layout.to_dict()}, circuit expects {want.to_dict()}")
             out[name] = Packed(want, list(p.cts))
         return out

@@ -32,7 +32,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
                 (a tiled ``x``: a row mask, no rotation; 1 level)
 ``qk_decode``   scores of one query row against ``n`` cached keys, per head (column ``h*dh`` of an ``n x d``); 2 levels
 ``attn_decode`` ``sum_j w_j A[j, h] V[j, head h]`` for one query row (``1 x d`` in every row; tiled if asked); 2 levels
-                (1 without the weights ``w``: then ``A`` must be clean scores)
+                (1 without the weights ``w``: then ``A`` must be zero off the score columns)
 ``decode_rowsum`` ``scale * sum_j w_j A[j, h]`` in head h's columns of one row (decode power-softmax denominator);
                 2 levels (1 without ``w``)
 ==============  ===========================================================================================
@@ -249,8 +249,8 @@ class Circuit:
         return self.node("qk_decode", [q, keys], {"heads": int(heads), "scale": float(scale)}, name)
 
     def attn_decode(self, weights, values, heads: int, key_weights=None, tiled: bool = False, name=None):
-        """``key_weights`` None: all ones, one level less (the weights must then be clean scores, see
-        ops.AttnDecode); ``tiled``: the output as a :class:`~hf_polyhe.he.packing.TiledVector`."""
+        """``key_weights`` None: all ones, one level less (the scores must then be zero off the heads' columns,
+        see ops._decode_weights); ``tiled``: the output as a :class:`~hf_polyhe.he.packing.TiledVector`."""
         return self.node("attn_decode", [weights, values], _decode_attrs(self, heads, key_weights, tiled), name)
 
     # ----------------------------------------------------------------- analysis

@@ -42,7 +42,7 @@ from .decode import build_circuit, build_decode_circuit, cache_names, check_cach
 from .errors import HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError
 from .interpreter import Evaluator, Packed
 from .ops import OPS
-from .packing import MatrixLayout, layout_from_dict, next_pow2
+from .packing import MatrixLayout, layout_from_dict, next_pow2, same_packing
 from .planner import calibrate_bounds, plan as make_plan
 from .transformer import TransformerSpec, default_packing
 
@@ -486,9 +486,10 @@ class EncryptedServer:
             g, s = self.plan.groups, self.plan.slots
             if kind == "decode":  # on vectors only if the keys were planned so (exports before vector decode: not)
                 c = build_decode_circuit(self.spec, n, groups=g, slots=s, vectors=self.plan.decode_input is not None)
-                if self.plan.decode_input and c.layouts()["x"].to_dict() != self.plan.decode_input:
-                    raise KeyMismatchError(f"the decode circuit reads {c.layouts()['x'].to_dict()}, the session keys were "
-                                           f"planned for {self.plan.decode_input}: re-plan the export")
+                reads = c.layouts()["x"].to_dict()
+                if self.plan.decode_input and reads != self.plan.decode_input:
+                    raise KeyMismatchError(f"the decode circuit reads {reads}, the session keys were planned for "
+                                           f"{self.plan.decode_input}: re-plan the export")
             else:
                 c = build_circuit(self.spec, n, attention_mask, kv_cache=(kind == "prefill"), groups=g, slots=s)
             pl = self.plan.plan_circuit(c, kind)
@@ -508,7 +509,7 @@ class EncryptedServer:
         if t.ring_dim != self.cc.GetRingDimension():
             raise KeyMismatchError(f"{name!r} belongs to another crypto context (ring {t.ring_dim})")
         want = want or MatrixLayout(rows, self.plan.hidden_size, self.plan.block, self.plan.slots, groups=self.plan.groups)
-        if t.layout != want or getattr(t.layout, "valid", None) != getattr(want, "valid", None):
+        if not same_packing(t.layout, want):
             raise LayoutError(f"{name!r} has layout {t.layout.to_dict()}, expected {rows} x {self.plan.hidden_size} "
                               f"embeddings packed as {want.to_dict()}")
         return Packed(want, t.cts)

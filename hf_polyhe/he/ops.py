@@ -734,11 +734,14 @@ def _rot_sum(ev, ct, unit: int, n: int, whole: bool = False):
     return ct
 
 
-def _decode_weight_mask(ev, node, L, dh):
-    """The per-key weights of a decode step in column ``h*dh`` of each of the ``n`` cache rows."""
+def _key_weighted(ev, node, ct, L, dh):
+    """``ct`` times the decode op's per-key weights, in column ``h*dh`` of each of the ``n`` cache rows (a level);
+    without weights ``ct`` as it is (it is zero off those columns already, see :func:`_decode_weights`)."""
+    if "weights" not in node.attrs:
+        return ct
     mask = np.zeros((L.R, L.block))
     mask[: L.rows, np.arange(L.cols // dh) * dh] = ev.circuit.weight(node.attrs["weights"])[:, None]
-    return mask.reshape(-1)
+    return ev.backend.mul_plain(ct, mask.reshape(-1))
 
 
 def _rotate_rows_pow2(ev, ct, rows: int, D: int):
@@ -1134,8 +1137,15 @@ def _decode_weights(c, node, a, what):
                           "output, its products and powers); pass key_weights after a polynomial activation")
 
 
+class _KeyWeighted(OpSpec):
+    """A decode op with optional per-key weights (:func:`_key_weighted`): 2 levels, 1 without them."""
+
+    def depth(self, c, node, lay):
+        return 2 if "weights" in node.attrs else 1
+
+
 @register_op("decode_rowsum")
-class DecodeRowSum(OpSpec):
+class DecodeRowSum(_KeyWeighted):
     """``scale * sum_j w[j] * A[j, h*dh]`` over the ``n`` cached keys, in the head's ``dh`` columns of every row (``1 x d``
     with row copies, like ``attn_decode``): the power-softmax denominator of a decode step. 2 levels (1 without
     weights, see :func:`_decode_weights`)."""
@@ -1156,18 +1166,12 @@ class DecodeRowSum(OpSpec):
         ones = np.ones_like(xs[0])  # all-ones values
         return float(node.attrs.get("scale", 1.0)) * OPS["attn_decode"].reference(c, node, [xs[0], ones], lay)
 
-    def depth(self, c, node, lay):
-        return 2 if "weights" in node.attrs else 1
-
     def execute(self, ev, node, xs):
         be = ev.backend
         L = xs[0].layout
         D, h = L.block, int(node.attrs["heads"])
         dh = L.cols // h
-        t = xs[0].cts[0]
-        if "weights" in node.attrs:
-            t = be.mul_plain(t, _decode_weight_mask(ev, node, L, dh))
-        t = _rot_sum(ev, t, D, L.R)  # every row: the sum of rows 0..n-1
+        t = _rot_sum(ev, _key_weighted(ev, node, xs[0].cts[0], L, dh), D, L.R)  # every row: the sum of rows 0..n-1
         sel = np.zeros((L.R, D))
         sel[:, np.arange(h) * dh] = float(node.attrs.get("scale", 1.0))
         return [_rot_sum(ev, be.mul_plain(t, sel.reshape(-1)), -1, dh)]
@@ -1225,12 +1229,13 @@ class QKDecode(OpSpec):
 
 
 @register_op("attn_decode")
-class AttnDecode(OpSpec):
+class AttnDecode(_KeyWeighted):
     """``out[0, head h] = sum_j w[j] * A[j, h*dh] * V[j, head h]``: weights ``A`` (n x d, from qk_decode and
     the activation), values ``V`` (n x d, clean), per-key plaintext weights ``w`` (mask / length scaling).
     Output ``1 x d``; the rows are summed over all ``R`` rows of the group, so every row holds the result
     (row copies, not clean: the next linear reads the copy below instead of doubling the row; or, ``tiled``, a
-    :class:`~hf_polyhe.he.packing.TiledVector`). 2 levels; 1 without ``w`` (all ones, ``A`` clean)."""
+    :class:`~hf_polyhe.he.packing.TiledVector`). 2 levels; 1 without ``w`` (all ones; ``A`` must then be zero off
+    the score columns, see :func:`_decode_weights`)."""
 
     n_inputs = 2
 
@@ -1257,17 +1262,11 @@ class AttnDecode(OpSpec):
             out[0, i * dh : (i + 1) * dh] = (w * A[:, i * dh]) @ V[:, i * dh : (i + 1) * dh]
         return out
 
-    def depth(self, c, node, lay):
-        return 2 if "weights" in node.attrs else 1
-
     def execute(self, ev, node, xs):
         be = ev.backend
         V = xs[1].layout
         D, h = V.block, int(node.attrs["heads"])
         dh = V.cols // h
-        a = xs[0].cts[0]
-        if "weights" in node.attrs:  # else A is zero off the score columns already (see _decode_weights)
-            a = be.mul_plain(a, _decode_weight_mask(ev, node, V, dh))
-        a = _rot_sum(ev, a, -1, dh)  # spread each head's weight over its dh columns
+        a = _rot_sum(ev, _key_weighted(ev, node, xs[0].cts[0], V, dh), -1, dh)  # each head's weight over its dh columns
         t = be.mul(a, xs[1].cts[0])
         return [_rot_sum(ev, t, D, V.R)]  # every row: the sum of rows 0..n-1 (rows >= n of V are zero)

@@ -519,6 +519,12 @@ class ColumnVector(_OneRow):
                 "valid": self.valid, "clean": self.clean}
 
 
+def same_packing(a, b) -> bool:
+    """Do ``a`` and ``b`` pack the same way? Layout equality, plus the valid columns of column vectors (which
+    equality leaves out, so that sums of column vectors with different valid widths type-check)."""
+    return a == b and getattr(a, "valid", None) == getattr(b, "valid", None)
+
+
 def layout_from_dict(d: dict):
     d = dict(d)
     kind = d.pop("kind", "matrix")

@@ -85,9 +85,11 @@ class _Builder:
     def w(self, name):
         return self.s.weights[name]
 
-    def linear(self, x, lin, name=None, confine=False):
-        return self.c.linear(x, self.w(lin["weight"]), self.w(lin["bias"]) if lin.get("bias") else None, name=name,
-                             confine=confine)
+    def linear(self, x, lin, name=None, confine=False, scale: float = 1.0):
+        """``x @ (scale * W) + b`` for a spec LIN (``scale``: a constant folded into the weights)."""
+        W = self.w(lin["weight"])
+        return self.c.linear(x, W if scale == 1.0 else scale * W, self.w(lin["bias"]) if lin.get("bias") else None,
+                             name=name, confine=confine)
 
     def spread_attention(self) -> bool:
         """Shift-parallel attention (keys/values confined to one row group, see ops._GroupShifts): with row

@@ -3,8 +3,8 @@
 W1: PolyGPT, 2 layers, hidden 64, 4 heads, MLP 256, vocab 512, 32-token prompt, then ``--new-tokens`` tokens
 with the server-side encrypted KV cache. W2: a PolyBert and a PolyViT classifier of the same size, one input
 each. Models are randomly initialised (the cost does not depend on the weights), fitted on ranges calibrated on
-random inputs, exported with ``save_encrypted_pipeline`` and run through ``EncryptedClient`` /
-``EncryptedServer`` exactly as a deployment would (one key set per export).
+random inputs, exported with ``save_encrypted_pipeline`` and run through ``hf_polyhe.he.Client`` /
+``hf_polyhe.he.Server`` exactly as a deployment would (one key set per export, the server loading the bundle).
 
 Prints a markdown table: planner counts, predicted vs measured time, per-block server time (norms, attention,
 mlp, head, bootstrap), client embedding+encryption time, peak RSS, fidelity vs the plain float64 backend.
@@ -42,8 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hf_polyhe  # noqa: E402
 from hf_polyhe.export import calibrate_ranges, save_encrypted_pipeline  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
-from hf_polyhe.he.keys_multi import EncryptedClient, EncryptedServer, plan_for_export  # noqa: E402
-from hf_polyhe.he.session import EncryptedModel  # noqa: E402
+from hf_polyhe.he import Client, Export, PlainServer, Server, plan_for_export  # noqa: E402
 
 BLOCKS = ("norms", "attention", "mlp", "residual", "head", "bootstrap")
 
@@ -74,7 +73,7 @@ def build(family, args, out_dir):
     model.eval()
     hf_polyhe.to_polynomial(model, ranges=calibrate_ranges(model, calib), degree=args.degree)
     save_encrypted_pipeline(model, None, out_dir, max_length=max_length)
-    return EncryptedModel(out_dir)
+    return Export(out_dir)
 
 
 def fidelity(got, ref):
@@ -90,11 +89,12 @@ def setup(enc, args, **plan_kw):
     if args.plan_only:
         return plan, None, None, t_plan, 0.0
     t0 = time.perf_counter()
-    client = EncryptedClient.generate(plan)
+    client = Client.keygen(enc, plan)
     t_keys = time.perf_counter() - t0
     bundle = os.path.join(enc.directory, "server_bundle")  # inside the run's temporary directory (~10 GB at 128-bit)
-    client.server_bundle(bundle)
-    server = EncryptedServer(bundle)
+    client.write_bundle(bundle)
+    server = Server(bundle, spec=enc)
+    server.verbose = False
     return plan, client, server, t_plan, t_keys
 
 
@@ -134,14 +134,16 @@ def run_w1(args, tmp):
     ids = [int(i) for i in rng.integers(0, 512, args.prompt_len)]
     t0 = time.perf_counter()
     x = enc.embed(ids)
-    blob = client.encrypt_embeddings(x)
+    blob = client.encrypt(x)
     t_client = time.perf_counter() - t0
-    sid = server.start_session()
+    sid = server.open_stream()
     t0 = time.perf_counter()
     out = server.prefill(sid, blob)
     t_prefill = time.perf_counter() - t0
-    logits = client.decrypt_logits(out)
-    ref, caches = enc.prefill_plain(x)
+    logits = client.decrypt(out)
+    plain = PlainServer(enc)
+    psid = plain.open_stream()
+    ref = plain.prefill(psid, x).reshape(-1)
     err, same = fidelity(logits, ref)
     row("prefill: predicted / measured", f"{plan.summary['prefill']['predicted_seconds']:.1f} s / {t_prefill:.1f} s")
     row("prefill per block (s)", blocks(server.last_timings))
@@ -152,10 +154,10 @@ def run_w1(args, tmp):
         ids.append(int(np.argmax(logits)))
         xr = enc.embed(ids)[-1:]
         t0 = time.perf_counter()
-        out = server.decode(sid, client.encrypt_embeddings(xr, decode=True))
+        out = server.decode(sid, client.encrypt(xr, decode=True))
         times.append(time.perf_counter() - t0)
-        logits = client.decrypt_logits(out)
-        ref, caches = enc.decode_plain(xr, caches)
+        logits = client.decrypt(out)
+        ref = plain.decode(psid, xr).reshape(-1)
         e, s = fidelity(logits, ref)
         errs.append(e)
         sames.append(s)
@@ -187,9 +189,9 @@ def run_w2(family, args, tmp):
     else:
         x = enc.embed(pixel_values=np.random.default_rng(0).normal(size=(3, 32, 32)))
     t0 = time.perf_counter()
-    out = server.run(L, client.encrypt_embeddings(x))
+    out = server.run(client.encrypt(x))
     t_run = time.perf_counter() - t0
-    err, same = fidelity(client.decrypt_logits(out), enc.forward_plain(x))
+    err, same = fidelity(client.decrypt(out), PlainServer(enc).run(x).reshape(-1))
     row("forward: predicted / measured", f"{plan.summary['full']['predicted_seconds']:.1f} s / {t_run:.1f} s")
     row("per block (s)", blocks(server.last_timings))
     row("fidelity", f"{err:.2e}, argmax {'same' if same else 'DIFFERENT'}")

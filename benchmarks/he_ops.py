@@ -30,8 +30,8 @@ import hf_polyhe.he as he  # noqa: E402
 from hf_polyhe.approx.chebyshev import fit_chebyshev  # noqa: E402
 from hf_polyhe.approx.functions import EXACT_FUNCTIONS  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
-from hf_polyhe.he.backends.openfhe_backend import OpenFHEBackend, build_context  # noqa: E402
-from hf_polyhe.he.planner import COST_TABLE_PATH, TraceBackend, TraceCt, load_cost_table, plan  # noqa: E402
+from hf_polyhe.he.backends.openfhe import OpenFHEBackend, build_context  # noqa: E402
+from hf_polyhe.he.compile.planner import COST_TABLE_PATH, TraceBackend, TraceCt, load_cost_table, plan  # noqa: E402
 
 PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "rescale")
 CHEB_DEGREES = (7, 15, 31)

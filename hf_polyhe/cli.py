@@ -20,12 +20,12 @@ import time
 
 
 def _params(args):
-    from .pipelines.runtime import resolve_params
+    from .he import params as P
 
     if getattr(args, "toy", False):
         print("WARNING: --toy uses INSECURE toy CKKS parameters (no security; tests and demos only)", file=sys.stderr)
-        return resolve_params("toy")
-    return resolve_params("default")
+        return P.resolve("toy")
+    return P.resolve("default")
 
 
 def _export(args) -> int:
@@ -33,8 +33,7 @@ def _export(args) -> int:
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
                               AutoModelForSequenceClassification)
 
-    from .export import save_encrypted_pipeline
-    from .pipelines import write_pipeline_config  # importing hf_polyhe registered the Poly Auto classes
+    from .export import save_encrypted_pipeline  # importing hf_polyhe registered the Poly Auto classes
 
     config = AutoConfig.from_pretrained(args.model_dir)
     archs = " ".join(config.architectures or [])
@@ -50,17 +49,15 @@ def _export(args) -> int:
         except Exception:
             continue
     save_encrypted_pipeline(model, pre, args.out_dir, max_length=args.max_length)
-    write_pipeline_config(args.out_dir)
     print(f"exported {type(model).__name__} to {args.out_dir} (server/: spec + weights, client/: embeddings"
           f"{' + ' + type(pre).__name__ if pre is not None else ''})")
     return 0
 
 
 def _inspect(args) -> int:
-    from .he.keys_multi import plan_for_export, plan_report
-    from .he.session import EncryptedModel
+    from .he import Export, plan_for_export, plan_report
 
-    model = EncryptedModel(args.export_dir)
+    model = Export(args.export_dir)
     meta = model.meta
     print(f"export      : {os.path.abspath(args.export_dir)}")
     print(f"task        : {meta['task']} ({meta['family']}, {meta['num_layers']} layers, d={meta['hidden_size']}, "
@@ -74,33 +71,30 @@ def _inspect(args) -> int:
 
 
 def _keygen(args) -> int:
-    from .he.keys_multi import EncryptedClient, plan_for_export
-    from .he.session import EncryptedModel
-    from .pipelines.runtime import save_client
+    from .he import Client
 
-    model = EncryptedModel(args.export_dir)
     t0 = time.perf_counter()
-    client = EncryptedClient.generate(plan_for_export(model, _params(args)))
-    save_client(client, args.keys)
+    client = Client.keygen(args.export_dir, _params(args))
+    client.save(args.keys)
     bundle = args.bundle or os.path.join(args.keys, "server_bundle")
-    client.server_bundle(bundle)
+    client.write_bundle(bundle)
     print(f"keys in {args.keys} (SECRET: keep private, files 0600); public server bundle in {bundle} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def _client(args):
-    from .he.keys_multi import EncryptedClient
+def _client(args, export):
+    from .he import Client
 
-    return EncryptedClient.load(args.keys)
+    return Client.load(export, args.keys)
 
 
 def _encrypt(args) -> int:
     import numpy as np
 
-    from .he.session import EncryptedModel
+    from .he import Export
 
-    model = EncryptedModel(args.export_dir)
+    model = Export(args.export_dir)
     if model.family == "vit":
         if not args.image:
             raise SystemExit("error: this export classifies images: pass --image FILE.npy (C x H x W floats)")
@@ -110,9 +104,9 @@ def _encrypt(args) -> int:
             raise SystemExit("error: pass --text")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(os.path.join(args.export_dir, model.meta.get("client", "client")))
+        tok = AutoTokenizer.from_pretrained(model.client_dir)
         x = model.embed(input_ids=tok(args.text, add_special_tokens=model.family != "gpt")["input_ids"])
-    data = _client(args).encrypt_embeddings(x)
+    data = _client(args, model).encrypt(x)
     with open(args.out, "wb") as f:
         f.write(data)
     print(f"encrypted {x.shape[0]} x {x.shape[1]} embeddings -> {args.out} ({len(data)} bytes)")
@@ -120,17 +114,15 @@ def _encrypt(args) -> int:
 
 
 def _run(args) -> int:
-    from .he.keys_multi import EncryptedServer
-    from .he.roles import EncryptedTensor
-    from .he.session import read_pipeline_json
+    from .he import Server
+    from .he.runtime.ciphertext import read_header
 
-    meta = read_pipeline_json(args.export_dir)
-    server = EncryptedServer(args.bundle, spec=os.path.join(args.export_dir, meta.get("server", "server")))
+    server = Server(args.bundle, spec=args.export_dir)
     with open(args.inp, "rb") as f:
         data = f.read()
-    rows = EncryptedTensor.from_bytes(data).layout.rows
+    rows = read_header(data).rows
     t0 = time.perf_counter()
-    out = server.run(rows, data)
+    out = server.run(data)
     with open(args.out, "wb") as f:
         f.write(out)
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in server.last_timings.items())
@@ -141,19 +133,19 @@ def _run(args) -> int:
 def _decrypt(args) -> int:
     import numpy as np
 
-    from .he.session import EncryptedModel
+    from .he import Export
     from .pipelines.text_classification import top_labels
 
-    model = EncryptedModel(args.export_dir)
+    model = Export(args.export_dir)
     with open(args.inp, "rb") as f:
-        logits = _client(args).decrypt_logits(f.read())
+        logits = _client(args, model).decrypt(f.read())
     if model.family == "gpt":
         order = np.argsort(-logits)[: args.top_k]
         out = {"next_token_ids": [int(i) for i in order], "logits": [float(logits[i]) for i in order]}
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(os.path.join(args.export_dir, model.meta.get("client", "client")))
+            tok = AutoTokenizer.from_pretrained(model.client_dir)
             out["next_tokens"] = [tok.decode([i]) for i in out["next_token_ids"]]
         except Exception:
             pass

@@ -135,7 +135,6 @@ def _encrypted_part(model, tokenizer, fast: bool, n_tokens, key_dir, verbose: bo
 
     from .export import save_encrypted_pipeline
     from .he.errors import ToyParametersWarning
-    from .pipelines import write_pipeline_config
 
     n_tokens = n_tokens or (3 if fast else 2)
     prompt_ids = tokenizer(ENCRYPTED_PROMPT, add_special_tokens=False)["input_ids"]
@@ -146,7 +145,6 @@ def _encrypted_part(model, tokenizer, fast: bool, n_tokens, key_dir, verbose: bo
     with tempfile.TemporaryDirectory(prefix="hf_polyhe_demo_") as tmp:
         export_dir = os.path.join(tmp, "export")
         save_encrypted_pipeline(model, tokenizer, export_dir, max_length=len(prompt_ids) + n_tokens)
-        write_pipeline_config(export_dir)
         print(f"\n== Encrypted generation: {security}, prompt {ENCRYPTED_PROMPT!r} ({len(prompt_ids)} tokens), "
               f"{n_tokens} new tokens ==")
         t0 = time.perf_counter()
@@ -155,16 +153,14 @@ def _encrypted_part(model, tokenizer, fast: bool, n_tokens, key_dir, verbose: bo
                 warnings.simplefilter("ignore", ToyParametersWarning)  # warned once above, loudly
             client = None
             if key_dir is None:  # one-off keys kept in memory: no key files, no bundle serialised (GBs at 128-bit)
-                from .he import params as P
-                from .he.keys_multi import EncryptedClient, plan_for_export
-                from .he.session import EncryptedModel
+                from .he import Client
 
                 if verbose:
                     print("generating CKKS keys (kept in memory for this run) ...", flush=True)
-                client = EncryptedClient.generate(plan_for_export(EncryptedModel(export_dir), P.toy() if fast else P.default()))
+                client = Client.keygen(export_dir, "toy" if fast else "default")
             pipe = pipeline("encrypted-text-generation", model=export_dir, he_params="toy" if fast else "default",
                             key_dir=key_dir, client=client, verbose=verbose)
-            pipe.runtime.prepare()  # keys + evaluator now, so setup and generation are timed apart
+            pipe.prepare()  # keys + server now, so setup and generation are timed apart
             t_setup = time.perf_counter() - t0
             (out,) = pipe(ENCRYPTED_PROMPT, max_new_tokens=n_tokens, eos_token_id=-1)
         t_total = time.perf_counter() - t0

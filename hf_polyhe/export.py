@@ -1,8 +1,8 @@
 """Torch -> torch-free model description: the only bridge between a Poly model and the HE runtime.
 
 :func:`model_to_spec` walks a fully polynomial PolyGPT / PolyBert / PolyViT in eval mode and writes a
-:class:`~hf_polyhe.he.transformer.TransformerSpec` (architecture JSON + float64 weights), from which
-:func:`~hf_polyhe.he.transformer.build_transformer_circuit` builds the circuit for any sequence length.
+:class:`~hf_polyhe.he.compile.transformer.TransformerSpec` (architecture JSON + float64 weights), from which
+:func:`~hf_polyhe.he.compile.transformer.build_circuit` builds the circuit for any sequence length.
 
 The encrypted input ``x`` is the ``L x d`` embedding matrix, computed by the client, which holds the
 embedding tables under the threat model (DESIGN.md §6): token + position (+ token type) embeddings for
@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .he.transformer import TransformerSpec, build_transformer_circuit
+from .he.compile.transformer import TransformerSpec, build_circuit as build_spec_circuit
 from .nn.attention import POWER_EPS, PolyAttention
 from .nn.norms import PolyLayerNorm, SequenceBatchNorm
 from .nn.operators import Identity, PolyOperator, Square
@@ -144,8 +144,9 @@ def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
 
 def build_circuit(model, seq_len: int, attention_mask=None, all_logits: bool = False, slots: Optional[int] = None,
                   groups: int = 1):
-    """Shortcut: ``build_transformer_circuit(model_to_spec(model), ...)``."""
-    return build_transformer_circuit(model_to_spec(model), seq_len, attention_mask, all_logits, slots, groups)
+    """Shortcut: :func:`~hf_polyhe.he.compile.transformer.build_circuit` of ``model_to_spec(model)``."""
+    return build_spec_circuit(model_to_spec(model), seq_len, attention_mask, all_logits=all_logits, slots=slots,
+                              groups=groups)
 
 
 @torch.no_grad()
@@ -225,48 +226,68 @@ TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classificat
 
 def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: Optional[int] = None,
                             plan: bool = True) -> str:
-    """Export a fully polynomial Poly model for encrypted inference into ``out_dir``.
+    """Export a fully polynomial Poly model for encrypted inference into ``out_dir``, complete in one call.
 
     Writes the server part (architecture, fitted polynomials, weights: ``server/``), the client part
-    (embedding tables and the tokenizer or image processor: ``client/``), ``pipeline.json`` describing both and,
-    with ``plan=True``, the planner's report at the default 128-bit parameters (``plan.txt``, and its numbers
-    under ``pipeline.json["plan"]``: ring dimension, depth, mode, rotation keys, counts and predicted seconds per
+    (embedding tables and the tokenizer or image processor: ``client/``), ``pipeline.json`` describing both,
+    ``config.json`` (so ``transformers.pipeline(task, model=out_dir)`` loads it) and, with ``plan=True``, the
+    planner's report at the default 128-bit parameters (``plan.txt``, and its numbers under
+    ``pipeline.json["plan"]``: ring dimension, depth, mode, rotation keys, counts and predicted seconds per
     circuit; or the reason no 128-bit plan exists). Planning generates no keys. Refuses a model that is not
-    fully polynomial, listing the offending operators."""
+    fully polynomial, listing the offending operators. The export is written to a temporary directory beside
+    ``out_dir`` and moved into place at the end: a failed export leaves nothing behind."""
     import json
     import os
+    import shutil
+    import tempfile
 
-    from .he.session import PIPELINE_FORMAT, PIPELINE_VERSION
+    from .he.export import PIPELINE_FORMAT, PIPELINE_VERSION
+    from .he.files import save_arrays
+    from .pipelines.base import write_pipeline_config
 
     model = model.eval()
     spec = model_to_spec(model, max_length)
-    os.makedirs(out_dir, exist_ok=True)
-    spec.save(os.path.join(out_dir, "server"))
-    client_dir = os.path.join(out_dir, "client")
-    os.makedirs(client_dir, exist_ok=True)
-    np.savez(os.path.join(client_dir, "embeddings.npz"), **client_tables(model))
-    if tokenizer_or_processor is not None:
-        tokenizer_or_processor.save_pretrained(client_dir)
-    cfg = model.config
-    family = spec.config["family"]
-    meta = {
-        "format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "task": TASKS[family], "family": family,
-        "model_type": cfg.model_type, "max_length": spec.config["max_length"], "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_hidden_layers, "server": "server", "client": "client",
-        "security": "128-bit CKKS (HEStd_128_classic) by default; toy parameters only for tests",
-        "threat_model": "client: secret key, inputs, embedding tables; server: weights, ciphertexts, evaluation keys",
-    }
-    if family == "gpt":
-        meta.update(vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
-    else:
-        meta.update(id2label={str(k): v for k, v in cfg.id2label.items()})
-    meta["files"] = {"server": sorted(os.listdir(os.path.join(out_dir, "server"))), "client": sorted(os.listdir(client_dir))}
-    with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if plan:
-        meta["plan"] = _write_plan_report(out_dir)
-        with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
+    out_dir = os.path.abspath(str(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        if not os.path.exists(os.path.join(out_dir, "pipeline.json")):
+            raise FileExistsError(f"{out_dir!r} exists and is not an export: choose an empty or new directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf_polyhe_export_", dir=parent)
+    try:
+        spec.save(os.path.join(tmp, "server"))
+        client_dir = os.path.join(tmp, "client")
+        os.makedirs(client_dir, exist_ok=True)
+        save_arrays(client_dir, "embeddings", client_tables(model))
+        if tokenizer_or_processor is not None:
+            tokenizer_or_processor.save_pretrained(client_dir)
+        cfg = model.config
+        family = spec.config["family"]
+        meta = {
+            "format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "task": TASKS[family], "family": family,
+            "model_type": cfg.model_type, "max_length": spec.config["max_length"], "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_hidden_layers, "server": "server", "client": "client",
+            "security": "128-bit CKKS (HEStd_128_classic) by default; toy parameters only for tests",
+            "threat_model": "client: secret key, inputs, embedding tables; server: weights, ciphertexts, evaluation keys",
+        }
+        if family == "gpt":
+            meta.update(vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        else:
+            meta.update(id2label={str(k): v for k, v in cfg.id2label.items()})
+        meta["files"] = {"server": sorted(os.listdir(os.path.join(tmp, "server"))), "client": sorted(os.listdir(client_dir))}
+        with open(os.path.join(tmp, "pipeline.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        if plan:
+            meta["plan"] = _write_plan_report(tmp)
+            with open(os.path.join(tmp, "pipeline.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+        write_pipeline_config(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(out_dir)
 
 
@@ -274,13 +295,12 @@ def _write_plan_report(out_dir) -> dict:
     """Plan the export at the default 128-bit parameters (no keys) and write ``plan.txt``; returns the overview."""
     import os
 
-    from .he import params as P
+    from .he import Export, params as P
+    from .he.compile.export_plan import plan_for_export, plan_overview, plan_report
     from .he.errors import PlanningError
-    from .he.keys_multi import plan_for_export, plan_overview, plan_report
-    from .he.session import EncryptedModel
 
     path = os.path.join(out_dir, "plan.txt")
-    model = EncryptedModel(out_dir)
+    model = Export(out_dir)
     try:
         plan = plan_for_export(model, P.default())
     except PlanningError as e:

@@ -212,18 +212,19 @@ def export_check(model, processor, out_dir: str, samples: list, encrypted_sample
     CKKS ciphertexts (OpenFHE, ``he_params``: ``"default"`` 128-bit or ``"toy"`` INSECURE) and are compared with
     the plain polynomial circuit."""
     from hf_polyhe.export import save_encrypted_pipeline
-    from hf_polyhe.he.session import EncryptedModel
+    from hf_polyhe.he import Export, PlainServer
 
     model = model.eval()
     save_encrypted_pipeline(model, processor, out_dir)
-    enc = EncryptedModel(out_dir)
+    enc = Export(out_dir)
+    plain = PlainServer(enc)
     worst, agree, inputs = 0.0, 0, []
     for s in samples:
         ref = model.double()(**{k: torch.as_tensor(v)[None] for k, v in s.items()}).logits[0]
         ref = (ref[-1] if ref.dim() == 2 else ref).numpy()
         x = enc.embed(**{k: np.asarray(v) for k, v in s.items() if k in ("input_ids", "pixel_values")})
         mask = s.get("attention_mask")
-        got = enc.forward_plain(x, attention_mask=mask)
+        got = plain.run(x, attention_mask=mask).reshape(-1)
         err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12))
         worst = max(worst, err if np.isfinite(err) else float("inf"))  # NaN must not read as 0
         agree += int(np.argmax(got) == np.argmax(ref))
@@ -244,9 +245,9 @@ def encrypted_check(enc, inputs: list, he_params: str = "default") -> dict:
     the measured seconds (encrypt / server / decrypt)."""
     import warnings
 
+    from hf_polyhe.he import Client, PlainServer, plan_for_export
+    from hf_polyhe.he import params as P
     from hf_polyhe.he.errors import ToyParametersWarning
-    from hf_polyhe.he.keys_multi import EncryptedClient, plan_for_export
-    from hf_polyhe.pipelines.runtime import EncryptedRuntime, resolve_params
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=ToyParametersWarning)  # the card says INSECURE
@@ -254,18 +255,19 @@ def encrypted_check(enc, inputs: list, he_params: str = "default") -> dict:
         # keys for the lengths of these inputs only, bootstrap bounds calibrated on them (not on random tokens,
         # which a model trained on real text may push outside its polynomials' intervals)
         lengths = sorted({len(x) for x in inputs})
-        plan = plan_for_export(enc, resolve_params(he_params), lengths=lengths, kv_cache=False,
+        plan = plan_for_export(enc, P.resolve(he_params), lengths=lengths, kv_cache=False,
                                calibration=[x for x in inputs if len(x) == lengths[-1]])
-        client = EncryptedClient.generate(plan)
-        runtime = EncryptedRuntime(enc, client=client, verbose=False).prepare()
+        client = Client.keygen(enc, plan)
+        server, plain = client.server(), PlainServer(enc)
+        server.verbose = False
         t_keys = time.perf_counter() - t0
         errs, same, seconds, he = [], 0, [], {}
         for x in inputs:
-            got, he = runtime.forward(x)
-            ref = enc.forward_plain(x)
+            got, he = client.forward(server, x)
+            ref = plain.run(x).reshape(-1)
             errs.append(float(np.abs(got - ref).max() / max(float(ref.max() - ref.min()), 1e-12)))
             same += int(np.argmax(got) == np.argmax(ref))
-            seconds.append(he["timings"]["total_s"] - he["timings"]["setup_s"])
+            seconds.append(he["timings"]["total_s"])
     return {"params": he.get("security"), "insecure": client.plan.params.insecure, "ring_dim": he.get("ring_dim"),
             "levels": he.get("levels"), "mode": he.get("mode"), "rotation_keys": he.get("rotation_keys"),
             "samples": len(inputs), "keys_s": t_keys, "seconds_per_sample": float(np.mean(seconds)),

@@ -16,12 +16,12 @@ from conftest import tiny_config
 
 import hf_polyhe
 from hf_polyhe.export import calibrate_ranges, save_encrypted_pipeline
-from hf_polyhe.he import CircuitError, KeyMismatchError, LayoutError
+from hf_polyhe.he import (CircuitError, Client, Export, ExportPlan, KeyMismatchError, LayoutError, PlainServer,
+                          plan_for_export)
 from hf_polyhe.he import params as P
-from hf_polyhe.he.decode import build_circuit, build_decode_circuit
-from hf_polyhe.he.keys_multi import ExportPlan, plan_for_export
-from hf_polyhe.he.planner import plan as plan_circuit
-from hf_polyhe.he.session import EncryptedModel, PlainCacheRunner
+from hf_polyhe.he.compile.decode import build_decode_circuit
+from hf_polyhe.he.compile.planner import plan as plan_circuit
+from hf_polyhe.he.compile.transformer import build_circuit
 
 pytestmark = pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
 
@@ -43,7 +43,16 @@ def export_small(tmp_path, family, max_length=8, degree=7, **overrides):
     ranges = calibrate_ranges(model, _inputs(family))
     hf_polyhe.to_polynomial(model, ranges=ranges, degree=degree)
     save_encrypted_pipeline(model, None, tmp_path, max_length=None if family == "vit" else max_length)
-    return model, EncryptedModel(tmp_path)
+    return model, Export(tmp_path)
+
+
+def plain_generate(enc, prompt, max_new_tokens, **kw):
+    """Token ids of the float64 reference (no encryption), through the same client loop as CKKS."""
+    return Client.plain(enc).generate(PlainServer(enc), prompt, max_new_tokens, **kw)[0]
+
+
+def plain_forward(enc, x, attention_mask=None):
+    return PlainServer(enc).run(x, attention_mask).reshape(-1)
 
 
 # ---------------------------------------------------------------- plain backend: KV cache is exact
@@ -58,34 +67,37 @@ def test_decode_with_cache_equals_full_recompute(tmp_path, position):
     model, enc = export_small(tmp_path, "gpt", max_length=10, num_hidden_layers=2, norm_type="poly_layernorm", **attn)
     ids = torch.randint(1, 97, (1, 10))
     X = enc.embed(ids[0].numpy())
-    logits, caches = enc.prefill_plain(X[:4])
-    assert np.abs(logits - enc.forward_plain(X[:4])).max() <= 1e-9
+    plain = PlainServer(enc)
+    sid = plain.open_stream()
+    logits = plain.prefill(sid, X[:4]).reshape(-1)
+    assert np.abs(logits - plain_forward(enc, X[:4])).max() <= 1e-9
     for t in range(4, 10):
-        logits, caches = enc.decode_plain(X[t : t + 1], caches)
-        full = enc.forward_plain(X[: t + 1])
+        logits = plain.decode(sid, X[t : t + 1]).reshape(-1)
+        full = plain_forward(enc, X[: t + 1])
         assert np.abs(logits - full).max() <= 1e-9 * max(1.0, np.abs(full).max())
-        assert all(v.shape == (t + 1, 16) for v in caches.values())
+        assert all(v.shape == (t + 1, 16) for v in plain.streams[sid].caches.values())
     torch_logits = model.double()(input_ids=ids).logits[0, -1].numpy()
     assert np.abs(logits - torch_logits).max() <= 1e-6 * np.abs(torch_logits).max()
     # generation with the cache = without it = model.generate (greedy), and sampling draws the same tokens
     prompt = ids[0, :4].tolist()
-    cached = enc.generate(prompt, max_new_tokens=5, use_cache=True)
-    assert cached == enc.generate(prompt, max_new_tokens=5)
+    cached = plain_generate(enc, prompt, 5, use_cache=True)
+    assert cached == plain_generate(enc, prompt, 5, use_cache=False)
     ref = model.generate(ids[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=5,
                          do_sample=False, pad_token_id=0)
     assert cached == ref[0].tolist()
-    kw = dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=5, seed=3)
-    assert enc.generate(prompt, runner=PlainCacheRunner(enc), **kw) == enc.generate(prompt, **kw)
+    kw = dict(do_sample=True, temperature=0.7, top_k=5, seed=3)
+    assert plain_generate(enc, prompt, 5, use_cache=True, **kw) == plain_generate(enc, prompt, 5, use_cache=False, **kw)
 
 
 @pytest.mark.parametrize("attn", ["post", "pre", "power"])
 def test_vector_decode_steps_equal_the_full_recompute(tmp_path, attn):
-    """With row groups the decode steps run on one-row vectors (hf_polyhe.he.decode.vector_decode): the token a
+    """With row groups the decode steps run on one-row vectors (hf_polyhe.he.compile.decode.vector_decode): the token a
     column vector, q/k/v tiled, every linear one product. Exact on the plain backend against the full
     recompute and the matrix-packed decode steps, at the same depth, with far fewer plaintext products."""
     from hf_polyhe.he.backends.plain import run_plain
-    from hf_polyhe.he.decode import cache_names, decode_inputs, vector_decode
-    from hf_polyhe.he.planner import static_levels
+    from hf_polyhe.he.compile.decode import decode_inputs, vector_decode
+    from hf_polyhe.he.compile.transformer import cache_names
+    from hf_polyhe.he.compile.planner import static_levels
 
     kw = dict(attention_type="power") if attn == "power" else dict(attention_scaling="length",
                                                                       attention_scaling_position=attn)
@@ -101,7 +113,7 @@ def test_vector_decode_steps_equal_the_full_recompute(tmp_path, attn):
         assert c.layouts()["x"].kind == "column" and m.layouts()["x"].kind == "matrix"
         inputs = decode_inputs(X[t : t + 1], caches)
         got, ref = run_plain(c, inputs), run_plain(m, inputs)
-        full = enc.forward_plain(X[: t + 1])
+        full = plain_forward(enc, X[: t + 1])
         assert np.abs(got["logits"] - full).max() <= 1e-9 * max(1.0, np.abs(full).max())
         for k in cache_names(enc.spec):
             assert np.abs(got[k] - ref[k]).max() <= 1e-9 and got[k].shape == (t + 1, 16)
@@ -117,7 +129,7 @@ def test_vector_decode_steps_equal_the_full_recompute(tmp_path, attn):
 def test_vector_decode_needs_clean_attention_scores(tmp_path):
     """A polynomial attention activation (p(0) != 0) would cost the vector path attn_decode's mask level: those
     exports keep the matrix-packed decode steps."""
-    from hf_polyhe.he.decode import vector_decode
+    from hf_polyhe.he.compile.decode import vector_decode
 
     _, enc = export_small(tmp_path, "gpt", max_length=6, attention_activation="relu")
     assert enc.spec.config["layers"][0]["attn"]["activation"]["kind"] == "poly"
@@ -176,8 +188,7 @@ _torch_threads = torch.get_num_threads()
 torch.set_num_threads(1)
 import openfhe  # noqa: E402,F401  (a hard dependency: a broken install fails instead of skipping)
 torch.set_num_threads(_torch_threads)
-from hf_polyhe.he.keys_multi import (EncryptedClient, EncryptedGeneration, EncryptedServer,  # noqa: E402
-                                     SessionError)
+from hf_polyhe.he import SerializationError, Server, StreamError  # noqa: E402
 
 
 def _rel_err(got, ref):
@@ -189,77 +200,103 @@ def gpt_session(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("gpt")
     model, enc = export_small(d / "export", "gpt", max_length=6, norm_type="batchnorm")
-    client = EncryptedClient.generate(plan_for_export(enc, P.toy(), bootstrap="never"))
-    client.server_bundle(d / "bundle")
-    return model, enc, client, EncryptedServer(d / "bundle"), d
+    client = Client.keygen(enc, P.toy(), bootstrap="never")
+    client.write_bundle(d / "bundle")
+    return model, enc, client, Server(d / "bundle", spec=enc), d
 
 
-def test_server_bundle_has_no_secret_key(gpt_session):
-    _, _, client, _, d = gpt_session
-    from hf_polyhe.he.roles import _ser
+def test_server_bundle_and_server_hold_no_secret_key(gpt_session):
+    import types
 
-    secret = _ser(client.keypair.secretKey)
+    from hf_polyhe.he.backends.openfhe import serialize
+
+    _, _, client, server, d = gpt_session
+    secret = serialize(client.keypair.secretKey)
     files = [p for p in (d / "bundle").rglob("*") if p.is_file()]
     assert files and not any("secret" in p.name for p in files)
-    needle = secret[len(secret) // 2 : len(secret) // 2 + 64]
-    assert not any(needle in p.read_bytes() for p in files)
+    body = secret[len(secret) // 4 :]  # windows of the secret key's coefficient data: none may appear anywhere
+    probes = [body[i : i + 48] for i in range(0, len(body) - 48, max(1, len(body) // 16))]
+    assert not any(p in f.read_bytes() for f in files for p in probes)
+    seen, stack = set(), [server, Server.sharing_keys(client)]  # every object reachable from a server
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (type, types.ModuleType)):
+            continue
+        seen.add(id(o))
+        assert not isinstance(o, (openfhe.PrivateKey, Client)) and not hasattr(o, "secretKey"), type(o)
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__"):
+            stack.extend(vars(o).values())
 
 
 @torch.no_grad()
 def test_encrypted_generation_with_kv_cache_matches_plain(gpt_session):
     model, enc, client, server, _ = gpt_session
     prompt = [5, 17, 3]
-    runner = EncryptedGeneration(client, server)
-    got = enc.generate(prompt, max_new_tokens=3, runner=runner)  # prefill + 2 encrypted decode steps
-    assert got == enc.generate(prompt, max_new_tokens=3)
+    got, info = client.generate(server, prompt, max_new_tokens=3)  # prefill + 2 encrypted decode steps
+    assert got == plain_generate(enc, prompt, 3)
     ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                          max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert got == ref[0].tolist()
-    assert [w for w, _, _ in runner.timings] == ["prefill", "decode", "decode"]
-    assert {"attention", "mlp", "head"} <= set(runner.timings[-1][2])
+    assert [s["step"] for s in info["timings"]["steps"]] == ["prefill", "decode", "decode"]
+    assert {"attention", "mlp", "head"} <= set(info["timings"]["steps"][-1]["by_block"])
+    assert info["encrypted"] and info["counts"]["circuit"] == "decode"
     assert client.plan.decode_input["kind"] == "column"  # the decode steps ran on one-row vectors under CKKS
-    runner.close()
-    assert not server.sessions
+    assert not server.streams  # the stream is closed after generation
 
 
 def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
+    import stat
+
     _, enc, client, server, d = gpt_session
     client.save(d / "client")
-    reloaded = EncryptedClient.load(d / "client")  # a later client process: same keys, no regeneration
+    assert stat.S_IMODE((d / "client").stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in (d / "client").iterdir())
+    reloaded = Client.load(enc, d / "client")  # a later client process: same keys, no regeneration
     for ids, mask in (([7], None), ([4, 9, 11, 2, 8], [1, 1, 1, 1, 0])):
         x = enc.embed(ids)
-        got = reloaded.decrypt_logits(server.run(len(ids), client.encrypt_embeddings(x), attention_mask=mask))
-        ref = enc.forward_plain(x, attention_mask=mask)
+        got = reloaded.decrypt(server.run(client.encrypt(x), attention_mask=mask))
+        ref = plain_forward(enc, x, attention_mask=mask)
         assert _rel_err(got, ref) <= 1e-2 and np.argmax(got) == np.argmax(ref)
 
 
 def test_clear_errors(gpt_session):
     _, enc, client, server, _ = gpt_session
-    x = client.encrypt_embeddings(enc.embed([1, 2, 3]))
-    with pytest.raises(LayoutError, match="expected 4 x 16"):
-        server.run(4, x)
-    with pytest.raises(CircuitError, match="outside the exported range 1..6"):
-        server.run(7, x)
+    x = client.encrypt(enc.embed([1, 2, 3]))
     with pytest.raises(LayoutError, match=r"shape \(1..6, 16\)"):
-        client.encrypt_embeddings(np.zeros((7, 16)))
-    with pytest.raises(SessionError, match="unknown or finished session"):
+        client.encrypt(np.zeros((7, 16)))
+    with pytest.raises(StreamError, match="unknown or finished stream"):
         server.decode("nope", x)
-    sid = server.start_session()
-    with pytest.raises(SessionError, match="call prefill first"):
+    sid = server.open_stream()
+    with pytest.raises(StreamError, match="call prefill first"):
         server.decode(sid, x)
-    server.prefill(sid, x)
+    logits = server.prefill(sid, x)
+    with pytest.raises(StreamError, match="already holds 3 tokens"):
+        server.prefill(sid, x)
     row = enc.embed([4])
     with pytest.raises(LayoutError, match="expected 1 x 16 embeddings packed as .*column"):
-        server.decode(sid, client.encrypt_embeddings(row))  # a decode token packed as a prompt
+        server.decode(sid, client.encrypt(row))  # a decode token packed as a prompt
     with pytest.raises(LayoutError, match="one token's embedding"):
-        client.encrypt_embeddings(enc.embed([4, 5]), decode=True)
-    server.end_session(sid)
+        client.encrypt(enc.embed([4, 5]), decode=True)
+    with pytest.raises(LayoutError, match="one token's embedding, got 3 rows"):
+        server.decode(sid, x)
+    server.close_stream(sid)
+    # ciphertexts carry their role: the client's own input is not logits, a server's logits are not an input
+    with pytest.raises(LayoutError, match="holds embeddings, expected logits"):
+        client.decrypt(x)
+    with pytest.raises(LayoutError, match="holds logits, expected embeddings"):
+        server.run(logits)
     blob = bytearray(x)
     blob[-10] ^= 0xFF
-    from hf_polyhe.he import SerializationError
-
     with pytest.raises(SerializationError, match="checksum"):
-        server.run(3, bytes(blob))
+        server.run(bytes(blob))
+    with pytest.raises(SerializationError, match="bad magic"):
+        server.run(b"garbage" * 10)
+    with pytest.raises(SerializationError, match="truncated"):
+        server.run(x[:-10])
 
 
 @torch.no_grad()
@@ -270,25 +307,22 @@ def test_encrypted_power_attention_generation(tmp_path):
                               attention_type="power", attention_power=2)
     plan = plan_for_export(enc, P.toy(), bootstrap="never")
     assert plan.groups > 1  # the row-group layouts (spread attention with its row sums) under CKKS
-    client = EncryptedClient.generate(plan)
-    client.server_bundle(tmp_path / "bundle")
-    runner = EncryptedGeneration(client, EncryptedServer(tmp_path / "bundle"))
+    client = Client.keygen(enc, plan)
+    client.write_bundle(tmp_path / "bundle")
     prompt = [5, 17, 3]
-    got = enc.generate(prompt, max_new_tokens=3, runner=runner)
+    got, _ = client.generate(Server(tmp_path / "bundle", spec=enc), prompt, max_new_tokens=3)
     ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                          max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert got == ref[0].tolist() == enc.generate(prompt, max_new_tokens=3)
-    runner.close()
+    assert got == ref[0].tolist() == plain_generate(enc, prompt, 3)
 
 
 @pytest.mark.parametrize("family", ["bert", "vit"])
 @torch.no_grad()
 def test_encrypted_classifiers(tmp_path, family):
     model, enc = export_small(tmp_path / "export", family, max_length=6, norm_type="batchnorm")
-    client = EncryptedClient.generate(plan_for_export(enc, P.toy(), bootstrap="never",
-                                                      lengths=[5] if family == "bert" else None))
-    client.server_bundle(tmp_path / "bundle")
-    server = EncryptedServer(tmp_path / "bundle")
+    client = Client.keygen(enc, P.toy(), bootstrap="never", lengths=[5] if family == "bert" else None)
+    client.write_bundle(tmp_path / "bundle")
+    server = Server(tmp_path / "bundle", spec=enc)
     if family == "bert":
         ids = torch.randint(1, 97, (1, 5))
         expected = model.double()(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0]])).logits[0].numpy()
@@ -297,7 +331,7 @@ def test_encrypted_classifiers(tmp_path, family):
         pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
         expected = model.double()(pixel_values=pixels).logits[0].numpy()
         x, mask = enc.embed(pixel_values=pixels.numpy()), None
-    got = client.decrypt_logits(server.run(x.shape[0], client.encrypt_embeddings(x), attention_mask=mask))
+    got = client.decrypt(server.run(client.encrypt(x), attention_mask=mask))
     assert _rel_err(got, expected) <= 1e-2 and np.argmax(got) == np.argmax(expected)
 
 
@@ -307,14 +341,14 @@ def test_encrypted_classifiers(tmp_path, family):
 def test_encrypted_generation_poly_layernorm_and_wrong_key(tmp_path):
     model, enc = export_small(tmp_path / "export", "gpt", max_length=6, norm_type="poly_layernorm")
     plan = plan_for_export(enc, P.toy(), bootstrap="never")
-    client = EncryptedClient.generate(plan)
-    client.server_bundle(tmp_path / "bundle")
-    server = EncryptedServer(tmp_path / "bundle")
+    client = Client.keygen(enc, plan)
+    client.write_bundle(tmp_path / "bundle")
+    server = Server(tmp_path / "bundle", spec=enc)
     prompt = [5, 17, 3]
-    assert enc.generate(prompt, 2, runner=EncryptedGeneration(client, server)) == enc.generate(prompt, 2)
-    other = EncryptedClient.generate(plan)
+    assert client.generate(server, prompt, 2)[0] == plain_generate(enc, prompt, 2)
+    other = Client.keygen(enc, plan)
     with pytest.raises(KeyMismatchError, match="another key"):
-        server.run(3, other.encrypt_embeddings(enc.embed(prompt)))
+        server.run(other.encrypt(enc.embed(prompt)))
 
 
 @pytest.mark.slow
@@ -328,12 +362,12 @@ def test_encrypted_gpt_128bit_bootstrapping(tmp_path):
     # 7 levels per bootstrap segment: the deepest op needs 5, +2 for the bootstrap
     plan = plan_for_export(enc, P.default(), bootstrap="always", levels_after_bootstrap=7, lengths=[3], kv_cache=False)
     assert not plan.params.insecure and plan.params.bootstrap
-    client = EncryptedClient.generate(plan)
-    client.server_bundle(tmp_path / "bundle")
-    server = EncryptedServer(tmp_path / "bundle")
+    client = Client.keygen(enc, plan)
+    client.write_bundle(tmp_path / "bundle")
+    server = Server(tmp_path / "bundle", spec=enc)
     x = enc.embed([5, 17, 3])
-    got = client.decrypt_logits(server.run(3, client.encrypt_embeddings(x)))
-    ref = enc.forward_plain(x)
+    got = client.decrypt(server.run(client.encrypt(x)))
+    ref = plain_forward(enc, x)
     assert _rel_err(got, ref) <= 1e-2 and np.argmax(got) == np.argmax(ref)
 
 
@@ -344,17 +378,17 @@ def test_encrypted_generation_bootstrapped_toy(tmp_path):
     _, enc = export_small(tmp_path / "export", "gpt", max_length=6, norm_type="poly_layernorm")
     plan = plan_for_export(enc, P.toy(), bootstrap="always", levels_after_bootstrap=12)
     assert plan.mode == "bootstrap" and plan.summary["prefill"]["counts"]["bootstrap"] > 0
-    client = EncryptedClient.generate(plan)
-    client.server_bundle(tmp_path / "bundle")
-    server = EncryptedServer(tmp_path / "bundle")
+    client = Client.keygen(enc, plan)
+    client.write_bundle(tmp_path / "bundle")
+    server = Server(tmp_path / "bundle", spec=enc)
     prompt = [5, 17, 3]
-    assert enc.generate(prompt, 2, runner=EncryptedGeneration(client, server)) == enc.generate(prompt, 2)
+    assert client.generate(server, prompt, 2)[0] == plain_generate(enc, prompt, 2)
 
 
 def test_plan_for_export_uses_the_automatically_chosen_bootstrap_levels(tmp_path):
     """A polynomial deeper than the default segment: "auto" picks enough levels after bootstrap for every circuit
     (it used to plan the probe with them and then the circuits with the 10-level default, and fail)."""
-    from hf_polyhe.he.planner import op_depths
+    from hf_polyhe.he.compile.planner import op_depths
 
     _, enc = export_small(tmp_path, "bert", max_length=4, degree=255)
     deepest = max(d for _, _, d in op_depths(build_circuit(enc.spec, 4)))

@@ -86,7 +86,8 @@ def test_export_refuses_non_polynomial_and_unsupported():
 # ---------------------------------------------------------------- saved pipeline directory
 from hf_polyhe.export import save_encrypted_pipeline  # noqa: E402
 from hf_polyhe.he import CircuitError  # noqa: E402
-from hf_polyhe.he.session import EncryptedModel, sample_next_token  # noqa: E402
+from hf_polyhe.he import Client, Export, PlainServer  # noqa: E402
+from hf_polyhe.he.runtime.client import sample_next_token  # noqa: E402
 
 
 @torch.no_grad()
@@ -94,14 +95,19 @@ def test_saved_pipeline_generation_matches_generate(tmp_path):
     model = _poly_model("gpt", hf_polyhe.PolyGPTForCausalLM, dict(hidden_act="gelu")).float()
     save_encrypted_pipeline(model, None, tmp_path, max_length=16)
     assert not any("secret" in p.name for p in tmp_path.rglob("*"))
-    enc = EncryptedModel(tmp_path)
+    enc = Export(tmp_path)
     assert enc.meta["task"] == "encrypted-text-generation" and enc.max_length == 16
     prompt = torch.randint(1, 97, (1, 5))
-    ids = enc.generate(prompt[0].tolist(), max_new_tokens=7)
+    client = Client.plain(enc)
     ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False, pad_token_id=0)
-    assert ids == ref[0].tolist()
-    with pytest.raises(ValueError, match="exceeds max_length 16"):
-        enc.generate(list(range(1, 12)), max_new_tokens=6)
+    for use_cache in (True, False):  # the KV-cache streams and the full re-run per token agree with torch
+        ids, info = client.generate(client.server(), prompt[0].tolist(), max_new_tokens=7, use_cache=use_cache)
+        assert ids == ref[0].tolist() and info["new_tokens"] == 7 and not info["encrypted"]
+    with pytest.raises(ValueError, match="exceeds the export's max_length 16"):
+        client.generate(client.server(), list(range(1, 12)), max_new_tokens=6)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            client.generate(client.server(), [1, 2], max_new_tokens=bad)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
         enc.embed([1, 200])
 
@@ -112,7 +118,7 @@ def test_saved_pipeline_generation_matches_generate(tmp_path):
 def test_saved_pipeline_classifiers_match_torch(tmp_path, family, cls):
     model = _poly_model(family, cls, {})
     save_encrypted_pipeline(model, None, tmp_path)
-    enc = EncryptedModel(tmp_path)
+    enc = Export(tmp_path)
     assert enc.meta["id2label"]["0"] == "LABEL_0"
     if family == "bert":
         ids = torch.randint(1, 97, (1, 6))
@@ -122,8 +128,11 @@ def test_saved_pipeline_classifiers_match_torch(tmp_path, family, cls):
         pixels = torch.randn(1, 3, 8, 8, dtype=torch.float64)
         expected = model(pixel_values=pixels).logits[0].numpy()
         x = enc.embed(pixel_values=pixels.numpy())
-    got = enc.forward_plain(x)
+    got = PlainServer(enc).run(x).reshape(-1)
     assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    if family == "vit":  # one ciphertext, one image: a batch of two is refused, not silently cut to its first
+        with pytest.raises(ValueError, match="batch of 2 images"):
+            enc.embed(pixel_values=np.concatenate([pixels.numpy()] * 2))
 
 
 def test_export_writes_the_128bit_plan(tmp_path):
@@ -131,7 +140,7 @@ def test_export_writes_the_128bit_plan(tmp_path):
     import json
 
     from hf_polyhe.he import params as P
-    from hf_polyhe.he.keys_multi import plan_for_export
+    from hf_polyhe.he import plan_for_export
 
     model = hf_polyhe.PolyViTForImageClassification(tiny_config(
         "vit", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -139,8 +148,9 @@ def test_export_writes_the_128bit_plan(tmp_path):
     hf_polyhe.to_polynomial(model, degree=7)  # shallow enough for a leveled 128-bit plan
     save_encrypted_pipeline(model, None, tmp_path)
     meta = json.loads((tmp_path / "pipeline.json").read_text())
-    assert "spec.json" in meta["files"]["server"] and "embeddings.npz" in meta["files"]["client"]
-    plan = plan_for_export(EncryptedModel(tmp_path), P.default())
+    assert "spec.json" in meta["files"]["server"] and "embeddings.safetensors" in meta["files"]["client"]
+    assert "spec_weights.safetensors" in meta["files"]["server"] and (tmp_path / "config.json").exists()
+    plan = plan_for_export(Export(tmp_path), P.default())
     overview = meta["plan"]
     assert overview["security"] == "HEStd_128_classic" and overview["ring_dim"] == plan.params.ring_dim >= 2**15
     assert overview["depth"] == plan.params.depth and overview["rotation_keys"] == len(plan.rotation_keys)
@@ -155,7 +165,7 @@ def test_export_writes_the_128bit_plan(tmp_path):
 def test_export_without_a_128bit_plan_says_why(tmp_path, monkeypatch):
     import json
 
-    import hf_polyhe.he.keys_multi as km
+    import hf_polyhe.he.compile.export_plan as km
     from hf_polyhe.he import PlanningError
 
     def too_deep(*a, **k):
@@ -173,13 +183,22 @@ def test_saved_pipeline_refuses_bad_directories(tmp_path):
     with pytest.raises(ValueError, match="not fully polynomial"):
         save_encrypted_pipeline(model, None, tmp_path / "x")
     with pytest.raises(CircuitError, match="not an encrypted pipeline export"):
-        EncryptedModel(tmp_path)
+        Export(tmp_path)
     hf_polyhe.to_polynomial(model)
     save_encrypted_pipeline(model, None, tmp_path / "ok", max_length=8)
     meta = (tmp_path / "ok" / "pipeline.json").read_text().replace('"version": 1', '"version": 99')
     (tmp_path / "ok" / "pipeline.json").write_text(meta)
     with pytest.raises(CircuitError, match="version 99 is not supported"):
-        EncryptedModel(tmp_path / "ok")
+        Export(tmp_path / "ok")
+    (tmp_path / "ok" / "pipeline.json").write_text(meta.replace('"version": 99', '"version": 1').replace(
+        '"server": "server"', '"server": "../../etc"'))
+    with pytest.raises(CircuitError, match="points outside the export"):
+        Export(tmp_path / "ok")
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an export"):  # never replaces a directory that is not an export
+        save_encrypted_pipeline(model, None, tmp_path / "stuff", max_length=8)
+    assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
 
 
 def test_sampling_is_client_side_and_respects_top_k():

@@ -16,7 +16,7 @@ def fit_operator(op, interval, degree):
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 import hf_polyhe.he as he
 from hf_polyhe.he import params as P
-from hf_polyhe.he.planner import calibrate_bounds, static_levels
+from hf_polyhe.he.compile.planner import calibrate_bounds, static_levels
 
 
 def _close(circuit, X, tol=1e-9):
@@ -65,7 +65,7 @@ def op_circuits(rng):
     c.output(c.decode_rowsum(c.mul(a, a), heads=2, key_weights=rng.random(6))); out["decode_rowsum"] = c
     c = he.Circuit(8, 64, groups=4); x = c.input("x", 5, 8)
     c.output(c.replicate(c.linear(x, W(8, 8), confine=True))); out["replicate"] = c
-    # decode step over a KV cache (hf_polyhe.he.decode): 5 cached rows + the new one
+    # decode step over a KV cache (hf_polyhe.he.compile.decode): 5 cached rows + the new one
     c = he.Circuit(8, 64); kc = c.input("kc", 5, 8); r = c.linear(c.input("r", 1, 8), W(8, 8))
     c.output(c.append_row(kc, r)); out["append_row"] = c
     c = he.Circuit(8, 64); q = c.linear(c.input("q", 1, 8), W(8, 8)); k = c.input("k", 6, 8)
@@ -240,7 +240,8 @@ def test_he_package_imports_no_torch():
     import subprocess, sys
     # torch made unimportable: the runtime must still import (and never pull torch in)
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import hf_polyhe.he, hf_polyhe.he.roles, hf_polyhe.he.planner, hf_polyhe.he.backends.openfhe_backend\n"
+            "import hf_polyhe.he, hf_polyhe.he.runtime.client, hf_polyhe.he.runtime.server, hf_polyhe.he.runtime.keys\n"
+            "import hf_polyhe.he.compile.export_plan, hf_polyhe.he.backends.openfhe, hf_polyhe.serve.client\n"
             "print(sys.modules.get('torch') is not None)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=__file__.rsplit("/tests", 1)[0])
     assert r.returncode == 0, r.stderr
@@ -252,7 +253,7 @@ def test_he_package_imports_no_torch():
 
 
 def _folded_copy(c):
-    from hf_polyhe.he.optimize import fold_plaintext_maps
+    from hf_polyhe.he.circuit.optimize import fold_plaintext_maps
 
     return fold_plaintext_maps(he.Circuit.from_dict(c.to_dict(), dict(c.weights)))
 
@@ -328,7 +329,7 @@ def test_single_row_linear_matches_reference(din, dout, source):
 
 def test_single_row_linear_needs_fewer_plaintext_products():
     """The cyclic plan multiplies by the D cyclic diagonals of a block instead of the 2D - 1 generalised ones."""
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(0)
     counts = {}
@@ -345,7 +346,7 @@ def test_single_row_linear_needs_fewer_plaintext_products():
 
 
 def test_grouped_layouts_pack_replicated_and_stacked():
-    from hf_polyhe.he.packing import MatrixLayout
+    from hf_polyhe.he.circuit.packing import MatrixLayout
     from hf_polyhe.he.errors import LayoutError
 
     rng = np.random.default_rng(0)
@@ -392,7 +393,7 @@ def test_grouped_linears_match_reference(groups, rows, source):
 
 
 def test_grouped_linears_save_plaintext_products_and_refuse_what_they_cannot_do():
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(1)
     counts = {}
@@ -444,7 +445,7 @@ def test_spread_attention_matches_reference(groups, rows, causal):
 
 
 def test_spread_attention_saves_rotations_and_products():
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(3)
     counts = {}
@@ -472,7 +473,7 @@ def test_spread_attention_saves_rotations_and_products():
 def test_linear_after_decode_attention_reads_the_row_copies():
     """attn_decode / decode_rowsum leave their row in every row of the ciphertext: the next one-row linear uses
     the D cyclic diagonals without doubling the row or a padding correction (instead of 2D - 1 diagonals)."""
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(5)
     c = he.Circuit(8, 64)
@@ -491,8 +492,8 @@ def test_linear_after_decode_attention_reads_the_row_copies():
 def test_linears_on_one_input_share_their_baby_rotations():
     """q, k and v read the same ciphertext with the same baby steps: the rotations are made once (and the
     input rescaled once); a later run through the same evaluator does not reuse the previous run's."""
-    from hf_polyhe.he import planner as PL
-    from hf_polyhe.he.packing import bsgs_plan
+    from hf_polyhe.he.compile import planner as PL
+    from hf_polyhe.he.circuit.packing import bsgs_plan
 
     rng = np.random.default_rng(6)
     rot = {}
@@ -518,7 +519,7 @@ def test_linears_on_one_input_share_their_baby_rotations():
 
 # ---------------------------------------------------------------- one-row vectors (decode steps on vectors)
 def test_vector_layouts_pack_and_round_trip():
-    from hf_polyhe.he.packing import layout_from_dict
+    from hf_polyhe.he.circuit.packing import layout_from_dict
 
     x = np.arange(1.0, 6.0)[None]
     t = he.TiledVector(5, 8, 64)
@@ -595,7 +596,7 @@ def test_vector_linears_match_reference(din, dout, source):
 def test_vector_linear_counts():
     """One plaintext product per linear when the valid columns hold the output period (more, one per chunk,
     when they do not), log2 rotations."""
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(3)
     c = he.Circuit(16, 4096)
@@ -630,7 +631,7 @@ def test_decode_ops_on_tiled_vectors():
     """qk_decode / append_row / attn_decode / decode_rowsum with tiled q, k, v rows (the vector decode path):
     the row is masked into the cache (1 level, no rotation), the query needs no copies, and without key
     weights attn_decode takes one level (scores must stay clean)."""
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(8)
     c = he.Circuit(8, 64, groups=4)
@@ -649,7 +650,7 @@ def test_decode_ops_on_tiled_vectors():
     _close(c, X)
     lev = static_levels(c)
     assert lev[keys] == lev[q] + 1 and lev[o] == lev[a] + 1 and lev[r] == lev[a] + 2
-    from hf_polyhe.he.planner import insert_bootstraps
+    from hf_polyhe.he.compile.planner import insert_bootstraps
 
     boot, _ = insert_bootstraps(c, 4)  # bootstraps keep the vector input
     assert boot.layouts()["x"] == c.layouts()["x"] and any(n.op == "bootstrap" for n in boot.nodes)
@@ -671,7 +672,7 @@ def test_decode_ops_on_tiled_vectors():
 def test_append_row_takes_a_part_of_a_wider_tiled_row(cached):
     """Keys and values from one linear ([k | v], period 2D): part 0 / 1 go to row n of their caches, with one
     rotation when row n holds the other part (n odd for the keys, even for the values)."""
-    from hf_polyhe.he import planner as PL
+    from hf_polyhe.he.compile import planner as PL
 
     rng = np.random.default_rng(cached)
     c = he.Circuit(8, 64, groups=4)

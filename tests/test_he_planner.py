@@ -13,9 +13,9 @@ from hf_polyhe.approx.chebyshev import fit_chebyshev
 from hf_polyhe.approx.functions import EXACT_FUNCTIONS
 from hf_polyhe.approx.registry import fit_operator as fit_registry  # noqa: E402
 from hf_polyhe.he import params as P
-from hf_polyhe.he import planner as PL
-from hf_polyhe.he.ops import approximation_depth
-from hf_polyhe.he.transformer import TransformerSpec, build_transformer_circuit
+from hf_polyhe.he.compile import planner as PL
+from hf_polyhe.he.circuit.ops import approximation_depth
+from hf_polyhe.he.compile.transformer import TransformerSpec, build_circuit
 
 pytestmark = pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
 
@@ -65,7 +65,7 @@ def _tiny_gpt(d=8, heads=2, L=4, vocab=10, seed=0):
                             "mlp": {"fc_in": lin("fc1", d, 2 * d), "norm": None, "act": gelu,
                                     "fc_out": lin("fc2", 2 * d, d)}}],
                 "head": {"kind": "last_token", "lm_head": {"weight": W("lm.w", d, vocab), "bias": None}}}
-    return build_transformer_circuit(s, L)
+    return build_circuit(s, L)
 
 
 # -- levels after bootstrap -------------------------------------------------------------------------------

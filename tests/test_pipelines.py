@@ -122,7 +122,7 @@ def test_text_classification_plain_backend_kwargs_and_batching(exports, tok):
     assert pipe("the cat sat on the mat", truncation=True)[0]["label"] in ("neg", "neu", "pos")
 
 
-def test_text_classification_encrypted_keys_cached_and_reused(exports, key_dir, capsys):
+def test_text_classification_encrypted_keys_cached_and_reused(exports, key_dir, caplog):
     model, d = exports["bert"]
     pipe = toy_pipe("encrypted-text-classification", str(d), key_dir)
     (out,) = pipe("a big red dog")
@@ -137,16 +137,17 @@ def test_text_classification_encrypted_keys_cached_and_reused(exports, key_dir, 
     assert stat.S_IMODE(secrets[0].stat().st_mode) == 0o600
     assert stat.S_IMODE(secrets[0].parent.stat().st_mode) == 0o700
     assert not any("secret" in p.name for p in (secrets[0].parent.parent / "server_bundle").iterdir())
-    assert "generating toy CKKS keys" in capsys.readouterr().out
+    assert "generating toy CKKS keys" in caplog.text  # a log record (logging), not a print
+    caplog.clear()
     mtime = secrets[0].stat().st_mtime_ns
     again = toy_pipe("encrypted-text-classification", str(d), key_dir, verbose=False)
-    assert again.runtime.client.key_tag == pipe.runtime.client.key_tag  # cached keys, not new ones
-    assert secrets[0].stat().st_mtime_ns == mtime and "generating" not in capsys.readouterr().out
+    assert again.client.key_tag == pipe.client.key_tag  # cached keys, not new ones
+    assert secrets[0].stat().st_mtime_ns == mtime and "generating" not in caplog.text
     # existing keys by directory (as written by `hf-polyhe keygen`) or as a client object
     by_dir = toy_pipe("encrypted-text-classification", str(d), secrets[0].parent, verbose=False)
-    assert by_dir.runtime.client.key_tag == pipe.runtime.client.key_tag
-    by_obj = toy_pipe("encrypted-text-classification", str(d), key_dir, client=pipe.runtime.client)
-    assert by_obj.runtime.client is pipe.runtime.client
+    assert by_dir.client.key_tag == pipe.client.key_tag
+    by_obj = toy_pipe("encrypted-text-classification", str(d), key_dir, client=pipe.client)
+    assert by_obj.client is pipe.client
 
 
 @torch.no_grad()
@@ -174,10 +175,47 @@ def test_text_generation_sampling_kwargs_and_lists(exports):
     both = pipe(["the cat", "a dog"], max_new_tokens=1)
     assert len(both) == 2 and both[1][0]["generated_text"].startswith("a dog")
     assert pipe("the cat", max_new_tokens=2, return_full_text=False)[0]["generated_text"] != ""
-    with pytest.raises(ValueError, match="exceeds max_length 4"):
+    with pytest.raises(ValueError, match="exceeds the export.s max_length 4"):
         pipe("the cat sat on", max_new_tokens=2)
     with pytest.raises(TypeError, match="unexpected arguments"):
+        pipe("the cat", num_beamz=2)
+    with pytest.raises(ValueError, match="beam search"):
         pipe("the cat", num_beams=2)
+    with pytest.raises(ValueError, match="max_new_tokens. must be greater than 0"):  # GenerationConfig's check
+        pipe("the cat", max_new_tokens=-1)
+
+
+@torch.no_grad()
+def test_text_generation_uses_transformers_generation_options(exports, tok):
+    """Token choice on decrypted logits goes through transformers' processors: the same options give
+    model.generate's tokens; stopping criteria and a GenerationConfig are honoured; unsupported ones refused."""
+    from transformers import GenerationConfig, StoppingCriteria
+
+    model, d = exports["gpt"]
+    pipe = pipeline("encrypted-text-generation", model=str(d), backend="plain", verbose=False)
+    prompt = "the cat"
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    opts = dict(repetition_penalty=1.7, no_repeat_ngram_size=1)
+    ref = model.float().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None, **opts)
+    (out,) = pipe(prompt, max_new_tokens=2, eos_token_id=-1, **opts)
+    assert out["he"]["token_ids"] == ref[0].tolist()
+    assert len(set(out["he"]["token_ids"])) == 4  # no_repeat_ngram_size=1: no token twice
+    (by_config,) = pipe(prompt, generation_config=GenerationConfig(max_new_tokens=2, eos_token_id=-1, **opts))
+    assert by_config["he"]["token_ids"] == ref[0].tolist()
+    (short,) = pipe(prompt, max_length=3, eos_token_id=-1)  # max_length counts the prompt, as in generate()
+    assert len(short["he"]["token_ids"]) == 3
+
+    class StopAfterOne(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 3, dtype=torch.bool)
+
+    (stopped,) = pipe(prompt, max_new_tokens=2, eos_token_id=-1, stopping_criteria=[StopAfterOne()])
+    assert stopped["he"]["new_tokens"] == 1
+    draw = dict(max_new_tokens=2, do_sample=True, top_p=0.9, top_k=0, temperature=0.8, seed=4)
+    assert pipe(prompt, **draw)[0]["he"]["token_ids"] == pipe(prompt, **draw)[0]["he"]["token_ids"]
+    with pytest.raises(ValueError, match="does not support"):
+        pipe(prompt, max_new_tokens=2, diversity_penalty=0.5)
 
 
 def test_verbose_false_silences_progress(exports, capsys):
@@ -203,6 +241,11 @@ def test_image_classification_encrypted(exports, key_dir):
     assert out[0]["he"]["seq_len"] == 5  # CLS + 4 patches
     plain = pipeline("encrypted-image-classification", model=str(d), backend="plain")
     assert len(plain([pixels.numpy(), pixels.numpy()])) == 2
+    # a batch array is one result per image (it used to classify the first image only)
+    two = torch.stack([pixels, -pixels])
+    batch = plain(two.numpy(), top_k=1)
+    expected2 = model.double()(pixel_values=two).logits.argmax(-1).tolist()
+    assert len(batch) == 2 and [b[0]["label"] for b in batch] == [model.config.id2label[i] for i in expected2]
 
 
 def test_wrong_task_and_security_defaults(exports, tmp_path):
@@ -212,6 +255,6 @@ def test_wrong_task_and_security_defaults(exports, tmp_path):
     with pytest.warns(ToyParametersWarning):
         pipeline("encrypted-text-classification", model=str(d), he_params="toy", key_dir=str(tmp_path))
     pipe = pipeline("encrypted-text-classification", model=str(d), key_dir=str(tmp_path))
-    assert pipe.runtime.params.security == "HEStd_128_classic"  # 128-bit unless toy is asked for by name
+    assert pipe.he_params.security == "HEStd_128_classic"  # 128-bit unless toy is asked for by name
     with pytest.raises(ValueError, match="he_params must be"):
         pipeline("encrypted-text-classification", model=str(d), he_params="fast")

@@ -19,8 +19,7 @@ from transformers import pipeline  # noqa: E402
 
 import hf_polyhe  # noqa: E402
 from hf_polyhe.he.errors import ToyParametersWarning  # noqa: E402
-from hf_polyhe.he.keys_multi import EncryptedClient, plan_for_export  # noqa: E402
-from hf_polyhe.pipelines import write_pipeline_config  # noqa: E402
+from hf_polyhe.he import Client, Export, PlainServer  # noqa: E402
 from hf_polyhe.serve import RemoteServer, ServerError, bundle_zip  # noqa: E402
 
 
@@ -35,7 +34,6 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tok = word_tokenizer()
     hf_polyhe.save_encrypted_pipeline(make_model("gpt"), tok, root / "export", max_length=4)
-    write_pipeline_config(root / "export")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "hf_polyhe.cli", "serve", str(root / "export"), "--port", str(port),
@@ -79,11 +77,8 @@ def _declared_upload(url, path, size) -> int:
 def _toy_client(export_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ToyParametersWarning)
-        from hf_polyhe.he import params as P
-        from hf_polyhe.he.session import EncryptedModel
-
-        model = EncryptedModel(export_dir)
-        return model, EncryptedClient.generate(plan_for_export(model, P.toy()))
+        model = Export(export_dir)
+        return model, Client.keygen(model, "toy")
 
 
 def test_pipeline_against_server_and_bad_requests(served, tmp_path):
@@ -101,7 +96,7 @@ def test_pipeline_against_server_and_bad_requests(served, tmp_path):
     _, bob = _toy_client(export)
     ra, rb = RemoteServer(url, alice), RemoteServer(url, bob)
     ra.register(), rb.register()
-    x = alice.encrypt_embeddings(model.embed([3, 4]))
+    x = alice.encrypt(model.embed([3, 4]))
     with pytest.raises(ServerError) as e:  # Alice's ciphertext in Bob's session
         rb.submit(x, op="run", seq_len=2)
     assert e.value.status == 409 and "another key" in e.value.detail
@@ -146,11 +141,34 @@ def test_pipeline_against_server_and_bad_requests(served, tmp_path):
     rb.close()
 
     # the server kept serving: Alice's job runs, and the pipeline generates with the secret key kept here
-    logits = alice.decrypt_logits(ra.result(ra.submit(x, op="run", seq_len=2)))
-    assert abs(logits - model.forward_plain(model.embed([3, 4]))).max() < 1e-6
+    logits = alice.decrypt(ra.result(ra.submit(x, op="run", seq_len=2)))
+    assert abs(logits - PlainServer(model).run(model.embed([3, 4])).reshape(-1)).max() < 1e-6
     ra.close()
     (out,) = pipe("the cat", max_new_tokens=2, eos_token_id=-1)
     plain = pipeline("encrypted-text-generation", model=export, backend="plain", verbose=False)
     assert out["he"]["token_ids"] == plain("the cat", max_new_tokens=2, eos_token_id=-1)[0]["he"]["token_ids"]
     assert out["he"]["where"] == url and out["he"]["encrypted"]
     assert RemoteServer(url).health()["status"] == "ok"
+
+
+def test_remote_pipeline_in_a_new_process_with_cached_keys(served, tmp_path):
+    """A later process whose keys come from the key cache (their evaluation keys are only in the bundle on disk)
+    registers with the server: it used to fail with "Failed to serialize EvalMultKey"."""
+    url, root = served
+    export, keys = str(root / "export"), str(tmp_path / "keys")
+    code = ("import warnings, json; warnings.simplefilter('ignore')\n"
+            "import hf_polyhe; from transformers import pipeline\n"
+            f"pipe = pipeline('encrypted-text-generation', model={export!r}, server_url={url!r}, he_params='toy', "
+            f"key_dir={keys!r}, verbose=False)\n"
+            "out = pipe('the cat', max_new_tokens=1, eos_token_id=-1)[0]['he']\n"
+            "pipe.server.close()\n"
+            "print(json.dumps({'tag': pipe.client.key_tag, 'ids': out['token_ids']}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]  # the first makes and caches the keys, the second reads them from the cache
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first == second  # the same cached keys, the same tokens
+    plain = pipeline("encrypted-text-generation", model=export, backend="plain", verbose=False)
+    assert first["ids"] == plain("the cat", max_new_tokens=1, eos_token_id=-1)[0]["he"]["token_ids"]

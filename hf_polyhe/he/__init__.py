@@ -1,31 +1,43 @@
-"""Torch-free encrypted runtime: circuit IR, packing, CKKS planner, plain and OpenFHE backends, Client/Server.
+"""Torch-free encrypted runtime: from an exported model to CKKS ciphertexts and back.
 
-Imports numpy (and ``hf_polyhe.approx``) only; ``openfhe`` is imported lazily by the OpenFHE backend and the
-Client/Server roles, with a clear error when it is unavailable.
+Three stages, one sub-package each, plus the arithmetic under them::
+
+    circuit/   describing a circuit: IR, packing, op semantics, the evaluator, plaintext folding
+    compile/   compiling an export into planned circuits: transformer / decode circuits, planner, ExportPlan
+    runtime/   running with keys: Client (secret key), Server (evaluation keys), the wire format, key files
+    backends/  plain (float64 reference) and openfhe (CKKS), behind one primitive interface
+
+The public names::
+
+    export = Export("exports/poly-gpt")            # an export directory (save_encrypted_pipeline)
+    client = Client.keygen(export, "default")    # 128-bit keys for every circuit of the export
+    server = client.server()                       # or Server(bundle_dir, spec=export) elsewhere
+    ids, info = client.generate(server, prompt_ids, max_new_tokens=4)
+
+Imports numpy, safetensors and ``hf_polyhe.approx`` only; ``openfhe`` is imported when keys or ciphertexts are
+first needed, with a clear error when it is unavailable.
 """
 
 from . import params
-from .errors import (BackendUnavailable, CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError,
-                     RangeViolation, SerializationError, ToyParametersWarning)
-from .interpreter import Evaluator, Packed, run_reference
-from .ir import IR_VERSION, Circuit, Node
-from .ops import OPS, register_op
-from .packing import ColumnVector, MatrixLayout, ScoreLayout, TiledVector
 from .backends.plain import PlainBackend, run_plain
-from .planner import Plan, plan
+from .circuit.evaluator import Evaluator, Packed, run_reference
+from .circuit.ir import IR_VERSION, Circuit, Node
+from .circuit.ops import OPS, register_op
+from .circuit.packing import ColumnVector, MatrixLayout, ScoreLayout, TiledVector
+from .compile.export_plan import ExportPlan, plan_for_export, plan_report
+from .compile.planner import Plan, plan
+from .errors import (BackendUnavailable, CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError,
+                     RangeViolation, SerializationError, StreamError, ToyParametersWarning)
+from .export import Export
+from .runtime.ciphertext import EncryptedTensor
+from .runtime.client import Client
+from .runtime.protocol import ServerProtocol
+from .runtime.server import PlainServer, Server
 
 __all__ = [
-    "params", "BackendUnavailable", "CircuitError", "HEError", "KeyMismatchError", "LayoutError", "PlanningError",
-    "RangeViolation", "SerializationError", "ToyParametersWarning", "Evaluator", "Packed", "run_reference",
-    "IR_VERSION", "Circuit", "Node", "OPS", "register_op", "MatrixLayout", "ScoreLayout", "TiledVector",
-    "ColumnVector", "PlainBackend",
-    "run_plain", "Plan", "plan", "Client", "Server",
+    "params", "Export", "Client", "Server", "PlainServer", "ServerProtocol", "EncryptedTensor", "ExportPlan",
+    "plan_for_export", "plan_report", "BackendUnavailable", "CircuitError", "HEError", "KeyMismatchError",
+    "LayoutError", "PlanningError", "RangeViolation", "SerializationError", "StreamError", "ToyParametersWarning",
+    "Evaluator", "Packed", "run_reference", "IR_VERSION", "Circuit", "Node", "OPS", "register_op", "MatrixLayout",
+    "ScoreLayout", "TiledVector", "ColumnVector", "PlainBackend", "run_plain", "Plan", "plan",
 ]
-
-
-def __getattr__(name):  # Client/Server need openfhe: import lazily
-    if name in ("Client", "Server"):
-        from . import roles
-
-        return getattr(roles, name)
-    raise AttributeError(name)

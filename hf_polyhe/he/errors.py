@@ -26,6 +26,11 @@ class SerializationError(HEError, ValueError):
     """Bytes or files that are not what they claim to be (corrupted, truncated, wrong kind)."""
 
 
+class StreamError(HEError, LookupError):
+    """An unknown, finished or out-of-order generation stream on a server (prefill twice, decode before prefill,
+    past ``max_length``, too many open streams)."""
+
+
 class RangeViolation(HEError, ArithmeticError):
     """A polynomial or bootstrap input left the interval its approximation is valid on (plain backend,
     ``strict=True``)."""

@@ -5,7 +5,7 @@ the modulus). ``toy()`` is for tests only: ring dimension 2^12 or 2^13 with ``HE
 security, has to be asked for by name and emits a :class:`~hf_polyhe.he.errors.ToyParametersWarning` every time.
 
 Depth, slot count and (for the default set) the ring dimension are filled in by the planner
-(:func:`hf_polyhe.he.planner.plan`); a ``CKKSParams`` is plain data and JSON-serialisable.
+(:func:`hf_polyhe.he.compile.planner.plan`); a ``CKKSParams`` is plain data and JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -219,3 +219,16 @@ def get(name: str, **overrides) -> CKKSParams:
     if name not in PARAMETER_SETS:
         raise PlanningError(f"unknown parameter set {name!r}; accepted: {', '.join(PARAMETER_SETS)}")
     return PARAMETER_SETS[name](**overrides)
+
+
+def resolve(he_params) -> CKKSParams:
+    """``"default"`` (128-bit; also ``None``, ``"128"``, ``128``), ``"toy"`` (INSECURE, warns) or a
+    :class:`CKKSParams` as it is."""
+    if isinstance(he_params, CKKSParams):
+        return he_params
+    if he_params in (None, "default", "128", 128):
+        return default()
+    if he_params == "toy":
+        return toy()
+    raise ValueError(f"he_params must be 'default' (128-bit), 'toy' (insecure, tests only) or a CKKSParams, "
+                     f"got {he_params!r}")

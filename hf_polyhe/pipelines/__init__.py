@@ -9,7 +9,7 @@ task                               pipeline class                             ex
 =================================  =========================================  ===========================
 
 ``pipeline(task, model=export_dir)`` loads a directory written by :func:`hf_polyhe.save_encrypted_pipeline`
-(plus :func:`write_pipeline_config`, which ``hf-polyhe export`` does); ``pipeline(task, model=poly_model,
+(or ``hf-polyhe export``); ``pipeline(task, model=poly_model,
 tokenizer=tok)`` exports to a temporary directory on the fly. See :class:`~.base.EncryptedPipeline` for the
 extra arguments (``server_url``, ``key_dir``, ``client``, ``he_params``, ``backend``, ``verbose``).
 """
@@ -18,7 +18,6 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .base import EncryptedExport, EncryptedPipeline, PolyHEExportConfig, as_export, write_pipeline_config
 from .image_classification import EncryptedImageClassificationPipeline
-from .runtime import EncryptedRuntime, default_key_dir, load_or_create_client, save_client
 from .text_classification import EncryptedTextClassificationPipeline
 from .text_generation import EncryptedTextGenerationPipeline
 
@@ -40,7 +39,6 @@ def register_pipelines() -> None:
 
 register_pipelines()
 
-__all__ = ["PIPELINES", "EncryptedExport", "EncryptedPipeline", "EncryptedRuntime", "PolyHEExportConfig",
+__all__ = ["PIPELINES", "EncryptedExport", "EncryptedPipeline", "PolyHEExportConfig",
            "EncryptedTextGenerationPipeline", "EncryptedTextClassificationPipeline",
-           "EncryptedImageClassificationPipeline", "as_export", "default_key_dir", "load_or_create_client",
-           "save_client", "register_pipelines", "write_pipeline_config"]
+           "EncryptedImageClassificationPipeline", "as_export", "register_pipelines", "write_pipeline_config"]

@@ -33,6 +33,14 @@ class EncryptedImageClassificationPipeline(EncryptedPipeline):
             post["function_to_apply"] = function_to_apply
         return {}, {}, post
 
+    def __call__(self, images, **kwargs):
+        """One image, a list of images, or a batch array ``(B, C, H, W)`` (a list of ``B`` results). One
+        ciphertext holds one image: a batch is processed image by image."""
+        arr = images.detach().cpu().numpy() if hasattr(images, "detach") else images
+        if isinstance(arr, np.ndarray) and arr.ndim == 4:
+            return super().__call__(list(arr), **kwargs)
+        return super().__call__(images, **kwargs)
+
     def preprocess(self, image):
         try:
             import torch
@@ -54,7 +62,7 @@ class EncryptedImageClassificationPipeline(EncryptedPipeline):
 
     def _forward(self, inputs):
         x = self.export.encrypted.embed(pixel_values=inputs["pixel_values"])
-        logits, he = self.runtime.forward(x)
+        logits, he = self._encrypted_forward(x)
         return {"logits": logits, "he": he}
 
     def postprocess(self, outputs, top_k: int = 5, function_to_apply: str = "softmax"):

@@ -71,7 +71,7 @@ class EncryptedTextClassificationPipeline(EncryptedPipeline):
 
     def _forward(self, inputs):
         x = self.export.encrypted.embed(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
-        logits, he = self.runtime.forward(x)
+        logits, he = self._encrypted_forward(x)
         return {"logits": logits, "he": he}
 
     def postprocess(self, outputs, top_k="", function_to_apply: str = "auto"):

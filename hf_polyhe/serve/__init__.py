@@ -3,8 +3,8 @@
 The server (:mod:`hf_polyhe.serve.app`, FastAPI + uvicorn) holds only the export's ``server/`` spec. A client
 registers its *public* server bundle (CKKS context + evaluation keys, never a secret key) and gets a session;
 it then submits ciphertexts as jobs and fetches the encrypted results. :class:`~.client.RemoteServer` is that
-client, with the same bytes API as :class:`~hf_polyhe.he.keys_multi.EncryptedServer`, so pipelines accept
-``server_url=`` and the secret key never leaves the client process.
+client: it implements :class:`hf_polyhe.he.ServerProtocol` like the in-process :class:`hf_polyhe.he.Server`, so
+a pipeline does not care where its server is (``server_url=``) and the secret key never leaves the client process.
 
 Endpoints (all under ``/v1``)::
 

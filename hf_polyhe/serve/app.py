@@ -14,11 +14,9 @@ made under another session's key, keys for another export), 422 (wrong shape or 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -31,13 +29,15 @@ from typing import Optional
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..he.errors import CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError
-from ..he.keys_multi import EncryptedServer, SessionError, spec_digest
-from ..he.session import read_pipeline_json
-from ..he.transformer import TransformerSpec
-from .client import BUNDLE_FILES
+from ..he import Server
+from ..he.compile.export_plan import spec_digest
+from ..he.compile.transformer import TransformerSpec
+from ..he.errors import (CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError,
+                         StreamError)
+from ..he.export import part_dir, read_pipeline_json
+from ..he.runtime.ciphertext import read_header
+from ..he.runtime.keys import BUNDLE_FILES
 
-MAGIC = b"HFPHECT1"  # hf_polyhe.he.roles.EncryptedTensor container
 MiB = 1 << 20
 
 
@@ -45,7 +45,7 @@ def status_of(error: Exception) -> int:
     """The HTTP status for an error of the encrypted runtime."""
     if isinstance(error, KeyMismatchError):
         return 409
-    if isinstance(error, SessionError):
+    if isinstance(error, StreamError):
         return 409
     if isinstance(error, (LayoutError, CircuitError, PlanningError)):
         return 422
@@ -54,29 +54,6 @@ def status_of(error: Exception) -> int:
     if isinstance(error, (ValueError, HEError)):
         return 422
     return 500
-
-
-def tensor_header(data: bytes) -> dict:
-    """Check an encrypted-tensor container without OpenFHE (magic, header, sizes, checksums); its header."""
-    if len(data) < 16 or data[:8] != MAGIC:
-        raise SerializationError("the body is not an hf_polyhe encrypted tensor (bad magic)")
-    (hlen,) = struct.unpack("<Q", data[8:16])
-    if hlen > len(data) - 16:
-        raise SerializationError("encrypted tensor header is truncated")
-    try:
-        header = json.loads(data[16 : 16 + hlen].decode())
-        sizes, digests, rows = header["sizes"], header["sha256"], int(header["layout"]["rows"])
-        key_tag, ring_dim = str(header["key_tag"]), int(header["ring_dim"])
-    except Exception as e:
-        raise SerializationError(f"corrupted encrypted-tensor header: {e}") from e
-    pos = 16 + hlen
-    if not isinstance(sizes, list) or len(sizes) != len(digests) or pos + sum(sizes) != len(data):
-        raise SerializationError(f"encrypted tensor is truncated or has trailing bytes ({len(data)} bytes)")
-    for n, dg in zip(sizes, digests):
-        if hashlib.sha256(data[pos : pos + n]).hexdigest() != dg:
-            raise SerializationError("encrypted tensor payload is corrupted (checksum mismatch)")
-        pos += n
-    return {"rows": rows, "key_tag": key_tag, "ring_dim": ring_dim}
 
 
 @dataclass
@@ -91,7 +68,7 @@ class Job:
 
 @dataclass
 class Session:
-    server: EncryptedServer
+    server: Server
     directory: str
     key_tag: str
     ring_dim: int
@@ -108,7 +85,7 @@ class ServerState:
                  work_dir: Optional[str] = None):
         self.export_dir = str(export_dir)
         self.meta = read_pipeline_json(export_dir)
-        self.spec = TransformerSpec.load(os.path.join(export_dir, self.meta.get("server", "server")))
+        self.spec = TransformerSpec.load(part_dir(export_dir, self.meta, "server"))
         self.digest = spec_digest(self.spec)
         self.max_sessions, self.max_request_bytes, self.max_bundle_bytes = max_sessions, max_request_bytes, max_bundle_bytes
         self.max_jobs_per_session, self.session_ttl_s = max_jobs_per_session, session_ttl_s
@@ -162,7 +139,7 @@ class ServerState:
         except zipfile.BadZipFile as e:
             raise HTTPException(400, f"the body is not a bundle zip ({e}); send hf_polyhe.serve.bundle_zip(dir)") from e
         try:
-            server = EncryptedServer(directory, spec=self.spec)
+            server = Server(directory, spec=self.spec)
         except Exception as e:
             shutil.rmtree(directory, ignore_errors=True)
             code = status_of(e)
@@ -171,7 +148,7 @@ class ServerState:
             if len(self.sessions) >= self.max_sessions:
                 shutil.rmtree(directory, ignore_errors=True)
                 raise HTTPException(429, f"the server holds its maximum of {self.max_sessions} sessions; retry later")
-            self.sessions[sid] = Session(server, directory, server.key_tag, server.cc.GetRingDimension())
+            self.sessions[sid] = Session(server, directory, server.key_tag, server.ring_dim)
         return sid
 
     # -- jobs ---------------------------------------------------------------------------------------
@@ -180,7 +157,7 @@ class ServerState:
         try:
             op = job.op
             if op == "run":
-                out = s.server.run(int(query["seq_len"]), data)
+                out = s.server.run(data)
             elif op == "prefill":
                 out = s.server.prefill(query["stream"], data)
             else:
@@ -271,7 +248,7 @@ def create_app(export_dir, **limits) -> FastAPI:
     async def start_stream(sid: str):
         s = state.session(sid)
         try:
-            stid = s.server.start_session()
+            stid = s.server.open_stream()
         except Exception as e:
             raise HTTPException(status_of(e), str(e)) from e
         s.streams.add(stid)
@@ -283,7 +260,7 @@ def create_app(export_dir, **limits) -> FastAPI:
         if stid not in s.streams:
             raise HTTPException(404, f"unknown stream {stid!r} in session {sid!r}")
         s.streams.discard(stid)
-        s.server.end_session(stid)
+        s.server.close_stream(stid)
         return {"deleted": stid}
 
     @app.post("/v1/sessions/{sid}/jobs", status_code=202)
@@ -296,23 +273,25 @@ def create_app(export_dir, **limits) -> FastAPI:
             raise HTTPException(429, f"session {sid!r} has {pending} unfetched jobs (limit {state.max_jobs_per_session})")
         data = await read_body(request, state.max_request_bytes, "the ciphertext")
         try:
-            h = tensor_header(data)
+            h = read_header(data)
         except SerializationError as e:
             raise HTTPException(400, str(e)) from e
-        if h["key_tag"] != s.key_tag or h["ring_dim"] != s.ring_dim:
+        if h.role != "embeddings":
+            raise HTTPException(422, f"the server takes encrypted embeddings, this tensor holds {h.role}")
+        if h.key_tag != s.key_tag or h.ring_dim != s.ring_dim:
             raise HTTPException(409, "the ciphertext was encrypted under another key than this session's "
-                                     f"(tag {h['key_tag'][:12]}..., session key {s.key_tag[:12]}...)")
+                                     f"(tag {h.key_tag[:12]}..., session key {s.key_tag[:12]}...)")
         max_len = int(state.meta["max_length"])
         if op == "run":
             if seq_len is None or not 1 <= seq_len <= max_len:
                 raise HTTPException(422, f"op=run needs seq_len in 1..{max_len}, got {seq_len}")
-            if h["rows"] != seq_len:
-                raise HTTPException(422, f"the ciphertext packs {h['rows']} rows, seq_len says {seq_len}")
+            if h.rows != seq_len:
+                raise HTTPException(422, f"the ciphertext packs {h.rows} rows, seq_len says {seq_len}")
         else:
             if stream not in s.streams:
                 raise HTTPException(404, f"unknown stream {stream!r}; start one with POST /v1/sessions/{sid}/streams")
-            if op == "decode" and h["rows"] != 1:
-                raise HTTPException(422, f"op=decode takes one token's embedding (1 row), got {h['rows']}")
+            if op == "decode" and h.rows != 1:
+                raise HTTPException(422, f"op=decode takes one token's embedding (1 row), got {h.rows}")
         jid = uuid.uuid4().hex
         job = s.jobs[jid] = Job(op)
         state.worker.submit(state.execute, s, job, data, {"seq_len": seq_len, "stream": stream})

@@ -1,4 +1,5 @@
-"""HTTP client of ``hf-polyhe serve`` (standard library only): :class:`RemoteServer`."""
+"""HTTP client of ``hf-polyhe serve`` (standard library only): :class:`RemoteServer`, the
+:class:`~hf_polyhe.he.ServerProtocol` over HTTP."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import urllib.parse
 import urllib.request
 import zipfile
 
-BUNDLE_FILES = ("bundle.json", "context.bin", "eval_mult_keys.bin", "eval_automorphism_keys.bin")
+from ..he.runtime.ciphertext import read_header
+from ..he.runtime.keys import BUNDLE_FILES
+from ..he.runtime.protocol import ServerProtocol
 
 
 class ServerError(RuntimeError):
@@ -37,12 +40,12 @@ def bundle_zip(bundle_dir) -> bytes:
     return buf.getvalue()
 
 
-class RemoteServer:
-    """An :class:`~hf_polyhe.he.keys_multi.EncryptedServer` behind ``hf-polyhe serve`` at ``url``.
+class RemoteServer(ServerProtocol):
+    """The :class:`~hf_polyhe.he.ServerProtocol` of ``hf-polyhe serve`` at ``url``.
 
     ``RemoteServer(url, client)`` registers ``client``'s public server bundle (a session) on first use; ``run``,
-    ``start_session``, ``prefill``, ``decode`` and ``end_session`` take and return ciphertext bytes exactly like
-    the in-process server. ``poll_s``: delay between result polls; ``timeout_s``: per job."""
+    ``open_stream``, ``prefill``, ``decode`` and ``close_stream`` take and return ciphertext bytes exactly like
+    the in-process :class:`~hf_polyhe.he.Server`. ``poll_s``: delay between result polls; ``timeout_s``: per job."""
 
     def __init__(self, url: str, client=None, bundle_dir=None, poll_s: float = 0.05, timeout_s: float = 3600.0):
         self.url = url.rstrip("/")
@@ -78,14 +81,14 @@ class RemoteServer:
         h = self.health()
         if h["sessions"] >= h["max_sessions"]:  # do not upload keys a full server would refuse
             raise ServerError(429, f"the server holds its maximum of {h['max_sessions']} sessions; retry later")
-        if self.bundle_dir is None:
+        bundle_dir = self.bundle_dir or (self.client.bundle_dir if self.client is not None else None)
+        if bundle_dir is None:
             if self.client is None:
                 raise ValueError("RemoteServer needs client= or bundle_dir= to register keys")
             with tempfile.TemporaryDirectory(prefix="hf_polyhe_bundle_") as tmp:
-                self.client.server_bundle(tmp)
-                data = bundle_zip(tmp)
+                data = bundle_zip(self.client.write_bundle(tmp))
         else:
-            data = bundle_zip(self.bundle_dir)
+            data = bundle_zip(bundle_dir)
         _, _, body = self.request("POST", "/sessions", data)
         self.session_id = json.loads(body)["session_id"]
         return self.session_id
@@ -119,12 +122,12 @@ class RemoteServer:
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
-    def run(self, seq_len: int, x, attention_mask=None) -> bytes:
+    def run(self, x, attention_mask=None) -> bytes:
         if attention_mask is not None:
             raise ValueError("RemoteServer.run: padding masks are not sent over HTTP; run unpadded sequences")
-        return self.result(self.submit(x, op="run", seq_len=int(seq_len)))
+        return self.result(self.submit(x, op="run", seq_len=read_header(x).rows))
 
-    def start_session(self) -> str:
+    def open_stream(self) -> str:
         _, _, body = self.request("POST", f"/sessions/{self._sid()}/streams")
         return json.loads(body)["stream_id"]
 
@@ -134,7 +137,7 @@ class RemoteServer:
     def decode(self, stream_id: str, x) -> bytes:
         return self.result(self.submit(x, op="decode", stream=stream_id))
 
-    def end_session(self, stream_id: str) -> None:
+    def close_stream(self, stream_id: str) -> None:
         try:
             self.request("DELETE", f"/sessions/{self._sid()}/streams/{stream_id}")
         except ServerError:

@@ -73,7 +73,7 @@ class PlainBackend:
 
 def run_plain(circuit, inputs: dict, strict: bool = False, return_backend: bool = False):
     """Pack ``inputs`` (name -> array), run ``circuit`` on the plain backend, unpack the outputs."""
-    from ..interpreter import Evaluator, Packed
+    from ..circuit.evaluator import Evaluator, Packed
 
     be = PlainBackend(circuit.ct_slots, strict=strict)
     ev = Evaluator(circuit, be)

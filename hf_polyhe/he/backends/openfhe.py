@@ -35,6 +35,28 @@ def import_openfhe():
     return openfhe
 
 
+def serialize(obj) -> bytes:
+    """An OpenFHE object (context, key, ciphertext) in OpenFHE's BINARY form."""
+    ofhe = import_openfhe()
+    data = ofhe.Serialize(obj, ofhe.BINARY)
+    return data if isinstance(data, bytes) else data.encode()
+
+
+def encrypt_vectors(cc, public_key, vectors, level: int, slots: int) -> list:
+    """Encode each slot vector at ``level`` (``slots`` wide) and encrypt it under ``public_key``."""
+    return [cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(v, 1, level, None, slots)) for v in vectors]
+
+
+def decrypt_vectors(cc, secret_key, cts, slots: int) -> list:
+    """Decrypt each ciphertext to its first ``slots`` real slot values (float64)."""
+    out = []
+    for ct in cts:
+        pt = cc.Decrypt(secret_key, ct)
+        pt.SetLength(slots)
+        out.append(np.asarray(pt.GetRealPackedValue(), dtype=np.float64))
+    return out
+
+
 def build_context(p):
     """CryptoContext for a planned :class:`~hf_polyhe.he.params.CKKSParams` (bootstrap precomputation included)."""
     ofhe = import_openfhe()

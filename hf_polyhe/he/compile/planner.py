@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import params as P
-from .errors import PlanningError
-from .interpreter import Evaluator, Packed
-from .ir import Circuit, Node
-from .ops import OPS
+from .. import params as P
+from ..errors import PlanningError
+from ..circuit.evaluator import Evaluator, Packed
+from ..circuit.ir import Circuit, Node
+from ..circuit.ops import OPS
 
 # Per-primitive cost model t(T) = (N / ref_ring_dim) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext
 # carries (ops get cheaper as levels are consumed). Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads);
@@ -339,7 +339,7 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
 
 def calibrate_bounds(circuit: Circuit, sample_inputs: dict) -> dict:
     """Max |x| over all slots of every value when the plain backend runs ``sample_inputs``."""
-    from .backends.plain import PlainBackend
+    from ..backends.plain import PlainBackend
 
     be = PlainBackend(circuit.ct_slots)
     ev = Evaluator(circuit, be)

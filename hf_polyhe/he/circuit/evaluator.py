@@ -7,12 +7,13 @@ tensors (no packing at all), the ground truth packed execution is compared again
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CircuitError, LayoutError
+from ..errors import CircuitError, LayoutError
 from .ops import OPS
 from .packing import norm_rot, same_packing
 
@@ -111,16 +112,24 @@ class Evaluator:
             out[name] = Packed(want, list(p.cts))
         return out
 
-    def run(self, inputs: dict) -> dict:
+    def run(self, inputs: dict, observer=None) -> dict:
+        """Evaluate on ``inputs`` (name -> :class:`Packed`); ``observer(node, seconds)`` is told after every node
+        (the server's per-block timings and progress bar)."""
         env = self.check_inputs(inputs)
         self.last_babies = None
-        for node in self.circuit.nodes:
-            xs = [env[i] for i in node.inputs]
-            if hasattr(self.backend, "begin_node"):
-                self.backend.begin_node(node)
-            cts = OPS[node.op].execute(self, node, xs)
-            env[node.name] = Packed(self.layouts[node.name], cts)
-        self.last_babies = self.last_rescaled = None  # release the rotations
+        begin = getattr(self.backend, "begin_node", None)
+        try:
+            for node in self.circuit.nodes:
+                xs = [env[i] for i in node.inputs]
+                if begin is not None:
+                    begin(node)
+                t0 = time.perf_counter()
+                cts = OPS[node.op].execute(self, node, xs)
+                env[node.name] = Packed(self.layouts[node.name], cts)
+                if observer is not None:
+                    observer(node, time.perf_counter() - t0)
+        finally:
+            self.last_babies = self.last_rescaled = None  # release the rotations
         return {o: env[o] for o in self.circuit.outputs}
 
 

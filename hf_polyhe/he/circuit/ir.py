@@ -4,9 +4,9 @@ A :class:`Circuit` has named encrypted ``inputs`` (each a ``rows x cols`` matrix
 list of :class:`Node` (``op``, ``name``, ``inputs``, JSON ``attrs``), named ``outputs`` and plaintext
 ``weights`` (numpy arrays referenced from attrs by name). All tensors of a circuit share one packing:
 ``block`` (D, features per ciphertext row), ``slots`` (slots per row group) and ``groups`` (row groups per
-ciphertext; the CKKS batch size is ``groups * slots``); see :mod:`hf_polyhe.he.packing`.
+ciphertext; the CKKS batch size is ``groups * slots``); see :mod:`hf_polyhe.he.circuit.packing`.
 
-Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` functions):
+Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.circuit.ops`, ``reference`` functions):
 
 ==============  ===========================================================================================
 ``linear``      ``X @ W + b`` with plaintext ``W`` (d_in x d_out), diagonal method with BSGS rotations; 1 level
@@ -38,7 +38,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.ops`, ``reference`` fun
 ==============  ===========================================================================================
 
 On disk (:meth:`Circuit.save`): ``circuit.json`` (format name, ``version``, inputs, nodes, outputs, weight
-names/shapes) and ``weights.npz``. A circuit of another ``version`` is refused with a clear error. Version 2
+names/shapes) and ``weights.safetensors``. A circuit of another ``version`` is refused with a clear error. Version 2
 adds one-row vector layouts (``input_layouts``, tiled / column values) and the decode ops' options that go with
 them (:meth:`Circuit.uses_version_2`); a circuit without them is written as version 1, so older runtimes keep
 reading it.
@@ -53,7 +53,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import CircuitError, LayoutError
+from ..files import load_arrays, read_json, save_arrays
+from ..errors import CircuitError, LayoutError, SerializationError
 from .packing import MatrixLayout, is_pow2, layout_from_dict
 
 FORMAT = "hf_polyhe.circuit"
@@ -128,7 +129,7 @@ class Circuit:
 
     def input(self, name: str, rows: int, cols: int, layout=None) -> str:
         """An encrypted input; ``layout``: how the client packs it when not the circuit's matrix packing (a
-        :class:`~hf_polyhe.he.packing.ColumnVector` for a decode step's token, or its dict)."""
+        :class:`~hf_polyhe.he.circuit.packing.ColumnVector` for a decode step's token, or its dict)."""
         if layout is None:
             MatrixLayout(int(rows), int(cols), self.block, self.slots, groups=self.groups)  # validates
         else:
@@ -250,7 +251,7 @@ class Circuit:
 
     def attn_decode(self, weights, values, heads: int, key_weights=None, tiled: bool = False, name=None):
         """``key_weights`` None: all ones, one level less (the scores must then be zero off the heads' columns,
-        see ops._decode_weights); ``tiled``: the output as a :class:`~hf_polyhe.he.packing.TiledVector`."""
+        see ops._decode_weights); ``tiled``: the output as a :class:`~hf_polyhe.he.circuit.packing.TiledVector`."""
         return self.node("attn_decode", [weights, values], _decode_attrs(self, heads, key_weights, tiled), name)
 
     # ----------------------------------------------------------------- analysis
@@ -350,20 +351,15 @@ class Circuit:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "circuit.json"), "w") as f:
             json.dump(self.to_dict(), f, indent=1)
-        np.savez(os.path.join(directory, "weights.npz"), **self.weights)
+        save_arrays(directory, "weights", self.weights)
         return str(directory)
 
     @classmethod
     def load(cls, directory) -> "Circuit":
         try:
-            with open(os.path.join(directory, "circuit.json")) as f:
-                d = json.load(f)
-            wpath = os.path.join(directory, "weights.npz")
-            weights = {}
-            if os.path.exists(wpath):
-                with np.load(wpath, allow_pickle=False) as z:
-                    weights = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
+            d = read_json(os.path.join(directory, "circuit.json"))
+            weights = load_arrays(directory, "weights")
+        except (OSError, ValueError, SerializationError) as e:
             raise CircuitError(f"cannot read circuit from {directory!r}: {e}") from e
         return cls.from_dict(d, weights)
 

@@ -57,7 +57,7 @@ A decode step has one token, so a whole ciphertext can hold one ``1 x n`` vector
   into chunks, one product each, put side by side by a tree of power-of-two rotations.
 
 The rows and the window stay inside a row, so nothing crosses rows in the valid slots. A decode step's
-residual stream is a column vector, q/k/v and the MLP's hidden layer are tiled (``hf_polyhe.he.decode``).
+residual stream is a column vector, q/k/v and the MLP's hidden layer are tiled (``hf_polyhe.he.compile.decode``).
 
 Score layout (:class:`ScoreLayout`)
 -----------------------------------
@@ -81,7 +81,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import LayoutError
+from ..errors import LayoutError
 
 
 def is_pow2(n: int) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 
 from hf_polyhe.approx.base import Approximation, ChebyshevSeries
 
-from .errors import CircuitError, LayoutError
+from ..errors import CircuitError, LayoutError
 from .packing import (ColumnVector, MatrixLayout, ScoreLayout, TiledVector, bsgs_plan, grouped_plan, next_pow2, norm_rot,
                       single_row_plan)
 
@@ -69,7 +69,7 @@ class OpSpec:
         raise NotImplementedError
 
     def execute(self, ev, node, xs):
-        """Packed execution: ``xs`` are :class:`~hf_polyhe.he.interpreter.Packed`; returns a list of cts."""
+        """Packed execution: ``xs`` are :class:`~hf_polyhe.he.circuit.evaluator.Packed`; returns a list of cts."""
         raise NotImplementedError
 
     def depth(self, circuit, node, layouts) -> int:
@@ -988,7 +988,7 @@ def _clean_single_row(name, x, what):
 class AppendRow(OpSpec):
     """``vstack(cache, x)``: ``cache`` (n x d, clean) gains the row ``x`` (1 x d, clean) as row ``n``.
     Rotations of ``x`` by ``-n`` rows (one per set bit of ``n``: keys shared by every length), an addition; 0 levels.
-    A tiled ``x`` (:class:`~hf_polyhe.he.packing.TiledVector`, already in every row) is masked to row ``n``
+    A tiled ``x`` (:class:`~hf_polyhe.he.circuit.packing.TiledVector`, already in every row) is masked to row ``n``
     instead: no rotation, 1 level; ``part`` p takes the features ``[p*D, p*D + d)`` of a wider tiled row (the keys
     and values of one linear; one rotation when row ``n`` holds another part)."""
 
@@ -1181,7 +1181,7 @@ class DecodeRowSum(_KeyWeighted):
 class QKDecode(OpSpec):
     """Scores of one query row ``q`` (1 x d) against ``n`` cached keys ``K`` (n x d), per head:
     ``S[j, h*dh] = scale * q_h . K_h[j]`` (other entries 0), an ``n x d`` matrix. 2 levels. The query is a clean
-    row 0 (copied into the ``n`` rows: ``log2 n`` rotations) or a :class:`~hf_polyhe.he.packing.TiledVector`."""
+    row 0 (copied into the ``n`` rows: ``log2 n`` rotations) or a :class:`~hf_polyhe.he.circuit.packing.TiledVector`."""
 
     n_inputs = 2
 
@@ -1234,7 +1234,7 @@ class AttnDecode(_KeyWeighted):
     the activation), values ``V`` (n x d, clean), per-key plaintext weights ``w`` (mask / length scaling).
     Output ``1 x d``; the rows are summed over all ``R`` rows of the group, so every row holds the result
     (row copies, not clean: the next linear reads the copy below instead of doubling the row; or, ``tiled``, a
-    :class:`~hf_polyhe.he.packing.TiledVector`). 2 levels; 1 without ``w`` (all ones; ``A`` must then be zero off
+    :class:`~hf_polyhe.he.circuit.packing.TiledVector`). 2 levels; 1 without ``w`` (all ones; ``A`` must then be zero off
     the score columns, see :func:`_decode_weights`)."""
 
     n_inputs = 2

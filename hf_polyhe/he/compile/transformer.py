@@ -2,8 +2,9 @@
 
 ``export.py`` writes a :class:`TransformerSpec`: the architecture as JSON (norm kinds, attention options,
 fitted polynomial approximations) plus every server-side weight as a named float64 array. From it,
-:func:`build_transformer_circuit` builds the circuit for any sequence length and padding mask, so one export
-serves every prompt length up to ``max_length``.
+:func:`build_circuit` builds the circuit for any sequence length and padding mask (and, for a causal LM, the
+KV-cache prefill that also returns every layer's keys and values), so one export serves every prompt length up
+to ``max_length``; the decode step is in :mod:`~hf_polyhe.he.compile.decode`.
 
 Spec layout (``spec.json``; weights referenced by name)::
 
@@ -31,12 +32,14 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import CircuitError
-from .ir import Circuit
-from .optimize import fold_plaintext_maps
-from .packing import next_pow2
+from ..files import load_arrays, read_json, save_arrays
+from ..errors import CircuitError
+from ..circuit.ir import Circuit
+from ..circuit.optimize import fold_plaintext_maps
+from ..circuit.packing import next_pow2
 
 SPEC_VERSION = 1
+OUTPUT = "logits"
 SCALINGS = {"none": lambda n: np.ones_like(n), "length": lambda n: n, "sqrt_length": np.sqrt}
 
 
@@ -56,20 +59,17 @@ class TransformerSpec:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "spec.json"), "w") as f:
             json.dump({**self.config, "version": SPEC_VERSION}, f, indent=1)
-        np.savez(os.path.join(directory, "spec_weights.npz"), **self.weights)
+        save_arrays(directory, "spec_weights", self.weights)
 
     @classmethod
     def load(cls, directory) -> "TransformerSpec":
         try:
-            with open(os.path.join(directory, "spec.json")) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            config = read_json(os.path.join(directory, "spec.json"))
+        except (OSError, ValueError) as e:
             raise CircuitError(f"cannot read transformer spec in {directory}: {e}") from e
-        if config.get("version") != SPEC_VERSION:
-            raise CircuitError(f"transformer spec version {config.get('version')!r} is not supported (expected {SPEC_VERSION})")
-        with np.load(os.path.join(directory, "spec_weights.npz"), allow_pickle=False) as z:
-            weights = {k: z[k] for k in z.files}
-        return cls(config, weights)
+        if not isinstance(config, dict) or config.get("version") != SPEC_VERSION:
+            raise CircuitError(f"transformer spec version {getattr(config, 'get', dict().get)('version')!r} is not supported (expected {SPEC_VERSION})")
+        return cls(config, load_arrays(directory, "spec_weights"))
 
 
 def default_packing(seq_len: int, hidden_size: int) -> tuple[int, int]:
@@ -79,8 +79,21 @@ def default_packing(seq_len: int, hidden_size: int) -> tuple[int, int]:
 
 
 class _Builder:
-    def __init__(self, spec: TransformerSpec, circuit: Circuit):
+    """Builds a transformer's ops into ``circuit``, recording which block (norms, attention, mlp, head) every node
+    belongs to in ``circuit.meta["blocks"]`` (node name -> block: timings per block); with ``keep_cache`` each
+    layer's keys/values are named ``k{i}``/``v{i}`` so they can be outputs (the KV-cache prefill)."""
+
+    def __init__(self, spec: TransformerSpec, circuit: Circuit, keep_cache: bool = False):
         self.s, self.c = spec, circuit
+        self.layer_idx, self.keep_cache = 0, keep_cache
+        self.blocks = circuit.meta.setdefault("blocks", {})
+
+    def tagged(self, block, fn, *args):
+        n0 = len(self.c.nodes)
+        out = fn(*args)
+        for node in self.c.nodes[n0:]:
+            self.blocks.setdefault(node.name, block)
+        return out
 
     def w(self, name):
         return self.s.weights[name]
@@ -107,6 +120,9 @@ class _Builder:
         raise CircuitError(f"unknown activation kind {act['kind']!r}; accepted: poly, square, identity")
 
     def norm(self, x, norm, d):
+        return self.tagged("norms", self._norm, x, norm, d)
+
+    def _norm(self, x, norm, d):
         c = self.c
         if norm["kind"] == "layernorm":
             mean = c.row_sum(x, 1.0 / d)
@@ -119,10 +135,21 @@ class _Builder:
         raise CircuitError(f"unknown norm kind {norm['kind']!r}; accepted: layernorm, affine")
 
     def attention(self, x, attn, mask, causal):
+        i = self.layer_idx
+        self.layer_idx += 1
+        return self.tagged("attention", self._attention, x, attn, mask, causal, i)
+
+    def _attention(self, x, attn, mask, causal, i):
         c = self.c
-        spread = self.spread_attention()
         q = self.linear(x, attn["q"])
-        k, v = (self.linear(x, attn[n], confine=spread) for n in "kv")
+        if self.spread_attention():  # keys/values confined to group 0; the cache leaves replicated (decode reads it so)
+            k, v = (self.linear(x, attn[n], confine=True) for n in "kv")
+            if self.keep_cache:
+                c.replicate(k, name=f"k{i}")
+                c.replicate(v, name=f"v{i}")
+        else:
+            k = self.linear(x, attn["k"], name=f"k{i}" if self.keep_cache else None)
+            v = self.linear(x, attn["v"], name=f"v{i}" if self.keep_cache else None)
         return self.attend(q, k, v, attn, mask, causal)
 
     def power(self, x, p: int):
@@ -159,6 +186,9 @@ class _Builder:
         return self.linear(c.attn_apply(weights, v, mask=mask if pre else mask / s_n[:, None]), attn["o"])
 
     def mlp(self, x, mlp):
+        return self.tagged("mlp", self._mlp, x, mlp)
+
+    def _mlp(self, x, mlp):
         h = self.linear(x, mlp["fc_in"])
         if mlp.get("norm"):
             h = self.norm(h, mlp["norm"], self.w(mlp["fc_in"]["weight"]).shape[1])
@@ -185,19 +215,64 @@ def attention_mask_matrix(seq_len: int, attention_mask=None, causal: bool = Fals
     return np.tril(mask) if causal else mask
 
 
-def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, all_logits: bool = False,
-                              slots: Optional[int] = None, groups: int = 1) -> Circuit:
-    """The circuit computing ``spec``'s output for an ``seq_len x d`` embedding input named ``x``.
+def cache_names(spec: TransformerSpec) -> list:
+    """``["k0", "v0", "k1", "v1", ...]``: the cache tensors of every layer, in circuit order."""
+    return [f"{kv}{i}" for i in range(len(spec.config["layers"])) for kv in "kv"]
 
-    Outputs: the causal LM's last-row logits (``1 x vocab``; every row with ``all_logits``), or a
-    classifier's ``1 x num_labels`` logits. ``attention_mask`` (``seq_len`` entries, 1 = token) masks keys."""
+
+def check_causal_lm(spec: TransformerSpec):
+    cfg = spec.config
+    if not cfg.get("causal") or cfg["head"]["kind"] != "last_token":
+        raise CircuitError(f"a KV cache needs a causal LM spec (family 'gpt'), this one is {cfg.get('family')!r}")
+
+
+def new_circuit(spec: TransformerSpec, seq_len: int, name: str, groups: int = 1, slots: Optional[int] = None) -> Circuit:
+    """An empty circuit in the export's packing (``block``, ``slots`` per group: :func:`default_packing`)."""
+    cfg = spec.config
+    block, default_slots = default_packing(cfg["max_length"], cfg["hidden_size"])
+    return Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-{name}", groups=groups)
+
+
+def head(b: _Builder, x, seq_len: int, all_rows: bool = False):
+    """Final norm and output head; the output is named ``logits`` (every row's with ``all_rows``)."""
+    cfg, c = b.s.config, b.c
+    if cfg.get("final_norm"):
+        x = b.norm(x, cfg["final_norm"], cfg["hidden_size"])
+    n0 = len(c.nodes)
+    spec_head = cfg["head"]
+    if spec_head["kind"] == "last_token":
+        out = b.linear(x if all_rows else c.select_rows(x, [seq_len - 1]), spec_head["lm_head"], name=OUTPUT)
+    elif spec_head["kind"] == "pooler_cls":
+        pooled = b.act(b.linear(c.select_rows(x, [0]), spec_head["pooler"]), spec_head["pooler_act"])
+        out = b.linear(pooled, spec_head["classifier"], name=OUTPUT)
+    elif spec_head["kind"] == "cls":
+        out = b.linear(c.select_rows(x, [0]), spec_head["classifier"], name=OUTPUT)
+    else:
+        raise CircuitError(f"unknown head kind {spec_head['kind']!r}; accepted: last_token, pooler_cls, cls")
+    for node in c.nodes[n0:]:
+        b.blocks.setdefault(node.name, "head")
+    return out
+
+
+def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_cache: bool = False,
+                  all_logits: bool = False, groups: int = 1, slots: Optional[int] = None) -> Circuit:
+    """The model's circuit for an input ``x`` of ``seq_len x d`` embeddings.
+
+    Output ``logits``: the causal LM's last row (every row with ``all_logits``), or the classifier's
+    ``1 x num_labels``. ``attention_mask`` (``seq_len`` entries, 1 = token) masks keys. ``kv_cache`` (causal LMs:
+    the prefill of a generation) also outputs every layer's keys/values ``k{i}`` / ``v{i}``. ``groups``: row
+    groups per ciphertext (see :mod:`hf_polyhe.he.circuit.packing`) and ``slots`` per group (default: one row
+    per token of ``max_length``, rounded to a power of two); the planner's choice."""
     cfg = spec.config
     d, max_len = cfg["hidden_size"], cfg["max_length"]
     if not 1 <= seq_len <= max_len:
         raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
-    block, default_slots = default_packing(max_len, d)
-    c = Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-L{seq_len}", groups=groups)
-    b = _Builder(spec, c)
+    if kv_cache:
+        check_causal_lm(spec)
+        if attention_mask is not None and not np.all(np.asarray(attention_mask) == 1):
+            raise CircuitError("a KV-cache prefill takes no padding mask (generation runs one unpadded sequence)")
+    c = new_circuit(spec, seq_len, f"{'prefill' if kv_cache else 'full'}-L{seq_len}", groups=groups, slots=slots)
+    b = _Builder(spec, c, keep_cache=kv_cache)
     x = c.input("x", seq_len, d)
     causal = bool(cfg["causal"])
     mask = attention_mask_matrix(seq_len, attention_mask, causal)
@@ -205,18 +280,6 @@ def build_transformer_circuit(spec: TransformerSpec, seq_len: int, attention_mas
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:
         x = b.layer(x, layer, mask, causal, d)
-    if cfg.get("final_norm"):
-        x = b.norm(x, cfg["final_norm"], d)
-    head = cfg["head"]
-    if head["kind"] == "last_token":
-        out = b.linear(x if all_logits else c.select_rows(x, [seq_len - 1]), head["lm_head"])
-    elif head["kind"] == "pooler_cls":
-        pooled = b.act(b.linear(c.select_rows(x, [0]), head["pooler"]), head["pooler_act"])
-        out = b.linear(pooled, head["classifier"])
-    elif head["kind"] == "cls":
-        out = b.linear(c.select_rows(x, [0]), head["classifier"])
-    else:
-        raise CircuitError(f"unknown head kind {head['kind']!r}; accepted: last_token, pooler_cls, cls")
-    c.output(out)
-    c.meta.update(family=cfg["family"], seq_len=seq_len)
+    c.output(head(b, x, seq_len, all_rows=all_logits), *(cache_names(spec) if kv_cache else []))
+    c.meta.update(family=cfg["family"], seq_len=seq_len, kind="prefill" if kv_cache else "full")
     return fold_plaintext_maps(c)

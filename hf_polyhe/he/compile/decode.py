@@ -1,8 +1,8 @@
-"""Circuits for generation with an encrypted KV cache: a prefill that also returns every layer's keys and
-values, and a decode step that costs one token's work.
+"""The decode step of generation with an encrypted KV cache: one token's work per new token.
 
-Prefill (``seq_len`` tokens): input ``x`` (``L x d`` embeddings); outputs the last row's logits and, per
-layer ``i``, ``k{i}`` / ``v{i}`` (``L x d``, the attention keys and values, clean packing).
+Prefill (:func:`~hf_polyhe.he.compile.transformer.build_circuit` with ``kv_cache=True``, ``L`` tokens): input
+``x`` (``L x d`` embeddings); outputs the last row's logits and, per layer ``i``, ``k{i}`` / ``v{i}`` (``L x d``,
+the attention keys and values, clean packing).
 
 Decode step at position ``t`` (the new token is token number ``t``, 0-based, so ``t`` tokens are cached):
 inputs ``x`` (``1 x d``: the new token's embedding) and per layer ``k{i}`` / ``v{i}`` (``t x d``); outputs the
@@ -11,13 +11,13 @@ appended with popcount(t) rotations (``append_row``), the query meets the ``t + 
 values with ``attn_decode``: ``O(log t)`` rotations per layer instead of a full re-run over ``t + 1`` rows.
 
 When the ciphertext is wide enough (row groups, :func:`vector_decode`) the step runs on one-row vectors
-(:class:`~hf_polyhe.he.packing.TiledVector` / :class:`~hf_polyhe.he.packing.ColumnVector`): the client encrypts
+(:class:`~hf_polyhe.he.circuit.packing.TiledVector` / :class:`~hf_polyhe.he.circuit.packing.ColumnVector`): the client encrypts
 the token as a column vector (``ExportPlan.decode_input``), every linear is one plaintext product and ``log2``
 rotations instead of one product per diagonal, keys and values come from one linear, and the tiled rows are
 masked into the caches (which keep the prefill's matrix packing). Measured at 128-bit on the benchmark's W1
 (2 layers, d = 64): 105 rotations and 18 plaintext products per token instead of 213 and 836.
 
-Both circuits have the same op sequence per layer as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`
+The decode step has the same op sequence per layer as :func:`~hf_polyhe.he.compile.transformer.build_circuit`
 (qk_decode / attn_decode spend the levels qk_scores / attn_apply spend), so the planner places bootstraps at
 the same points and a cache written by the prefill carries the levels the decode step expects
 (:func:`check_cache_levels`).
@@ -30,80 +30,22 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import CircuitError, PlanningError
-from .ir import Circuit
-from .optimize import fold_plaintext_maps
-from .packing import ColumnVector, next_pow2
-from .transformer import SCALINGS, TransformerSpec, _Builder, attention_mask_matrix, default_packing
-
-OUTPUT = "logits"
+from ..errors import CircuitError, PlanningError
+from ..circuit.ir import Circuit
+from ..circuit.optimize import fold_plaintext_maps
+from ..circuit.packing import ColumnVector, next_pow2
+from .transformer import SCALINGS, TransformerSpec, _Builder, cache_names, check_causal_lm, head, new_circuit
 
 
-def cache_names(spec: TransformerSpec) -> list:
-    """``["k0", "v0", "k1", "v1", ...]``: the cache tensors of every layer, in circuit order."""
-    return [f"{kv}{i}" for i in range(len(spec.config["layers"])) for kv in "kv"]
-
-
-def _check_causal_lm(spec: TransformerSpec):
-    cfg = spec.config
-    if not cfg.get("causal") or cfg["head"]["kind"] != "last_token":
-        raise CircuitError(f"a KV cache needs a causal LM spec (family 'gpt'), this one is {cfg.get('family')!r}")
-
-
-class _TaggingBuilder(_Builder):
-    """The transformer builder, recording which block (norm, attention, mlp, head) every node belongs to in
-    ``circuit.meta["blocks"]`` (node name -> block), so timings can be reported per block; with
-    ``keep_cache`` it also names each layer's keys/values ``k{i}``/``v{i}`` so they can be outputs."""
-
-    def __init__(self, spec, circuit, keep_cache=False):
-        super().__init__(spec, circuit)
-        self.layer_idx, self.keep_cache = 0, keep_cache
-        self.blocks = circuit.meta.setdefault("blocks", {})
-
-    def tagged(self, block, fn, *args):
-        n0 = len(self.c.nodes)
-        out = fn(*args)
-        for node in self.c.nodes[n0:]:
-            self.blocks.setdefault(node.name, block)
-        return out
-
-    def norm(self, x, norm, d):
-        return self.tagged("norms", super().norm, x, norm, d)
-
-    def mlp(self, x, mlp):
-        return self.tagged("mlp", super().mlp, x, mlp)
-
-    def attention(self, x, attn, mask, causal):
-        return self.tagged("attention", self._attention, x, attn, mask, causal)
-
-    def named_linear(self, x, lin, name):
-        return self.linear(x, lin, name=name)
-
-    def _attention(self, x, attn, mask, causal):
-        c, i = self.c, self.layer_idx
-        self.layer_idx += 1
-        q = self.linear(x, attn["q"])
-        if self.spread_attention():  # the cache leaves replicated, as the decode steps read it
-            k, v = (self.linear(x, attn[n], confine=True) for n in "kv")
-            if self.keep_cache:
-                c.replicate(k, name=f"k{i}")
-                c.replicate(v, name=f"v{i}")
-        else:
-            k = self.named_linear(x, attn["k"], f"k{i}" if self.keep_cache else None)
-            v = self.named_linear(x, attn["v"], f"v{i}" if self.keep_cache else None)
-        return self.attend(q, k, v, attn, mask, causal)
-
-
-class _DecodeBuilder(_TaggingBuilder):
+class _DecodeBuilder(_Builder):
     """Decode step: attention of the new row against the cache (inputs ``k{i}_cache``/``v{i}_cache``)."""
 
     def __init__(self, spec, circuit, position):
         super().__init__(spec, circuit, keep_cache=True)
         self.t = position
 
-    def _attention(self, x, attn, mask, causal):
-        c, i = self.c, self.layer_idx
-        self.layer_idx += 1
+    def _attention(self, x, attn, mask, causal, i):
+        c = self.c
         d = self.s.config["hidden_size"]
         q, k, v = (self.linear(x, attn[n]) for n in "qkv")
         keys = c.append_row(c.input(f"k{i}_cache", self.t, d), k, name=f"k{i}")
@@ -126,16 +68,15 @@ class _DecodeBuilder(_TaggingBuilder):
 
 class _VectorDecodeBuilder(_DecodeBuilder):
     """Decode step on one-row vectors (:func:`vector_decode`): the residual stream is a
-    :class:`~hf_polyhe.he.packing.ColumnVector`, q/k/v, the attention output and the MLP's hidden layer are
-    :class:`~hf_polyhe.he.packing.TiledVector` s, so every linear is one plaintext product and ``log2`` rotations
+    :class:`~hf_polyhe.he.circuit.packing.ColumnVector`, q/k/v, the attention output and the MLP's hidden layer are
+    :class:`~hf_polyhe.he.circuit.packing.TiledVector` s, so every linear is one plaintext product and ``log2`` rotations
     (instead of one product per diagonal). The new key/value row is masked into the cache (it is in every row
     already), and with a square / identity attention activation the per-key weights (a constant ``1/s(n)``) go
     into the query scale (power-softmax: into decode_rowsum's mask and the output projection), so ``attn_decode``
     skips its mask: the same levels per layer as the matrix path."""
 
-    def _attention(self, x, attn, mask, causal):
-        c, i = self.c, self.layer_idx
-        self.layer_idx += 1
+    def _attention(self, x, attn, mask, causal, i):
+        c = self.c
         d = self.s.config["hidden_size"]
         heads = self.s.config["num_heads"]
         q = self.linear(x, attn["q"])
@@ -196,79 +137,18 @@ def vector_decode(spec: TransformerSpec, ct_slots: int) -> Optional[ColumnVector
     return ColumnVector(cfg["hidden_size"], width, ct_slots)
 
 
-def _head(b: _TaggingBuilder, x, seq_len: int, all_rows: bool = False):
-    cfg, c = b.s.config, b.c
-    if cfg.get("final_norm"):
-        x = b.norm(x, cfg["final_norm"], cfg["hidden_size"])
-    n0 = len(c.nodes)
-    head = cfg["head"]
-    if head["kind"] == "last_token":
-        out = b.named_linear(x if all_rows else c.select_rows(x, [seq_len - 1]), head["lm_head"], OUTPUT)
-    elif head["kind"] == "pooler_cls":
-        pooled = b.act(b.linear(c.select_rows(x, [0]), head["pooler"]), head["pooler_act"])
-        out = b.named_linear(pooled, head["classifier"], OUTPUT)
-    elif head["kind"] == "cls":
-        out = b.named_linear(c.select_rows(x, [0]), head["classifier"], OUTPUT)
-    else:
-        raise CircuitError(f"unknown head kind {head['kind']!r}; accepted: last_token, pooler_cls, cls")
-    for node in c.nodes[n0:]:
-        b.blocks.setdefault(node.name, "head")
-    return out
-
-
-def _new_circuit(spec, seq_len, name, check_len=True, groups=1, slots=None):
-    cfg = spec.config
-    d, max_len = cfg["hidden_size"], cfg["max_length"]
-    if check_len and not 1 <= seq_len <= max_len:
-        raise CircuitError(f"sequence length {seq_len} is outside the exported range 1..{max_len}")
-    block, default_slots = default_packing(max_len, d)
-    return Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-{name}", groups=groups)
-
-
-def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_cache: bool = False,
-                  groups: int = 1, slots: Optional[int] = None) -> Circuit:
-    """The model's circuit for ``seq_len`` tokens (output ``logits``: the last row's for a causal LM, the
-    classifier's otherwise), with per-block tags; ``kv_cache`` (causal LMs) also outputs every layer's K/V.
-    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.packing`) and ``slots`` per group (default: one
-    row per token of ``max_length``, rounded to a power of two); the planner's choice.
-    Same computation as :func:`~hf_polyhe.he.transformer.build_transformer_circuit`."""
-    cfg = spec.config
-    if kv_cache:
-        _check_causal_lm(spec)
-        if attention_mask is not None and not np.all(np.asarray(attention_mask) == 1):
-            raise CircuitError("a KV-cache prefill takes no padding mask (generation runs one unpadded sequence)")
-    c = _new_circuit(spec, seq_len, f"{'prefill' if kv_cache else 'full'}-L{seq_len}", groups=groups, slots=slots)
-    b = _TaggingBuilder(spec, c, keep_cache=kv_cache)
-    d = cfg["hidden_size"]
-    x = c.input("x", seq_len, d)
-    causal = bool(cfg["causal"])
-    mask = attention_mask_matrix(seq_len, attention_mask, causal)
-    if cfg.get("embedding_norm"):
-        x = b.norm(x, cfg["embedding_norm"], d)
-    for layer in cfg["layers"]:
-        x = b.layer(x, layer, mask, causal, d)
-    c.output(_head(b, x, seq_len), *(cache_names(spec) if kv_cache else []))
-    c.meta.update(family=cfg["family"], seq_len=seq_len, kind="prefill" if kv_cache else "full")
-    return fold_plaintext_maps(c)
-
-
-def build_prefill_circuit(spec: TransformerSpec, seq_len: int, groups: int = 1, slots: Optional[int] = None) -> Circuit:
-    """Prompt of ``seq_len`` tokens -> last-row logits and every layer's K/V (see the module docstring)."""
-    return build_circuit(spec, seq_len, kv_cache=True, groups=groups, slots=slots)
-
-
 def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, slots: Optional[int] = None,
                          vectors: bool = True) -> Circuit:
     """One decode step for the token at ``position`` (``position`` tokens already cached). ``vectors``: on
     one-row vectors when the ciphertext is wide enough (:func:`vector_decode`; the input ``x`` is then a
-    :class:`~hf_polyhe.he.packing.ColumnVector`), else (or ``False``) in the matrix packing."""
-    _check_causal_lm(spec)
+    :class:`~hf_polyhe.he.circuit.packing.ColumnVector`), else (or ``False``) in the matrix packing."""
+    check_causal_lm(spec)
     cfg = spec.config
     d, max_len = cfg["hidden_size"], cfg["max_length"]
     if not 1 <= position < max_len:
         raise CircuitError(f"decode position {position} is outside 1..{max_len - 1} (the export's max_length is "
                            f"{max_len}; the prompt itself goes through the prefill)")
-    c = _new_circuit(spec, position + 1, f"decode-t{position}", groups=groups, slots=slots)
+    c = new_circuit(spec, position + 1, f"decode-t{position}", groups=groups, slots=slots)
     layout = vector_decode(spec, c.ct_slots) if vectors else None
     b = (_VectorDecodeBuilder if layout else _DecodeBuilder)(spec, c, position)
     x = c.input("x", 1, d, layout=layout)
@@ -276,7 +156,7 @@ def build_decode_circuit(spec: TransformerSpec, position: int, groups: int = 1, 
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:
         x = b.layer(x, layer, None, True, d)
-    c.output(_head(b, x, 1, all_rows=True), *cache_names(spec))
+    c.output(head(b, x, 1, all_rows=True), *cache_names(spec))
     c.meta.update(family=cfg["family"], seq_len=position + 1, kind="decode")
     return fold_plaintext_maps(c)
 

@@ -1,0 +1,297 @@
+"""Plan every circuit of an export under one set of CKKS parameters: :class:`ExportPlan` and :func:`plan_for_export`.
+
+A client generates its keys once for *every* circuit the server may run for an export (full forward for lengths
+``1..max_length``, KV-cache prefill and decode steps for causal LMs): the rotation keys are the union over all
+of them, the CKKS parameters the deepest. The server then builds whatever circuit a request needs from the spec
+and plans it again with the same parameters (:meth:`ExportPlan.plan_circuit`), which checks the keys cover it.
+
+Planning needs no keys and no OpenFHE: ``hf-polyhe inspect`` and ``save_encrypted_pipeline`` print
+:func:`plan_report` of the 128-bit plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .. import params as P
+from ..backends.plain import run_plain
+from ..circuit.packing import next_pow2
+from ..errors import KeyMismatchError, PlanningError, SerializationError
+from .decode import build_decode_circuit, check_cache_levels, decode_inputs
+from .planner import calibrate_bounds, plan as make_plan
+from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
+
+PLAN_FORMAT = "hf_polyhe.export_plan"
+BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
+
+
+def spec_digest(spec: TransformerSpec) -> str:
+    """SHA-256 over the spec's JSON and weights: ties keys and bundles to one export."""
+    h = hashlib.sha256(json.dumps(spec.config, sort_keys=True).encode())
+    for k in sorted(spec.weights):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(spec.weights[k], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ExportPlan:
+    """Everything keys depend on, for every circuit of an export (JSON-serialisable, no secrets).
+
+    ``mode``: ``"leveled"`` or ``"bootstrap"``; ``bounds``: per circuit kind (``full``, ``prefill``,
+    ``decode``), value name -> max |x| seen on calibration data (bootstrap scaling); ``summary``: planner
+    counts and predicted seconds of the longest circuit of each kind."""
+
+    params: P.CKKSParams
+    start_level: int
+    rotation_keys: list
+    mode: str
+    levels_after_bootstrap: Optional[int]
+    max_leveled_depth: int
+    bounds: dict
+    digest: str
+    family: str
+    max_length: int
+    hidden_size: int
+    block: int
+    slots: int
+    kv_cache: bool
+    spec_dir: Optional[str] = None
+    summary: dict = field(default_factory=dict)
+    groups: int = 1  # row groups per ciphertext (packing.MatrixLayout); the CKKS batch is groups * slots
+    decode_input: Optional[dict] = None  # how a decode step's token is packed (a ColumnVector's dict), None: matrix
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params"] = self.params.to_dict()
+        if d["decode_input"] is None:  # plans of matrix-packed decode steps stay readable by earlier releases
+            del d["decode_input"]
+        return {"format": PLAN_FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportPlan":
+        d = dict(d)
+        if d.pop("format", None) != PLAN_FORMAT:
+            raise SerializationError(f"not a {PLAN_FORMAT} document")
+        d["params"] = P.CKKSParams.from_dict(d["params"])
+        return cls(**d)
+
+    # -- planning one circuit with the export's parameters ---------------------------------------------
+    def plan_circuit(self, circuit, kind: str):
+        """Plan ``circuit`` under this export's parameters; KeyMismatchError if the keys cannot run it."""
+        if circuit.groups != self.groups or circuit.slots != self.slots:
+            raise KeyMismatchError(f"circuit {circuit.name!r} packs {circuit.groups} row groups of {circuit.slots} slots, "
+                                   f"this export {self.groups} of {self.slots}: build it with groups={self.groups}, slots={self.slots}")
+        base = self.params
+        kw = dict(bounds=self.bounds.get(kind), max_leveled_depth=self.max_leveled_depth)
+        if self.mode == "bootstrap":
+            pl = make_plan(circuit, base, levels_after_bootstrap=self.levels_after_bootstrap, bootstrap="always", **kw)
+        else:
+            pl = make_plan(circuit, base, bootstrap="never", **kw)
+        p, q = pl.params, self.params
+        if (p.slots, p.scale_bits, p.bootstrap, p.security) != (q.slots, q.scale_bits, q.bootstrap, q.security) \
+                or p.ring_dim > q.ring_dim or p.depth > q.depth or pl.start_level != self.start_level:
+            raise KeyMismatchError(
+                f"circuit {circuit.name!r} needs parameters (ring {p.ring_dim}, depth {p.depth}, slots {p.slots}, "
+                f"start level {pl.start_level}) the session keys were not made for (ring {q.ring_dim}, depth {q.depth}, "
+                f"slots {q.slots}, start level {self.start_level}); generate keys with plan_for_export for this export")
+        missing = sorted(set(pl.rotation_keys) - set(self.rotation_keys))
+        if missing:
+            raise KeyMismatchError(f"circuit {circuit.name!r} needs rotation keys {missing[:8]} the session lacks")
+        return pl
+
+
+def plan_report(plan: ExportPlan) -> str:
+    """A person-readable planner report of an export: parameters, then each circuit kind's counts, depth and
+    predicted seconds (what ``hf-polyhe inspect`` prints and ``save_encrypted_pipeline`` writes to ``plan.txt``)."""
+    p = plan.params
+    lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
+             f"depth {p.depth}, {p.slots} slots ({plan.groups} row groups of {plan.slots}), {p.scale_bits}-bit scale, mode {plan.mode}, "
+             f"{len(plan.rotation_keys)} rotation keys"]
+    for kind, entry in plan.summary.items():
+        lines += ["", f"== {kind} circuit, length {entry['length']} ==", entry.get("report", "")]
+    return "\n".join(lines)
+
+
+def plan_overview(plan: ExportPlan) -> dict:
+    """The JSON part of :func:`plan_report`: parameters and, per circuit kind, counts and predicted seconds."""
+    p = plan.params
+    return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
+            "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
+            "rotation_keys": len(plan.rotation_keys),
+            "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
+                                "predicted_seconds": round(float(e["predicted_seconds"]), 2)}
+                         for kind, e in plan.summary.items()}}
+
+
+def _sample_embeddings(model, n: int, seed: int = 0) -> list:
+    """Calibration inputs: embeddings of random tokens (or random images) at the export's max length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        if model.family == "vit":
+            c, p = model.tables["patch_weight"].shape[1:3]
+            side = int(round(np.sqrt(model.tables["position_embeddings"].shape[0] - 1))) * p
+            out.append(model.embed(pixel_values=rng.normal(size=(c, side, side))))
+        else:
+            vocab = model.tables["word_embeddings"].shape[0]
+            out.append(model.embed(input_ids=rng.integers(0, vocab, model.max_length)))
+    return out
+
+
+def _auto_groups(circuit, ring_dim: int) -> tuple:
+    """``(groups, slots per group)`` for ``circuit`` (the export's longest prompt, built with one group) on a
+    ring of ``ring_dim``.
+
+    Shift-parallel attention needs ``2 * L <= R`` rows per group for a prompt of ``L``: when the default
+    packing has fewer for the longest prompt and the ring has room, the groups get twice the rows (an export
+    for shorter prompts than ``max_length`` keeps more, shorter groups). Then every group the ring holds is used (each one more
+    shift per attention product); otherwise no more than the widest linear (input or output) has column
+    blocks, beyond which groups only replicate."""
+    slots, half = circuit.slots, ring_dim // 2
+    rows, max_len = slots // circuit.block, circuit.inputs["x"][0]
+    if 2 * max_len > rows and half >= 4 * slots:
+        slots, rows = 2 * slots, 2 * rows
+    fit = max(1, half // slots)
+    if fit > 1 and 2 * max_len <= rows:
+        return int(fit), int(slots)
+    widest = 1
+    for node in circuit.nodes:
+        if node.op == "linear":
+            W = circuit.weight(node.attrs["weight"])
+            widest = max(widest, next_pow2(-(-max(W.shape) // circuit.block)))
+    return int(min(fit, widest)), int(circuit.slots)
+
+
+def _merge_max(acc: dict, new: dict):
+    for k, v in new.items():
+        acc[k] = max(acc.get(k, 0.0), float(v))
+
+
+def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: str = "auto",
+                    levels_after_bootstrap: Optional[int] = None, max_leveled_depth: int = 24,
+                    lengths=None, kv_cache: Optional[bool] = None, calibration: Optional[list] = None,
+                    calibration_samples: int = 2, groups: Optional[int] = None) -> ExportPlan:
+    """Plan every circuit a server may run for ``model`` (an :class:`~hf_polyhe.he.Export`).
+
+    ``lengths``: prompt lengths to support (default ``1..max_length``); ``kv_cache`` (default: causal LMs)
+    adds the KV-cache prefill for each length and the decode steps ``1..max_length-1``. ``bootstrap`` as in
+    :func:`~hf_polyhe.he.compile.planner.plan`; bootstrap bounds come from ``calibration`` (a list of ``max_length x d``
+    embedding matrices; default: random tokens through the client's tables). Padding masks change neither
+    depth nor rotations, so the keys cover every mask.
+
+    ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.circuit.packing`). Default (:func:`_auto_groups`): a
+    leveled export fills the ring's slots, so wide linears (MLP, LM head) and their activations cost one
+    block's work and attention meets one key shift per group with each product (the groups get twice the
+    rows when a prompt would not fit half of them); a bootstrapping export keeps one group (sparse
+    bootstrapping)."""
+    spec, max_len = model.spec, model.max_length
+    causal = model.family == "gpt"
+    kv_cache = causal if kv_cache is None else bool(kv_cache)
+    if kv_cache and not causal:
+        raise PlanningError(f"kv_cache needs a causal LM export, this one is {model.family!r}")
+    lengths = sorted(set(lengths or range(1, max_len + 1)))
+    if model.family == "vit":
+        lengths = [max_len]
+    if not lengths or lengths[0] < 1 or lengths[-1] > max_len:
+        raise PlanningError(f"lengths must lie in 1..{max_len}, got {lengths}")
+    params = params or P.default()
+    if groups is not None and (int(groups) < 1 or int(groups) & (int(groups) - 1)):
+        raise PlanningError(f"groups must be a power of two >= 1, got {groups!r}")
+
+    def make_jobs(g, slots=None):
+        out = [("full", L, build_circuit(spec, L, groups=g, slots=slots)) for L in lengths]
+        if kv_cache:
+            out += [("prefill", L, build_circuit(spec, L, kv_cache=True, groups=g, slots=slots)) for L in lengths]
+            out += [("decode", t, build_decode_circuit(spec, t, groups=g, slots=slots)) for t in range(1, max_len)]
+        return out
+
+    jobs = make_jobs(1)
+    block, slots = default_packing(max_len, spec.config["hidden_size"])
+    # resolve "auto" once, on the longest circuit, so every circuit runs the same way
+    longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
+    probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
+                      max_leveled_depth=max_leveled_depth)
+    mode = "bootstrap" if probe.params.bootstrap else "leveled"
+    if groups is None:
+        groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
+    groups = int(groups)
+    if groups > 1:
+        if mode == "bootstrap":
+            raise PlanningError(f"groups={groups} needs a leveled export (this one bootstraps); use groups=1")
+        jobs = make_jobs(groups, slots)
+    if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
+        params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
+    # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
+    lb = int(levels_after_bootstrap or probe.params.levels_after_bootstrap) if mode == "bootstrap" else None
+    bounds = {"full": {}, "prefill": {}, "decode": {}}
+    if mode == "bootstrap":
+        samples = calibration or _sample_embeddings(model, calibration_samples)
+        for X in samples:
+            for kind, L, c in jobs:
+                if kind == "decode":
+                    continue
+                _merge_max(bounds[kind], calibrate_bounds(c, {"x": X[:L]}))
+            if kv_cache:
+                for t in range(1, max_len):
+                    out = run_plain(build_circuit(spec, t, kv_cache=True), {"x": X[:t]})
+                    c = build_decode_circuit(spec, t)
+                    _merge_max(bounds["decode"], calibrate_bounds(
+                        c, decode_inputs(X[t : t + 1], {k: out[k] for k in cache_names(spec)})))
+    plans, rot, best = {}, set(), None
+    for kind, L, c in jobs:
+        kw = dict(bounds=bounds[kind] or None, max_leveled_depth=max_leveled_depth)
+        if mode == "bootstrap":
+            pl = make_plan(c, params, levels_after_bootstrap=lb, bootstrap="always", **kw)
+        else:
+            pl = make_plan(c, params, bootstrap="never", **kw)
+        plans[(kind, L)] = pl
+        rot |= set(pl.rotation_keys)
+        if best is None or pl.params.depth > best.params.depth or pl.params.ring_dim > best.params.ring_dim:
+            best = pl
+    starts = {pl.start_level for pl in plans.values()}
+    if len(starts) != 1:
+        raise PlanningError(f"circuits of this export start at different levels {sorted(starts)}")
+    if kv_cache:
+        for t in range(1, max_len):
+            src = plans[("prefill", t)] if t in lengths else None
+            if src is not None:
+                check_cache_levels(src.levels, plans[("decode", t)].levels, cache_names(spec))
+            if t + 1 < max_len:
+                check_cache_levels(plans[("decode", t)].levels, plans[("decode", t + 1)].levels, cache_names(spec))
+    final = best.params
+    if mode == "bootstrap":
+        # One spare level on top of the planner's count: with FLEXIBLEAUTO a bootstrap input that arrives with a
+        # pending rescale at the last planned level makes EvalBootstrap drop its last RNS tower (measured,
+        # openfhe 1.6.1: "DropLastElement(): Removing last element of DCRTPoly renders it invalid").
+        final = final.with_(depth=final.depth + BOOTSTRAP_HEADROOM)
+        if not final.insecure:
+            final = final.with_(ring_dim=max(final.ring_dim, final.min_secure_ring_dim()))
+    decode_input = None
+    for kind, _, c in jobs:
+        if kind == "decode" and "x" in c.input_layouts:
+            decode_input = c.input_layouts["x"].to_dict()
+            break
+    summary = {}
+    for kind in ("full", "prefill", "decode"):
+        keys = [k for k in plans if k[0] == kind]
+        if keys:
+            k = max(keys, key=lambda k: k[1])
+            pl = plans[k]
+            summary[kind] = {"length": k[1], "counts": pl.counts, "depth": pl.depth,
+                             "predicted_seconds": pl.predicted_seconds, "time_by_op": pl.time_by_op,
+                             "report": pl.report()}
+    spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
+    return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
+                      levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
+                      digest=spec_digest(spec), family=model.family, max_length=max_len,
+                      hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
+                      spec_dir=spec_dir, summary=summary, groups=groups, decode_input=decode_input)
+
+

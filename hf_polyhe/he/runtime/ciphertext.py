@@ -1,0 +1,107 @@
+"""The wire form of an encrypted tensor: :class:`EncryptedTensor` and its container bytes.
+
+Layout of the container::
+
+    b"HFPHECT1"  | u64 header length | JSON header | OpenFHE BINARY ciphertext 1 | ciphertext 2 | ...
+
+The header names the tensor's ``role`` (``"embeddings"``: what a client sends, ``"logits"``: what a server
+returns), its packing (``layout``), the secret key's tag, the ring dimension, and per ciphertext its size and
+SHA-256. :func:`read_header` checks all of that without OpenFHE, so corrupted, truncated, foreign or
+mislabelled bytes are refused before any native parser sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+from ..circuit.packing import layout_from_dict
+from ..errors import LayoutError, SerializationError
+
+MAGIC = b"HFPHECT1"
+ROLES = ("embeddings", "logits")
+
+
+@dataclass
+class TensorHeader:
+    """What :func:`read_header` learns from a container without parsing a ciphertext."""
+
+    role: str
+    layout: object
+    key_tag: str
+    ring_dim: int
+    offsets: list  # (start, size) of each ciphertext payload
+
+    @property
+    def rows(self) -> int:
+        return int(self.layout.rows)
+
+
+def read_header(data) -> TensorHeader:
+    """Check an encrypted-tensor container (magic, header, role, layout, sizes, checksums) without OpenFHE."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 16 or bytes(data[:8]) != MAGIC:
+        raise SerializationError("not an hf_polyhe encrypted tensor (bad magic)")
+    data = memoryview(data)
+    (hlen,) = struct.unpack("<Q", data[8:16])
+    if hlen > len(data) - 16:
+        raise SerializationError("encrypted tensor header is truncated")
+    try:
+        header = json.loads(bytes(data[16 : 16 + hlen]).decode())
+        layout = layout_from_dict(header["layout"])
+        sizes, digests = [int(n) for n in header["sizes"]], [str(d) for d in header["sha256"]]
+        role, key_tag, ring_dim = str(header["role"]), str(header["key_tag"]), int(header["ring_dim"])
+    except Exception as e:
+        raise SerializationError(f"corrupted encrypted-tensor header: {e}") from e
+    if role not in ROLES:
+        raise SerializationError(f"encrypted tensor has unknown role {role!r}; expected one of {ROLES}")
+    pos = 16 + hlen
+    if len(sizes) != len(digests) or len(sizes) != layout.num_cts or any(n <= 0 for n in sizes) \
+            or pos + sum(sizes) != len(data):
+        raise SerializationError(f"encrypted tensor is truncated or has trailing bytes ({len(data)} bytes)")
+    offsets = []
+    for n, dg in zip(sizes, digests):
+        if hashlib.sha256(data[pos : pos + n]).hexdigest() != dg:
+            raise SerializationError("encrypted tensor payload is corrupted (checksum mismatch)")
+        offsets.append((pos, n))
+        pos += n
+    return TensorHeader(role, layout, key_tag, ring_dim, offsets)
+
+
+class EncryptedTensor:
+    """A packed encrypted tensor: its role, layout, the secret key's tag, one OpenFHE ciphertext per block."""
+
+    def __init__(self, layout, cts, key_tag: str, ring_dim: int, role: str = "embeddings"):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.layout, self.cts, self.key_tag, self.ring_dim, self.role = layout, list(cts), key_tag, int(ring_dim), role
+
+    def to_bytes(self) -> bytes:
+        from ..backends.openfhe import serialize
+
+        payloads = [serialize(ct) for ct in self.cts]
+        header = json.dumps({
+            "role": self.role, "layout": self.layout.to_dict(), "key_tag": self.key_tag, "ring_dim": self.ring_dim,
+            "sizes": [len(p) for p in payloads], "sha256": [hashlib.sha256(p).hexdigest() for p in payloads],
+        }).encode()
+        return MAGIC + struct.pack("<Q", len(header)) + header + b"".join(payloads)
+
+    @classmethod
+    def from_bytes(cls, data, role: str = None) -> "EncryptedTensor":
+        """Parse a container; ``role`` (if given) must match the header's (a client refuses to read its own input
+        as logits, a server refuses logits as input)."""
+        from ..backends.openfhe import import_openfhe
+
+        h = read_header(data)
+        if role is not None and h.role != role:
+            raise LayoutError(f"this encrypted tensor holds {h.role}, expected {role}")
+        ofhe = import_openfhe()
+        data = memoryview(data)
+        cts = []
+        for start, n in h.offsets:
+            try:
+                cts.append(ofhe.DeserializeCiphertextString(bytes(data[start : start + n]), ofhe.BINARY))
+            except Exception as e:
+                raise SerializationError(f"OpenFHE could not parse a ciphertext: {e}") from e
+        return cls(h.layout, cts, h.key_tag, h.ring_dim, h.role)

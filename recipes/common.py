@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

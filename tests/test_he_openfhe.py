@@ -1,8 +1,6 @@
 """The OpenFHE backend against the plain one on circuits (toy parameters: insecure, fast; one slow 128-bit test),
 and key files in parts."""
 
-import os
-import types
 
 import numpy as np
 import pytest

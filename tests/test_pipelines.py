@@ -10,7 +10,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # OpenFHE's OpenMP threads crawl 
 import stat  # noqa: E402
 import warnings  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402

@@ -25,7 +25,6 @@ Spec layout (``spec.json``; weights referenced by name)::
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from ..circuit.packing import layout_from_dict
-from ..errors import LayoutError, SerializationError
+from ..errors import KeyMismatchError, LayoutError, SerializationError
 
 MAGIC = b"HFPHECT1"
 ROLES = ("embeddings", "logits")
@@ -76,6 +76,19 @@ class EncryptedTensor:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.layout, self.cts, self.key_tag, self.ring_dim, self.role = layout, list(cts), key_tag, int(ring_dim), role
+
+    def check(self, role: str, key_tag: str, ring_dim: int) -> "EncryptedTensor":
+        """This tensor, if it holds ``role`` under the secret key ``key_tag`` and a ring of ``ring_dim`` (header and
+        every ciphertext); LayoutError / KeyMismatchError naming what differs otherwise."""
+        if self.role != role:
+            raise LayoutError(f"this encrypted tensor holds {self.role}, expected {role}")
+        if self.key_tag != key_tag or any(ct.GetKeyTag() != key_tag for ct in self.cts):
+            raise KeyMismatchError(f"this ciphertext was encrypted under another key (tag {self.key_tag[:12]}..., "
+                                   f"expected {key_tag[:12]}...)")
+        if self.ring_dim != ring_dim or any(ct.GetCryptoContext().GetRingDimension() != ring_dim for ct in self.cts):
+            raise KeyMismatchError(f"this ciphertext belongs to another crypto context (ring {self.ring_dim}, "
+                                   f"expected {ring_dim})")
+        return self
 
     def to_bytes(self) -> bytes:
         from ..backends.openfhe import serialize

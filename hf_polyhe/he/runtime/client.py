@@ -224,11 +224,7 @@ class Client:
         if not self.encrypted:
             return np.asarray(data, dtype=np.float64).reshape(-1)
         t = data if isinstance(data, EncryptedTensor) else EncryptedTensor.from_bytes(data, role="logits")
-        if t.role != "logits":
-            raise LayoutError(f"this encrypted tensor holds {t.role}, not logits: decrypt a server's result")
-        if t.key_tag != self.key_tag or any(ct.GetKeyTag() != self.key_tag for ct in t.cts):
-            raise KeyMismatchError(f"this ciphertext was made under another key (tag {t.key_tag[:12]}..., this client "
-                                   f"holds {self.key_tag[:12]}...)")
+        t.check("logits", self.key_tag, self.cc.GetRingDimension())
         out = t.layout.unpack(decrypt_vectors(self.cc, self.keypair.secretKey, t.cts, self.plan.params.slots))
         return out.reshape(-1) if out.shape[0] == 1 else out
 

@@ -258,14 +258,7 @@ class Server(_SpecServer):
 
     def _tensor(self, x) -> EncryptedTensor:
         t = x if isinstance(x, EncryptedTensor) else EncryptedTensor.from_bytes(x, role="embeddings")
-        if t.role != "embeddings":
-            raise LayoutError(f"the server takes encrypted embeddings, this tensor holds {t.role}")
-        if t.key_tag != self.key_tag or any(ct.GetKeyTag() != self.key_tag for ct in t.cts):
-            raise KeyMismatchError(f"the input was encrypted under another key (tag {t.key_tag[:12]}..., this "
-                                   f"session's key {self.key_tag[:12]}...)")
-        if t.ring_dim != self.ring_dim or any(ct.GetCryptoContext().GetRingDimension() != self.ring_dim for ct in t.cts):
-            raise KeyMismatchError(f"the input belongs to another crypto context (ring {t.ring_dim}, expected {self.ring_dim})")
-        return t
+        return t.check("embeddings", self.key_tag, self.ring_dim)
 
     def _rows(self, x) -> int:
         return x.layout.rows if isinstance(x, EncryptedTensor) else read_header(x).rows

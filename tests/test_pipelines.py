@@ -257,3 +257,19 @@ def test_wrong_task_and_security_defaults(exports, tmp_path):
     assert pipe.he_params.security == "HEStd_128_classic"  # 128-bit unless toy is asked for by name
     with pytest.raises(ValueError, match="he_params must be"):
         pipeline("encrypted-text-classification", model=str(d), he_params="fast")
+
+
+def test_toy_parameters_warn_once_per_run(exports, tmp_path):
+    """Planning, loading the plan and key generation each warn; Python's default filter shows one warning."""
+    import subprocess
+    import sys
+
+    _, d = exports["bert"]
+    code = ("import hf_polyhe; from transformers import pipeline\n"
+            f"pipe = pipeline('encrypted-text-classification', model={str(d)!r}, he_params='toy', "
+            f"key_dir={str(tmp_path)!r}, verbose=False)\n"
+            "print(pipe('the cat sat')[0]['label'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("ToyParametersWarning") == 1, r.stderr[-3000:]

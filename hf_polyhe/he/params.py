@@ -2,7 +2,8 @@
 
 ``default()`` is the 128-bit set (``HEStd_128_classic``: OpenFHE refuses a ring dimension that is too small for
 the modulus). ``toy()`` is for tests only: ring dimension 2^12 or 2^13 with ``HEStd_NotSet`` -- it gives no
-security, has to be asked for by name and emits a :class:`~hf_polyhe.he.errors.ToyParametersWarning` every time.
+security, has to be asked for by name and emits a :class:`~hf_polyhe.he.errors.ToyParametersWarning` wherever it is
+made, loaded or keyed (Python's default filter shows it once per process; ``pytest.warns`` sees every one).
 
 Depth, slot count and (for the default set) the ring dimension are filled in by the planner
 (:func:`hf_polyhe.he.compile.planner.plan`); a ``CKKSParams`` is plain data and JSON-serialisable.
@@ -190,11 +191,13 @@ class CKKSParams:
 
 
 def warn_toy():
+    # one warning location for every caller: the default filter then prints it once per process, not once per
+    # caller (planning, loading a plan and key generation each used to add one)
     warnings.warn(
         "hf_polyhe.he: using the TOY CKKS parameter set (HEStd_NotSet, tiny ring) -- NO SECURITY. "
         "For tests only; use params.default() for anything real.",
         ToyParametersWarning,
-        stacklevel=3,
+        stacklevel=1,
     )
 
 

@@ -109,10 +109,10 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     _SPOOLS[tag] = path
     maps = []
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, tqdm(jobs, desc="evaluation keys", unit="batch", leave=False,
+                                            disable=len(jobs) < 4 or None) as bar:
             f.write(KEY_PARTS_MAGIC + struct.pack("<I", len(jobs)))
-            for kind, idx in tqdm(jobs, desc="evaluation keys", unit="batch", leave=False,
-                                  disable=len(jobs) < 4 or None):
+            for kind, idx in bar:
                 ofhe.CryptoContext.ClearEvalAutomorphismKeys()  # the store then holds this batch only
                 if kind == "bootstrap":
                     cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)

@@ -1,22 +1,17 @@
-"""The ``hf-polyhe`` command.
+"""The commands of ``hf-polyhe``: one ``cmd_<verb>(args)`` per verb.
 
-    hf-polyhe export MODEL_DIR OUT_DIR [--max-length N]      Poly model (save_pretrained dir) -> encrypted export
-    hf-polyhe inspect EXPORT_DIR [--toy]                      what the export is and the planner's report
-    hf-polyhe keygen EXPORT_DIR --keys KEY_DIR [--toy]        secret key (0600) + public server bundle
-    hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
-    hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
-    hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens as JSON
-    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]            HTTP server (server part only)
-    hf-polyhe demo [--fast]                                               train, make polynomial, run encrypted
+The parser and the entry point live in the top-level module :mod:`hf_polyhe_cli` so that ``--help``, ``--version``
+and argument errors answer at once without importing torch; a verb imports what it needs here.
 """
+
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+import warnings
 
 
 def _params(args):
@@ -24,11 +19,12 @@ def _params(args):
 
     if getattr(args, "toy", False):
         print("WARNING: --toy uses INSECURE toy CKKS parameters (no security; tests and demos only)", file=sys.stderr)
+        warnings.filterwarnings("ignore", category=P.ToyParametersWarning)  # said once, above
         return P.resolve("toy")
     return P.resolve("default")
 
 
-def _export(args) -> int:
+def cmd_export(args) -> int:
     import transformers
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
                               AutoModelForSequenceClassification)
@@ -54,7 +50,7 @@ def _export(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
+def cmd_inspect(args) -> int:
     from .he import Export, plan_for_export, plan_report
 
     model = Export(args.export_dir)
@@ -70,7 +66,7 @@ def _inspect(args) -> int:
     return 0
 
 
-def _keygen(args) -> int:
+def cmd_keygen(args) -> int:
     from .he import Client
 
     t0 = time.perf_counter()
@@ -89,7 +85,7 @@ def _client(args, export):
     return Client.load(export, args.keys)
 
 
-def _encrypt(args) -> int:
+def cmd_encrypt(args) -> int:
     import numpy as np
 
     from .he import Export
@@ -113,7 +109,7 @@ def _encrypt(args) -> int:
     return 0
 
 
-def _run(args) -> int:
+def cmd_run(args) -> int:
     from .he import Server
     from .he.runtime.ciphertext import read_header
 
@@ -130,7 +126,7 @@ def _run(args) -> int:
     return 0
 
 
-def _decrypt(args) -> int:
+def cmd_decrypt(args) -> int:
     import numpy as np
 
     from .he import Export
@@ -155,7 +151,7 @@ def _decrypt(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
+def cmd_serve(args) -> int:
     from .serve.app import MiB, serve
 
     print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys)", flush=True)
@@ -165,7 +161,7 @@ def _serve(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
+def cmd_demo(args) -> int:
     from .demo import run_demo
 
     result = run_demo(steps=args.steps, degree=args.degree, max_new_tokens=args.max_new_tokens, fast=args.fast,
@@ -173,83 +169,9 @@ def _demo(args) -> int:
     return 0 if result["fully_polynomial"] and result.get("encrypted_matches", True) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-polyhe", description="Polynomial transformers on encrypted data.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("export", help="export a fully polynomial Poly model (save_pretrained dir) for encrypted inference")
-    p.add_argument("model_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--max-length", type=int, default=None, help="longest sequence the export accepts")
-    p.set_defaults(func=_export)
-
-    p = sub.add_parser("inspect", help="print an export's description and the CKKS planner report")
-    p.add_argument("export_dir")
-    p.add_argument("--toy", action="store_true", help="plan for INSECURE toy parameters instead of 128-bit")
-    p.set_defaults(func=_inspect)
-
-    p = sub.add_parser("keygen", help="generate a key set for an export: secret key + public server bundle")
-    p.add_argument("export_dir")
-    p.add_argument("--keys", required=True, help="client key directory (holds the SECRET key, made 0700/0600)")
-    p.add_argument("--bundle", default=None, help="where to write the public server bundle (default KEYS/server_bundle)")
-    p.add_argument("--toy", action="store_true", help="INSECURE toy parameters (tests only)")
-    p.set_defaults(func=_keygen)
-
-    p = sub.add_parser("encrypt", help="embed and encrypt a text or an image (client side)")
-    p.add_argument("export_dir")
-    p.add_argument("--keys", required=True)
-    p.add_argument("--text", default=None)
-    p.add_argument("--image", default=None, help=".npy file of pixel values (C x H x W)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_encrypt)
-
-    p = sub.add_parser("run", help="evaluate the export on a ciphertext (server side, public keys only)")
-    p.add_argument("export_dir")
-    p.add_argument("--bundle", required=True, help="the client's public server bundle")
-    p.add_argument("--in", dest="inp", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_run)
-
-    p = sub.add_parser("decrypt", help="decrypt encrypted logits and print labels / next tokens (client side)")
-    p.add_argument("export_dir")
-    p.add_argument("--keys", required=True)
-    p.add_argument("--in", dest="inp", required=True)
-    p.add_argument("--top-k", type=int, default=3)
-    p.set_defaults(func=_decrypt)
-
-    p = sub.add_parser("serve", help="HTTP server holding only the server part of an export")
-    p.add_argument("export_dir")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-sessions", type=int, default=4)
-    p.add_argument("--max-request-mb", type=int, default=64, help="largest ciphertext upload (MiB)")
-    p.add_argument("--max-bundle-mb", type=int, default=4096, help="largest key bundle upload (MiB)")
-    p.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("demo", help="train a tiny PolyGPT, make it polynomial, export it, generate encrypted")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--degree", type=int, default=15, help="polynomial degree of the GELU (default 15)")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated in the clear (default 12)")
-    p.add_argument("--encrypted-tokens", type=int, default=None,
-                   help="tokens generated under encryption (default: 2 at 128-bit, 3 with --fast)")
-    p.add_argument("--fast", action="store_true", help="INSECURE toy CKKS parameters (quick look; prints a warning)")
-    p.add_argument("--no-encrypt", action="store_true", help="skip the encrypted part")
-    p.set_defaults(func=_demo)
-    return parser
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
+from hf_polyhe_cli import build_parser, main  # noqa: E402  (``python -m hf_polyhe.cli`` and older imports)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,3 +74,48 @@ def test_keygen_encrypt_run_decrypt(exported, capsys):
     plain = pipeline("encrypted-text-classification", model=exp, backend="plain")("a big red dog", top_k=None)
     assert [x["label"] for x in labels] == [x["label"] for x in plain]
     assert [x["score"] for x in labels] == pytest.approx([x["score"] for x in plain], abs=1e-6)
+    # the input ciphertext is not logits: refused in one line (it used to print labels such as LABEL_71)
+    capsys.readouterr()
+    assert main(["decrypt", exp, "--keys", str(keys), "--in", str(exported / "x.ct")]) == 1
+    err = capsys.readouterr().err
+    assert "holds embeddings, expected logits" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_help_version_and_argument_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_polyhe_cli\n"
+            "for argv in (['--help'], ['--version'], ['export'], ['serve', '--help'], ['nope']):\n"
+            "    try:\n"
+            "        hf_polyhe_cli.main(argv)\n"
+            "    except SystemExit as e:\n"
+            "        print('exit', e.code)\n"
+            "print('heavy', 'torch' in sys.modules, 'transformers' in sys.modules, 'hf_polyhe' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "heavy False False False"
+    assert [x for x in lines if x.startswith("exit")] == ["exit 0", "exit 0", "exit 2", "exit 0", "exit 2"]
+    assert "hf-polyhe " in r.stdout and "the following arguments are required" in r.stderr
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    assert sorted(subs) == sorted(VERBS)
+    for verb, p in subs.items():
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"{verb} {action.option_strings or action.dest} has no help text"
+
+
+def test_user_errors_are_one_line_and_hub_mode_is_left_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-polyhe inspect: error:") and "not an encrypted pipeline export" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "HF_HUB_OFFLINE" not in os.environ  # the command does not force offline mode on its user
+    with pytest.raises(Exception, match="not an encrypted pipeline export"):
+        main(["--traceback", "inspect", str(tmp_path)])

@@ -273,3 +273,17 @@ def test_toy_parameters_warn_once_per_run(exports, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.count("ToyParametersWarning") == 1, r.stderr[-3000:]
+
+
+def test_key_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    from hf_polyhe.he.runtime.keys import default_key_dir
+
+    for var in ("HF_POLYHE_KEY_DIR", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert default_key_dir() == os.path.join(os.path.expanduser("~"), ".cache", "hf_polyhe", "keys")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_key_dir() == str(tmp_path / "xdg" / "hf_polyhe" / "keys")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert default_key_dir() == str(tmp_path / "hf" / "hf_polyhe" / "keys")
+    monkeypatch.setenv("HF_POLYHE_KEY_DIR", str(tmp_path / "mine"))
+    assert default_key_dir() == str(tmp_path / "mine")

@@ -209,3 +209,33 @@ def test_sampling_is_client_side_and_respects_top_k():
     assert draws == {1, 2}
     with pytest.raises(ValueError, match="temperature"):
         sample_next_token(logits, do_sample=True, temperature=0)
+
+
+@pytest.mark.parametrize("family,hidden,heads", [("bert", 48, 3), ("gpt", 96, 3)])
+@torch.no_grad()
+def test_hidden_sizes_that_are_not_powers_of_two(tmp_path, family, hidden, heads):
+    """LayerNorm over d = 48 / 96 features in blocks of 64 / 128 (as 384 in 512 for a MiniLM-size encoder): the
+    mean is spread over the valid columns only, so the variance's row sum reads zero padding; exact against
+    torch, and the export plans."""
+    import warnings
+
+    from hf_polyhe.export import calibrate_ranges
+    from hf_polyhe.he import params as P
+    from hf_polyhe.he import plan_for_export
+
+    cls = hf_polyhe.PolyBertForSequenceClassification if family == "bert" else hf_polyhe.PolyGPTForCausalLM
+    model = cls(tiny_config(family, hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden,
+                            attention_activation="gelu", norm_type="poly_layernorm")).eval()
+    ids = torch.randint(1, 97, (1, 8))
+    hf_polyhe.to_polynomial(model, ranges=calibrate_ranges(model, [{"input_ids": torch.randint(1, 97, (8, 8))}]),
+                            degree=15)
+    save_encrypted_pipeline(model, None, tmp_path, max_length=8, plan=False)
+    enc = Export(tmp_path)
+    logits = model.double()(input_ids=ids).logits[0]
+    expected = (logits[-1] if family == "gpt" else logits).numpy()
+    got = PlainServer(enc).run(enc.embed(input_ids=ids[0].numpy())).reshape(-1)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = plan_for_export(enc, P.toy(), lengths=[8], kv_cache=False)
+    assert plan.summary["full"]["counts"]["rotate"] > 0

@@ -537,7 +537,7 @@ class RowSum(OpSpec):
                 f"row_sum over {x.cols} features in blocks of {x.block} reads padding columns that may be "
                 "nonzero here (after a poly/rotate); insert mul_plain(x, ones((cols,))) first"
             )
-        return x.with_(clean=not ragged)
+        return x.with_(clean=True)  # the sum is spread over the valid columns only (see execute)
 
     def reference(self, c, node, xs, lay):
         s = float(node.attrs.get("scale", 1.0)) * xs[0].sum(axis=1, keepdims=True)
@@ -571,8 +571,15 @@ class RowSum(OpSpec):
             s = _rot_sum(ev, s, 1, D)
             mask = np.zeros(L.slots)
             mask[np.arange(L.block_rows(rb)) * D] = scale
-            m = _rot_sum(ev, be.mul_plain(s, mask), -1, D)
-            out.extend([m] * L.col_blocks)
+            col0 = be.mul_plain(s, mask)
+            # each column block gets the sum in its valid columns only, so a ragged width (d = 384 in blocks of
+            # 512) keeps zero padding and a following row_sum (LayerNorm's variance) reads no garbage
+            spread = {}
+            for cb in range(L.col_blocks):
+                w = L.block_cols(cb)
+                if w not in spread:
+                    spread[w] = _rot_sum(ev, col0, -1, D) if w == D else _spread_prefix(ev, col0, w)
+                out.append(spread[w])
         return out
 
 
@@ -732,6 +739,24 @@ def _rot_sum(ev, ct, unit: int, n: int, whole: bool = False):
         ct = be.add(ct, rotate(ct, step * unit))
         step *= 2
     return ct
+
+
+def _spread_prefix(ev, ct, n: int):
+    """Column 0 of every row copied into columns ``[0, n)`` of that row and nowhere else, for any ``n`` (not only
+    powers of two): doublings up to the largest power of two in ``n``, then one rotated piece per further set bit
+    of ``n`` (``log2 n + popcount(n) - 1`` rotations)."""
+    be = ev.backend
+    pieces, width = {1: ct}, 1
+    while 2 * width <= n:
+        pieces[2 * width] = be.add(pieces[width], ev.rotate(pieces[width], -width))
+        width *= 2
+    out, offset = None, 0
+    for b in reversed(range(n.bit_length())):
+        if n >> b & 1:
+            piece = pieces[1 << b] if offset == 0 else ev.rotate(pieces[1 << b], -offset)
+            out = piece if out is None else be.add(out, piece)
+            offset += 1 << b
+    return out
 
 
 def _key_weighted(ev, node, ct, L, dh):

@@ -8,6 +8,8 @@ the converted model computes the same function; pass overrides (``attention_type
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -168,15 +170,32 @@ def _map_state_dict(state_dict: dict, rules: list) -> dict:
     return out
 
 
+def config_fields(config_class) -> list[str]:
+    """The fields a config class declares (its own and ``PreTrainedConfig``'s), plus settable properties
+    such as ``num_labels``."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    props = [k for k in dir(config_class) if isinstance(getattr(config_class, k, None), property)
+             and getattr(config_class, k).fset is not None and not k.startswith("_")]
+    return sorted(set(names) | set(props))
+
+
 def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
     """Build the Poly counterpart of a transformers GPT-2 / BERT / ViT model and copy every weight.
 
     ``overrides`` set Poly config fields (e.g. ``attention_type="pointwise"``, ``norm_type="poly_layernorm"``,
-    ``hidden_act="relu"``). With none, attention stays softmax and norms exact: outputs are unchanged."""
+    ``hidden_act="relu"``); anything else (``degree=31`` instead of ``poly_degree=31``) raises ``ValueError``.
+    With none, attention stays softmax and norms exact: outputs are unchanged."""
     name = type(model).__name__
     if name not in CONVERSIONS:
         raise ValueError(f"cannot convert {name}; accepted: {', '.join(CONVERSIONS)}")
     spec = CONVERSIONS[name]
+    fields = config_fields(spec.config_class)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        close = [m for u in unknown for m in difflib.get_close_matches(u, fields, n=1, cutoff=0.6)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown {spec.config_class.__name__} field(s) {', '.join(map(repr, unknown))} for "
+                         f"convert_to_poly{hint}; accepted: {', '.join(fields)}")
     src = model.config
     kwargs = {**spec.config_map(src), **EXACT_OVERRIDES}
     if getattr(src, "id2label", None) is not None:

@@ -203,6 +203,8 @@ def test_padding_mask_hides_padded_tokens():
         (dict(hidden_act="mish"), "hidden_act 'mish'.*accepted"),
         (dict(attention_activation="sigmoid"), "attention_activation 'sigmoid'"),
         (dict(attention_scaling="log"), "attention_scaling 'log'"),
+        (dict(poly_degrees={"gleu": 7}), r"unknown operator name\(s\) in poly_degrees 'gleu'; accepted: .*gelu"),
+        (dict(poly_degrees={"gelu": 0}), "integers >= 1"),
     ],
 )
 def test_bad_config_errors(overrides, match):

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..nn.operators import PolyOperator
+from ..nn.operators import OPERATOR_ROLES, PolyOperator, check_names, operator_names
 from .ranges import _unwrap
 from ..status import select_operators
 
@@ -107,6 +107,10 @@ class RangeLoss(nn.Module):
         self.config = config
         # not registered as submodules: the loss must not own the model
         self._operators = select_operators(_unwrap(model), config.ops, config.roles, config.layers)
+        keys = [*OPERATOR_ROLES, *operator_names(), *select_operators(_unwrap(model))]
+        for name in ("bounds", "intervals"):  # a misspelt key would silently fall back to the default
+            check_names(list(getattr(config, name) or {}), keys,
+                        f"key(s) in RangeLossConfig.{name} (operator role, operator name or module path)")
         self._range_terms: list = []
         self._variance_terms: list = []
         self._stats: dict[str, torch.Tensor] = {}

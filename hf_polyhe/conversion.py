@@ -67,8 +67,10 @@ BERT_RULES: list = [
     (r"classifier\.(weight|bias)", r"classifier.\1"),
     (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"lm_head.dense.\1"),
     (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"lm_head.norm.\1"),
-    (r"cls\.predictions\.bias", r"lm_head.bias"),
-    (r"cls\.predictions\.decoder\.bias", None),  # the same tensor as cls.predictions.bias
+    # The bias BERT's forward adds is the decoder's; cls.predictions.bias is the same tensor when the embeddings are
+    # tied and an unused one otherwise (transformers 5 ties it only with tie_word_embeddings).
+    (r"cls\.predictions\.decoder\.bias", r"lm_head.bias"),
+    (r"cls\.predictions\.bias", None),
     (r"cls\.predictions\.decoder\.weight", r"lm_head.decoder.weight"),
 ]
 
@@ -210,8 +212,7 @@ def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
         if not has_pooler:
             target.pooler = None
     mapped = _map_state_dict(model.state_dict(), spec.rules)
-    ties = getattr(config, "tie_word_embeddings", False)
-    tied = set(target.all_tied_weights_keys) if ties else set()
+    tied = set(target.all_tied_weights_keys)  # honours tie_word_embeddings (the MLM bias is tied either way)
     for k in tied:
         mapped.pop(k, None)
     own = target.state_dict()
@@ -224,7 +225,6 @@ def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
                and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     if missing or result.unexpected_keys:
         raise ValueError(f"conversion left weights unfilled {missing} or unused {result.unexpected_keys}")
-    if ties:
-        target.tie_weights()
+    target.tie_weights()
     target.train(model.training)
     return target

@@ -78,7 +78,7 @@ def test_conversion_to_he_friendly_architecture_then_polynomial():
     torch.testing.assert_close(poly.transformer.wte.weight, source.transformer.wte.weight)
     torch.testing.assert_close(poly.transformer.h[0].attn.q_proj.weight, source.transformer.h[0].attn.c_attn.weight[:, :32].t())
     assert not hf_polyhe.polynomial_status(poly).is_polynomial
-    hf_polyhe.to_polynomial(poly)
+    hf_polyhe.to_polynomial(poly, calibration_data=[_text_inputs()])
     assert hf_polyhe.polynomial_status(poly).is_polynomial
     assert torch.isfinite(poly(**_text_inputs()).logits).all()
 
@@ -133,3 +133,17 @@ def test_quick_path_on_a_trained_checkpoint_needs_calibration():
         with torch.no_grad():
             got = model(**held_out).last_hidden_state
         assert torch.isfinite(got).all() and float((got - exact).norm() / exact.norm()) < 0.1
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_masked_lm_decoder_bias_is_copied(tie):
+    """BERT's forward adds the decoder's bias (the same tensor as cls.predictions.bias only when tied)."""
+    source = BertForMaskedLM(BertConfig(**BERT, tie_word_embeddings=tie)).eval()
+    with torch.no_grad():
+        source.cls.predictions.decoder.bias.normal_()
+        source.cls.predictions.decoder.weight.normal_()
+    poly = hf_polyhe.convert_to_poly(source).eval()
+    ids = torch.randint(1, 97, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(poly(input_ids=ids).logits, source(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert poly.lm_head.decoder.bias is poly.lm_head.bias

@@ -104,3 +104,32 @@ def test_auto_classes_load_saved_models_without_import(tmp_path):
         assert total == pytest.approx(value, rel=1e-5, abs=1e-5)
         assert modes == [o.mode for o in status.operators] and "poly" in modes
     assert got["AutoModel"][0] == "hf_polyhe.models.poly_bert.modeling_poly_bert.PolyBertModel"
+
+
+# -- resize_token_embeddings --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("family,cls", [("bert", hf_polyhe.PolyBertForMaskedLM), ("gpt", hf_polyhe.PolyGPTForCausalLM)],
+                         ids=["bert", "gpt"])
+def test_resize_token_embeddings(tmp_path, family, cls, tie):
+    model = cls(tiny_config(family, tie_word_embeddings=tie)).eval()
+    if family == "bert":
+        with torch.no_grad():
+            model.lm_head.bias.normal_()  # a trained MLM bias, so that losing or misplacing it shows
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        model.resize_token_embeddings(120)
+        assert model.config.vocab_size == 120
+        assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 120
+        if family == "bert":  # BERT's layout: the decoder's bias is lm_head.bias, resized with it
+            assert model.lm_head.decoder.bias is model.lm_head.bias and model.lm_head.bias.shape == (120,)
+        out = model(**inputs, labels=inputs["input_ids"])
+        assert out.logits.shape == (2, 9, 120) and torch.isfinite(out.loss)
+        torch.testing.assert_close(out.logits[..., :97], before)  # the old tokens keep their logits
+        new_ids = torch.tensor([[100, 119, 5]])
+        assert model(input_ids=new_ids, labels=new_ids).logits.shape == (1, 3, 120)
+        model.save_pretrained(tmp_path)
+        loaded = cls.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, out.logits)
+        model.resize_token_embeddings(90)
+        assert model(**{**inputs, "input_ids": inputs["input_ids"] % 90}).logits.shape == (2, 9, 90)

@@ -91,22 +91,27 @@ class PolyBertModel(PolyBertPreTrainedModel):
 
 
 class PolyBertLMHead(nn.Module):
-    """``decoder(norm(act(dense(h)))) + bias``; the decoder is tied to the word embeddings."""
+    """``decoder(norm(act(dense(h))))``. As in BERT, the decoder's weight is tied to the word embeddings and its
+    bias is ``self.bias`` (one tensor under two names), so ``resize_token_embeddings`` resizes both."""
 
     def __init__(self, config: PolyBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = make_activation(config.hidden_act, config, "head_act")
         self.norm = make_norm(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
 
     def forward(self, hidden_states):
-        return self.decoder(self.norm(self.act(self.dense(hidden_states)))) + self.bias
+        return self.decoder(self.norm(self.act(self.dense(hidden_states))))
 
 
 class PolyBertForMaskedLM(PolyBertPreTrainedModel):
-    _tied_weights_keys = {"lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _tied_weights_keys = {
+        "lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
 
     def __init__(self, config: PolyBertConfig):
         super().__init__(config)
@@ -114,11 +119,16 @@ class PolyBertForMaskedLM(PolyBertPreTrainedModel):
         self.lm_head = PolyBertLMHead(config)
         self.post_init()
 
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # The decoder's bias is lm_head.bias even when tie_word_embeddings=False (transformers then ties nothing).
+        return {**super().get_expanded_tied_weights_keys(all_submodels), "lm_head.decoder.bias": "lm_head.bias"}
+
     def get_output_embeddings(self):
         return self.lm_head.decoder
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head.decoder = new_embeddings
+        self.lm_head.bias = new_embeddings.bias
 
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs

@@ -2,6 +2,7 @@
 the Auto classes with trust_remote_code (no `import hf_polyhe`), resize_token_embeddings, output_hidden_states /
 output_attentions / return_dict=False, gradient checkpointing."""
 
+import copy
 import json
 import os
 import subprocess
@@ -133,3 +134,121 @@ def test_resize_token_embeddings(tmp_path, family, cls, tie):
         torch.testing.assert_close(loaded(**inputs).logits, out.logits)
         model.resize_token_embeddings(90)
         assert model(**{**inputs, "input_ids": inputs["input_ids"] % 90}).logits.shape == (2, 9, 90)
+
+
+# -- output_hidden_states / output_attentions / return_dict ---------------------------------------------------------
+def _converted_pairs():
+    """(transformers model, its exact Poly conversion, inputs) for GPT-2, BERT and ViT, eager attention."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    ids = {"input_ids": torch.randint(1, 97, (2, 7))}
+    sources = [
+        (GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=3, n_head=4)), ids),
+        (BertModel(BertConfig(vocab_size=97, max_position_embeddings=16, **small)), ids),
+        (ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_labels=3, **small)),
+         {"pixel_values": torch.randn(2, 3, 8, 8)}),
+    ]
+    for source, inputs in sources:
+        source.config._attn_implementation = "eager"  # attention weights are only returned by eager attention
+        yield source.eval(), hf_polyhe.convert_to_poly(source).eval(), inputs
+
+
+def test_hidden_states_and_attentions_match_gpt2_bert_vit():
+    """The exact conversion of GPT-2 / BERT / ViT returns the same hidden states (embeddings, each layer; the last
+    after GPT-2's final norm, before ViT's) and the same attention weights as the original."""
+    for source, poly, inputs in _converted_pairs():
+        with torch.no_grad():
+            ref = source(**inputs, output_hidden_states=True, output_attentions=True)
+            got = poly(**inputs, output_hidden_states=True, output_attentions=True)
+        name = type(source).__name__
+        assert len(got.hidden_states) == len(ref.hidden_states) == 4, name
+        assert len(got.attentions) == len(ref.attentions) == 3, name
+        for a, b in zip(got.hidden_states + got.attentions, ref.hidden_states + ref.attentions):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family,cls", [("gpt", hf_polyhe.PolyGPTForCausalLM), ("gpt", hf_polyhe.PolyGPTModel),
+                                        ("bert", hf_polyhe.PolyBertForMaskedLM),
+                                        ("bert", hf_polyhe.PolyBertForSequenceClassification),
+                                        ("bert", hf_polyhe.PolyBertModel),
+                                        ("vit", hf_polyhe.PolyViTForImageClassification), ("vit", hf_polyhe.PolyViTModel)],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_output_flags_and_tuples(family, cls):
+    """Softmax-free attention weights per layer (rows of a causal model are zero past the query), hidden states
+    per layer, tuples with return_dict=False (argument or config), and nothing extra by default."""
+    model = cls(tiny_config(family, attention_type="pointwise")).eval()
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        plain = model(**inputs)
+        full = model(**inputs, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**inputs, return_dict=False, output_hidden_states=True)
+        model.config.return_dict = False
+        from_config = model(**inputs)
+        model.config.output_attentions = True
+    assert plain.hidden_states is None and plain.attentions is None
+    n, length = 2, inputs.get("input_ids", torch.zeros(2, 5)).shape[1]
+    assert len(full.hidden_states) == n + 1 and len(full.attentions) == n
+    assert all(h.shape == (2, length, 32) for h in full.hidden_states)
+    for w in full.attentions:
+        assert w.shape == (2, 4, length, length) and (w >= 0).all()  # relu weights, not a softmax: rows need not sum to 1
+        assert not torch.allclose(w.sum(-1), torch.ones(()))
+        if family == "gpt":
+            assert (w.triu(1) == 0).all()
+        if "attention_mask" in inputs:
+            assert (w[0, :, :, -2:] == 0).all()  # padded keys get no weight
+    assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
+    torch.testing.assert_close(as_tuple[0], _output(plain))
+    torch.testing.assert_close(from_config[0], _output(plain))
+    assert any(isinstance(x, tuple) and len(x) == n + 1 for x in as_tuple)  # the hidden states
+    with torch.no_grad():
+        assert len(model(**inputs)[-1]) == n  # config.output_attentions=True
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,cls,labels", [
+    ("gpt", hf_polyhe.PolyGPTForCausalLM, lambda i: i["input_ids"]),
+    ("bert", hf_polyhe.PolyBertForSequenceClassification, lambda i: torch.tensor([0, 2])),
+    ("vit", hf_polyhe.PolyViTForImageClassification, lambda i: torch.tensor([1, 4])),
+], ids=["gpt", "bert", "vit"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, cls, labels):
+    """With the range loss and polynomial / blended operators: same losses and gradients with and without
+    checkpointing, over two steps (the recomputation in the backward pass must not feed the next step's range
+    loss), and the blocks really are recomputed."""
+    from hf_polyhe.training import RangeLoss, RangeLossConfig, RangeTracker
+
+    config = tiny_config(family, attention_type="pointwise", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         **({"norm_type": "poly_layernorm"} if family != "vit" else {}))
+    inputs = tiny_inputs(family)
+    reference = cls(config).train()
+    hf_polyhe.to_polynomial(reference, roles=["mlp_act"], calibration_data=[inputs])
+    for op in hf_polyhe.nn.poly_operators(reference).values():
+        if op.role == "attn_act":  # half-way through a ramp
+            op.fit(interval=(-1.0, 1.0))
+            op.set_mode("blend", 0.5)
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing and not reference.is_gradient_checkpointing
+    block = next(m for m in checkpointed.modules() if type(m).__name__ == "PolyBlock")
+    calls = []
+    block.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    results, counts = [], []
+    for model in (reference, checkpointed):
+        penalty = RangeLoss(model, RangeLossConfig(alpha=10.0, bound=0.05, beta=10.0, max_variance=1e-3))
+        tracker = RangeTracker(model, training_only=True)
+        steps = []
+        for _ in range(2):
+            model.zero_grad()
+            loss = model(**inputs, labels=labels(inputs)).loss + penalty()
+            loss.backward()
+            steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(steps)
+        counts.append({p: r.count for p, r in tracker.ranges().items()})
+    assert counts[0] == counts[1]  # the recomputation is not measured twice either
+    assert len(calls) == 4  # 2 steps x (forward + recomputation in backward)
+    for (loss_ref, grads_ref), (loss_ckpt, grads_ckpt) in zip(*results):
+        assert loss_ckpt == pytest.approx(loss_ref, rel=1e-6)
+        assert grads_ckpt.keys() == grads_ref.keys() and len(grads_ref) > 10
+        for name in grads_ref:
+            torch.testing.assert_close(grads_ckpt[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -18,7 +18,10 @@ import copy
 import os
 
 from transformers import PreTrainedModel
+from transformers.utils.output_capturing import OutputRecorder
 
+from .attention import PolyAttention
+from .layers import PolyBlock
 from .operators import PolyOperator
 
 REMOTE_CODE_HEADER = '''"""Written by hf_polyhe's save_pretrained: lets `AutoConfig` / `AutoModel*.from_pretrained(..., trust_remote_code=True)`
@@ -54,9 +57,12 @@ def remote_code(config_class) -> tuple[dict, dict]:
 
 
 class PolyPreTrainedModel(PreTrainedModel):
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the blocks are GradientCheckpointingLayers
     _supports_sdpa = False
     _supports_flash_attn = False
+    # output_hidden_states / output_attentions, captured by transformers' hooks as in GPT-2 / BERT / ViT: the input
+    # of the first block and the output of every block; the (softmax-free) attention weights of every layer
+    _can_record_outputs = {"hidden_states": PolyBlock, "attentions": OutputRecorder(PolyAttention, index=1)}
 
     def _spec_key(self, path: str) -> str:
         """Paths are stored relative to the base model so heads and bare models share them."""

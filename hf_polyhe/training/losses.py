@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..nn.operators import OPERATOR_ROLES, PolyOperator, check_names, operator_names
-from .ranges import _unwrap
+from .ranges import _unwrap, in_backward
 from ..status import select_operators
 
 
@@ -139,11 +139,17 @@ class RangeLoss(nn.Module):
                 return
             x = args[0]
             lo, hi = self.target_interval(path, module)
-            if module.op == "inv_sqrt":
-                self._variance_terms.append(range_penalty(x, lo, hi, power=1))
+            norm = module.op == "inv_sqrt"
+            term = range_penalty(x, lo, hi, power=1 if norm else self.config.power)
+            # Gradient checkpointing recomputes a block's forward inside backward: the penalty is computed again so
+            # that the recomputation saves the same tensors as the forward pass, but it was counted already.
+            if in_backward():
+                return
+            if norm:
+                self._variance_terms.append(term)
                 self._record(f"range/{module.role}_var_max", x.detach().max())
             else:
-                self._range_terms.append(range_penalty(x, lo, hi, power=self.config.power))
+                self._range_terms.append(term)
                 self._record(f"range/{module.role}_absmax", x.detach().abs().max())
 
         return hook

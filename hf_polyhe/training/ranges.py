@@ -26,6 +26,12 @@ from ..nn.operators import OPERATOR_ROLES, PolyOperator, check_names, operator_n
 from ..status import select_operators
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass. Gradient checkpointing re-runs a checkpointed block's forward
+    there: its operator inputs were recorded in the forward pass already and must not count twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class OperatorRange:
     """Observed input range of one operator (``lo``/``hi`` are ``±inf`` before any observation)."""
@@ -118,7 +124,7 @@ class RangeTracker:
 
     def _hook(self, path: str):
         def hook(module, args):
-            if self.enabled and (module.training or not self.training_only):
+            if self.enabled and (module.training or not self.training_only) and not in_backward():
                 self._stats[path].update(args[0])
 
         return hook

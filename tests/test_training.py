@@ -374,7 +374,7 @@ def _numbers(tree) -> list:
     return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def _train_with_checkpoints(out, resume_from=None):
+def _train_with_checkpoints(out, resume_from=None, restore_callback_states=False):
     torch.manual_seed(0)
     model = gpt(attention_activation="gelu")
     # at the step-5 checkpoint the MLP activations are polynomials half-way through their ramp (weight 4/6) and
@@ -387,26 +387,35 @@ def _train_with_checkpoints(out, resume_from=None):
     data = [torch.randint(0, 97, (12,), generator=g).tolist() for _ in range(48)]
     trainer = Trainer(model=model, train_dataset=Blocks(data), callbacks=[cb, recorder],
                       args=args(out, max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
-                                save_strategy="steps", save_steps=5))
+                                save_strategy="steps", save_steps=5,
+                                restore_callback_states_from_checkpoint=restore_callback_states))
     trainer.train(resume_from_checkpoint=resume_from)
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    return model, cb, recorder, losses
+    # with restore_callback_states_from_checkpoint the Trainer replaces cb by one rebuilt from the checkpoint
+    used = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PolyReplacementCallback))
+    assert (used is not cb) == (restore_callback_states and resume_from is not None)
+    return model, used, recorder, losses
 
 
-def test_resume_from_checkpoint_continues_the_replacement(tmp_path):
+@pytest.mark.parametrize("restore_callback_states", [False, True], ids=["own-restore", "trainer-rebuilds"])
+def test_resume_from_checkpoint_continues_the_replacement(tmp_path, restore_callback_states):
     """Resuming from a mid-schedule checkpoint gives the run that was never interrupted: same operators polynomial
-    with the same polynomials, the ramp at the same point, no stage applied twice, same losses and weights."""
+    with the same polynomials, the ramp at the same point, no stage applied twice, same losses and weights. Also
+    when the Trainer rebuilds the callback from the checkpoint (restore_callback_states_from_checkpoint=True)."""
     full, full_cb, full_modes, full_losses = _train_with_checkpoints(tmp_path / "full")
     checkpoint = tmp_path / "full" / "out" / "checkpoint-5"
     saved = json.loads((checkpoint / "config.json").read_text())["poly_operators"]
     assert saved["h.0.mlp.act"]["mode"] == "blend" and saved["h.0.mlp.act"]["blend_weight"] == pytest.approx(4 / 6)
     assert "PolyReplacementCallback" in json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
 
-    resumed, cb, modes, losses = _train_with_checkpoints(tmp_path / "resumed", resume_from=str(checkpoint))
+    resumed, cb, modes, losses = _train_with_checkpoints(tmp_path / "resumed", resume_from=str(checkpoint),
+                                                         restore_callback_states=restore_callback_states)
     assert min(modes.steps) == 6
-    for step in range(6, 13):  # the ramp goes on where it stopped (step 6: 5/6), the second stage starts at 7
-        assert modes.steps[step] == full_modes.steps[step], step
-    assert modes.steps[6]["transformer.h.0.mlp.act"] == ("blend", round(5 / 6, 6))
+    # (a rebuilt callback comes after the recorder, which then sees each step's modes one step late)
+    lag = 1 if restore_callback_states else 0
+    for step in range(6 + lag, 13):  # the ramp goes on where it stopped (step 6: 5/6), the second stage starts at 7
+        assert modes.steps[step] == full_modes.steps[step - lag], step
+    assert modes.steps[6 + lag]["transformer.h.0.mlp.act"] == ("blend", round(5 / 6, 6))
     # every stage fitted once, at its own step, on the same intervals (the window of ranges survived the restart)
     assert [(h["path"], h["step"]) for h in cb.history] == [(h["path"], h["step"]) for h in full_cb.history]
     assert [h["step"] for h in cb.history].count(2) == 2

@@ -137,6 +137,7 @@ def to_polynomial(
                          "attention_type='pointwise' or 'power' and norm_type='poly_layernorm' or 'batchnorm'")
     selected = select_operators(model, ops, roles, layers)
     ranges = dict(ranges or {})
+    check_names(list(ranges), list(select_operators(model)), "module path(s) in ranges")  # else silently unused
     if calibration_data is not None:
         from .training.ranges import calibrated_intervals  # training imports this module
 

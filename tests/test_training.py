@@ -492,6 +492,8 @@ def test_callback_without_arguments_spreads_a_default_schedule(tmp_path, caplog)
     (lambda: RangeTracker(gpt(), roles=["mlp"]), r"unknown operator role\(s\) 'mlp'"),
     (lambda: RangeLoss(gpt(), RangeLossConfig(bounds={"atn_act": 4.0})), r"'atn_act'.*accepted: .*attn_act"),
     (lambda: hf_polyhe.to_polynomial(gpt(), roles=["norms"]), r"unknown operator role\(s\) 'norms'"),
+    (lambda: hf_polyhe.to_polynomial(gpt(), ranges={"transformer.h.0.mlp": (-1, 1)}),
+     r"unknown module path\(s\) in ranges 'transformer.h.0.mlp'; accepted: .*transformer.h.0.mlp.act"),
 ])
 def test_misspelt_names_raise(make, match):
     with pytest.raises(ValueError, match=match):

@@ -16,14 +16,7 @@ else:
     _HAS_TORCH = True
 
 if _HAS_TORCH:
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForImageClassification,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoConfig
 
     from .conversion import convert_to_poly
     from .export import save_encrypted_pipeline
@@ -39,21 +32,15 @@ if _HAS_TORCH:
     from .status import polynomial_status, set_operator_mode, to_polynomial
     from .training import PolyReplacementCallback, PolyTrainer, RangeLoss, RangeLossConfig, RangeTracker
 
-    _AUTO_REGISTRATIONS = [
-        (PolyGPTConfig, AutoModel, PolyGPTModel),
-        (PolyGPTConfig, AutoModelForCausalLM, PolyGPTForCausalLM),
-        (PolyBertConfig, AutoModel, PolyBertModel),
-        (PolyBertConfig, AutoModelForMaskedLM, PolyBertForMaskedLM),
-        (PolyBertConfig, AutoModelForSequenceClassification, PolyBertForSequenceClassification),
-        (PolyViTConfig, AutoModel, PolyViTModel),
-        (PolyViTConfig, AutoModelForImageClassification, PolyViTForImageClassification),
-    ]
-
     def _register_auto_classes() -> None:
-        for config_class in (PolyGPTConfig, PolyBertConfig, PolyViTConfig):
+        import transformers
+
+        from .models import AUTO_CLASSES
+
+        for config_class, auto_models in AUTO_CLASSES.items():
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        for config_class, auto_class, model_class in _AUTO_REGISTRATIONS:
-            auto_class.register(config_class, model_class, exist_ok=True)
+            for auto_name, model_class in auto_models.items():
+                getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
 
     _register_auto_classes()
 

@@ -8,6 +8,8 @@ the converted model computes the same function; pass overrides (``attention_type
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -65,8 +67,10 @@ BERT_RULES: list = [
     (r"classifier\.(weight|bias)", r"classifier.\1"),
     (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"lm_head.dense.\1"),
     (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"lm_head.norm.\1"),
-    (r"cls\.predictions\.bias", r"lm_head.bias"),
-    (r"cls\.predictions\.decoder\.bias", None),  # the same tensor as cls.predictions.bias
+    # The bias BERT's forward adds is the decoder's; cls.predictions.bias is the same tensor when the embeddings are
+    # tied and an unused one otherwise (transformers 5 ties it only with tie_word_embeddings).
+    (r"cls\.predictions\.decoder\.bias", r"lm_head.bias"),
+    (r"cls\.predictions\.bias", None),
     (r"cls\.predictions\.decoder\.weight", r"lm_head.decoder.weight"),
 ]
 
@@ -168,15 +172,32 @@ def _map_state_dict(state_dict: dict, rules: list) -> dict:
     return out
 
 
+def config_fields(config_class) -> list[str]:
+    """The fields a config class declares (its own and ``PreTrainedConfig``'s), plus settable properties
+    such as ``num_labels``."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    props = [k for k in dir(config_class) if isinstance(getattr(config_class, k, None), property)
+             and getattr(config_class, k).fset is not None and not k.startswith("_")]
+    return sorted(set(names) | set(props))
+
+
 def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
     """Build the Poly counterpart of a transformers GPT-2 / BERT / ViT model and copy every weight.
 
     ``overrides`` set Poly config fields (e.g. ``attention_type="pointwise"``, ``norm_type="poly_layernorm"``,
-    ``hidden_act="relu"``). With none, attention stays softmax and norms exact: outputs are unchanged."""
+    ``hidden_act="relu"``); anything else (``degree=31`` instead of ``poly_degree=31``) raises ``ValueError``.
+    With none, attention stays softmax and norms exact: outputs are unchanged."""
     name = type(model).__name__
     if name not in CONVERSIONS:
         raise ValueError(f"cannot convert {name}; accepted: {', '.join(CONVERSIONS)}")
     spec = CONVERSIONS[name]
+    fields = config_fields(spec.config_class)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        close = [m for u in unknown for m in difflib.get_close_matches(u, fields, n=1, cutoff=0.6)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown {spec.config_class.__name__} field(s) {', '.join(map(repr, unknown))} for "
+                         f"convert_to_poly{hint}; accepted: {', '.join(fields)}")
     src = model.config
     kwargs = {**spec.config_map(src), **EXACT_OVERRIDES}
     if getattr(src, "id2label", None) is not None:
@@ -191,8 +212,7 @@ def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
         if not has_pooler:
             target.pooler = None
     mapped = _map_state_dict(model.state_dict(), spec.rules)
-    ties = getattr(config, "tie_word_embeddings", False)
-    tied = set(target.all_tied_weights_keys) if ties else set()
+    tied = set(target.all_tied_weights_keys)  # honours tie_word_embeddings (the MLM bias is tied either way)
     for k in tied:
         mapped.pop(k, None)
     own = target.state_dict()
@@ -205,7 +225,6 @@ def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
                and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     if missing or result.unexpected_keys:
         raise ValueError(f"conversion left weights unfilled {missing} or unused {result.unexpected_keys}")
-    if ties:
-        target.tie_weights()
+    target.tie_weights()
     target.train(model.training)
     return target

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
 from .nn.attention import PolyAttention
-from .nn.operators import PolyOperator
+from .nn.operators import OPERATOR_ROLES, PolyOperator, canonical_activation, check_names, operator_names
 
 
 @dataclass
@@ -87,13 +88,22 @@ def select_operators(
     model: nn.Module, ops: Optional[Iterable[str]] = None, roles: Optional[Iterable[str]] = None,
     layers: Optional[Iterable[Optional[int]]] = None,
 ) -> dict:
-    """``{path: PolyOperator}`` filtered by operator name, role and layer index (``None`` = all)."""
+    """``{path: PolyOperator}`` filtered by operator name, role and layer index (``None`` = all). An unknown
+    operator name or role raises ``ValueError`` (a typo would silently select nothing)."""
+    check_selection(ops, roles)
+    ops = [canonical_activation(o) for o in ops] if ops is not None else None
     ops, roles, layers = (set(v) if v is not None else None for v in (ops, roles, layers))
     return {
         p: m for p, m in model.named_modules() if isinstance(m, PolyOperator)
         and (ops is None or m.op in ops) and (roles is None or m.role in roles)
         and (layers is None or m.layer_idx in layers)
     }
+
+
+def check_selection(ops: Optional[Iterable[str]] = None, roles: Optional[Iterable[str]] = None) -> None:
+    """Raise ``ValueError`` for an operator name or role that does not exist (a typo would select nothing)."""
+    check_names(list(ops or ()), operator_names(), "operator name(s)")
+    check_names(list(roles or ()), list(OPERATOR_ROLES), "operator role(s)")
 
 
 def to_polynomial(
@@ -103,18 +113,46 @@ def to_polynomial(
     ops: Optional[Iterable[str]] = None,
     roles: Optional[Iterable[str]] = None,
     layers: Optional[Iterable[Optional[int]]] = None,
+    calibration_data: Optional[Iterable] = None,
+    calibration_batches: Optional[int] = None,
+    margin=None,
     **fit_kwargs,
 ) -> nn.Module:
-    """Fit each selected operator on its interval (``ranges[path]`` if given) and switch it to ``"poly"``.
+    """Fit each selected operator on its interval and switch it to ``"poly"``.
+
+    The interval of an operator is ``ranges[path]`` if given; else, with ``calibration_data`` (batches of model
+    keyword arguments, e.g. ``[{"input_ids": ids}]``; up to ``calibration_batches`` of them), the range of its
+    input over that data measured with the selected operators exact, widened by ``margin`` (default
+    :data:`~hf_polyhe.training.DEFAULT_MARGIN`; see :func:`~hf_polyhe.training.calibrated_intervals`); else the
+    interval it was last calibrated or fitted on. An operator that never saw data is fitted on a default interval
+    ([-8, 8] for activations, [1e-3, 64] for the 1/sqrt of LayerNorm), which the inputs of a trained model
+    routinely leave -- a polynomial diverges outside its interval (NaN outputs) -- so this warns, naming them.
 
     Refuses models with operators that have no polynomial form (exact ``nn.LayerNorm``, softmax)."""
+    check_selection(ops, roles)  # before any work
     blockers = [o for o in polynomial_status(model).operators if not o.convertible]
     if blockers:
         names = ", ".join(f"{o.path} ({o.op})" for o in blockers[:6])
         raise ValueError(f"these operators have no polynomial form: {names}; rebuild the model with "
                          "attention_type='pointwise' or 'power' and norm_type='poly_layernorm' or 'batchnorm'")
-    ranges = ranges or {}
-    for path, op in select_operators(model, ops, roles, layers).items():
+    selected = select_operators(model, ops, roles, layers)
+    ranges = dict(ranges or {})
+    check_names(list(ranges), list(select_operators(model)), "module path(s) in ranges")  # else silently unused
+    if calibration_data is not None:
+        from .training.ranges import calibrated_intervals  # training imports this module
+
+        measured = calibrated_intervals(model, calibration_data, calibration_batches, margin, ops=ops, roles=roles,
+                                        layers=layers)
+        ranges = {**measured, **ranges}
+    uncalibrated = [f"{p} ({op.op} on [{op.interval[0]:.3g}, {op.interval[1]:.3g}])" for p, op in selected.items()
+                    if p not in ranges and not op.calibrated]
+    if uncalibrated:
+        warnings.warn(
+            f"to_polynomial: {len(uncalibrated)} operator(s) never saw calibration data and are fitted on default "
+            f"intervals, which a trained model's inputs can leave (then the polynomial diverges: NaN outputs): "
+            f"{', '.join(uncalibrated[:4])}{', ...' if len(uncalibrated) > 4 else ''}. Pass calibration_data= "
+            "(a few batches of model inputs) or ranges=.", UserWarning, stacklevel=2)
+    for path, op in selected.items():
         interval = ranges.get(path)
         op.fit(interval=tuple(interval) if interval is not None else None, degree=degree, **fit_kwargs)
         op.set_mode("poly")

@@ -29,7 +29,13 @@ import transformers  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import hf_polyhe  # noqa: E402
-from hf_polyhe.training import PolyReplacementCallback, PolyTrainer, RangeLossConfig, schedule_by_layer  # noqa: E402
+from hf_polyhe.training import (  # noqa: E402
+    PolyReplacementCallback,
+    PolyTrainer,
+    RangeLossConfig,
+    refit_drifted_operators,
+    schedule_by_layer,
+)
 
 
 def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -118,36 +124,13 @@ def train_progressive(model, train_dataset, args, output_dir, steps, data_collat
                           train_dataset=train_dataset, data_collator=data_collator, callbacks=[callback],
                           range_loss=RangeLossConfig(alpha=args.alpha, beta=args.beta, bound=args.bound))
     trainer.train()
-    refit_drifted_operators(model, calibration, args.degree)
+    refit = refit_drifted_operators(model, calibration, args.degree)
+    if refit:
+        print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
     status = hf_polyhe.polynomial_status(model)
     if not status.is_polynomial:
         raise RuntimeError(f"progressive replacement did not finish:\n{status}")
     return trainer, callback
-
-
-def refit_drifted_operators(model, calibration, degree=None, margin=None, batches: int = 16) -> list:
-    """After training, re-measure every operator's input range in eval mode and refit those whose inputs
-    now leave the interval their polynomial was fitted on (training moved the weights since the fit; a
-    polynomial outside its interval diverges). Returns the refitted paths."""
-    from hf_polyhe.nn import poly_operators
-    from hf_polyhe.training import DEFAULT_MARGIN, calibrate, margin_for, widen_interval
-
-    ops = poly_operators(model)
-    ranges = calibrate(model, calibration, batches).ranges
-    ranges = ranges() if callable(ranges) else ranges
-    refit = []
-    for path, r in ranges.items():
-        op = ops.get(path)
-        if op is None or op.approximation is None or not r.observed:
-            continue
-        lo, hi = op.approximation.interval
-        if r.lo < lo or r.hi > hi:
-            m = margin_for(DEFAULT_MARGIN if margin is None else margin, op)
-            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), m), degree=degree)
-            refit.append(path)
-    if refit:
-        print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
-    return refit
 
 
 def is_main_process() -> bool:

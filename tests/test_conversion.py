@@ -1,5 +1,8 @@
 """convert_to_poly copies every weight: the exact-preserving conversion computes the same outputs (1e-5)."""
 
+import copy
+import warnings
+
 import pytest
 import torch
 from transformers import (
@@ -75,7 +78,7 @@ def test_conversion_to_he_friendly_architecture_then_polynomial():
     torch.testing.assert_close(poly.transformer.wte.weight, source.transformer.wte.weight)
     torch.testing.assert_close(poly.transformer.h[0].attn.q_proj.weight, source.transformer.h[0].attn.c_attn.weight[:, :32].t())
     assert not hf_polyhe.polynomial_status(poly).is_polynomial
-    hf_polyhe.to_polynomial(poly)
+    hf_polyhe.to_polynomial(poly, calibration_data=[_text_inputs()])
     assert hf_polyhe.polynomial_status(poly).is_polynomial
     assert torch.isfinite(poly(**_text_inputs()).logits).all()
 
@@ -93,3 +96,54 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(ValueError, match="cannot convert GPT2ForSequenceClassification; accepted: GPT2LMHeadModel"):
         hf_polyhe.convert_to_poly(GPT2ForSequenceClassification(GPT2Config(**GPT2)))
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(ValueError, match=r"unknown PolyGPTConfig field\(s\) 'degree' .*did you mean 'poly_degree'"):
+        hf_polyhe.convert_to_poly(GPT2LMHeadModel(GPT2Config(**GPT2)), attention_type="pointwise", degree=31)
+
+
+def test_quick_path_on_a_trained_checkpoint_needs_calibration():
+    """A trained BERT's operator inputs leave the default intervals (here: GELU inputs up to ~20 where the default
+    is [-8, 8]), so fitting on them gives NaN everywhere: to_polynomial warns. With calibration_data it measures
+    the ranges (exact operators first) and the polynomial model tracks the exact one."""
+    source = BertModel(BertConfig(**BERT)).eval()
+    with torch.no_grad():  # activations of a trained checkpoint: far larger than those of a fresh init
+        for name, p in source.named_parameters():
+            if "intermediate.dense.weight" in name:
+                p.mul_(30.0)
+    he = hf_polyhe.convert_to_poly(source, attention_type="pointwise", norm_type="poly_layernorm").eval()
+    calibration = [{"input_ids": torch.randint(1, 97, (4, 16))} for _ in range(3)]
+    held_out = {"input_ids": torch.randint(1, 97, (4, 16))}
+    with torch.no_grad():
+        exact = he(**held_out).last_hidden_state
+
+    quick = copy.deepcopy(he)
+    with pytest.warns(UserWarning, match="10 operator.*never saw calibration data.*calibration_data="):
+        hf_polyhe.to_polynomial(quick)
+    with torch.no_grad():
+        assert not torch.isfinite(quick(**held_out).last_hidden_state).any()  # what the warning is about
+
+    for model in (copy.deepcopy(he), quick):  # quick: measured with its operators exact again, not its NaN polynomials
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            hf_polyhe.to_polynomial(model, calibration_data=calibration)
+        assert hf_polyhe.polynomial_status(model).is_polynomial
+        assert all(op.calibrated for op in hf_polyhe.nn.poly_operators(model).values())
+        with torch.no_grad():
+            got = model(**held_out).last_hidden_state
+        assert torch.isfinite(got).all() and float((got - exact).norm() / exact.norm()) < 0.1
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_masked_lm_decoder_bias_is_copied(tie):
+    """BERT's forward adds the decoder's bias (the same tensor as cls.predictions.bias only when tied)."""
+    source = BertForMaskedLM(BertConfig(**BERT, tie_word_embeddings=tie)).eval()
+    with torch.no_grad():
+        source.cls.predictions.decoder.bias.normal_()
+        source.cls.predictions.decoder.weight.normal_()
+    poly = hf_polyhe.convert_to_poly(source).eval()
+    ids = torch.randint(1, 97, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(poly(input_ids=ids).logits, source(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert poly.lm_head.decoder.bias is poly.lm_head.bias

@@ -79,7 +79,7 @@ def test_he_options_forward_and_polynomial(family, options):
         with pytest.raises(ValueError, match="no polynomial form"):
             hf_polyhe.to_polynomial(model)
         return
-    hf_polyhe.to_polynomial(model, degree=31)
+    hf_polyhe.to_polynomial(model, degree=31)  # on default intervals (it warns): visibly different from exact
     status = hf_polyhe.polynomial_status(model)
     assert status.is_polynomial and "fully polynomial" in str(status)
     poly = _output(model(**inputs))
@@ -113,8 +113,8 @@ def test_poly_mode_close_to_exact_with_accurate_fit():
 def test_save_load_auto(tmp_path, family, cls, auto, labels):
     config = tiny_config(family, attention_type="pointwise", norm_type="poly_layernorm" if family != "vit" else "batchnorm")
     model = cls(config).eval()
-    hf_polyhe.to_polynomial(model, ops=["relu"])  # a mix of poly and exact operators must round-trip
     inputs = tiny_inputs(family)
+    hf_polyhe.to_polynomial(model, ops=["relu"], calibration_data=[inputs])  # poly and exact operators must round-trip
     expected = _output(model(**inputs))
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == config.model_type
@@ -203,6 +203,8 @@ def test_padding_mask_hides_padded_tokens():
         (dict(hidden_act="mish"), "hidden_act 'mish'.*accepted"),
         (dict(attention_activation="sigmoid"), "attention_activation 'sigmoid'"),
         (dict(attention_scaling="log"), "attention_scaling 'log'"),
+        (dict(poly_degrees={"gleu": 7}), r"unknown operator name\(s\) in poly_degrees 'gleu'; accepted: .*gelu"),
+        (dict(poly_degrees={"gelu": 0}), "integers >= 1"),
     ],
 )
 def test_bad_config_errors(overrides, match):

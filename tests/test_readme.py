@@ -1,4 +1,4 @@
-"""The README's usage example runs as written."""
+"""The README's usage and training examples run as written."""
 
 import re
 import subprocess
@@ -6,17 +6,36 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+# this checkout's hf_polyhe, not whichever copy is installed
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(README.parent)}
+
+
+def _python_blocks() -> list:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    return blocks
 
 
 def test_readme_usage_example_runs(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
-    code = blocks[0].replace("/tmp/poly-gpt", str(tmp_path / "poly-gpt"))
+    code = _python_blocks()[0].replace("/tmp/poly-gpt", str(tmp_path / "poly-gpt"))
     assert len(code.strip().splitlines()) <= 12
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert "calibration_data=" in code  # the quick path calibrates (default intervals give NaN on real checkpoints)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "never saw calibration data" not in proc.stderr
     assert "model is fully polynomial" in proc.stdout
     # torch pads the printed ids to a common width once one has 3 digits (the example's model is random)
     assert re.search(r"tensor\(\[\[\s*1,\s+2,\s+3(,\s+\d+){5}\]\]\)", proc.stdout), proc.stdout[-500:]
     assert (tmp_path / "poly-gpt" / "config.json").exists()
+
+
+def test_readme_training_example_runs(tmp_path):
+    """The plain-Trainer example: PolyReplacementCallback() with its default schedule makes the model fully
+    polynomial during training (every stage started before the end, none replaced untrained)."""
+    code = next(b for b in _python_blocks() if "PolyReplacementCallback()" in b)
+    code = code.replace("/tmp/poly-train", str(tmp_path / "poly-train"))
+    assert "Trainer(" in code and "PolyTrainer" not in code
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model is fully polynomial" in proc.stdout, proc.stdout[-2000:]
+    assert "replacing them untrained" not in proc.stderr

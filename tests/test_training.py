@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 from conftest import tiny_config, tiny_inputs
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_polyhe
 from hf_polyhe.data import lm_blocks, load_tiny_corpus, split_paragraphs, tiny_tokenizer, train_test_split
@@ -26,7 +26,9 @@ from hf_polyhe.training import (
     RangeTracker,
     ReplacementStage,
     calibrate,
+    default_schedule,
     range_penalty,
+    refit_drifted_operators,
     schedule_by_layer,
     schedule_by_operator,
     widen_interval,
@@ -349,6 +351,153 @@ def test_poly_trainer_logs_ranges_and_finishes_unreached_stages(tmp_path, text_b
     for key in ("range_loss", "variance_loss", "range/mlp_act_absmax", "range/norm_var_max", "poly/stage"):
         assert key in logs[-1], key
     assert logs[-1]["poly/stage"] == 1.0 and logs[-1]["range/norm_var_max"] > 0
+
+
+# -- resuming from a checkpoint -------------------------------------------------------------------------------
+class _ModeRecorder(TrainerCallback):
+    """Mode and blend weight of every operator after each step (added after the replacement callback)."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps[state.global_step] = {p: (op.mode, round(op.blend_weight, 6))
+                                         for p, op in select_operators(model).items()}
+
+
+def _numbers(tree) -> list:
+    """Every number in a JSON tree (an approximation's coefficients, interval, error), in order."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _numbers(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _numbers(v)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def _train_with_checkpoints(out, resume_from=None, restore_callback_states=False):
+    torch.manual_seed(0)
+    model = gpt(attention_activation="gelu")
+    # at the step-5 checkpoint the MLP activations are polynomials half-way through their ramp (weight 4/6) and
+    # the second stage is still to come; it measures over a 4-step window that reaches back before the checkpoint
+    schedule = [{"step": 2, "roles": ["mlp_act"], "ramp_steps": 6},
+                {"step": 7, "roles": ["attn_act", "norm"], "ramp_steps": 3}]
+    cb = PolyReplacementCallback(schedule, window=4, margin=0.3)
+    recorder = _ModeRecorder()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 97, (12,), generator=g).tolist() for _ in range(48)]
+    trainer = Trainer(model=model, train_dataset=Blocks(data), callbacks=[cb, recorder],
+                      args=args(out, max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+                                save_strategy="steps", save_steps=5,
+                                restore_callback_states_from_checkpoint=restore_callback_states))
+    trainer.train(resume_from_checkpoint=resume_from)
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    # with restore_callback_states_from_checkpoint the Trainer replaces cb by one rebuilt from the checkpoint
+    used = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PolyReplacementCallback))
+    assert (used is not cb) == (restore_callback_states and resume_from is not None)
+    return model, used, recorder, losses
+
+
+@pytest.mark.parametrize("restore_callback_states", [False, True], ids=["own-restore", "trainer-rebuilds"])
+def test_resume_from_checkpoint_continues_the_replacement(tmp_path, restore_callback_states):
+    """Resuming from a mid-schedule checkpoint gives the run that was never interrupted: same operators polynomial
+    with the same polynomials, the ramp at the same point, no stage applied twice, same losses and weights. Also
+    when the Trainer rebuilds the callback from the checkpoint (restore_callback_states_from_checkpoint=True)."""
+    full, full_cb, full_modes, full_losses = _train_with_checkpoints(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-5"
+    saved = json.loads((checkpoint / "config.json").read_text())["poly_operators"]
+    assert saved["h.0.mlp.act"]["mode"] == "blend" and saved["h.0.mlp.act"]["blend_weight"] == pytest.approx(4 / 6)
+    assert "PolyReplacementCallback" in json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+
+    resumed, cb, modes, losses = _train_with_checkpoints(tmp_path / "resumed", resume_from=str(checkpoint),
+                                                         restore_callback_states=restore_callback_states)
+    assert min(modes.steps) == 6
+    # (a rebuilt callback comes after the recorder, which then sees each step's modes one step late)
+    lag = 1 if restore_callback_states else 0
+    for step in range(6 + lag, 13):  # the ramp goes on where it stopped (step 6: 5/6), the second stage starts at 7
+        assert modes.steps[step] == full_modes.steps[step - lag], step
+    assert modes.steps[6 + lag]["transformer.h.0.mlp.act"] == ("blend", round(5 / 6, 6))
+    # every stage fitted once, at its own step, on the same intervals (the window of ranges survived the restart)
+    assert [(h["path"], h["step"]) for h in cb.history] == [(h["path"], h["step"]) for h in full_cb.history]
+    assert [h["step"] for h in cb.history].count(2) == 2
+    for h, ref in zip(cb.history, full_cb.history):
+        assert h["interval"] == pytest.approx(ref["interval"], rel=1e-6)
+    specs, ref_specs = resumed.poly_operator_specs(), full.poly_operator_specs()
+    assert {p: s["mode"] for p, s in specs.items()} == {p: s["mode"] for p, s in ref_specs.items()}
+    assert set(s["mode"] for s in specs.values()) == {"poly"}
+    for p, spec in specs.items():
+        assert spec["interval"] == pytest.approx(ref_specs[p]["interval"], rel=1e-6)
+        assert _numbers(spec["approximation"]) == pytest.approx(_numbers(ref_specs[p]["approximation"]),
+                                                                rel=1e-5, abs=1e-9), p
+    for step in range(6, 13):
+        assert losses[step] == pytest.approx(full_losses[step], rel=1e-4), step
+    for (name, a), b in zip(resumed.named_parameters(), full.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_refit_drifted_operators():
+    """After training moved the weights, operators whose inputs left their polynomial's interval are refitted (on
+    an interval covering the old one and the new range); the others keep their polynomial."""
+    model = gpt().eval()
+    batches = [tiny_inputs("gpt") for _ in range(2)]
+    hf_polyhe.to_polynomial(model, calibration_data=batches)
+    assert refit_drifted_operators(model, batches) == []  # nothing moved yet
+    before = {p: op.approximation for p, op in select_operators(model).items()}
+    with torch.no_grad():
+        model.transformer.h[0].mlp.fc_in.weight.mul_(5.0)  # "training" made layer 0's MLP inputs larger
+    refit = refit_drifted_operators(model, batches, margin=0.25)
+    assert "transformer.h.0.mlp.act" in refit
+    measured = calibrate(model, batches).ranges()
+    for path, op in select_operators(model).items():
+        assert op.mode == "poly"
+        if path in refit:
+            old, (lo, hi) = before[path].interval, op.approximation.interval
+            assert lo <= min(old[0], measured[path].lo) and max(old[1], measured[path].hi) <= hi
+        else:
+            assert op.approximation is before[path]
+
+
+# -- default schedule, misspelt names ------------------------------------------------------------------------
+def test_callback_without_arguments_spreads_a_default_schedule(tmp_path, caplog):
+    """PolyReplacementCallback() with the stock Trainer: one role at a time between 10 % and 70 % of max_steps,
+    each ramped over its slot, fully polynomial by 70 %, the rest of the run to recover."""
+    assert [(s.start, s.roles, s.ramp_steps) for s in default_schedule(gpt(), 100)] == \
+        [(10, ["mlp_act"], 20), (30, ["attn_act"], 20), (50, ["norm"], 20)]
+    assert [s.roles for s in default_schedule(gpt(attention_type="power"), 100)] == [["mlp_act"], ["attn_norm"], ["norm"]]
+    model = gpt()
+    cb, recorder = PolyReplacementCallback(), _ModeRecorder()
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randint(0, 97, (12,), generator=g).tolist() for _ in range(80)]
+    with caplog.at_level("WARNING"):
+        Trainer(model=model, args=args(tmp_path, max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3),
+                train_dataset=Blocks(data), callbacks=[cb, recorder]).train()
+    assert "replacing them untrained" not in caplog.text  # every stage started during training
+    assert {(h["stage"], h["step"]) for h in cb.history} == {("mlp_act", 2), ("attn_act", 6), ("norm", 10)}
+    modes = lambda step, role: {recorder.steps[step][p] for p, op in select_operators(model, roles=[role]).items()}
+    assert modes(5, "mlp_act") == {("poly", 1.0)} and modes(5, "attn_act") == {("exact", 0.0)}
+    assert modes(11, "norm") == {("blend", 0.5)}
+    assert all(mode == ("poly", 1.0) for step in range(14, 21) for mode in recorder.steps[step].values())
+    assert hf_polyhe.polynomial_status(model).is_polynomial
+    with pytest.raises(ValueError, match="needs its length.*max_steps"):
+        PolyReplacementCallback().step(gpt(), 1)  # a hand-written loop must say how long the run is
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: PolyReplacementCallback([{"step": 1, "roles": ["mlp_actt"]}]),
+     r"unknown operator role\(s\) 'mlp_actt'; accepted: mlp_act, attn_act"),
+    (lambda: PolyReplacementCallback([ReplacementStage(1, ops=["gleu"])]), r"unknown operator name\(s\) 'gleu'; accepted: .*gelu"),
+    (lambda: PolyReplacementCallback([{"step": 1}], margin={"inv_sqr": 1.0}), r"unknown margin key\(s\) 'inv_sqr'; accepted: default, .*inv_sqrt"),
+    (lambda: PolyReplacementCallback([{"step": 1}], degree={"gleu": 7}), r"'gleu'.*accepted: .*gelu"),
+    (lambda: PolyReplacementCallback([{"step": 1}], fit_kwargs={"gleu": {"method": "chebyshev"}}), r"'gleu'"),
+    (lambda: PolyReplacementCallback(unit="epoch"), "default schedule counts steps"),
+    (lambda: RangeTracker(gpt(), roles=["mlp"]), r"unknown operator role\(s\) 'mlp'"),
+    (lambda: RangeLoss(gpt(), RangeLossConfig(bounds={"atn_act": 4.0})), r"'atn_act'.*accepted: .*attn_act"),
+    (lambda: hf_polyhe.to_polynomial(gpt(), roles=["norms"]), r"unknown operator role\(s\) 'norms'"),
+    (lambda: hf_polyhe.to_polynomial(gpt(), ranges={"transformer.h.0.mlp": (-1, 1)}),
+     r"unknown module path\(s\) in ranges 'transformer.h.0.mlp'; accepted: .*transformer.h.0.mlp.act"),
+])
+def test_misspelt_names_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 # -- 2 processes ----------------------------------------------------------------------------------------------

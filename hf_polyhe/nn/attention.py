@@ -112,7 +112,9 @@ class PolyAttention(nn.Module):
         b, l, _ = x.shape
         return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, mask, past_key_values=None):
+    def forward(self, hidden_states, mask, past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, weights)``: the attention output and the weights ``W`` (after dropout, as in GPT-2's eager
+        attention), ``(batch, heads, query_length, key_length)``; ``output_attentions=True`` returns the latter."""
         q = self._split(self.q_proj(hidden_states))
         k = self._split(self.k_proj(hidden_states))
         v = self._split(self.v_proj(hidden_states))
@@ -121,4 +123,4 @@ class PolyAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5
         weights = self.attn_dropout(ATTENTION_TYPES[self.attention_type](self, scores, mask))
         out = torch.matmul(weights, v).transpose(1, 2).reshape(hidden_states.shape)
-        return self.resid_dropout(self.o_proj(out))
+        return self.resid_dropout(self.o_proj(out)), weights

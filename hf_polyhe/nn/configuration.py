@@ -8,7 +8,7 @@ from transformers import PreTrainedConfig
 
 from .attention import ATTENTION_SCALINGS, ATTENTION_TYPES, SCALING_POSITIONS
 from .norms import NORM_TYPES
-from .operators import accepted_activations, canonical_activation
+from .operators import accepted_activations, canonical_activation, check_names, operator_names
 
 POLY_CONFIG_DOC = r"""
     HE-friendly architecture (shared by PolyGPT, PolyBert and PolyViT):
@@ -30,8 +30,9 @@ POLY_CONFIG_DOC = r"""
             to `norm_type == "batchnorm"`.
         poly_degree (`int`, defaults to 15): default polynomial degree of every approximated operator.
         poly_degrees (`dict[str, int]`, *optional*): per-operator degrees, e.g. `{"inv_sqrt": 31}`.
-        poly_operators (`dict`, *optional*): fitted approximations and modes by module path; written by
-            `save_pretrained`, not meant to be edited by hand.
+        poly_operators (`dict`, *optional*): fitted approximations and modes by module path; written into the
+            saved config.json by the model's `save_pretrained` (never into the live config), not meant to be
+            edited by hand.
 """
 
 
@@ -56,6 +57,11 @@ class PolyPretrainedConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_he_options()
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to do: saved Poly models always carry their ``auto_map`` and code files (see
+        ``PolyPreTrainedModel.save_pretrained``); transformers calls this after loading remote code."""
+
     def check_he_options(self) -> None:
         """Raise ``ValueError`` naming the bad value and the accepted ones."""
 
@@ -78,3 +84,8 @@ class PolyPretrainedConfig(PreTrainedConfig):
             )
         if self.poly_degree < 1:
             raise ValueError(f"poly_degree must be >= 1, got {self.poly_degree}")
+        degrees = self.poly_degrees or {}
+        check_names(list(degrees), operator_names(), "operator name(s) in poly_degrees")
+        bad = {k: v for k, v in degrees.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"poly_degrees values must be integers >= 1, got {bad}")

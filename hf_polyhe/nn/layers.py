@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import PolyAttention
 from .norms import SequenceBatchNorm, make_norm
@@ -29,8 +30,11 @@ class PolyMLP(nn.Module):
         return self.dropout(self.fc_out(self.act(x)))
 
 
-class PolyBlock(nn.Module):
-    """One transformer layer: pre-norm (GPT-2, ViT) or post-norm (BERT)."""
+class PolyBlock(GradientCheckpointingLayer):
+    """One transformer layer: pre-norm (GPT-2, ViT) or post-norm (BERT).
+
+    A ``GradientCheckpointingLayer``: after ``model.gradient_checkpointing_enable()`` its activations are recomputed
+    in the backward pass instead of kept (pass ``hidden_states`` positionally, the cache by keyword)."""
 
     def __init__(self, config, layer_idx: int, pre_norm: bool):
         super().__init__()
@@ -42,9 +46,9 @@ class PolyBlock(nn.Module):
 
     def forward(self, hidden_states, mask, past_key_values=None):
         if self.pre_norm:
-            hidden_states = hidden_states + self.attn(self.attention_norm(hidden_states), mask, past_key_values)
+            hidden_states = hidden_states + self.attn(self.attention_norm(hidden_states), mask, past_key_values)[0]
             return hidden_states + self.mlp(self.mlp_norm(hidden_states))
-        hidden_states = self.attention_norm(hidden_states + self.attn(hidden_states, mask, past_key_values))
+        hidden_states = self.attention_norm(hidden_states + self.attn(hidden_states, mask, past_key_values)[0])
         return self.mlp_norm(hidden_states + self.mlp(hidden_states))
 
 

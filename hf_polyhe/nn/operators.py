@@ -72,9 +72,33 @@ DEFAULT_INTERVALS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_ACTIVATION_INTERVAL = (-8.0, 8.0)
 
+# What an operator does in a model (PolyOperator.role): replacement schedules, margins and range-loss bounds
+# select operators by role.
+OPERATOR_ROLES = {
+    "mlp_act": "activation of a transformer layer's MLP",
+    "attn_act": "σ of pointwise attention",
+    "attn_norm": "reciprocal of the row sum in power-softmax attention",
+    "pooler_act": "tanh of the BERT / ViT pooler",
+    "head_act": "activation of a task head (the masked-LM transform)",
+    "act": "an activation outside the model families (a PolyOperator built by hand)",
+    "norm": "inverse square root of a polynomial LayerNorm",
+}
+
 
 def canonical_activation(name: str) -> str:
     return ACTIVATION_ALIASES.get(name, name)
+
+
+def operator_names() -> list[str]:
+    """Every operator name a :class:`PolyOperator` accepts (aliases such as ``gelu_pytorch_tanh`` included)."""
+    return sorted(set(EXACT_TORCH_FUNCTIONS) | set(ACTIVATION_ALIASES))
+
+
+def check_names(names, accepted, what: str) -> None:
+    """Raise ``ValueError`` naming every entry of ``names`` that is not in ``accepted`` (typos must not be ignored)."""
+    unknown = [n for n in names if n not in accepted]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; accepted: {', '.join(map(str, accepted))}")
 
 
 def accepted_activations() -> list[str]:
@@ -88,9 +112,12 @@ class PolyOperator(nn.Module):
         op: operator name (a key of ``EXACT_TORCH_FUNCTIONS``).
         degree: polynomial degree used by :meth:`fit` when none is given.
         interval: input interval used by :meth:`fit` before any calibration.
-        role: what the operator does in the model (``"mlp_act"``, ``"attn_act"``, ``"norm"``, ...), used by
-            replacement schedules.
+        role: what the operator does in the model, a key of :data:`OPERATOR_ROLES` (``"mlp_act"``,
+            ``"attn_act"``, ``"norm"``, ...), used by replacement schedules.
         layer_idx: transformer layer index, or ``None`` outside the layers (pooler, heads, final norm).
+
+    ``calibrated`` says whether the interval comes from measured inputs (or was chosen by the caller) rather than
+    being the default of :data:`DEFAULT_INTERVALS`: ``to_polynomial`` warns before fitting uncalibrated operators.
     """
 
     def __init__(
@@ -105,6 +132,7 @@ class PolyOperator(nn.Module):
         op = canonical_activation(op)
         if op not in EXACT_TORCH_FUNCTIONS:
             raise ValueError(f"unknown operator {op!r}; accepted: {', '.join(sorted(EXACT_TORCH_FUNCTIONS))}")
+        check_names([role], list(OPERATOR_ROLES), "operator role")
         self.op = op
         self.degree = int(degree)
         self.interval = tuple(float(v) for v in (interval or DEFAULT_INTERVALS.get(op, DEFAULT_ACTIVATION_INTERVAL)))
@@ -113,6 +141,7 @@ class PolyOperator(nn.Module):
         self.mode = "exact"
         self.blend_weight = 0.0
         self.approximation: Optional[Approximation] = None
+        self.calibrated = interval is not None
 
     # -- state ---------------------------------------------------------------------------------
     def set_mode(self, mode: str, blend_weight: Optional[float] = None) -> None:
@@ -131,11 +160,15 @@ class PolyOperator(nn.Module):
             raise ValueError(f"approximation is for {approximation.op!r}, operator is {self.op!r}")
         self.approximation = approximation
         self.interval = approximation.interval
+        self.calibrated = True  # the caller chose the approximation's interval
 
     def fit(self, interval: Optional[Sequence[float]] = None, degree: Optional[int] = None, **kwargs) -> Approximation:
-        """Fit the polynomial on ``interval`` (default: the operator's current interval)."""
+        """Fit the polynomial on ``interval`` (default: the operator's current interval, which stays as calibrated
+        -- or not -- as it was)."""
+        calibrated = self.calibrated or interval is not None
         approx = fit_operator(self.op, interval or self.interval, degree or self.degree, **kwargs)
         self.set_approximation(approx)
+        self.calibrated = calibrated
         return approx
 
     def spec(self) -> dict:
@@ -145,6 +178,7 @@ class PolyOperator(nn.Module):
             "mode": self.mode,
             "blend_weight": self.blend_weight,
             "interval": list(self.interval),
+            "calibrated": self.calibrated,
             "approximation": self.approximation.to_dict() if self.approximation is not None else None,
         }
 
@@ -154,6 +188,8 @@ class PolyOperator(nn.Module):
         self.interval = tuple(spec.get("interval", self.interval))
         if spec.get("approximation"):
             self.approximation = Approximation.from_dict(spec["approximation"])
+        # specs written before the flag existed: an operator with a polynomial had been fitted on purpose
+        self.calibrated = bool(spec.get("calibrated", spec.get("approximation") is not None))
         self.set_mode(spec.get("mode", "exact"), spec.get("blend_weight", 0.0))
 
     # -- compute -------------------------------------------------------------------------------
@@ -194,5 +230,5 @@ def make_activation(name: str, config, role: str, layer_idx: Optional[int] = Non
 
 def poly_degree(config, op: str) -> int:
     """Degree for ``op``: ``config.poly_degrees[op]`` if given, else ``config.poly_degree``."""
-    per_op = getattr(config, "poly_degrees", None) or {}
+    per_op = {canonical_activation(k): v for k, v in (getattr(config, "poly_degrees", None) or {}).items()}
     return int(per_op.get(op, getattr(config, "poly_degree", 15)))

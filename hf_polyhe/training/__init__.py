@@ -1,22 +1,32 @@
 """Training side of the polynomial conversion: range tracking, range / variance losses, progressive replacement.
 
-- :class:`RangeTracker`, :func:`calibrate`: measure the input range of every non-polynomial operator.
+- :class:`RangeTracker`, :func:`calibrate`: measure the input range of every non-polynomial operator;
+  :func:`widen_interval`, :func:`calibrated_intervals`: fitting intervals from measured ranges;
+  :func:`refit_drifted_operators`: refit polynomials whose inputs left their interval during training.
 - :class:`RangeLossConfig`, :class:`RangeLoss`, :func:`range_penalty`: ``α·L_range + β·L_var``.
 - :class:`PolyTrainer`: ``Trainer`` that adds the range loss (gradient accumulation handled) and logs ranges.
 - :class:`PolyReplacementCallback`, :class:`ReplacementStage`, :func:`schedule_by_layer`,
-  :func:`schedule_by_operator`: replace operators by calibrated polynomials during training.
+  :func:`schedule_by_operator`, :func:`default_schedule`: replace operators by calibrated polynomials during
+  training.
 """
 
 from .losses import RangeLoss, RangeLossConfig, RangeLossOutput, range_penalty
-from .ranges import OperatorRange, RangeTracker, calibrate
-from .replacement import (
+from .ranges import (
     DEFAULT_MARGIN,
+    OperatorRange,
+    RangeTracker,
+    calibrate,
+    calibrated_intervals,
+    margin_for,
+    refit_drifted_operators,
+    widen_interval,
+)
+from .replacement import (
     PolyReplacementCallback,
     ReplacementStage,
+    default_schedule,
     schedule_by_layer,
     schedule_by_operator,
-    margin_for,
-    widen_interval,
 )
 from .trainer import PolyTrainer
 
@@ -32,7 +42,10 @@ __all__ = [
     "RangeTracker",
     "ReplacementStage",
     "calibrate",
+    "calibrated_intervals",
+    "default_schedule",
     "range_penalty",
+    "refit_drifted_operators",
     "schedule_by_layer",
     "schedule_by_operator",
     "widen_interval",

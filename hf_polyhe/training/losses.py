@@ -30,8 +30,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..nn.operators import PolyOperator
-from .ranges import _unwrap
+from ..nn.operators import OPERATOR_ROLES, PolyOperator, check_names, operator_names
+from .ranges import _unwrap, in_backward
 from ..status import select_operators
 
 
@@ -107,6 +107,10 @@ class RangeLoss(nn.Module):
         self.config = config
         # not registered as submodules: the loss must not own the model
         self._operators = select_operators(_unwrap(model), config.ops, config.roles, config.layers)
+        keys = [*OPERATOR_ROLES, *operator_names(), *select_operators(_unwrap(model))]
+        for name in ("bounds", "intervals"):  # a misspelt key would silently fall back to the default
+            check_names(list(getattr(config, name) or {}), keys,
+                        f"key(s) in RangeLossConfig.{name} (operator role, operator name or module path)")
         self._range_terms: list = []
         self._variance_terms: list = []
         self._stats: dict[str, torch.Tensor] = {}
@@ -135,11 +139,17 @@ class RangeLoss(nn.Module):
                 return
             x = args[0]
             lo, hi = self.target_interval(path, module)
-            if module.op == "inv_sqrt":
-                self._variance_terms.append(range_penalty(x, lo, hi, power=1))
+            norm = module.op == "inv_sqrt"
+            term = range_penalty(x, lo, hi, power=1 if norm else self.config.power)
+            # Gradient checkpointing recomputes a block's forward inside backward: the penalty is computed again so
+            # that the recomputation saves the same tensors as the forward pass, but it was counted already.
+            if in_backward():
+                return
+            if norm:
+                self._variance_terms.append(term)
                 self._record(f"range/{module.role}_var_max", x.detach().max())
             else:
-                self._range_terms.append(range_penalty(x, lo, hi, power=self.config.power))
+                self._range_terms.append(term)
                 self._record(f"range/{module.role}_absmax", x.detach().abs().max())
 
         return hook

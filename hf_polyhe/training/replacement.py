@@ -15,23 +15,27 @@ Operators are :class:`~hf_polyhe.nn.PolyOperator` modules that exist from model 
 parameters: nothing is created mid-training, so optimizers, LR schedulers and DDP are unaffected.
 
 Works with the stock ``Trainer`` (``callbacks=[PolyReplacementCallback(...)]``) and in a hand-written loop
-(call :meth:`PolyReplacementCallback.step` after each optimizer step).
+(call :meth:`PolyReplacementCallback.step` after each optimizer step). Without a schedule the callback spreads
+:func:`default_schedule` over the run. Trainer checkpoints keep its progress (it is an ``ExportableState``): the
+stages started and finished, the operators' modes and polynomials, the window of measured ranges; training
+resumed with ``trainer.train(resume_from_checkpoint=...)`` continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence, Union
 
-import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from ..nn.operators import PolyOperator
-from ..status import polynomial_status, select_operators
-from .ranges import POSITIVE_OPS, RangeTracker, _unwrap, calibrate
+from ..nn.operators import PolyOperator, check_names, operator_names
+from ..status import check_selection, polynomial_status, select_operators
+from .ranges import DEFAULT_MARGIN, RangeTracker, _unwrap, calibrate, check_margin, margin_for, widen_interval
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,12 @@ class ReplacementStage:
     margin: Optional[float] = None
     name: Optional[str] = None
 
+    def __post_init__(self):
+        check_selection(self.ops, self.roles)  # a misspelt role would select nothing and be skipped silently
+        bad = [v for v in self.layers or () if v is not None and not isinstance(v, int)]
+        if bad:
+            raise ValueError(f"stage layers must be layer indices (int) or None, got {bad}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "ReplacementStage":
         d = dict(d)
@@ -70,6 +80,10 @@ class ReplacementStage:
         if unknown:
             raise ValueError(f"unknown stage keys {sorted(unknown)}; accepted: step/epoch, {', '.join(sorted(allowed))}")
         return cls(start=int(start), **d)
+
+    def to_dict(self) -> dict:
+        """The inverse of :meth:`from_dict` (fields left at ``None`` are omitted)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     def describe(self) -> str:
         if self.name:
@@ -104,42 +118,29 @@ def schedule_by_operator(
     return stages
 
 
-# Measured with benchmarks/poly_quality.py (4-layer GPT, seeds 0-2): LayerNorm variances of held-out text reach
-# up to 1.9x the largest variance calibrated on training batches. With 0.1 (or 0.5) for inv_sqrt, its polynomial
-# then diverges, every layer after it too, and held-out perplexity is inf; with 1.0 ([lo/2, 2 hi]: one more level,
-# same relative error) the polynomial model matches the exact one. Activations need less: 0.5.
-DEFAULT_MARGIN = {"inv_sqrt": 1.0, "default": 0.5}
+# Where default_schedule puts its stages, as fractions of the run: after 10 % of the steps (training batches have
+# filled the range window, the optimizer has settled) and done by 70 %, leaving 30 % for the fully polynomial
+# model to recover -- in the seed paper most of the quality gap appears when the last operators are replaced.
+DEFAULT_SCHEDULE_SPAN = (0.1, 0.7)
 
 
-def margin_for(margin: Union[float, dict], op: PolyOperator) -> float:
-    """The margin of ``op``: ``margin`` itself, or its entry for the op name, the role, or ``"default"``."""
-    if not isinstance(margin, dict):
-        return float(margin)
-    for key in (op.op, op.role, "default"):
-        if key in margin:
-            return float(margin[key])
-    return DEFAULT_MARGIN["default"]
-
-
-def widen_interval(op: str, lo: float, hi: float, margin: float, symmetric: bool = True) -> tuple[float, float]:
-    """The fitting interval for a measured input range ``[lo, hi]``.
-
-    Activations: ``[-A, A]`` with ``A = max(|lo|, |hi|)·(1 + margin)`` (or the range widened by ``margin``
-    around its centre when not ``symmetric``). Positive-domain operators (``inv_sqrt``, ``reciprocal``):
-    ``[lo / (1 + margin), hi · (1 + margin)]``, which stays positive."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"cannot fit {op} on an unmeasured range [{lo}, {hi}]")
-    f = 1.0 + margin
-    if op in POSITIVE_OPS:
-        if lo <= 0:
-            raise ValueError(f"{op} needs positive inputs, measured range is [{lo:.4g}, {hi:.4g}]")
-        lo, hi = lo / f, hi * f
-        return (lo, hi) if hi > lo else (lo, lo * 2.0)
-    if symmetric:
-        a = max(abs(lo), abs(hi), 1e-3) * f
-        return (-a, a)
-    c, h = (lo + hi) / 2, max((hi - lo) / 2, 1e-3) * f
-    return (c - h, c + h)
+def default_schedule(model: nn.Module, max_steps: int, ramp_steps: Optional[int] = None) -> list:
+    """The schedule of ``PolyReplacementCallback()`` given none: one stage per operator role the model has, in
+    :data:`DEFAULT_ROLE_ORDER` (activations first, norms last), spread evenly over the steps
+    ``DEFAULT_SCHEDULE_SPAN`` of ``max_steps`` (10 % to 70 %). Each stage ramps its polynomials in over its whole
+    slot (``ramp_steps`` overrides), so it is fully polynomial when the next one starts, and the last 30 % of the
+    run trains the fully polynomial model."""
+    if max_steps < 1:
+        raise ValueError(f"default_schedule needs the number of training steps, got max_steps={max_steps}")
+    present = list(dict.fromkeys(op.role for op in select_operators(_unwrap(model)).values()))
+    roles = [r for r in DEFAULT_ROLE_ORDER if r in present] + [r for r in present if r not in DEFAULT_ROLE_ORDER]
+    if not roles:
+        raise ValueError("the model has no PolyOperator to replace")
+    first, last = DEFAULT_SCHEDULE_SPAN
+    slot = (last - first) * max_steps / len(roles)
+    ramp = ramp_steps if ramp_steps is not None else max(1, math.floor(slot))
+    return [ReplacementStage(max(1, round(first * max_steps + i * slot)), roles=[role], ramp_steps=ramp, name=role)
+            for i, role in enumerate(roles)]
 
 
 def _clip_to_interval(module: PolyOperator, args):
@@ -158,13 +159,17 @@ class _StageState:
     weight: float = 0.0
 
 
-class PolyReplacementCallback(TrainerCallback):
+class PolyReplacementCallback(TrainerCallback, ExportableState):
     """Replace a model's operators by polynomials progressively during training.
 
     Args:
         schedule: list of :class:`ReplacementStage` or dicts such as
             ``{"step": 100, "roles": ["mlp_act"], "layers": [0, 1]}`` (see also :func:`schedule_by_layer` and
-            :func:`schedule_by_operator`). An operator belongs to the first stage that selects it.
+            :func:`schedule_by_operator`). An operator belongs to the first stage that selects it. ``None``:
+            :func:`default_schedule` over the run's ``max_steps`` -- one operator role at a time between 10 % and
+            70 % of training, each ramped in over its slot, then 30 % of the steps to recover (with the
+            ``Trainer``, whose ``state.max_steps`` is known; in a hand-written loop call
+            ``attach(model, max_steps=N)`` first).
         calibration_dataloader: batches (dicts of model inputs) on which ranges are measured at each stage
             start, in eval mode. Without it the ranges of the training batches of the last ``window`` steps
             are used (recorded by forward hooks).
@@ -173,7 +178,8 @@ class PolyReplacementCallback(TrainerCallback):
         margin: relative widening of each measured range before fitting (see :func:`widen_interval`), or
             ``{op name or role: margin, "default": margin}`` (e.g. a wider one for ``inv_sqrt``, whose Newton
             steps diverge quickly above the interval). Default :data:`DEFAULT_MARGIN`.
-        ramp_steps: steps over which ``blend_weight`` goes from 0 to 1 (0: switch at once).
+        ramp_steps: steps over which ``blend_weight`` goes from 0 to 1 (0: switch at once; default 0, or the
+            stage's slot for the default schedule).
         degree: polynomial degree, an int or ``{op name: degree}`` (default: each operator's own degree).
         fit_kwargs: extra keyword arguments for ``PolyOperator.fit``, or ``{op name: kwargs}``.
         unit: ``"step"`` or ``"epoch"``: what ``ReplacementStage.start`` counts.
@@ -184,16 +190,24 @@ class PolyReplacementCallback(TrainerCallback):
             its polynomial was fitted on, so one outlier cannot turn the loss into NaN (a polynomial grows
             fast outside its interval). The range loss still sees -- and penalises -- the unclipped input;
             evaluation is never clipped, exactly as under HE.
+
+    Unknown operator names or roles (in the schedule, ``margin``, ``degree``, ``fit_kwargs``) raise ``ValueError``.
+
+    Resuming: a ``Trainer`` checkpoint stores :meth:`state` (in ``trainer_state.json``); when training resumes
+    from it, :meth:`on_train_begin` restores the stages' progress, the fit history, every operator's mode, blend
+    weight and polynomial, and the window of measured ranges, so stages already applied are not applied again
+    and a ramp goes on where it stopped. (With ``restore_callback_states_from_checkpoint=True`` the ``Trainer``
+    rebuilds the callback from its saved arguments instead, which cannot include a ``calibration_dataloader``.)
     """
 
     def __init__(
         self,
-        schedule: Iterable[Union[ReplacementStage, dict]],
+        schedule: Optional[Iterable[Union[ReplacementStage, dict]]] = None,
         calibration_dataloader: Optional[Iterable] = None,
         calibration_batches: int = 8,
         window: int = 16,
         margin: Union[float, dict, None] = None,
-        ramp_steps: int = 0,
+        ramp_steps: Optional[int] = None,
         degree: Union[int, dict, None] = None,
         fit_kwargs: Optional[dict] = None,
         unit: str = "step",
@@ -201,14 +215,22 @@ class PolyReplacementCallback(TrainerCallback):
         finish_on_train_end: bool = True,
         clip_in_training: bool = True,
     ):
-        self.schedule = [s if isinstance(s, ReplacementStage) else ReplacementStage.from_dict(s) for s in schedule]
-        if not self.schedule:
-            raise ValueError("schedule is empty: give at least one ReplacementStage")
+        self.schedule = None if schedule is None else [
+            s if isinstance(s, ReplacementStage) else ReplacementStage.from_dict(s) for s in schedule]
+        if self.schedule is not None and not self.schedule:
+            raise ValueError("schedule is empty: give at least one ReplacementStage (or None for the default schedule)")
         if unit not in ("step", "epoch"):
             raise ValueError(f"unit must be 'step' or 'epoch', got {unit!r}")
+        if self.schedule is None and unit != "step":
+            raise ValueError("the default schedule counts steps: give a schedule to use unit='epoch'")
         margin = dict(DEFAULT_MARGIN) if margin is None else margin
-        if min(margin.values() if isinstance(margin, dict) else [margin]) < 0 or ramp_steps < 0:
-            raise ValueError(f"margin and ramp_steps must be >= 0, got margin={margin}, ramp_steps={ramp_steps}")
+        check_margin(margin)
+        if ramp_steps is not None and ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        if isinstance(degree, dict):
+            check_names(list(degree), operator_names(), "operator name(s) in degree")
+        if fit_kwargs and all(isinstance(v, dict) for v in fit_kwargs.values()):
+            check_names(list(fit_kwargs), operator_names(), "operator name(s) in fit_kwargs")
         self.calibration_dataloader = calibration_dataloader
         self.calibration_batches = calibration_batches
         self.window = window
@@ -225,18 +247,25 @@ class PolyReplacementCallback(TrainerCallback):
         self._model: Optional[nn.Module] = None
         self._tracker: Optional[RangeTracker] = None
         self._clip_handles: list = []
+        self._progress_to_restore: Optional[dict] = None  # set by the Trainer when it rebuilds the callback
 
     # -- setup -----------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        """Resolve the schedule against ``model`` and install the range hooks (done on the first use)."""
+    def attach(self, model: nn.Module, max_steps: Optional[int] = None) -> None:
+        """Resolve the schedule against ``model`` and install the range hooks (done on the first use).
+
+        ``max_steps``: length of the run, needed (once) when the callback has no schedule of its own."""
         model = _unwrap(model)
         if self._model is model:
             return
+        if self.schedule is None and not max_steps:
+            raise ValueError("PolyReplacementCallback() without a schedule spreads one over the run and needs its "
+                             "length: use it with a Trainer, or call attach(model, max_steps=N) before step()")
         self.detach()
         self._model = model
+        schedule = self.schedule if self.schedule is not None else default_schedule(model, max_steps, self.ramp_steps)
         claimed: set = set()
         self._stages = []
-        for stage in sorted(self.schedule, key=lambda s: s.start):
+        for stage in sorted(schedule, key=lambda s: s.start):
             ops = {p: op for p, op in select_operators(model, stage.ops, stage.roles, stage.layers).items()
                    if p not in claimed}
             claimed |= set(ops)
@@ -291,7 +320,7 @@ class PolyReplacementCallback(TrainerCallback):
             self._start(due, global_step)
 
     def _ramp(self, s: _StageState, global_step: int) -> None:
-        ramp = s.stage.ramp_steps if s.stage.ramp_steps is not None else self.ramp_steps
+        ramp = s.stage.ramp_steps if s.stage.ramp_steps is not None else (self.ramp_steps or 0)
         k = global_step - s.started_at + 1
         if ramp <= 1 or k >= ramp:
             for op in s.operators.values():
@@ -338,8 +367,8 @@ class PolyReplacementCallback(TrainerCallback):
                 margin = s.stage.margin if s.stage.margin is not None else self._margin(op)
                 r = ranges.get(path)
                 if r is None or not r.observed:
-                    interval = tuple(op.interval)
-                    logger.warning("%s: no input observed, fitting on its current interval %s", path, interval)
+                    interval = None  # its current interval (which stays marked uncalibrated unless it was)
+                    logger.warning("%s: no input observed, fitting on its current interval %s", path, op.interval)
                 else:
                     interval = widen_interval(op.op, r.lo, r.hi, margin, self.symmetric)
                 degree, kw = self._fit_args(op, s.stage)
@@ -354,7 +383,7 @@ class PolyReplacementCallback(TrainerCallback):
             self._ramp(s, global_step)
             logger.info("step %d: replacement stage '%s' started (%d operators, ramp %s)\n%s", global_step,
                         s.stage.describe(), len(s.operators), s.stage.ramp_steps if s.stage.ramp_steps is not None
-                        else self.ramp_steps, self.fit_report(global_step))
+                        else self.ramp_steps or 0, self.fit_report(global_step))
 
     def finish(self, model: Optional[nn.Module] = None, global_step: int = -1) -> None:
         """Replace everything the schedule has not reached yet and end every ramp (fully polynomial)."""
@@ -408,16 +437,99 @@ class PolyReplacementCallback(TrainerCallback):
         text = f"poly {n_poly}/{len(ops)} ops, stage {started}/{len(self._stages)}"
         return text + (f" (blend {min(ramp):.2f})" if ramp else "")
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _constructor_args(self) -> dict:
+        """The constructor arguments that are plain (JSON) data; the calibration dataloader is not."""
+        args = {
+            "schedule": None if self.schedule is None else [s.to_dict() for s in self.schedule],
+            "calibration_batches": self.calibration_batches, "window": self.window, "margin": self.margin,
+            "ramp_steps": self.ramp_steps, "degree": self.degree, "fit_kwargs": self.fit_kwargs, "unit": self.unit,
+            "symmetric": self.symmetric, "finish_on_train_end": self.finish_on_train_end,
+            "clip_in_training": self.clip_in_training,
+        }
+        plain = {}
+        for k, v in args.items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                logger.warning("PolyReplacementCallback: %s is not JSON data and is left out of checkpoints", k)
+            else:
+                plain[k] = v
+        return plain
+
+    def progress_state(self) -> Optional[dict]:
+        """Where the replacement stands (JSON data), or ``None`` before the callback is attached to a model:
+        each stage's start step / done / weight, the fit history, the mode and polynomial of every operator, the
+        window of measured ranges. :meth:`load_progress_state` puts it back."""
+        if self._model is None:
+            return None
+        return {
+            "stages": [{"stage": s.stage.describe(), "start": s.stage.start, "started_at": s.started_at,
+                        "done": s.done, "weight": s.weight} for s in self._stages],
+            "history": self.history,
+            "operators": {p: op.spec() for p, op in select_operators(self._model).items()},
+            "ranges": self._tracker.state_dict() if self._tracker is not None else None,
+            "calibration_dataloader": self.calibration_dataloader is not None,
+        }
+
+    def load_progress_state(self, progress: dict) -> None:
+        """Restore :meth:`progress_state` (the callback must be attached to the same model architecture)."""
+        saved = [(s["stage"], s["start"]) for s in progress["stages"]]
+        ours = [(s.stage.describe(), s.stage.start) for s in self._stages]
+        if saved != ours:
+            raise ValueError(f"the checkpoint's replacement schedule {saved} differs from this callback's {ours}: "
+                             "resume with the schedule the checkpoint was trained with")
+        ops = select_operators(self._model)
+        missing = sorted(set(progress["operators"]) - set(ops))
+        if missing:
+            raise ValueError(f"the checkpoint has operators this model lacks: {', '.join(missing[:4])}")
+        for s, saved_stage in zip(self._stages, progress["stages"]):
+            s.started_at, s.done, s.weight = saved_stage["started_at"], saved_stage["done"], saved_stage["weight"]
+        for path, spec in progress["operators"].items():
+            ops[path].load_spec(spec)
+        self.history = [{**h, "interval": tuple(h["interval"]),
+                         "measured": tuple(h["measured"]) if h["measured"] is not None else None}
+                        for h in progress["history"]]
+        if self._tracker is not None and progress.get("ranges") is not None:
+            self._tracker.load_state_dict(progress["ranges"])
+        if progress.get("calibration_dataloader") and self.calibration_dataloader is None:
+            logger.warning("the checkpoint was trained with a calibration_dataloader and this callback has none: "
+                           "the stages still to come are calibrated on training batches")
+
+    def state(self) -> dict:
+        """What a ``Trainer`` checkpoint stores for this callback (``TrainerState.stateful_callbacks``): the
+        constructor arguments that are plain data and :meth:`progress_state`."""
+        return {"args": self._constructor_args(), "attributes": {"_progress_to_restore": self.progress_state()}}
+
+    def _saved_progress(self, state) -> Optional[dict]:
+        """The progress this callback saved in the checkpoint that ``state`` was loaded from, if any."""
+        if self._progress_to_restore is not None:  # the Trainer rebuilt this callback from the checkpoint
+            return self._progress_to_restore
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        candidates = saved if isinstance(saved, list) else [saved] if saved else []
+        if len(candidates) > 1:  # several replacement callbacks: the one saved with our arguments
+            candidates = [c for c in candidates if c.get("args") == self._constructor_args()][-1:]
+        return candidates[0].get("attributes", {}).get("_progress_to_restore") if candidates else None
+
     # -- TrainerCallback -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.attach(model)
+        self.attach(model, state.max_steps)
+        if state.global_step > 0:  # resumed from a checkpoint (the model's weights are loaded already)
+            progress = self._saved_progress(state)
+            if progress is not None:
+                self.load_progress_state(progress)
+                logger.info("resumed replacement at step %d: %s", state.global_step, self.progress())
+            else:
+                logger.warning("resuming at step %d from a checkpoint without replacement progress: every operator "
+                               "starts exact and the stages due by now are applied at once", state.global_step)
+            self._progress_to_restore = None
         if self.calibration_dataloader is not None:
             position = state.global_step if self.unit == "step" else math.floor((state.epoch or 0) + 1e-9)
             self._start_due(position, state.global_step)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if self.unit == "epoch" and self.calibration_dataloader is not None:
-            self.attach(model)
+            self.attach(model, state.max_steps)
             self._start_due(round(state.epoch or 0), state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

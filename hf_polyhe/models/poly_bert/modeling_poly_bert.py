@@ -13,6 +13,8 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ...nn import PolyBlock, PolyPooler, PolyPreTrainedModel, build_attention_mask, make_activation, make_norm
 from .configuration_poly_bert import PolyBertConfig
@@ -68,6 +70,7 @@ class PolyBertModel(PolyBertPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -77,6 +80,7 @@ class PolyBertModel(PolyBertPreTrainedModel):
         inputs_embeds=None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
+        """``hidden_states`` (``output_hidden_states=True``): the embeddings and the output of each layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden_states = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
@@ -91,22 +95,27 @@ class PolyBertModel(PolyBertPreTrainedModel):
 
 
 class PolyBertLMHead(nn.Module):
-    """``decoder(norm(act(dense(h)))) + bias``; the decoder is tied to the word embeddings."""
+    """``decoder(norm(act(dense(h))))``. As in BERT, the decoder's weight is tied to the word embeddings and its
+    bias is ``self.bias`` (one tensor under two names), so ``resize_token_embeddings`` resizes both."""
 
     def __init__(self, config: PolyBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = make_activation(config.hidden_act, config, "head_act")
         self.norm = make_norm(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
 
     def forward(self, hidden_states):
-        return self.decoder(self.norm(self.act(self.dense(hidden_states)))) + self.bias
+        return self.decoder(self.norm(self.act(self.dense(hidden_states))))
 
 
 class PolyBertForMaskedLM(PolyBertPreTrainedModel):
-    _tied_weights_keys = {"lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _tied_weights_keys = {
+        "lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
 
     def __init__(self, config: PolyBertConfig):
         super().__init__(config)
@@ -114,22 +123,28 @@ class PolyBertForMaskedLM(PolyBertPreTrainedModel):
         self.lm_head = PolyBertLMHead(config)
         self.post_init()
 
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # The decoder's bias is lm_head.bias even when tie_word_embeddings=False (transformers then ties nothing).
+        return {**super().get_expanded_tied_weights_keys(all_submodels), "lm_head.decoder.bias": "lm_head.bias"}
+
     def get_output_embeddings(self):
         return self.lm_head.decoder
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head.decoder = new_embeddings
+        self.lm_head.bias = new_embeddings.bias
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
     ) -> MaskedLMOutput:
         """``labels``: token ids at masked positions, -100 elsewhere."""
-        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1))
-        return MaskedLMOutput(loss=loss, logits=logits)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def classification_loss(config, logits, labels):
@@ -158,13 +173,15 @@ class PolyBertForSequenceClassification(PolyBertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
     ) -> SequenceClassifierOutput:
-        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
 
 
 __all__ = [

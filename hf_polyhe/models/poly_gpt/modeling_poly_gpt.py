@@ -15,6 +15,8 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ...nn import PolyBlock, PolyPreTrainedModel, build_attention_mask, make_norm
 from .configuration_poly_gpt import PolyGPTConfig
@@ -56,6 +58,7 @@ class PolyGPTModel(PolyGPTPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -66,6 +69,8 @@ class PolyGPTModel(PolyGPTPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``output_hidden_states`` / ``output_attentions`` / ``return_dict`` are handled by ``capture_outputs``:
+        ``hidden_states`` are the embeddings and the output of each block, the last one after ``ln_f``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -86,7 +91,7 @@ class PolyGPTModel(PolyGPTPreTrainedModel):
             attention_mask, batch, length, past + length, causal=True, device=hidden_states.device, dtype=hidden_states.dtype
         )
         for block in self.h:
-            hidden_states = block(hidden_states, mask, past_key_values if use_cache else None)
+            hidden_states = block(hidden_states, mask, past_key_values=past_key_values if use_cache else None)
         return BaseModelOutputWithPast(
             last_hidden_state=self.ln_f(hidden_states), past_key_values=past_key_values if use_cache else None
         )
@@ -101,6 +106,7 @@ class PolyGPTForCausalLM(PolyGPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -121,6 +127,8 @@ class PolyGPTForCausalLM(PolyGPTPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # whatever config.return_dict says: this head reads the fields
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -128,7 +136,8 @@ class PolyGPTForCausalLM(PolyGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 __all__ = ["PolyGPTPreTrainedModel", "PolyGPTModel", "PolyGPTForCausalLM"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ...nn import PolyBlock, PolyPooler, PolyPreTrainedModel, build_attention_mask, make_norm
 from ..poly_bert.modeling_poly_bert import classification_loss
@@ -71,7 +73,10 @@ class PolyViTModel(PolyViTPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values=None, **kwargs) -> BaseModelOutputWithPooling:
+        """``hidden_states`` (``output_hidden_states=True``): the embeddings and the output of each layer, the last
+        one before the final norm (as in ViT)."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         hidden_states = self.embeddings(pixel_values)
@@ -92,11 +97,13 @@ class PolyViTForImageClassification(PolyViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, pixel_values=None, labels=None, **kwargs) -> ImageClassifierOutput:
-        outputs = self.vit(pixel_values)
+        outputs = self.vit(pixel_values, return_dict=True, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
 __all__ = ["PolyViTPreTrainedModel", "PolyViTModel", "PolyViTForImageClassification"]

@@ -39,3 +39,25 @@ def test_readme_training_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model is fully polynomial" in proc.stdout, proc.stdout[-2000:]
     assert "replacing them untrained" not in proc.stderr
+
+
+def test_readme_client_server_example_runs(tmp_path):
+    """The he.Client / he.Server example, on a tiny export made here, with the INSECURE toy parameters in place
+    of the 128-bit ones (128-bit keys take minutes; the code path is the same)."""
+    code = next(b for b in _python_blocks() if "Client.keygen(" in b)
+    assert 'Client.keygen(export, "default")' in code
+    code = code.replace('Client.keygen(export, "default")', 'Client.keygen(export, "toy")')
+    make = ("import torch, hf_polyhe\n"
+            "cfg = hf_polyhe.PolyGPTConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,\n"
+            "    intermediate_size=8, max_position_embeddings=8, attention_type='pointwise', attention_activation='square',\n"
+            "    norm_type='batchnorm', hidden_act='square')\n"
+            "model = hf_polyhe.to_polynomial(hf_polyhe.PolyGPTForCausalLM(cfg).eval())\n"
+            "hf_polyhe.save_encrypted_pipeline(model, None, 'exports/poly-gpt', max_length=8)\n")
+    check = ("\nplain_ids, _ = Client.plain(export).generate(Client.plain(export).server(), prompt_ids, max_new_tokens=4)\n"
+             "assert ids == plain_ids, (ids, plain_ids)\n"
+             "assert info['encrypted'] and logits.shape == (32,)\n"
+             "print('client/server example ok')\n")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", make + code + check], capture_output=True, text=True,
+                          timeout=600, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "client/server example ok" in proc.stdout

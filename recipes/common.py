@@ -18,7 +18,9 @@ import argparse
 import json
 import math
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,6 +88,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, tiny_defaults: Option
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.started_at = time.time()  # the card reports the run's wall-clock time
     return args
 
 
@@ -256,18 +259,74 @@ def encrypted_check(enc, inputs: list, he_params: str = "default") -> dict:
             "max_err_over_logit_range": max(errs), "argmax_agreement": same / len(inputs)}
 
 
+# -- model cards ---------------------------------------------------------------------------------------------------
+# A card is Hub-form: YAML front matter (huggingface_hub.ModelCardData: licence, datasets, metrics, model-index,
+# base_model; no pipeline_tag and `inference: false`, because the models need the hf_polyhe package and, encrypted,
+# a client holding keys -- a Hub widget cannot serve them), then sections for people: description, intended use,
+# how to use (a runnable snippet), training, evaluation, polynomial operators, threat model, limitations.
+
+PROJECT_LICENSE = "apache-2.0"  # pyproject.toml: Apache-2.0
+# results keys written by export_results start with one of these; the card shows those rows in words
+EXPORT_ROW_PREFIXES = ("export: ", "128-bit ", "encrypted ")
+PAPER = ("Zimerman et al., *Converting Transformers to Polynomial Form for Secure Inference Over Homomorphic "
+         "Encryption*, ICML 2024 ([arXiv:2311.08610](https://arxiv.org/abs/2311.08610))")
+BIBTEX = """@inproceedings{zimerman2024converting,
+  title     = {Converting Transformers to Polynomial Form for Secure Inference Over Homomorphic Encryption},
+  author    = {Zimerman, Itamar and Baruch, Moran and Drucker, Nir and Ezov, Gilad and Soceanu, Omri and Wolf, Lior},
+  booktitle = {Proceedings of the 41st International Conference on Machine Learning (ICML)},
+  year      = {2024}
+}"""
+
+
+@dataclass
+class CardData:
+    """What a model card says about a recipe's data.
+
+    ``hub_id`` is the Hub dataset the recipe loads (it goes into the YAML ``datasets`` list and the model-index);
+    ``None`` for data that ships with a package or comes from local files, which the card then says in words
+    (``local_type`` names it in the model-index, where the Hub expects a dataset type)."""
+
+    name: str  # a person's name for the data, also the model-index dataset name
+    description: str  # what the examples are, sizes, splits
+    licence: str  # the data's own licence, in words (the model's licence is the project's)
+    hub_id: Optional[str] = None
+    config: Optional[str] = None  # Hub dataset configuration (e.g. "sst2", "wikitext-103-raw-v1")
+    split: str = "test"  # the split the metrics were measured on
+    local_type: Optional[str] = None  # model-index dataset type of local data (not a Hub id)
+
+
+@dataclass
+class CardMetric:
+    """The headline metric of a card: its Hub metric id, a person's name for it, and the ``results`` keys of
+    the baseline (P0 at the same training budget) and of the fully polynomial model (P2)."""
+
+    type: str  # Hub metric id: "perplexity", "accuracy"
+    name: str  # e.g. "held-out perplexity (lower is better)"
+    baseline_key: str
+    polynomial_key: str
+
+
+def _fmt(v) -> str:
+    """How the card prints a measured number (the card check looks for exactly this)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def export_results(check: dict, agreement_name: str = "argmax agreement") -> dict:
-    """The model-card rows of an :func:`export_check`."""
+    """The ``results.json`` rows of an :func:`export_check` (every key starts with one of
+    :data:`EXPORT_ROW_PREFIXES`; :func:`write_model_card` shows them in words)."""
     rows = {"export: max rel. error of circuit (plain backend) vs torch": check["max_rel_error_plain_backend"],
             f"export: {agreement_name}": check["argmax_agreement"]}
     plan = check.get("plan_128bit") or {}
     if "error" in plan:
-        rows["128-bit plan"] = "none: " + plan["error"].split(";")[0]
+        rows["128-bit plan"] = "none: " + plan["error"]
     elif plan:
         full = plan["circuits"].get("full", {})
         rows["128-bit plan (HEStd_128_classic)"] = (f"ring 2^{int(plan['ring_dim']).bit_length() - 1}, depth {plan['depth']}, "
                                                     f"{plan['mode']}, {plan['rotation_keys']} rotation keys")
         rows["128-bit predicted latency, one input of length %s (s)" % full.get("length")] = float(full.get("predicted_seconds", 0))
+        if "decode" in plan["circuits"]:
+            rows["128-bit predicted latency, one further token with the encrypted KV cache (s)"] = \
+                float(plan["circuits"]["decode"]["predicted_seconds"])
     enc = check.get("encrypted")
     if enc:
         tag = "toy params, INSECURE" if enc["insecure"] else enc["params"]
@@ -278,82 +337,390 @@ def export_results(check: dict, agreement_name: str = "argmax agreement") -> dic
     return rows
 
 
+_OP_WORDS = {"inv_sqrt": "1/√(variance + ε) of a LayerNorm", "gelu": "GELU", "relu": "ReLU", "tanh": "tanh",
+             "silu": "SiLU", "squared_relu": "squared ReLU", "sigmoid": "sigmoid", "exp": "exp", "sign": "sign"}
+_ROLE_WORDS = {"attn_act": "on the attention scores", "mlp_act": "in the MLP", "pooler_act": "in the pooler",
+               "head_act": "in the classification head"}
+
+
+def _operator_words(o) -> str:
+    what = _OP_WORDS.get(o.op, o.op)
+    where = _ROLE_WORDS.get(o.role, "")
+    layer = f"layer {o.layer_idx}" if o.layer_idx is not None else "outside the layers"
+    return " ".join(p for p in (what, where) if p) + f", {layer}"
+
+
 def operator_table(model) -> str:
-    rows = ["| operator | op | interval | degree | depth | max error |", "|---|---|---|---|---|---|"]
+    """Every replaced operator: what it computes, the input interval its polynomial was fitted on, the degree,
+    the CKKS levels it costs and the fit's max error on the interval."""
+    rows = ["| operator | computes | input interval | degree | CKKS levels | max error on the interval |",
+            "|---|---|---|---|---|---|"]
     for o in hf_polyhe.polynomial_status(model).operators:
         iv = f"[{o.interval[0]:.3g}, {o.interval[1]:.3g}]" if o.interval else "-"
         err = f"{o.max_error:.2e}" if o.max_error is not None else "-"
-        rows.append(f"| `{o.path}` | {o.op} | {iv} | {o.degree} | {o.depth} | {err} |")
+        rows.append(f"| `{o.path}` | {_operator_words(o)} | {iv} | {o.degree} | {o.depth} | {err} |")
     return "\n".join(rows)
 
 
-def write_model_card(card_dir: str, *, name: str, task: str, metric: str, results: dict, model, args,
-                     data_desc: str, extra: str = "") -> str:
-    """A ``huggingface_hub.ModelCard`` with the measured numbers of this run."""
-    from huggingface_hub import ModelCard, ModelCardData
+_NORM_WORDS = {"layernorm": "exact LayerNorm", "poly_layernorm": "LayerNorm whose 1/√variance is a polynomial",
+               "batchnorm": "BatchNorm, an affine map at inference"}
+
+
+def _attention_words(cfg) -> str:
+    if cfg.attention_type == "softmax":
+        return "(softmax)"
+    scale = {"sqrt_length": "1/√L", "length": "1/L"}.get(cfg.attention_scaling)
+    where = {"pre": "before", "post": "after"}.get(cfg.attention_scaling_position, cfg.attention_scaling_position)
+    if cfg.attention_type == "power":
+        return f"(power-softmax, p = {cfg.attention_power})"
+    return f"(σ(QKᵀ/√d)·V with σ = {cfg.attention_activation}" + (f", scaled by {scale} {where} σ)" if scale else ")")
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} CPU cores"
+
+
+def _plan_failure_in_words(reason: str) -> dict:
+    """The planner's reason for having no 128-bit plan, in words: ``{"headline", "detail", "memory_gib"}``."""
+    op = re.search(r"op '[^']+' \((\w+)\) needs (\d+) levels in one bootstrap segment", reason)
+    mem = re.search(r"need ~([\d.]+) GiB, over the ([\d.]+) GiB limit", reason)
+    cap = re.search(r"no 128-bit secure ring allows more than (\d+) levels after a bootstrap", reason)
+    leveled = re.search(r"without bootstrapping: .*?\(depth (\d+),.*?max \d+ bits at N=2\^(\d+)\)", reason)
+    parts, headline, need = [], "not possible yet", None
+    deepest = f"its deepest polynomial step needs {op.group(2)} levels between two bootstraps" if op else None
+    if mem:
+        need = float(mem.group(1))
+        headline = f"not possible within {float(mem.group(2)):.0f} GiB of memory yet"
+        parts.append((deepest or "the circuit needs bootstrapping") + f", and bootstrapping keys for that depth "
+                     f"need ~{need:.0f} GiB")
+    elif cap:
+        headline = "not possible at 128-bit security yet"
+        parts.append((deepest or "the circuit needs bootstrapping") + f", but no 128-bit secure ring keeps more than "
+                     f"{cap.group(1)} levels after a bootstrap")
+    if leveled:
+        parts.append(f"without bootstrapping the whole circuit needs {leveled.group(1)} levels, more than any "
+                     f"128-bit ring (up to 2^{leveled.group(2)}) holds")
+    detail = "; ".join(parts) if parts else reason
+    return {"headline": headline, "detail": detail, "memory_gib": need}
+
+
+def _memory_setting(gib: float) -> int:
+    """A round ``HF_POLYHE_MAX_MEMORY_GIB`` above the planner's estimate of ``gib``."""
+    return int(math.ceil((gib + 1) / 8) * 8)
+
+
+def _unit(task: str) -> str:
+    return {"text-generation": "prompt", "text-classification": "text", "image-classification": "image"}[task]
+
+
+def plan_in_words(plan: dict, task: str) -> str:
+    """The export's 128-bit plan (``pipeline.json["plan"]``) as a sentence a Hub user understands."""
+    if not plan:
+        return "Encrypted inference at 128-bit security: not planned (the export was written without a plan)."
+    if "error" in plan:
+        w = _plan_failure_in_words(plan["error"])
+        more = (f" On a machine with more memory, `HF_POLYHE_MAX_MEMORY_GIB={_memory_setting(w['memory_gib'])}` "
+                "lets the planner use it." if w["memory_gib"] else "")
+        return (f"Encrypted inference at 128-bit security: {w['headline']}: {w['detail']}.{more} "
+                f"Planner's message: `{plan['error']}`")
+    ring = int(plan["ring_dim"]).bit_length() - 1
+    boot = "no bootstrapping" if plan["mode"] == "leveled" else "with bootstrapping"
+    full = plan["circuits"].get("full", {})
+    unit = _unit(task)
+    tokens = "tokens (patches and the class token)" if task == "image-classification" else "tokens"
+    s = (f"Encrypted inference at 128-bit security (HEStd_128_classic): CKKS ring 2^{ring}, {plan['depth']} "
+         f"multiplicative levels, {boot}, {plan['rotation_keys']} rotation keys; predicted ~{_fmt(float(full.get('predicted_seconds', 0)))} s "
+         f"per {unit} of {full.get('length')} {tokens} on 2 CPU cores")
+    if "decode" in plan["circuits"]:
+        s += f", then ~{_fmt(float(plan['circuits']['decode']['predicted_seconds']))} s per further token with the encrypted KV cache"
+    return s + " (the planner's cost model, measured on a 2-core machine; no keys generated)."
+
+
+def _export_in_words(check: dict, task: str) -> list:
+    """Bullet points: the exported circuit against PyTorch, the 128-bit plan, the measured encrypted run."""
+    n = check["samples"]
+    what = "next token" if task == "text-generation" else "predicted class"
+    lines = [f"- **Exported circuit vs PyTorch** (plain float64 backend, same packing and polynomials as under "
+             f"encryption, {n} held-out inputs): max relative error {_fmt(check['max_rel_error_plain_backend'])}; "
+             f"same {what} on {round(check['argmax_agreement'] * n)} of {n} (agreement {_fmt(check['argmax_agreement'])}).",
+             "- **" + plan_in_words(check.get("plan_128bit") or {}, task).replace(": ", ":** ", 1)]
+    enc = check.get("encrypted")
+    if enc:
+        params = ("INSECURE toy parameters, a quick look only" if enc["insecure"] else f"{enc['params']} parameters")
+        lines.append(
+            f"- **Measured on ciphertexts** (OpenFHE CKKS, {params}: ring 2^{int(enc['ring_dim']).bit_length() - 1}, "
+            f"{enc['levels']} levels, {'with' if enc['mode'] == 'bootstrap' else 'no'} bootstrapping; {enc['samples']} "
+            f"held-out input(s)): {_fmt(enc['seconds_per_sample'])} s per input on {_machine()}; max error "
+            f"{_fmt(enc['max_err_over_logit_range'])} of the logit range against the plain circuit; same {what} on "
+            f"{round(enc['argmax_agreement'] * enc['samples'])} of {enc['samples']} (agreement {_fmt(enc['argmax_agreement'])}).")
+    return lines
+
+
+def how_to_use(task: str, model_dir: str, export_dir: str, example: str, plan: Optional[dict],
+               max_length: Optional[int] = None) -> str:
+    """A runnable snippet: load the saved model through the Auto classes, predict in the clear, export it and run
+    ``pipeline("encrypted-...")`` at 128-bit. ``example``: a prompt / text, or for images Python lines that set
+    ``pixel_values`` (a float tensor ``(1, C, H, W)`` prepared as in training)."""
+    if plan and "error" in plan:
+        w = _plan_failure_in_words(plan["error"])
+        note = (f"# This model has no 128-bit plan yet ({w['headline']}; see Evaluation),\n"
+                "# so this call raises PlanningError")
+        if w["memory_gib"]:
+            note += (f"; with ~{w['memory_gib']:.0f} GiB free, set HF_POLYHE_MAX_MEMORY_GIB="
+                     f"{_memory_setting(w['memory_gib'])} first")
+        note += '.\n# he_params="toy" runs it on INSECURE toy parameters for a look; backend="plain" without encryption.'
+    else:
+        seconds = ((plan or {}).get("circuits", {}).get("full", {}) or {}).get("predicted_seconds")
+        note = ("# 128-bit CKKS (OpenFHE); keys are made on first use and cached"
+                + (f"; predicted ~{seconds:.0f} s per {_unit(task)} on 2 CPU cores" if seconds else "")
+                + '.\n# he_params="toy" is an INSECURE quick look; backend="plain" the float64 reference without encryption.')
+    head = ["import hf_polyhe  # registers the poly_* models with the Auto classes and the encrypted-* pipelines"]
+    load = [f'model_dir = "{model_dir}"  # written by the command under Training',
+            f'export_dir = "{export_dir}"']
+    if task == "text-generation":
+        head.append("from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline")
+        body = load + [
+            "model = AutoModelForCausalLM.from_pretrained(model_dir)",
+            "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+            f"prompt = {example!r}",
+            "",
+            "# in the clear: an ordinary transformers model in which every operator is a polynomial",
+            'ids = tokenizer(prompt, return_tensors="pt").input_ids',
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0]))",
+            "",
+            "# encrypted: the client embeds and encrypts the prompt, the server computes on ciphertexts, the client decrypts",
+            "hf_polyhe.save_encrypted_pipeline(model, tokenizer, export_dir)",
+            note,
+            'generator = pipeline("encrypted-text-generation", model=export_dir, he_params="default")',
+            "print(generator(prompt, max_new_tokens=2, do_sample=False)[0][\"generated_text\"])",
+        ]
+    elif task == "text-classification":
+        head.append("from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline")
+        body = load + [
+            "model = AutoModelForSequenceClassification.from_pretrained(model_dir)",
+            "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+            f"text = {example!r}",
+            "",
+            "# in the clear",
+            f'inputs = tokenizer(text, truncation=True, max_length={max_length}, return_tensors="pt")',
+            "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])",
+            "",
+            "# encrypted: the client embeds and encrypts the text, the server computes on ciphertexts, the client decrypts",
+            f"hf_polyhe.save_encrypted_pipeline(model, tokenizer, export_dir, max_length={max_length})",
+            note,
+            'classifier = pipeline("encrypted-text-classification", model=export_dir, he_params="default")',
+            "result = classifier(text, truncation=True)[0]",
+            'print(result["label"], round(result["score"], 3))',
+        ]
+    elif task == "image-classification":
+        head.append("from transformers import AutoModelForImageClassification, pipeline")
+        body = load + [
+            "model = AutoModelForImageClassification.from_pretrained(model_dir)",
+            *example.strip().splitlines(),
+            "",
+            "# in the clear",
+            "print(model.config.id2label[model(pixel_values=pixel_values).logits.argmax(-1).item()])",
+            "",
+            "# encrypted: the client embeds and encrypts the image, the server computes on ciphertexts, the client decrypts",
+            "hf_polyhe.save_encrypted_pipeline(model, None, export_dir)",
+            note,
+            'classifier = pipeline("encrypted-image-classification", model=export_dir, he_params="default")',
+            'print([(r["label"], round(r["score"], 3)) for r in classifier(pixel_values[0].numpy(), top_k=3)])',
+        ]
+    else:
+        raise ValueError(f"no how-to-use snippet for task {task!r}; known: text-generation, text-classification, "
+                         "image-classification")
+    return "\n".join(head + [""] + body)
+
+
+def write_model_card(card_dir: str, *, name: str, task: str, metric: CardMetric, results: dict, model, args,
+                     data: CardData, example: str, model_dir: str, export: Optional[dict] = None, schedule=None,
+                     base_model: Optional[str] = None, extra: str = "") -> str:
+    """Write ``card_dir/README.md``, a Hub-form ``huggingface_hub.ModelCard`` with the measured numbers of this run,
+    and ``card_dir/results.json`` (every number, machine-readable). Returns the card's path.
+
+    ``results``: the run's rows (export rows from :func:`export_results` included when ``export`` is given);
+    ``export``: the :func:`export_check` of this run (shown in words); ``schedule``: the replacement stages of P2
+    (``PolyReplacementCallback.schedule``); ``base_model``: the Hub id the run started from, if any;
+    ``example`` and ``model_dir``: see :func:`how_to_use`."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     cfg = model.config
-    data = ModelCardData(library_name="transformers", tags=["hf_polyhe", "polynomial", "homomorphic-encryption", "ckks"],
-                         pipeline_tag=task)
-    table = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items())
-    arch = (f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, MLP "
-            f"{cfg.intermediate_size}; attention `{cfg.attention_type}` (σ = `{cfg.attention_activation}`, scaling "
-            f"`{cfg.attention_scaling}` {cfg.attention_scaling_position}); norm `{cfg.norm_type}`; MLP act `{cfg.hidden_act}`")
+    results = dict(results)
+    started = getattr(args, "started_at", None)
+    if started is not None:
+        results["run wall-clock (s)"] = time.time() - started
+        # timings depend on what else ran: a load above the core count means the cores were shared
+        results["load average (1 min) when the card was written"] = float(os.getloadavg()[0])
+    p0, p2 = results[metric.baseline_key], results[metric.polynomial_key]
+    index = dict(task_type=task, dataset_type=data.hub_id or data.local_type or "local", dataset_name=data.name,
+                 dataset_config=data.config, dataset_split=data.split, metric_type=metric.type)
+    hub_base = base_model if base_model and not os.path.exists(base_model) else None  # a local path is no Hub id
+    origin = (f"fine-tuned from [`{hub_base}`](https://huggingface.co/{hub_base}) and converted" if hub_base else
+              f"fine-tuned from the local checkpoint `{base_model}` and converted" if base_model else "trained from scratch")
+    card_data = ModelCardData(
+        model_name=name, license=PROJECT_LICENSE, library_name="transformers", base_model=hub_base,
+        datasets=[data.hub_id] if data.hub_id else None, metrics=[metric.type],
+        tags=["hf_polyhe", "polynomial", "homomorphic-encryption", "ckks", "openfhe", "privacy", cfg.model_type],
+        eval_results=[EvalResult(**index, metric_name=f"P2 fully polynomial ({metric.type})",
+                                 metric_value=float(_fmt(float(p2)))),
+                      EvalResult(**index, metric_name=f"P0 exact baseline, same training budget ({metric.type})",
+                                 metric_value=float(_fmt(float(p0))))],
+        inference=False,  # no widget: running the model needs the hf_polyhe package (and keys, encrypted)
+    )
+    export_dir = (export or {}).get("export_dir") or os.path.join(args.output_dir, "export")
+    plan = (export or {}).get("plan_128bit")
+    snippet = how_to_use(task, model_dir, export_dir, example, plan, getattr(args, "max_length", None))
+    preset = "tiny preset" if args.tiny else "full run"
+    arch = (f"{cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, {cfg.num_attention_heads} heads, MLP "
+            f"{cfg.intermediate_size}, {model.num_parameters():,} parameters; attention `{cfg.attention_type}` "
+            f"{_attention_words(cfg)}; norm `{cfg.norm_type}` ({_NORM_WORDS.get(cfg.norm_type, cfg.norm_type)}); "
+            f"MLP activation `{cfg.hidden_act}`")
+    quality = {k: v for k, v in results.items()
+               if not k.startswith(EXPORT_ROW_PREFIXES) and not k.startswith(("training steps", "run wall-clock", "load average"))}
+    table = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in quality.items())
+    steps = next((f"{k}: {v}" for k, v in results.items() if k.startswith("training steps")), "")
+    stages = "; ".join(f"{s.describe()} from step {s.start}" + (f" (blended in over {s.ramp_steps} steps)" if s.ramp_steps else "")
+                       for s in (schedule or []))
+    n_ops = len(hf_polyhe.polynomial_status(model).operators)
+    encrypted_lines = _export_in_words(export, task) if export else [
+        "- Not exported in this run (`--export` exports the model, checks the circuit and adds its 128-bit plan here)."]
+    local_data = "" if data.hub_id else (" The data is not on the Hub: it ships with the package named above, so the "
+                                         "card lists no `datasets`.")
+    wall = ""
+    if "run wall-clock (s)" in results:
+        load = results["load average (1 min) when the card was written"]
+        shared = (": other jobs shared the cores, so the timings on this card are slower than on an idle machine"
+                  if load > (os.cpu_count() or 1) else "")
+        wall = (f" Wall-clock time of this run until the card was written: {_fmt(results['run wall-clock (s)'])} s on "
+                f"{_machine()} (1-minute load average then {_fmt(load)}{shared}).")
+    if args.tiny:
+        scope = ("This tiny preset is a smoke-scale model for trying the workflow (Auto classes, export, encrypted "
+                 "pipeline) and for the comparison between the exact baseline (P0) and the polynomial model (P2) under "
+                 "the same training budget.")
+        not_for = f"any use that needs a good {task.replace('-', ' ')} model (its quality is smoke-scale); "
+        quality_note = ("A smoke-scale model trained for minutes on a small offline data set: its absolute quality is "
+                        "low; the comparison between P0 and P2 under the same budget is the point.")
+    else:
+        scope = "This run reproduces one of the paper's experiments at full scale."
+        not_for = ""
+        quality_note = "Trained once, with one seed: the numbers vary with the seed."
+    encrypted_text = "\n".join(encrypted_lines)
+    chooses = ", and chooses each next token from the decrypted logits" if task == "text-generation" else ""
     content = f"""---
-{data.to_yaml()}
+{card_data.to_yaml()}
 ---
 
 # {name}
 
-A fully polynomial {cfg.model_type} produced by the `hf_polyhe` recipe `{args.recipe}` ({'tiny preset' if args.tiny else 'full run'}),
-so that it can be evaluated on CKKS-encrypted inputs (OpenFHE) with `hf_polyhe.save_encrypted_pipeline`.
+## Model description
 
-## Architecture
+A fully polynomial {cfg.model_type} for {task.replace('-', ' ')}: every operation of its forward pass (attention,
+norms, activations) is a polynomial, so it can run on CKKS-encrypted inputs (OpenFHE). It was {origin} by the
+`hf_polyhe` recipe `{args.recipe}` ({preset}), which follows {PAPER} with progressive replacement of the
+non-polynomial operators.
 
-{arch}.
+Architecture: {arch}.
 
-## Data
+License: {PROJECT_LICENSE} (the project's); the training data has its own licence (see Training). Library:
+`transformers` with the `hf_polyhe` plugin (this project, Python 3.10), whose import registers the model type with
+the Auto classes.
 
-{data_desc}
+## Intended use
 
-## Results (measured by this run)
+Research and demonstration of private inference: a model owner serves predictions on inputs it never sees in the
+clear; the client encrypts its {_unit(task)}, the server computes on ciphertexts, the client decrypts. {scope}
+
+Out of scope: decisions about people or anything safety-relevant; {not_for}inputs unlike the training data (the polynomials are accurate only on the input ranges calibrated during
+training); claims of security beyond the threat model below; the INSECURE toy parameters for anything but a quick
+look.
+
+## How to use
+
+Paths are those of the command under Training (relative to the directory it ran in); with the model files uploaded
+beside this card, this repository's id works as `model_dir` too.
+
+```python
+{snippet}
+```
+
+`hf-polyhe serve EXPORT_DIR` serves the export over HTTP; `pipeline(..., server_url=...)` then keeps the secret
+key on the client.
+
+## Training
+
+Data: {data.description} Licence of the data: {data.licence}.{local_data}
+
+Method (P0 → P1 → P2):
+- **P0**, the baseline: softmax attention, exact LayerNorm (or the pretrained model's own operators).
+- **P1**, the HE-friendly architecture with exact operators, trained with the range loss (α = {args.alpha},
+  bound B = {args.bound}) and the LayerNorm variance loss (β = {args.beta}), which keep the inputs of every
+  non-polynomial operator in a small interval.
+- **P2**, P1 trained on while `PolyReplacementCallback` replaces the operators by polynomials fitted on ranges
+  calibrated in eval mode on training batches, layer by layer: {stages or 'see the recipe'}. Operators whose inputs
+  drifted outside their interval by the end of training are refitted; the result is fully polynomial ({n_ops}
+  operators, table below).
+
+Schedule: {steps}; batch size {args.batch_size}; AdamW, learning rate {args.lr} (P2: ×{args.poly_lr_scale}),
+cosine decay with 5% warm-up, weight decay 0.01; seed {args.seed}; hf_polyhe {hf_polyhe.__version__}, transformers
+{transformers.__version__}, torch {torch.__version__}.{wall}
+
+Command:
+
+```bash
+{args.command}
+```
+
+## Evaluation
+
+Metric: {metric.name}; data: {data.name}, {data.split} split. P0 = exact baseline with the same training budget
+(optimizer steps) as P2; P1 = HE-friendly architecture, exact operators; P2 = fully polynomial (this model).
 
 | quantity | value |
 |---|---|
 {table}
 
-P0 = baseline (softmax, exact LayerNorm), P1 = HE-friendly architecture with exact operators trained with the
-range/variance loss, P2 = after progressive polynomial replacement (fully polynomial). Metric: {metric}.
+Encrypted inference:
 
-## Polynomial operators (ranges calibrated on training data)
+{encrypted_text}
+
+`hf-polyhe inspect EXPORT_DIR` prints the planner's full report.
+
+## Polynomial operators
+
+Input ranges calibrated on training data; levels = multiplicative depth the polynomial costs under CKKS.
 
 {operator_table(model)}
 
 {extra}
 
-## Encrypted inference
-
-Exported circuits run on CKKS with 128-bit parameters (HEStd_128_classic) by default. The rows starting with
-`128-bit` in the table above are the planner's (ring dimension, depth, rotation keys, predicted latency from the
-cost table measured on a 2-core machine, no keys generated); rows starting with `encrypted` were measured on
-ciphertexts by this run (`--encrypted-samples`), with the parameters they name. `hf-polyhe inspect EXPORT_DIR`
-prints the full report.
-
 ## Threat model
 
-The client holds the secret key, its input and the embedding tables; the server holds the remaining weights and
-sees only ciphertexts and evaluation keys. The model's architecture and the input length are visible to the server.
+The client holds the secret key, its input and the embedding tables it needs to embed it{chooses};
+the server holds the remaining weights and receives only ciphertexts and public evaluation keys (no server bundle
+ever contains a secret key). The server learns the model's public shape facts: the input length, the number of
+generated tokens, timing. Security is 128-bit (HE standard, enforced by OpenFHE) by default; toy parameters must be
+asked for by name and are INSECURE.
 
 ## Limitations
 
-Tiny presets are smoke-scale models trained for minutes on 2 CPU cores: their absolute quality is low; the
-comparison between P0 and P2 under the same budget is the point. Polynomials are accurate only inside their
-calibrated intervals; inputs far outside them (distribution shift) degrade outputs.
+- {quality_note}
+- Polynomials are accurate only inside their calibrated intervals: inputs far outside them (distribution shift)
+  degrade outputs, and under encryption nothing clips them.
+- Encrypted inference is slow (seconds to minutes per input on CPUs, see Evaluation) and memory-hungry; the
+  predicted latencies are the planner's cost model, not measurements, unless a row says "measured".
+- Encrypted results match the plain polynomial circuit to CKKS precision, not bit for bit.
 
-Command: `{args.command}`
+## Citation
+
+```bibtex
+{BIBTEX}
+```
 """
     os.makedirs(card_dir, exist_ok=True)
-    card = ModelCard(content)
+    card = ModelCard(re.sub(r"\n{3,}", "\n\n", content))  # no blank runs where an optional part is empty
     path = os.path.join(card_dir, "README.md")
     card.save(path)
     with open(os.path.join(card_dir, "results.json"), "w") as f:

@@ -29,8 +29,8 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
-    classification_accuracy, export_check, export_results, is_main_process, parse_args, quiet_transformers, recipe_parser,
-    train_exact, train_progressive, write_model_card,
+    CardData, CardMetric, classification_accuracy, export_check, export_results, is_main_process, parse_args,
+    quiet_transformers, recipe_parser, train_exact, train_progressive, write_model_card,
 )
 
 TINY = dict(steps=300, poly_steps=300, batch_size=32, lr=1e-3, output_dir="runs/poly_bert_tiny", max_length=32)
@@ -97,23 +97,42 @@ def main(argv=None):
                             intermediate_size=128, max_position_embeddings=args.max_length, num_labels=2,
                             pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         p0 = BertForSequenceClassification(config)
-        data_desc = (f"Offline task from real text: paragraphs of the CPython language reference, label = statement "
-                     f"topic vs object-type topic; {len(raw_train)} train / {len(raw_test)} test; tokenizer trained locally.")
+        data = CardData(name="Python language-reference topics: statement vs object type (built by the recipe)",
+                        local_type="python-reference-topics",
+                        description=f"An offline task made from real text: paragraphs of the CPython language reference "
+                                    f"(`pydoc_data.topics`, shipped with Python), labelled by whether their topic documents "
+                                    f"a statement or an object type; {len(raw_train)} train / {len(raw_test)} test "
+                                    f"paragraphs (first 300 characters); byte-level BPE tokenizer trained locally on "
+                                    f"them and on the reference excerpt shipped with hf_polyhe.",
+                        licence="PSF License Version 2 (Python Software Foundation)")
     else:
         from transformers import AutoTokenizer
 
         if args.data_dir:
             raw = load_dataset("csv", data_files={s: os.path.join(args.data_dir, f"{s}.csv") for s in ("train", "validation")})
+            data = CardData(name=f"local CSV files ({args.data_dir})", local_type="csv-files", split="validation",
+                            description=f"`{args.data_dir}/{{train,validation}}.csv` (columns sentence, label)",
+                            licence="that of the local files (not recorded by the recipe)")
         else:
             raw = load_dataset("glue", args.task)
+            data = CardData(name=f"GLUE {args.task}", hub_id="glue", config=args.task, split="validation",
+                            description=f"GLUE {args.task} through `datasets`",
+                            licence=f"each GLUE task has its own; see the `glue` dataset card for {args.task}")
         raw_train, raw_test = raw["train"], raw["validation"]
         labels = raw_train.features["label"].names if hasattr(raw_train.features["label"], "names") else ["0", "1"]
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         cls_id = None
         p0 = BertForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
-        data_desc = f"GLUE {args.task}: {len(raw_train)} train / {len(raw_test)} validation examples."
+        data.description += f": {len(raw_train)} train / {len(raw_test)} validation examples; the tokenizer of `{args.model}`."
     train = tokenize(raw_train, tokenizer, args.max_length, cls_id)
     test = tokenize(raw_test, tokenizer, args.max_length, cls_id)
+    if cls_id is not None:
+        # from here on the tiny tokenizer prepends [CLS] itself, as the model was trained: the saved tokenizer, the
+        # export's client and the card's snippet then tokenize exactly like the training data
+        from tokenizers import processors
+
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", pair="[CLS] $A [SEP] $B:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", tokenizer.sep_token_id)])
     if args.eval_samples:
         test = test.select(range(min(args.eval_samples, len(test))))
     out = args.output_dir
@@ -134,7 +153,7 @@ def main(argv=None):
     acc_conv = classification_accuracy(model, test, "input_ids")
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     acc1 = classification_accuracy(model, test, "input_ids")
-    train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
+    _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     acc2 = classification_accuracy(model, test, "input_ids")
     results = {"P0 exact fine-tuned BERT accuracy (%)": acc0,
                "P0 exact, fine-tuned for the same total steps as P2 (%)": acc0_budget,
@@ -146,14 +165,20 @@ def main(argv=None):
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         tokenizer.save_pretrained(os.path.join(out, "poly_model"))
+        check = None
         if args.export:
             samples = [{"input_ids": test[i]["input_ids"], "attention_mask": test[i]["attention_mask"]} for i in range(3)]
             check = export_check(model, tokenizer, os.path.join(out, "export"), samples, args.encrypted_samples, args.he_params)
             results.update(export_results(check))
         card = write_model_card(args.card_dir or os.path.join(out, "card"),
                                 name="PolyBert " + ("tiny (Python-reference topics)" if args.tiny else args.task),
-                                task="text-classification", metric="accuracy (%) on the held-out split",
-                                results=results, model=model, args=args, data_desc=data_desc)
+                                task="text-classification", results=results, model=model, args=args, data=data,
+                                metric=CardMetric("accuracy", "accuracy (%) on the held-out split",
+                                                  "P0 exact, fine-tuned for the same total steps as P2 (%)",
+                                                  "P2 fully polynomial PolyBert (%)"),
+                                example=" ".join(raw_test[0]["sentence"].split()[:12]),
+                                model_dir=os.path.join(out, "poly_model"), export=check, schedule=replacement.schedule,
+                                base_model=None if args.tiny else args.model)
         print("\n".join(f"{k}: {v}" for k, v in results.items()))
         print(f"model card: {card}")
     return results

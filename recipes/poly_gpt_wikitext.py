@@ -24,8 +24,8 @@ from datasets import Dataset, load_dataset  # noqa: E402
 
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
-    export_check, export_results, is_main_process, lm_perplexity, parse_args, quiet_transformers, recipe_parser, train_exact,
-    train_progressive, write_model_card,
+    CardData, CardMetric, export_check, export_results, is_main_process, lm_perplexity, parse_args, quiet_transformers,
+    recipe_parser, train_exact, train_progressive, write_model_card,
 )
 from hf_polyhe.data import lm_blocks, load_tiny_corpus, split_paragraphs, train_test_split, train_tokenizer  # noqa: E402
 
@@ -38,13 +38,25 @@ FULL = dict(steps=100000, poly_steps=20000, batch_size=32, lr=6e-4, output_dir="
 def load_texts(args):
     if args.tiny:
         train, test = train_test_split(split_paragraphs(load_tiny_corpus()), 0.1, args.seed)
-        return train, test, "Excerpt of the Python Language Reference shipped with hf_polyhe (PSF License), split by paragraph 90/10."
+        return train, test, CardData(
+            name="Python Language Reference excerpt (shipped with hf_polyhe)", local_type="python-reference-excerpt",
+            description="An excerpt of the Python Language Reference (pydoc topics of CPython 3.10) shipped inside the "
+                        "hf_polyhe package (`hf_polyhe/data/python_reference_excerpt.txt`), split by paragraph 90/10 "
+                        "into train / test; byte-level BPE tokenizer trained on the train split.",
+            licence="PSF License Version 2 (Python Software Foundation)")
     if args.data_dir:
         raw = load_dataset("text", data_files={s: os.path.join(args.data_dir, f"{s}.txt") for s in ("train", "validation")})
+        data = CardData(name=f"local text files ({args.data_dir})", local_type="text-files", split="validation",
+                        description=f"Text files `{args.data_dir}/{{train,validation}}.txt`.",
+                        licence="that of the local files (not recorded by the recipe)")
     else:
         raw = load_dataset("wikitext", "wikitext-103-raw-v1")
+        data = CardData(name="WikiText-103 (raw)", hub_id="wikitext", config="wikitext-103-raw-v1", split="validation",
+                        description="WikiText-103 (raw), train / validation splits, through `datasets`; byte-level BPE "
+                                    "tokenizer trained on the train split.",
+                        licence="CC BY-SA 3.0 and GFDL (text from Wikipedia)")
     clean = lambda split: [t for t in raw[split]["text"] if t.strip()]  # noqa: E731
-    return clean("train"), clean("validation"), "WikiText-103 (raw), train / validation."
+    return clean("train"), clean("validation"), data
 
 
 def build(args, tokenizer, he_friendly: bool):
@@ -73,7 +85,7 @@ def main(argv=None):
     args.command = "python recipes/poly_gpt_wikitext.py " + " ".join(argv if argv is not None else sys.argv[1:])
     quiet_transformers()
     torch.manual_seed(args.seed)
-    train_texts, test_texts, data_desc = load_texts(args)
+    train_texts, test_texts, data = load_texts(args)
     tokenizer = train_tokenizer(train_texts[:200000], vocab_size=args.vocab, model_max_length=args.block_size)
     train = Dataset.from_dict({"input_ids": lm_blocks(tokenizer, train_texts, args.block_size)}).with_format("numpy")
     test = Dataset.from_dict({"input_ids": lm_blocks(tokenizer, test_texts, args.block_size)}).with_format("numpy")
@@ -89,7 +101,7 @@ def main(argv=None):
     model = build(args, tokenizer, he_friendly=True)
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     ppl1 = lm_perplexity(model, test)
-    train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
+    _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     ppl2 = lm_perplexity(model, test)
     results = {"P0 softmax GPT perplexity": ppl0, "P1 HE-friendly, exact operators perplexity": ppl1,
                "P2 fully polynomial PolyGPT perplexity": ppl2, "P2 / P0": ppl2 / ppl0,
@@ -97,14 +109,19 @@ def main(argv=None):
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         tokenizer.save_pretrained(os.path.join(out, "poly_model"))
+        check = None
         if args.export:
             samples = [{"input_ids": test[i]["input_ids"][:16]} for i in range(3)]
             check = export_check(model, tokenizer, os.path.join(out, "export"), samples, args.encrypted_samples, args.he_params)
             results.update(export_results(check, "next-token agreement"))
+        data.description += f" {len(train)} training / {len(test)} held-out blocks of {args.block_size} tokens."
         card = write_model_card(args.card_dir or os.path.join(out, "card"),
                                 name="PolyGPT " + ("tiny (Python reference)" if args.tiny else "WikiText-103"),
-                                task="text-generation", metric="held-out perplexity", results=results, model=model,
-                                args=args, data_desc=data_desc)
+                                task="text-generation", results=results, model=model, args=args, data=data,
+                                metric=CardMetric("perplexity", "held-out perplexity (lower is better)",
+                                                  "P0 softmax GPT perplexity", "P2 fully polynomial PolyGPT perplexity"),
+                                example=" ".join(test_texts[0].split()[:4]), model_dir=os.path.join(out, "poly_model"),
+                                export=check, schedule=replacement.schedule)
         print("\n".join(f"{k}: {v}" for k, v in results.items()))
         print(f"model card: {card}")
     return results

@@ -24,8 +24,8 @@ from datasets import Dataset, load_dataset  # noqa: E402
 
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
-    classification_accuracy, export_check, export_results, is_main_process, parse_args, quiet_transformers, recipe_parser,
-    train_exact, train_progressive, write_model_card,
+    CardData, CardMetric, classification_accuracy, export_check, export_results, is_main_process, parse_args,
+    quiet_transformers, recipe_parser, train_exact, train_progressive, write_model_card,
 )
 
 TINY = dict(steps=300, poly_steps=240, batch_size=32, lr=2e-3, output_dir="runs/poly_vit_tiny",
@@ -33,6 +33,18 @@ TINY = dict(steps=300, poly_steps=240, batch_size=32, lr=2e-3, output_dir="runs/
 FULL = dict(steps=20000, poly_steps=8000, batch_size=128, lr=1e-3, output_dir="runs/poly_vit", hidden=384,
             layers=7, heads=6, mlp=768, patch=4)
 HUB = {"cifar100": ("cifar100", "img", "fine_label"), "tiny-imagenet": ("zh-plus/tiny-imagenet", "image", "label")}
+LICENCES = {"cifar100": "none stated by its authors (Krizhevsky, 2009); the Hub dataset card lists it as unknown",
+            "tiny-imagenet": "derived from ImageNet, whose terms of access (non-commercial research and education) apply"}
+# the card's how-to-use input: one image prepared exactly as the recipe prepares its data
+TINY_EXAMPLE = '''import torch
+from sklearn.datasets import load_digits  # the tiny preset's data: 8x8 scans with values 0..16
+digits = load_digits()
+pixel_values = torch.tensor((digits.images[:1] / 16.0 - 0.5) / 0.5, dtype=torch.float32)[:, None]  # (1, 1, 8, 8) in [-1, 1]
+print("true label:", digits.target[0])'''
+HUB_EXAMPLE = '''import numpy as np, torch
+from PIL import Image
+image = Image.open("image.jpg").convert("RGB").resize(({size}, {size}))  # any RGB image
+pixel_values = (torch.tensor(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 0.5) / 0.5'''
 
 
 def digits_dataset(seed: int):
@@ -43,7 +55,12 @@ def digits_dataset(seed: int):
     ds = Dataset.from_dict({"pixel_values": x[:, None].tolist(), "labels": d.target.tolist()}).with_format("numpy")
     split = ds.train_test_split(test_size=300, seed=seed)
     labels = [str(i) for i in range(10)]
-    return split["train"], split["test"], labels, 8, 1, "scikit-learn digits (1797 8x8 grayscale scans, 10 classes): 1497 train / 300 test"
+    data = CardData(name="scikit-learn digits (8x8, shipped with scikit-learn)", local_type="sklearn-digits",
+                    description="scikit-learn's `load_digits()`: 1797 8x8 grayscale scans of handwritten digits (10 classes, "
+                                "the UCI Optical Recognition of Handwritten Digits test set, shipped inside scikit-learn), "
+                                "scaled to [-1, 1]; 1497 train / 300 test images.",
+                    licence="CC BY 4.0 (UCI Machine Learning Repository; Alpaydin and Kaynak, 1998)")
+    return split["train"], split["test"], labels, 8, 1, data
 
 
 def image_dataset(name: str, data_dir, size: int):
@@ -64,7 +81,16 @@ def image_dataset(name: str, data_dir, size: int):
     test_split = "test" if "test" in raw else "valid" if "valid" in raw else "validation"
     test = raw[test_split].map(prep, batched=True, remove_columns=raw[test_split].column_names).with_format("numpy")
     labels = raw["train"].features[label_key].names
-    return train, test, labels, size, 3, f"{name} ({len(train)} train / {len(test)} test images)"
+    if data_dir:
+        data = CardData(name=f"local image folder ({data_dir})", local_type="imagefolder", split=test_split,
+                        description=f"an `imagefolder` directory `{data_dir}`: {len(train)} train / {len(test)} test images, "
+                                    f"resized to {size}x{size}, scaled to [-1, 1]",
+                        licence="that of the local images (not recorded by the recipe)")
+    else:
+        data = CardData(name=name, hub_id=HUB[name][0], split=test_split, licence=LICENCES[name],
+                        description=f"{name} (`{HUB[name][0]}` through `datasets`): {len(train)} train / {len(test)} "
+                                    f"{test_split} images, resized to {size}x{size}, scaled to [-1, 1].")
+    return train, test, labels, size, 3, data
 
 
 def collate(features):
@@ -95,9 +121,9 @@ def main(argv=None):
     quiet_transformers()
     torch.manual_seed(args.seed)
     if args.tiny:
-        train, test, labels, size, channels, data_desc = digits_dataset(args.seed)
+        train, test, labels, size, channels, data = digits_dataset(args.seed)
     else:
-        train, test, labels, size, channels, data_desc = image_dataset(args.dataset, args.data_dir, 32 if args.dataset == "cifar100" else 64)
+        train, test, labels, size, channels, data = image_dataset(args.dataset, args.data_dir, 32 if args.dataset == "cifar100" else 64)
     if args.eval_samples:
         test = test.select(range(min(args.eval_samples, len(test))))
     out = args.output_dir
@@ -111,20 +137,24 @@ def main(argv=None):
     model = build(args, labels, size, channels, he_friendly=True)
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     acc1 = classification_accuracy(model, test, "pixel_values")
-    train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
+    _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     acc2 = classification_accuracy(model, test, "pixel_values")
     results = {"P0 softmax ViT accuracy (%)": acc0, "P1 HE-friendly, exact operators (%)": acc1,
                "P2 fully polynomial PolyViT (%)": acc2, "P0 - P2 (points)": acc0 - acc2,
                "training steps P0 / P1 / P2": f"{args.steps + args.poly_steps} / {args.steps} / {args.poly_steps}"}
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
+        check = None
         if args.export:
             samples = [{"pixel_values": test[i]["pixel_values"]} for i in range(3)]
             check = export_check(model, None, os.path.join(out, "export"), samples, args.encrypted_samples, args.he_params)
             results.update(export_results(check))
         card = write_model_card(args.card_dir or os.path.join(out, "card"), name="PolyViT " + ("tiny (digits)" if args.tiny else args.dataset),
-                                task="image-classification", metric="top-1 accuracy (%) on the held-out split",
-                                results=results, model=model, args=args, data_desc=data_desc)
+                                task="image-classification", results=results, model=model, args=args, data=data,
+                                metric=CardMetric("accuracy", "top-1 accuracy (%) on the held-out split",
+                                                  "P0 softmax ViT accuracy (%)", "P2 fully polynomial PolyViT (%)"),
+                                example=TINY_EXAMPLE if args.tiny else HUB_EXAMPLE.format(size=size),
+                                model_dir=os.path.join(out, "poly_model"), export=check, schedule=replacement.schedule)
         print("\n".join(f"{k}: {v}" for k, v in results.items()))
         print(f"model card: {card}")
     return results

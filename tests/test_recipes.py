@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tiny", "--steps", "12", "--poly-steps", "12", "--eval-samples", "40"]
+CARD_SECTIONS = ("Model description", "Intended use", "How to use", "Training", "Evaluation", "Polynomial operators",
+                 "Threat model", "Limitations")
 
 
 def _env():
@@ -26,17 +29,50 @@ def _run(cmd, tmp_path):
     return proc
 
 
-def _check_outputs(out: Path, metric_word: str):
+def _check_card(out: Path, results: dict, run_snippet: bool = False):
+    """The card is Hub-form (it parses with huggingface_hub, licence, data, model-index, no pipeline_tag), has every
+    section, shows every measured number, and -- with ``run_snippet`` -- its how-to-use snippet runs."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "card" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
+    # no widget can serve these models (they need hf_polyhe, and keys when encrypted): no task, inference off
+    assert "pipeline_tag" not in meta and meta["inference"] is False
+    # the tiny presets' data ships with packages, not on the Hub: no invented dataset ids, a statement instead
+    assert not meta.get("datasets") and "The data is not on the Hub" in card.text
+    assert "base_model" not in meta  # trained from scratch
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"]["type"] and result["dataset"]["name"] and result["dataset"]["type"]
+    values = {m["name"]: m["value"] for m in result["metrics"]}
+    assert {n.split(" ")[0] for n in values} == {"P0", "P2"} and len(card.data.eval_results) == 2
+    measured = {float(f"{v:.4g}") for v in results.values() if isinstance(v, float)}
+    assert set(values.values()) <= measured
+    headings = re.findall(r"^## (.+)$", card.text, flags=re.M)
+    assert all(s in headings for s in CARD_SECTIONS), headings
+    for key, value in results.items():
+        if isinstance(value, float):
+            assert f"{value:.4g}" in card.text, key
+    if run_snippet:
+        snippet = re.search(r"```python\n(.*?)```", card.text, flags=re.S).group(1)
+        # the card's snippet encrypts at 128-bit; here its encrypted part runs on the plain float64 backend instead
+        # (same export, pipeline and packing, no keys): 128-bit keys take minutes, and the tiny GPT and BERT have no
+        # 128-bit plan within 24 GiB (the card says so, and the snippet's comment)
+        assert snippet.count('he_params="default"') == 1
+        snippet = snippet.replace('he_params="default"', 'backend="plain"')
+        proc = subprocess.run([sys.executable, "-c", snippet], cwd=out, env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (snippet, proc.stdout[-2000:], proc.stderr[-4000:])
+        assert proc.stdout.strip()
+
+
+def _check_outputs(out: Path, metric_word: str, run_snippet: bool = False):
     import hf_polyhe
     from transformers import AutoConfig
 
     results = json.loads((out / "card" / "results.json").read_text())
     assert any(metric_word in k for k in results)
-    card = (out / "card" / "README.md").read_text()
-    assert "library_name: transformers" in card and "hf_polyhe" in card
-    for key, value in results.items():
-        if isinstance(value, float):
-            assert f"{value:.4g}" in card, key
+    _check_card(out, results, run_snippet)
     # load the saved model as the class it was saved from (AutoModel would add e.g. ViT's unused pooler)
     (architecture,) = AutoConfig.from_pretrained(out / "poly_model").architectures
     model = getattr(hf_polyhe, architecture).from_pretrained(out / "poly_model")
@@ -49,7 +85,7 @@ def _check_outputs(out: Path, metric_word: str):
 def test_tiny_preset_runs(tmp_path, recipe, metric):
     out = tmp_path / "run"
     _run([sys.executable, str(ROOT / "recipes" / recipe), *FAST, "--export", "--output-dir", str(out)], tmp_path)
-    results = _check_outputs(out, metric)
+    results = _check_outputs(out, metric, run_snippet=True)
     # the exported circuit reproduces the polynomial torch model (plain CKKS-packing backend)
     assert results["export: max rel. error of circuit (plain backend) vs torch"] <= 1e-6
     # the card carries the export's 128-bit plan (or the reason there is none)
@@ -71,8 +107,10 @@ def test_recipe_encrypted_evaluation_on_ciphertexts(tmp_path):
     assert results[f"{tag}: ring / levels / mode"].startswith("2^12 / ")
     plan_row = results["128-bit plan (HEStd_128_classic)"]
     assert plan_row.startswith("ring 2^") and "rotation keys" in plan_row
+    # the card gives the plan and the measured run in words
     card = (out / "card" / "README.md").read_text()
-    assert "128-bit predicted latency" in card and tag in card
+    assert "Encrypted inference at 128-bit security (HEStd_128_classic):** CKKS ring 2^" in card and "rotation keys" in card
+    assert "Measured on ciphertexts** (OpenFHE CKKS, INSECURE toy parameters" in card
 
 
 def test_yaml_config_and_two_process_torchrun(tmp_path):

@@ -9,7 +9,7 @@ The machine may be shared, so op costs are measured twice, right before and righ
 fit uses their mean (both passes and the load average are printed). Ops are timed on ciphertexts in the state
 the circuit leaves them in (a product with a pending FLEXIBLEAUTO rescale) at three levels; each primitive is
 fitted as t(T) = a*T + b*T^2 over the T towers it carries, and Chebyshev series as effective ct x ct
-multiplications per degree (Paterson-Stockmeyer), see hf_polyhe/he/planner.py.
+multiplications per degree (Paterson-Stockmeyer), see hf_polyhe/he/compile/planner.py.
 """
 
 from __future__ import annotations

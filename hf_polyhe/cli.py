@@ -6,7 +6,7 @@
     hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
     hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
     hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens as JSON
-    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]            HTTP server (server part only)
+    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--state-dir D] [--auth-token T]   HTTP server
     hf-polyhe demo [--fast]                                               train, make polynomial, run encrypted
 """
 
@@ -158,10 +158,21 @@ def _decrypt(args) -> int:
 def _serve(args) -> int:
     from .serve.app import MiB, serve
 
-    print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys)", flush=True)
+    token = args.auth_token or os.environ.get("HF_POLYHE_AUTH_TOKEN") or None
+    if args.allow_toy:
+        print("WARNING: --allow-toy accepts keys with INSECURE toy CKKS parameters (tests only)", file=sys.stderr)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("WARNING: serving beyond loopback without --auth-token: anyone who reaches the port can register keys",
+              file=sys.stderr)
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys"
+          f"{'; token required' if token else ''})", flush=True)
     serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level, max_sessions=args.max_sessions,
           max_request_bytes=args.max_request_mb * MiB, max_bundle_bytes=args.max_bundle_mb * MiB,
-          session_ttl_s=args.session_ttl)
+          session_ttl_s=args.session_ttl, state_dir=args.state_dir, max_streams=args.max_streams,
+          max_jobs_per_session=args.max_jobs_per_session, job_timeout_s=args.job_timeout,
+          load_timeout_s=args.load_timeout,
+          worker_memory_bytes=int(args.worker_memory_mb * MiB) if args.worker_memory_mb else None,
+          parallel_jobs=args.parallel_jobs, allow_toy=args.allow_toy, auth_token=token)
     return 0
 
 
@@ -226,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=int, default=64, help="largest ciphertext upload (MiB)")
     p.add_argument("--max-bundle-mb", type=int, default=4096, help="largest key bundle upload (MiB)")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")
+    p.add_argument("--state-dir", default=None,
+                   help="keep sessions (keys, KV caches) here so that a restart loses none (default: a temporary "
+                        "directory removed at exit)")
+    p.add_argument("--auth-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every request but /v1/health "
+                        "(default $HF_POLYHE_AUTH_TOKEN; none: open)")
+    p.add_argument("--allow-toy", action="store_true", help="accept keys with INSECURE toy parameters (tests only)")
+    p.add_argument("--job-timeout", type=float, default=1800.0, help="wall-clock seconds per job (the worker is killed)")
+    p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to load a session's keys")
+    p.add_argument("--worker-memory-mb", type=float, default=0,
+                   help="address-space limit of a session's worker (default: 3x its keys + 4 GiB, at most 90%% of RAM)")
+    p.add_argument("--max-streams", type=int, default=16, help="open KV-cache generation streams per session")
+    p.add_argument("--max-jobs-per-session", type=int, default=8, help="unfetched jobs per session")
+    p.add_argument("--parallel-jobs", type=int, default=1, help="jobs evaluated at once (sessions take turns)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
@@ -244,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from . import _HAS_TORCH
 
-    transformers.logging.set_verbosity_error()
+    if _HAS_TORCH:  # a torch-free server (HF_POLYHE_NO_TORCH=1, or no torch installed) has no transformers to quieten
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

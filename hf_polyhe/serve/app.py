@@ -71,7 +71,7 @@ from ..he.compile.transformer import TransformerSpec
 from ..he.errors import (CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError,
                          StreamError, ToyParametersWarning)
 from ..he.export import part_dir, read_pipeline_json
-from ..he.files import MAX_JSON_BYTES, load_arrays, read_json
+from ..he.files import read_json
 from ..he.runtime.ciphertext import read_header
 from ..he.runtime.keys import BUNDLE_FILES, BUNDLE_FORMAT
 from ..he.runtime.precheck import CiphertextTemplate, check_fresh
@@ -88,6 +88,7 @@ STATUS_OF_TYPE = {"KeyMismatchError": 409, "StreamError": 409, "LayoutError": 42
                   "PlanningError": 422, "SerializationError": 400, "ValueError": 422, "HEError": 422,
                   "MemoryError": 503}
 SESSION_FORMAT = "hf_polyhe.serve.session"
+MAX_BUNDLE_JSON_BYTES = 4 * MiB  # a plan with its report is a few kB
 MAX_ZIP_RATIO = 8  # keys are random: a member that decompresses to more than 8x its compressed size is a bomb
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -529,7 +530,7 @@ class ServerState:
                                    f"eval_automorphism_keys.bin required); got {names[:8]}")
             os.makedirs(directory, mode=0o700)
             member = {i.filename: i for i in infos}
-            self._extract(z, member["bundle.json"], directory, MAX_JSON_BYTES)
+            self._extract(z, member["bundle.json"], directory, MAX_BUNDLE_JSON_BYTES)
             try:
                 meta = read_json(os.path.join(directory, "bundle.json"))
                 if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
@@ -649,7 +650,7 @@ class ServerState:
                                    f"session ({limit // MiB} MiB): the file is malformed or too large "
                                    f"({e.message or 'out of memory'})", "too_large") from None
             raise Refused(STATUS_OF_TYPE.get(e.type_name, 400),
-                          f"cannot load the bundle ({e.stage or 'bundle'}): {e.type_name}: {e.message}") from None
+                          f"cannot load the bundle ({e.stage or 'bundle'}): {e.type_name}: {e.message}", "bad_keys") from None
         if head.get("key_tag") != s.key_tag:
             s.worker.kill()
             s.worker = None
@@ -881,13 +882,17 @@ def create_app(export_dir, **limits) -> FastAPI:
 
     @app.post("/v1/sessions/{sid}/jobs", status_code=202)
     async def submit(sid: str, request: Request, op: str, seq_len: Optional[int] = None, stream: Optional[str] = None):
-        s = state.session(sid)
-        if op not in ("run", "prefill", "decode"):
-            raise Refused(422, f"op must be run, prefill or decode, got {op!r}")
-        pending = sum(j.status in ("queued", "running") or j.result is not None for j in s.jobs.values())
-        if pending >= state.max_jobs_per_session:
-            raise Refused(429, f"the session has {pending} unfetched jobs (limit {state.max_jobs_per_session})",
-                          "too_many_jobs")
+        try:
+            s = state.session(sid)
+            if op not in ("run", "prefill", "decode"):
+                raise Refused(422, f"op must be run, prefill or decode, got {op!r}")
+            pending = sum(j.status in ("queued", "running") or j.result is not None for j in s.jobs.values())
+            if pending >= state.max_jobs_per_session:
+                raise Refused(429, f"the session has {pending} unfetched jobs (limit {state.max_jobs_per_session})",
+                              "too_many_jobs")
+        except Refused:
+            await drain(request, state.max_request_bytes)  # the client sees the answer, not a reset mid-upload
+            raise
         data = await read_body(request, state.max_request_bytes, "the ciphertext")
         try:
             h = read_header(data)
@@ -906,7 +911,7 @@ def create_app(export_dir, **limits) -> FastAPI:
                 raise Refused(422, f"the ciphertext packs {h.rows} rows, seq_len says {seq_len}")
         else:
             if stream not in s.streams:
-                raise Refused(404, f"unknown stream; start one with POST /v1/sessions/<id>/streams", "unknown_stream")
+                raise Refused(404, "unknown stream; start one with POST /v1/sessions/<id>/streams", "unknown_stream")
             if op == "decode" and h.rows != 1:
                 raise Refused(422, f"op=decode takes one token's embedding (1 row), got {h.rows}")
             if op == "prefill" and not 1 <= h.rows <= max_len:

@@ -152,8 +152,6 @@ def _stream(server: Server, stream: str) -> None:
         del server.streams[sid]
     if stream not in server.streams:
         server.streams[stream] = _load_stream(stream)
-    elif not os.path.isdir(_stream_dir(stream)):
-        raise StreamError(f"unknown or finished stream {stream!r}")
 
 
 def job(header: dict, payload: bytes, stage) -> tuple:

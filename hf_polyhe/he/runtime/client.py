@@ -249,7 +249,7 @@ class Client:
 
         h = read_header(data)
         if h.role != "logits":
-            raise LayoutError(f"this encrypted tensor holds {h.role}, not logits: decrypt a server's result")
+            raise LayoutError(f"this encrypted tensor holds {h.role}, expected logits: decrypt a server's result")
         if h.key_tag != self.key_tag:
             raise KeyMismatchError(f"this ciphertext was made under another key (tag {h.key_tag[:12]}..., this client "
                                    f"holds {self.key_tag[:12]}...)")

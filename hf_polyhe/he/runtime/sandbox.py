@@ -19,6 +19,7 @@ Frame: ``b"HFPS" | u32 JSON header length | u64 payload length | JSON header | p
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -83,14 +84,14 @@ def describe_exit(returncode) -> str:
     return f"exited with status {returncode}"
 
 
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.+@-]+){2,}/?(?::\d+)?")
+_PATH = re.compile(r"(?<![\w/.])(?!/v1/)(?:/[\w.+@-]+){2,}/?(?::\d+)?")  # HTTP API paths (/v1/...) stay
 
 
 def public_message(text: str, limit: int = 600) -> str:
     """``text`` without file system paths (OpenFHE's errors name its build tree, ours name files on the server):
     fit to return to a remote party."""
     text = _PATH.sub("<path>", str(text))
-    text = re.sub(r"(<path>[\s:,]*)+", "<path> ", text).strip()
+    text = re.sub(r"<path>(?:[\s:,]*<path>)+", "<path>", text).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -404,11 +405,12 @@ _DECRYPTOR_LOCK = threading.Lock()
 
 
 def decryptor() -> Decryptor:
-    """This process's :class:`Decryptor` (one child for every client of the process)."""
+    """This process's :class:`Decryptor` (one child for every client of the process, ended at exit)."""
     global _DECRYPTOR
     with _DECRYPTOR_LOCK:
         if _DECRYPTOR is None:
             _DECRYPTOR = Decryptor()
+            atexit.register(_DECRYPTOR.close)
         return _DECRYPTOR
 
 

@@ -166,13 +166,17 @@ def _serve(args) -> int:
               file=sys.stderr)
     print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys"
           f"{'; token required' if token else ''})", flush=True)
-    serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level, max_sessions=args.max_sessions,
-          max_request_bytes=args.max_request_mb * MiB, max_bundle_bytes=args.max_bundle_mb * MiB,
-          session_ttl_s=args.session_ttl, state_dir=args.state_dir, max_streams=args.max_streams,
-          max_jobs_per_session=args.max_jobs_per_session, job_timeout_s=args.job_timeout,
-          load_timeout_s=args.load_timeout,
-          worker_memory_bytes=int(args.worker_memory_mb * MiB) if args.worker_memory_mb else None,
-          parallel_jobs=args.parallel_jobs, allow_toy=args.allow_toy, auth_token=token)
+    try:
+        serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level,
+              max_sessions=args.max_sessions, max_request_bytes=args.max_request_mb * MiB,
+              max_bundle_bytes=args.max_bundle_mb * MiB, session_ttl_s=args.session_ttl, state_dir=args.state_dir,
+              max_streams=args.max_streams, max_jobs_per_session=args.max_jobs_per_session,
+              job_timeout_s=args.job_timeout, load_timeout_s=args.load_timeout,
+              worker_memory_bytes=int(args.worker_memory_mb * MiB) if args.worker_memory_mb else None,
+              parallel_jobs=args.parallel_jobs, allow_toy=args.allow_toy, auth_token=token)
+    except (RuntimeError, ValueError) as e:  # not an export, a state directory in use or of another export
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -216,6 +216,11 @@ def test_token_required_and_health_public(world):
         assert refused(anonymous.request, "GET", "/sessions/abc/jobs/def").status == 401
     e = refused(RemoteServer(url, world["clients"]["alice"], token="").register)  # 401 before any upload
     assert e.status == 401 and "token" in e.detail
+    from transformers import pipeline
+
+    pipe = pipeline("encrypted-text-generation", model=str(world["root"] / "export"), server_url=url,
+                    server_token=TOKEN, client=world["clients"]["alice"], verbose=False)
+    assert pipe.server.token == TOKEN  # the pipeline hands its token to RemoteServer
     world["remotes"]["alice"].register()
     world["remotes"]["bob"].register()
     run_ok(world, "bob")
@@ -414,6 +419,37 @@ def test_restart_keeps_sessions_and_streams(world):
     ra.close_stream(st)
     run_ok(world, "bob")
     assert (ra.session_id, rb.session_id) == sids  # no re-registration was needed
+
+
+def test_state_dir_is_exclusive(world, tmp_path):
+    second = Served(world["root"] / "export", tmp_path / "second.log", ["--allow-toy", "--state-dir",
+                                                                        str(world["root"] / "state")])
+    with pytest.raises(RuntimeError, match="did not start"):
+        second.start()
+    assert second.proc.returncode == 2 and "another hf-polyhe serve uses the state directory" in open(second.log).read()
+    assert world["server"].alive()
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("server_outside", "points outside the export"),
+    ("spec_dev_zero", "not a regular file"),
+])
+def test_export_paths_and_reads_are_confined(world, tmp_path, edit, says):
+    """pipeline.json's "server" may not point outside the export; spec.json linked to /dev/zero is refused."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(world["root"] / "export", export)
+    if edit == "server_outside":
+        meta = json.loads((export / "pipeline.json").read_text())
+        meta["server"] = str(world["root"] / "state")
+        (export / "pipeline.json").write_text(json.dumps(meta))
+    else:
+        (export / "server" / "spec.json").unlink()
+        (export / "server" / "spec.json").symlink_to("/dev/zero")
+    r = subprocess.run([sys.executable, "-m", "hf_polyhe.cli", "serve", str(export), "--port", str(_free_port())],
+                       env={**os.environ, "HF_POLYHE_NO_TORCH": "1"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-1000:]
 
 
 def test_lost_session_is_registered_again(world):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import json
 import logging
@@ -76,7 +77,7 @@ from ..he.runtime.ciphertext import read_header
 from ..he.runtime.keys import BUNDLE_FILES, BUNDLE_FORMAT
 from ..he.runtime.precheck import CiphertextTemplate, check_fresh
 from ..he.runtime.sandbox import (ChildCrashed, ChildError, ChildFailed, ChildProcess, ChildTimedOut, describe_exit,
-                                  process_rss, public_message)
+                                  public_message)
 from ..he.runtime.server import MAX_STREAMS
 
 MiB = 1 << 20
@@ -278,6 +279,7 @@ class ServerState:
                 f.write(str(os.getpid()))
         self.state_dir = os.path.abspath(state_dir)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self._claim_state_dir()
         self.incoming = os.path.join(self.state_dir, "incoming")
         self.sessions_dir = os.path.join(self.state_dir, "sessions")
         self.plans_dir = os.path.join(self.state_dir, "plans")
@@ -316,6 +318,23 @@ class ServerState:
                 continue
             if pid != os.getpid() and not _pid_alive(pid):
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _claim_state_dir(self):
+        """One server per state directory, and one export: a second server on it, or a server of another export,
+        would remove sessions it cannot use."""
+        self._lock_file = open(os.path.join(self.state_dir, "server.lock"), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"another hf-polyhe serve uses the state directory {self.state_dir}") from None
+        path = os.path.join(self.state_dir, "server.json")
+        if os.path.exists(path):
+            doc = read_json(path)
+            if doc.get("digest") != self.digest:
+                raise RuntimeError(f"the state directory {self.state_dir} holds the sessions of another export "
+                                   "(or of modified weights): give this export a directory of its own")
+        else:
+            _write_json(path, {"format": "hf_polyhe.serve.state", "digest": self.digest})
 
     def _restore_sessions(self):
         """Sessions a previous run of this state directory registered (complete ones only)."""
@@ -359,6 +378,7 @@ class ServerState:
         shutil.rmtree(self.incoming, ignore_errors=True)
         if not self.persistent:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+        self._lock_file.close()
 
     # -- the server's own plan of the export -----------------------------------------------------------------
     def _params(self, name) -> P.CKKSParams:
@@ -716,12 +736,6 @@ class ServerState:
         finally:
             s.last_used = time.time()
             self._save_session(s)
-
-    def tree_rss(self) -> int:
-        """Resident memory of this process and every worker (bytes)."""
-        with self.lock:
-            workers = [s.worker for s in self.sessions.values() if s.worker is not None]
-        return process_rss(os.getpid()) + sum(w.rss_bytes() for w in workers)
 
 
 async def read_body(request: Request, limit: int, what: str, spool_dir: Optional[str] = None):

@@ -347,8 +347,10 @@ class ServerState:
                     raise ValueError("another export or format")
                 if now - float(doc["last_used"]) > self.session_ttl_s:
                     raise ValueError("expired")
-                if doc["params"] == "toy" and not self.allow_toy:
-                    raise ValueError("toy parameters no longer allowed")
+                if doc["params"] == "toy" and not self.allow_toy:  # kept on disk for a run with --allow-toy
+                    logger.warning("hf_polyhe serve: stored session %s... uses toy parameters: not served without "
+                                   "--allow-toy", sid[:6])
+                    continue
                 s = Session(sid, directory, str(doc["key_tag"]), int(doc["ring_dim"]), str(doc["params"]),
                             created=float(doc["created"]), last_used=float(doc["last_used"]))
                 streams = os.path.join(directory, "streams")

@@ -6,7 +6,7 @@
     hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
     hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
     hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens as JSON
-    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]            HTTP server (server part only)
+    hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--state-dir D] [--auth-token T]   HTTP server
     hf-polyhe demo [--fast]                                               train, make polynomial, run encrypted
 
 This module is the entry point; it is outside the ``hf_polyhe`` package on purpose: importing the package
@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=int, default=64, help="largest ciphertext upload (MiB, default 64)")
     p.add_argument("--max-bundle-mb", type=int, default=4096, help="largest key bundle upload (MiB, default 4096)")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")
+    p.add_argument("--state-dir", default=None,
+                   help="keep sessions (keys, KV caches) here so that a restart loses none (default: a temporary "
+                        "directory removed at exit)")
+    p.add_argument("--auth-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every request but /v1/health "
+                        "(default $HF_POLYHE_AUTH_TOKEN; none: open)")
+    p.add_argument("--allow-toy", action="store_true", help="accept keys with INSECURE toy parameters (tests only)")
+    p.add_argument("--job-timeout", type=float, default=1800.0, help="wall-clock seconds per job (the worker is killed)")
+    p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to load a session's keys")
+    p.add_argument("--worker-memory-mb", type=float, default=0,
+                   help="address-space limit of a session's worker (default: 3x its keys + 4 GiB, at most 90%% of RAM)")
+    p.add_argument("--max-streams", type=int, default=16, help="open KV-cache generation streams per session")
+    p.add_argument("--max-jobs-per-session", type=int, default=8, help="unfetched jobs per session")
+    p.add_argument("--parallel-jobs", type=int, default=1, help="jobs evaluated at once (sessions take turns)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
     p = sub.add_parser("demo", help="train a tiny PolyGPT, make it polynomial, export it, generate encrypted")
@@ -113,10 +127,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        import transformers
+        from hf_polyhe import _HAS_TORCH, cli
 
-        transformers.logging.set_verbosity_error()
-        from hf_polyhe import cli
+        if _HAS_TORCH:  # a torch-free server (HF_POLYHE_NO_TORCH=1, or no torch installed) has no transformers
+            import transformers
+
+            transformers.logging.set_verbosity_error()
 
         return getattr(cli, f"cmd_{args.command}")(args)
     except KeyboardInterrupt:

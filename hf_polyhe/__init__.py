@@ -2,18 +2,25 @@
 
 Importing the package registers PolyGPT, PolyBert and PolyViT with the transformers Auto classes.
 The encrypted runtime ``hf_polyhe.he`` imports only numpy and openfhe; when torch or transformers is not
-installed (an HE server), the torch side of the package is simply not loaded.
+installed (an HE server), or when ``HF_POLYHE_NO_TORCH=1``, the torch side of the package is not loaded.
 """
 
 __version__ = "0.1.0"
 
-try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError:  # torch-free install: only hf_polyhe.approx and hf_polyhe.he are usable
+import os as _os
+
+if _os.environ.get("HF_POLYHE_NO_TORCH", "") not in ("", "0"):
+    # an HE server process (`hf-polyhe serve`, its workers): numpy + openfhe only, no torch import (seconds, and
+    # hundreds of MB per process)
     _HAS_TORCH = False
 else:
-    _HAS_TORCH = True
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:  # torch-free install: only hf_polyhe.approx and hf_polyhe.he are usable
+        _HAS_TORCH = False
+    else:
+        _HAS_TORCH = True
 
 if _HAS_TORCH:
     from transformers import AutoConfig

@@ -4,7 +4,6 @@ The parser and the entry point live in the top-level module :mod:`hf_polyhe_cli`
 and argument errors answer at once without importing torch; a verb imports what it needs here.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -154,10 +153,25 @@ def cmd_decrypt(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import MiB, serve
 
-    print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys)", flush=True)
-    serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level, max_sessions=args.max_sessions,
-          max_request_bytes=args.max_request_mb * MiB, max_bundle_bytes=args.max_bundle_mb * MiB,
-          session_ttl_s=args.session_ttl)
+    token = args.auth_token or os.environ.get("HF_POLYHE_AUTH_TOKEN") or None
+    if args.allow_toy:
+        print("WARNING: --allow-toy accepts keys with INSECURE toy CKKS parameters (tests only)", file=sys.stderr)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("WARNING: serving beyond loopback without --auth-token: anyone who reaches the port can register keys",
+              file=sys.stderr)
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port}/v1 (server part only: no secret keys"
+          f"{'; token required' if token else ''})", flush=True)
+    try:
+        serve(args.export_dir, host=args.host, port=args.port, log_level=args.log_level,
+              max_sessions=args.max_sessions, max_request_bytes=args.max_request_mb * MiB,
+              max_bundle_bytes=args.max_bundle_mb * MiB, session_ttl_s=args.session_ttl, state_dir=args.state_dir,
+              max_streams=args.max_streams, max_jobs_per_session=args.max_jobs_per_session,
+              job_timeout_s=args.job_timeout, load_timeout_s=args.load_timeout,
+              worker_memory_bytes=int(args.worker_memory_mb * MiB) if args.worker_memory_mb else None,
+              parallel_jobs=args.parallel_jobs, allow_toy=args.allow_toy, auth_token=token)
+    except (RuntimeError, ValueError) as e:  # not an export, a state directory in use or of another export
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

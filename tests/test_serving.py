@@ -35,9 +35,9 @@ def served(tmp_path_factory):
     tok = word_tokenizer()
     hf_polyhe.save_encrypted_pipeline(make_model("gpt"), tok, root / "export", max_length=4)
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_POLYHE_NO_TORCH": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "hf_polyhe.cli", "serve", str(root / "export"), "--port", str(port),
-                             "--max-sessions", "3", "--max-request-mb", "8", "--log-level", "warning"],
+                             "--max-sessions", "3", "--max-request-mb", "8", "--log-level", "warning", "--allow-toy"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -11,7 +11,7 @@ task                               pipeline class                             ex
 ``pipeline(task, model=export_dir)`` loads a directory written by :func:`hf_polyhe.save_encrypted_pipeline`
 (or ``hf-polyhe export``); ``pipeline(task, model=poly_model,
 tokenizer=tok)`` exports to a temporary directory on the fly. See :class:`~.base.EncryptedPipeline` for the
-extra arguments (``server_url``, ``key_dir``, ``client``, ``he_params``, ``backend``, ``verbose``).
+extra arguments (``server_url``, ``server_token``, ``key_dir``, ``client``, ``he_params``, ``backend``, ``verbose``).
 """
 
 from transformers.pipelines import PIPELINE_REGISTRY

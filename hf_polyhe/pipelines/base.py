@@ -128,7 +128,8 @@ def as_export(model, tokenizer_or_processor=None, max_length: Optional[int] = No
 class EncryptedPipeline(Pipeline):
     """Base of the encrypted pipelines. Extra constructor arguments (all optional):
 
-    - ``server_url``: evaluate on ``hf-polyhe serve`` at this URL (the secret key stays here);
+    - ``server_url``: evaluate on ``hf-polyhe serve`` at this URL (the secret key stays here); ``server_token``:
+      its ``--auth-token`` (default ``$HF_POLYHE_AUTH_TOKEN``);
     - ``key_dir``: where keys are cached (default :func:`hf_polyhe.he.runtime.keys.default_key_dir`), or a
       directory written by ``hf-polyhe keygen``; ``client``: a :class:`hf_polyhe.he.Client` (existing keys);
     - ``he_params``: ``"default"`` (128-bit) or ``"toy"`` (INSECURE, tests only);
@@ -147,9 +148,9 @@ class EncryptedPipeline(Pipeline):
     _load_processor = False
     _load_video_processor = False
 
-    def __init__(self, model, tokenizer=None, image_processor=None, *, server_url: Optional[str] = None, key_dir=None,
-                 client=None, he_params="default", backend: str = "openfhe", verbose: bool = True,
-                 max_length: Optional[int] = None, **kwargs):
+    def __init__(self, model, tokenizer=None, image_processor=None, *, server_url: Optional[str] = None,
+                 server_token: Optional[str] = None, key_dir=None, client=None, he_params="default",
+                 backend: str = "openfhe", verbose: bool = True, max_length: Optional[int] = None, **kwargs):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "plain" and server_url:
@@ -165,6 +166,7 @@ class EncryptedPipeline(Pipeline):
                          **kwargs)
         self.export = export
         self.backend, self.server_url, self.key_dir, self.verbose = backend, server_url, key_dir, verbose
+        self.server_token = server_token
         self.he_params = P.resolve(he_params) if backend == "openfhe" else None
         self._client, self._server = None, None
         if client is not None:
@@ -193,7 +195,7 @@ class EncryptedPipeline(Pipeline):
             if self.server_url:
                 from ..serve.client import RemoteServer
 
-                self._server = RemoteServer(self.server_url, self.client)
+                self._server = RemoteServer(self.server_url, self.client, token=self.server_token)
             else:
                 self._server = self.client.server()
         self._server.verbose = self.verbose

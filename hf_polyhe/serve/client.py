@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from typing import Optional
 
 from ..he.runtime.ciphertext import read_header
 from ..he.runtime.keys import BUNDLE_FILES
@@ -19,11 +20,12 @@ from ..he.runtime.protocol import ServerProtocol
 
 
 class ServerError(RuntimeError):
-    """The server refused a request (``status``: the HTTP status, ``detail``: its explanation)."""
+    """The server refused a request (``status``: the HTTP status, ``detail``: its explanation, ``code``: the
+    machine-readable ``error`` of the reply, e.g. ``"unknown_session"``, when the server sends one)."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, code: Optional[str] = None):
         super().__init__(f"HTTP {status}: {detail}")
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.code = status, detail, code
 
 
 def bundle_zip(bundle_dir) -> bytes:
@@ -45,12 +47,20 @@ class RemoteServer(ServerProtocol):
 
     ``RemoteServer(url, client)`` registers ``client``'s public server bundle (a session) on first use; ``run``,
     ``open_stream``, ``prefill``, ``decode`` and ``close_stream`` take and return ciphertext bytes exactly like
-    the in-process :class:`~hf_polyhe.he.Server`. ``poll_s``: delay between result polls; ``timeout_s``: per job."""
+    the in-process :class:`~hf_polyhe.he.Server`. ``token``: the server's ``--auth-token`` (default
+    ``$HF_POLYHE_AUTH_TOKEN``); ``poll_s``: delay between result polls; ``timeout_s``: per job.
 
-    def __init__(self, url: str, client=None, bundle_dir=None, poll_s: float = 0.05, timeout_s: float = 3600.0):
+    When the server no longer knows the session (it expired, or a server without ``--state-dir`` restarted), the
+    keys are registered again and ``run`` / ``open_stream`` retried once, transparently; a ``run`` job lost by a
+    restart is resubmitted once. A generation stream cannot be recovered that way (its KV cache was on the
+    server): ``prefill`` / ``decode`` then raise :class:`ServerError`."""
+
+    def __init__(self, url: str, client=None, bundle_dir=None, poll_s: float = 0.05, timeout_s: float = 3600.0,
+                 token: Optional[str] = None):
         self.url = url.rstrip("/")
         self.client, self.bundle_dir = client, bundle_dir
         self.poll_s, self.timeout_s = poll_s, timeout_s
+        self.token = token if token is not None else (os.environ.get("HF_POLYHE_AUTH_TOKEN") or None)
         self.session_id = None
         self.last_timings: dict = {}
         self.verbose = True
@@ -59,18 +69,24 @@ class RemoteServer(ServerProtocol):
     def request(self, method: str, path: str, body: bytes = None, query: dict = None, timeout: float = 600.0):
         """``(status, headers, body bytes)``; raises :class:`ServerError` for 4xx/5xx."""
         url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        req = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/octet-stream"} if body is not None else {})
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             raw = e.read()
+            code = None
             try:
-                detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
-            except ValueError:
+                doc = json.loads(raw)
+                detail, code = doc.get("detail", raw.decode(errors="replace")), doc.get("error")
+            except (ValueError, AttributeError):
                 detail = raw.decode(errors="replace")
-            raise ServerError(e.code, str(detail)) from None
+            if code is None and e.code == 404 and "unknown or expired session" in str(detail):
+                code = "unknown_session"  # servers before error codes
+            raise ServerError(e.code, str(detail), code) from None
 
     def health(self) -> dict:
         return json.loads(self.request("GET", "/health")[2])
@@ -80,7 +96,9 @@ class RemoteServer(ServerProtocol):
         """Send the public bundle (context + evaluation keys) and open a session; returns its id."""
         h = self.health()
         if h["sessions"] >= h["max_sessions"]:  # do not upload keys a full server would refuse
-            raise ServerError(429, f"the server holds its maximum of {h['max_sessions']} sessions; retry later")
+            raise ServerError(429, f"the server holds its maximum of {h['max_sessions']} sessions; retry later",
+                              "too_many_sessions")
+        self.request("GET", "/info")  # a missing or wrong token gets its 401 here, not after an upload
         bundle_dir = self.bundle_dir or (self.client.bundle_dir if self.client is not None else None)
         if bundle_dir is None:
             if self.client is None:
@@ -95,6 +113,14 @@ class RemoteServer(ServerProtocol):
 
     def _sid(self) -> str:
         return self.session_id or self.register()
+
+    def _again(self, error: ServerError, lost=("unknown_session",)) -> bool:
+        """Whether a call that failed with ``error`` may be retried (once): the session (or job) was lost."""
+        if error.code not in lost:
+            return False
+        if error.code == "unknown_session":
+            self.session_id = None  # the next call registers the keys again
+        return True
 
     def close(self):
         if self.session_id is not None:
@@ -125,10 +151,21 @@ class RemoteServer(ServerProtocol):
     def run(self, x, attention_mask=None) -> bytes:
         if attention_mask is not None:
             raise ValueError("RemoteServer.run: padding masks are not sent over HTTP; run unpadded sequences")
-        return self.result(self.submit(x, op="run", seq_len=read_header(x).rows))
+        rows = read_header(x).rows
+        try:
+            return self.result(self.submit(x, op="run", seq_len=rows))
+        except ServerError as e:
+            if not self._again(e, ("unknown_session", "unknown_job")):
+                raise
+        return self.result(self.submit(x, op="run", seq_len=rows))
 
     def open_stream(self) -> str:
-        _, _, body = self.request("POST", f"/sessions/{self._sid()}/streams")
+        try:
+            _, _, body = self.request("POST", f"/sessions/{self._sid()}/streams")
+        except ServerError as e:
+            if not self._again(e):
+                raise
+            _, _, body = self.request("POST", f"/sessions/{self._sid()}/streams")
         return json.loads(body)["stream_id"]
 
     def prefill(self, stream_id: str, x) -> bytes:
@@ -138,7 +175,9 @@ class RemoteServer(ServerProtocol):
         return self.result(self.submit(x, op="decode", stream=stream_id))
 
     def close_stream(self, stream_id: str) -> None:
+        if self.session_id is None:
+            return
         try:
-            self.request("DELETE", f"/sessions/{self._sid()}/streams/{stream_id}")
-        except ServerError:
+            self.request("DELETE", f"/sessions/{self.session_id}/streams/{stream_id}")
+        except (ServerError, OSError):
             pass

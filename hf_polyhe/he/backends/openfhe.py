@@ -57,8 +57,9 @@ def decrypt_vectors(cc, secret_key, cts, slots: int) -> list:
     return out
 
 
-def build_context(p):
-    """CryptoContext for a planned :class:`~hf_polyhe.he.params.CKKSParams` (bootstrap precomputation included)."""
+def build_context(p, bootstrap_setup: bool = True):
+    """CryptoContext for a planned :class:`~hf_polyhe.he.params.CKKSParams` (bootstrap precomputation included
+    unless ``bootstrap_setup=False``: it is not part of the serialised context)."""
     ofhe = import_openfhe()
     if p.depth <= 0 or p.slots <= 0:
         raise PlanningError("parameters are not planned yet (depth/slots unset): use hf_polyhe.he.plan()")
@@ -85,7 +86,8 @@ def build_context(p):
         cc.Enable(f)
     if p.bootstrap:
         cc.Enable(ofhe.FHE)
-        setup_bootstrap(cc, p)
+        if bootstrap_setup:
+            setup_bootstrap(cc, p)
     return cc
 
 

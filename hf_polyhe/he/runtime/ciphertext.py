@@ -39,21 +39,60 @@ class TensorHeader:
         return int(self.layout.rows)
 
 
+MAX_HEADER_BYTES = 1 << 20
+MAX_RING_DIM = 1 << 17
+_HEX = set("0123456789abcdef")
+
+
+def _layout(d):
+    """The header's layout, with every field checked for type first (a string where a count belongs must be a
+    400, not a TypeError deep in the packing code)."""
+    if not isinstance(d, dict) or not isinstance(d.get("kind", "matrix"), str):
+        raise ValueError("layout must be an object")
+    for k, v in d.items():
+        if k == "kind":
+            continue
+        if isinstance(v, bool) and k in ("clean", "confined", "spread", "causal"):
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 40:
+            raise ValueError(f"layout field {k!r} must be a count, got {v!r}")
+    layout = layout_from_dict(d)
+    if not 1 <= int(layout.rows) <= 1 << 20 or not 1 <= int(layout.num_cts) <= 1 << 16:
+        raise ValueError(f"layout of {layout.rows} rows in {layout.num_cts} ciphertexts is out of range")
+    return layout
+
+
 def read_header(data) -> TensorHeader:
-    """Check an encrypted-tensor container (magic, header, role, layout, sizes, checksums) without OpenFHE."""
+    """Check an encrypted-tensor container (magic, header, role, layout, sizes, checksums) without OpenFHE.
+    Any malformed header (wrong JSON types included) is a :class:`SerializationError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 16 or bytes(data[:8]) != MAGIC:
         raise SerializationError("not an hf_polyhe encrypted tensor (bad magic)")
     data = memoryview(data)
     (hlen,) = struct.unpack("<Q", data[8:16])
-    if hlen > len(data) - 16:
-        raise SerializationError("encrypted tensor header is truncated")
+    if hlen > len(data) - 16 or hlen > MAX_HEADER_BYTES:
+        raise SerializationError("encrypted tensor header is truncated or too long")
     try:
         header = json.loads(bytes(data[16 : 16 + hlen]).decode())
-        layout = layout_from_dict(header["layout"])
-        sizes, digests = [int(n) for n in header["sizes"]], [str(d) for d in header["sha256"]]
-        role, key_tag, ring_dim = str(header["role"]), str(header["key_tag"]), int(header["ring_dim"])
-    except Exception as e:
-        raise SerializationError(f"corrupted encrypted-tensor header: {e}") from e
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        layout = _layout(header["layout"])
+        sizes, digests = header["sizes"], header["sha256"]
+        if not isinstance(sizes, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+            raise ValueError("sizes must be a list of byte counts")
+        if not isinstance(digests, list) or not all(isinstance(d, str) and len(d) == 64 and set(d) <= _HEX
+                                                    for d in digests):
+            raise ValueError("sha256 must be a list of hex digests")
+        role, key_tag, ring_dim = header["role"], header["key_tag"], header["ring_dim"]
+        if not isinstance(role, str) or not isinstance(key_tag, str) or not 0 < len(key_tag) <= 128 \
+                or not set(key_tag) <= _HEX:
+            raise ValueError("role and key_tag must be strings (key_tag: hex)")
+        if not isinstance(ring_dim, int) or isinstance(ring_dim, bool) or not 2 <= ring_dim <= MAX_RING_DIM \
+                or ring_dim & (ring_dim - 1):
+            raise ValueError(f"ring_dim must be a power of two up to {MAX_RING_DIM}, got {ring_dim!r}")
+    except SerializationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the JSON holds, the answer is "corrupted header"
+        raise SerializationError(f"corrupted encrypted-tensor header: {type(e).__name__}: {e}") from None
     if role not in ROLES:
         raise SerializationError(f"encrypted tensor has unknown role {role!r}; expected one of {ROLES}")
     pos = 16 + hlen

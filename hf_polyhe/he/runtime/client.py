@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import params as P
-from ..backends.openfhe import decrypt_vectors, encrypt_vectors
+from ..backends.openfhe import decrypt_vectors, encrypt_vectors, serialize
 from ..circuit.packing import MatrixLayout, layout_from_dict
 from ..compile.export_plan import ExportPlan, plan_for_export
 from ..errors import KeyMismatchError, LayoutError, SerializationError, ToyParametersWarning
@@ -76,6 +76,7 @@ class Client:
         self.key_tag = keypair.secretKey.GetKeyTag() if keypair is not None else None
         self.directory = directory  # where the keys were read from / saved to
         self._bundle_dir = bundle_dir  # a server bundle of these keys on disk, if any
+        self._prefix = None  # how every ciphertext of these keys begins (see _decrypt_result)
         if plan is not None and plan.digest != self.export.digest:
             raise KeyMismatchError(f"these keys were made for another export (or modified weights) than "
                                    f"{self.export.directory!r}; generate keys for this export (hf-polyhe keygen)")
@@ -223,10 +224,52 @@ class Client:
         matrix. Refuses anything but a server's logits (e.g. the client's own input ciphertext)."""
         if not self.encrypted:
             return np.asarray(data, dtype=np.float64).reshape(-1)
-        t = data if isinstance(data, EncryptedTensor) else EncryptedTensor.from_bytes(data, role="logits")
-        t.check("logits", self.key_tag, self.cc.GetRingDimension())
+        if not isinstance(data, EncryptedTensor):
+            h, vectors = self._decrypt_result(data)
+            out = h.layout.unpack(vectors)
+            return out.reshape(-1) if out.shape[0] == 1 else out
+        t = data.check("logits", self.key_tag, self.cc.GetRingDimension())
         out = t.layout.unpack(decrypt_vectors(self.cc, self.keypair.secretKey, t.cts, self.plan.params.slots))
         return out.reshape(-1) if out.shape[0] == 1 else out
+
+    def _decrypt_result(self, data) -> tuple:
+        """``(header, slot vectors)`` of a server's result bytes, checked before any OpenFHE parser sees them: the
+        container (role, key tag, ring dimension, checksums) and the serialised crypto context every ciphertext
+        of these keys starts with (:func:`~.precheck.check_prefix`); then parsed and decrypted in the sandbox
+        process (:class:`~.sandbox.Decryptor`: a ciphertext crafted to crash OpenFHE kills that process, not this
+        one; ``HF_POLYHE_PARSE_SANDBOX=0`` decrypts here instead)."""
+        from .ciphertext import read_header
+        from .precheck import check_prefix, context_prefix
+        from .sandbox import decryptor, sandbox_enabled
+
+        h = read_header(data)
+        if h.role != "logits":
+            raise LayoutError(f"this encrypted tensor holds {h.role}, expected logits: decrypt a server's result")
+        if h.key_tag != self.key_tag:
+            raise KeyMismatchError(f"this ciphertext was made under another key (tag {h.key_tag[:12]}..., this client "
+                                   f"holds {self.key_tag[:12]}...)")
+        if h.ring_dim != self.cc.GetRingDimension():
+            raise KeyMismatchError(f"this ciphertext belongs to another crypto context (ring {h.ring_dim}, these keys "
+                                   f"{self.cc.GetRingDimension()})")
+        slots = self.plan.params.slots
+        shape = h.layout.shape
+        if h.layout.kind == "scores" or getattr(h.layout, "ct_slots", None) != slots \
+                or int(np.prod(shape)) > slots * h.layout.num_cts:
+            raise LayoutError(f"a result packed as {h.layout.to_dict()} does not fit these keys' {slots} slots")
+        if self._prefix is None:  # one encryption of our own shows how every ciphertext of these keys begins
+            ref = encrypt_vectors(self.cc, self.keypair.publicKey, [np.zeros(slots)], 0, slots)[0]
+            self._prefix = context_prefix(serialize(ref), self.key_tag)
+        view = memoryview(data)
+        payloads = [view[start : start + n] for start, n in h.offsets]
+        for p in payloads:
+            check_prefix(p, self._prefix)
+        if sandbox_enabled():
+            keys = lambda: (serialize(self.cc), serialize(self.keypair.secretKey))  # noqa: E731
+            return h, decryptor().decrypt(self.key_tag, keys, payloads, slots)
+        t = EncryptedTensor.from_bytes(data, role="logits")
+        if any(ct.GetKeyTag() != self.key_tag for ct in t.cts):
+            raise KeyMismatchError("a ciphertext in this tensor carries another key tag than its header")
+        return h, decrypt_vectors(self.cc, self.keypair.secretKey, t.cts, slots)
 
     # -- what a pipeline calls ----------------------------------------------------------------------------
     def describe(self) -> dict:

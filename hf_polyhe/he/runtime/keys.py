@@ -33,6 +33,7 @@ from ..backends.openfhe import build_context, import_openfhe, serialize
 from ..compile.export_plan import ExportPlan
 from ..compile.planner import _key_bytes
 from ..errors import SerializationError
+from ..files import read_json
 
 CLIENT_FORMAT = "hf_polyhe.client_keys"
 BUNDLE_FORMAT = "hf_polyhe.server_bundle"
@@ -151,6 +152,9 @@ def _write(path, data: bytes):
 
 
 def _read(path) -> bytes:
+    """A key file's bytes: a regular file (a link to ``/dev/zero`` must not hang the reader)."""
+    if not os.path.isfile(path):
+        raise SerializationError(f"{path!r} is missing or not a regular file")
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -168,8 +172,7 @@ def _deserialize(fn, data, what):
 
 def _read_meta(path, fmt) -> dict:
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(path)
     except (OSError, ValueError) as e:
         raise SerializationError(f"cannot read {path!r}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != fmt:
@@ -297,15 +300,23 @@ def _load_automorphism_keys(path, key_tag: str, cc, expected: int) -> None:
             del data
 
 
-def read_bundle(directory) -> tuple:
-    """``(plan, key tag, crypto context)`` of a server bundle, its evaluation keys loaded into the store."""
+def read_bundle(directory, stage=None) -> tuple:
+    """``(plan, key tag, crypto context)`` of a server bundle, its evaluation keys loaded into the store.
+    ``stage(file name)`` is called before each file is handed to OpenFHE (a sandboxed loader reports which file
+    crashed the parser)."""
     ofhe = import_openfhe()
+    stage = stage or (lambda name: None)
     plan, key_tag = read_bundle_meta(directory)
+    stage("context.bin")
     cc = _deserialize(ofhe.DeserializeCryptoContextString, _read(os.path.join(directory, "context.bin")), "context")
+    stage("eval_mult_keys.bin")
     _load_eval_keys(ofhe.DeserializeEvalMultKeyString, _read(os.path.join(directory, "eval_mult_keys.bin")),
                     "relinearisation keys")
     path = os.path.join(directory, "eval_automorphism_keys.bin")
     if os.path.exists(path):
+        stage("eval_automorphism_keys.bin")
+        if not os.path.isfile(path):
+            raise SerializationError(f"{path!r} is not a regular file")
         try:
             _load_automorphism_keys(path, key_tag, cc, len(set(plan.rotation_keys)))
         except (OSError, RuntimeError) as e:

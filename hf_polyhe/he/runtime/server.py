@@ -213,6 +213,15 @@ class Server(_SpecServer):
         self._setup(plan, key_tag, cc, load_spec(spec))
 
     @classmethod
+    def from_loaded(cls, plan, key_tag: str, cc, spec) -> "Server":
+        """The server for keys already in this process's store (``cc``: their crypto context, ``key_tag``: their
+        tag) that runs ``plan`` -- ``hf-polyhe serve`` passes the plan it made itself for the export, never the
+        one a client sent."""
+        self = cls.__new__(cls)
+        self._setup(plan, key_tag, cc, load_spec(spec))
+        return self
+
+    @classmethod
     def sharing_keys(cls, client, spec=None) -> "Server":
         """The server for a ``client`` whose keys were generated in *this* process: it shares the client's crypto
         context and the evaluation keys already in OpenFHE's (process-wide) store, so no bundle is serialised and

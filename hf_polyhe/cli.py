@@ -183,9 +183,7 @@ def cmd_demo(args) -> int:
     return 0 if result["fully_polynomial"] and result.get("encrypted_matches", True) else 1
 
 
-
-
-from hf_polyhe_cli import build_parser, main  # noqa: E402  (``python -m hf_polyhe.cli`` and older imports)
+from hf_polyhe_cli import build_parser, main  # noqa: E402,F401  (``python -m hf_polyhe.cli`` and older imports)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 
 from .compile.export_plan import spec_digest
-from .files import load_arrays, read_json
+from .files import load_arrays, read_document
 from .compile.transformer import TransformerSpec
 from .errors import CircuitError
 
@@ -32,13 +32,8 @@ PIPELINE_VERSION = 1
 
 def read_pipeline_json(directory) -> dict:
     """``pipeline.json`` of an export directory (CircuitError when it is not one)."""
-    path = os.path.join(directory, "pipeline.json")
-    try:
-        meta = read_json(path)
-    except (OSError, ValueError) as e:
-        raise CircuitError(f"{directory!r} is not an encrypted pipeline export (cannot read pipeline.json: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != PIPELINE_FORMAT:
-        raise CircuitError(f"{path!r} is not a {PIPELINE_FORMAT} file")
+    meta = read_document(os.path.join(directory, "pipeline.json"), PIPELINE_FORMAT, CircuitError,
+                         f"{str(directory)!r} is not an encrypted pipeline export (cannot read pipeline.json: {{e}})")
     if meta.get("version") != PIPELINE_VERSION:
         raise CircuitError(f"pipeline version {meta.get('version')!r} is not supported (expected {PIPELINE_VERSION})")
     return meta

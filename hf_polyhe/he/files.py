@@ -47,3 +47,15 @@ def read_json(path, limit: int = MAX_JSON_BYTES):
         raise ValueError(f"{path!r} is larger than {limit} bytes")
     with open(path) as f:
         return json.load(f)
+
+
+def read_document(path, fmt: str, error=SerializationError, unreadable: str = "cannot read {path!r}: {e}") -> dict:
+    """A JSON object whose ``"format"`` is ``fmt`` (:func:`read_json`'s limits); ``error`` (an exception class)
+    otherwise, with ``unreadable`` (formatted with ``path`` and ``e``) when the file cannot be read at all."""
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as e:
+        raise error(unreadable.format(path=path, e=e)) from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{path!r} is not a {fmt} file")
+    return meta

@@ -38,6 +38,19 @@ class TensorHeader:
     def rows(self) -> int:
         return int(self.layout.rows)
 
+    def check(self, role: str, key_tag: str, ring_dim: int) -> "TensorHeader":
+        """This header, if it announces ``role`` under the secret key ``key_tag`` and a ring of ``ring_dim``;
+        LayoutError / KeyMismatchError naming what differs otherwise."""
+        if self.role != role:
+            raise LayoutError(f"this encrypted tensor holds {self.role}, expected {role}")
+        if self.key_tag != key_tag:
+            raise KeyMismatchError(f"this ciphertext was encrypted under another key (tag {self.key_tag[:12]}..., "
+                                   f"expected {key_tag[:12]}...)")
+        if self.ring_dim != ring_dim:
+            raise KeyMismatchError(f"this ciphertext belongs to another crypto context (ring {self.ring_dim}, "
+                                   f"expected {ring_dim})")
+        return self
+
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_RING_DIM = 1 << 17
@@ -119,14 +132,11 @@ class EncryptedTensor:
     def check(self, role: str, key_tag: str, ring_dim: int) -> "EncryptedTensor":
         """This tensor, if it holds ``role`` under the secret key ``key_tag`` and a ring of ``ring_dim`` (header and
         every ciphertext); LayoutError / KeyMismatchError naming what differs otherwise."""
-        if self.role != role:
-            raise LayoutError(f"this encrypted tensor holds {self.role}, expected {role}")
-        if self.key_tag != key_tag or any(ct.GetKeyTag() != key_tag for ct in self.cts):
-            raise KeyMismatchError(f"this ciphertext was encrypted under another key (tag {self.key_tag[:12]}..., "
-                                   f"expected {key_tag[:12]}...)")
-        if self.ring_dim != ring_dim or any(ct.GetCryptoContext().GetRingDimension() != ring_dim for ct in self.cts):
-            raise KeyMismatchError(f"this ciphertext belongs to another crypto context (ring {self.ring_dim}, "
-                                   f"expected {ring_dim})")
+        TensorHeader(self.role, self.layout, self.key_tag, self.ring_dim, []).check(role, key_tag, ring_dim)
+        if any(ct.GetKeyTag() != key_tag for ct in self.cts):
+            raise KeyMismatchError("a ciphertext in this tensor carries another key tag than its header")
+        if any(ct.GetCryptoContext().GetRingDimension() != ring_dim for ct in self.cts):
+            raise KeyMismatchError(f"a ciphertext in this tensor belongs to another crypto context (expected ring {ring_dim})")
         return self
 
     def to_bytes(self) -> bytes:

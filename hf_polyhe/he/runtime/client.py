@@ -242,15 +242,7 @@ class Client:
         from .precheck import check_prefix, context_prefix
         from .sandbox import decryptor, sandbox_enabled
 
-        h = read_header(data)
-        if h.role != "logits":
-            raise LayoutError(f"this encrypted tensor holds {h.role}, expected logits: decrypt a server's result")
-        if h.key_tag != self.key_tag:
-            raise KeyMismatchError(f"this ciphertext was made under another key (tag {h.key_tag[:12]}..., this client "
-                                   f"holds {self.key_tag[:12]}...)")
-        if h.ring_dim != self.cc.GetRingDimension():
-            raise KeyMismatchError(f"this ciphertext belongs to another crypto context (ring {h.ring_dim}, these keys "
-                                   f"{self.cc.GetRingDimension()})")
+        h = read_header(data).check("logits", self.key_tag, self.cc.GetRingDimension())
         slots = self.plan.params.slots
         shape = h.layout.shape
         if h.layout.kind == "scores" or getattr(h.layout, "ct_slots", None) != slots \
@@ -266,9 +258,7 @@ class Client:
         if sandbox_enabled():
             keys = lambda: (serialize(self.cc), serialize(self.keypair.secretKey))  # noqa: E731
             return h, decryptor().decrypt(self.key_tag, keys, payloads, slots)
-        t = EncryptedTensor.from_bytes(data, role="logits")
-        if any(ct.GetKeyTag() != self.key_tag for ct in t.cts):
-            raise KeyMismatchError("a ciphertext in this tensor carries another key tag than its header")
+        t = EncryptedTensor.from_bytes(data, role="logits").check("logits", self.key_tag, self.cc.GetRingDimension())
         return h, decrypt_vectors(self.cc, self.keypair.secretKey, t.cts, slots)
 
     # -- what a pipeline calls ----------------------------------------------------------------------------

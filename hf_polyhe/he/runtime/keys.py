@@ -33,7 +33,7 @@ from ..backends.openfhe import build_context, import_openfhe, serialize
 from ..compile.export_plan import ExportPlan
 from ..compile.planner import _key_bytes
 from ..errors import SerializationError
-from ..files import read_json
+from ..files import read_document
 
 CLIENT_FORMAT = "hf_polyhe.client_keys"
 BUNDLE_FORMAT = "hf_polyhe.server_bundle"
@@ -170,16 +170,6 @@ def _deserialize(fn, data, what):
         raise SerializationError(f"cannot deserialize the {what}: {e}") from e
 
 
-def _read_meta(path, fmt) -> dict:
-    try:
-        meta = read_json(path)
-    except (OSError, ValueError) as e:
-        raise SerializationError(f"cannot read {path!r}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise SerializationError(f"{path!r} is not a {fmt} file")
-    return meta
-
-
 def _write_meta(path, fmt: str, key_tag: str, plan: ExportPlan):
     with open(path, "w") as f:
         json.dump({"format": fmt, "key_tag": key_tag, "plan": plan.to_dict()}, f, indent=1)
@@ -215,7 +205,7 @@ def write_client(directory, cc, keypair, plan: ExportPlan) -> str:
 def read_client(directory) -> tuple:
     """``(plan, crypto context, KeyPair)`` from a directory :func:`write_client` wrote."""
     ofhe = import_openfhe()
-    meta = _read_meta(os.path.join(directory, "client.json"), CLIENT_FORMAT)
+    meta = read_document(os.path.join(directory, "client.json"), CLIENT_FORMAT)
     cc = _deserialize(ofhe.DeserializeCryptoContextString, _read(os.path.join(directory, "context.bin")), "context")
     kp = KeyPair(
         _deserialize(ofhe.DeserializePublicKeyString, _read(os.path.join(directory, "public_key.bin")), "public key"),
@@ -252,7 +242,7 @@ def copy_bundle(src, directory) -> str:
 
 def read_bundle_meta(directory) -> tuple:
     """``(plan, key tag)`` of a server bundle, without touching its keys."""
-    meta = _read_meta(os.path.join(directory, "bundle.json"), BUNDLE_FORMAT)
+    meta = read_document(os.path.join(directory, "bundle.json"), BUNDLE_FORMAT)
     try:
         return ExportPlan.from_dict(meta["plan"]), str(meta["key_tag"])
     except (KeyError, TypeError) as e:

@@ -90,8 +90,10 @@ class Evaluator:
         k = norm_rot(int(k), self.circuit.ct_slots)
         return ct if k == 0 else self.backend.rotate(ct, k)
 
-    def rotate_many(self, ct, ks):
-        norm = {k: norm_rot(int(k), self.circuit.slots) for k in ks}
+    def rotate_many(self, ct, ks, whole: bool = False):
+        """``{k: rot(ct, k)}`` hoisted; ``whole``: indices normalised over the whole ciphertext (as
+        :meth:`rotate_slots`), else over one row group (as :meth:`rotate`)."""
+        norm = {k: norm_rot(int(k), self.circuit.ct_slots if whole else self.circuit.slots) for k in ks}
         need = sorted({v for v in norm.values() if v})
         res = self.backend.rotate_many(ct, need) if need else {}
         return {k: (ct if v == 0 else res[v]) for k, v in norm.items()}

@@ -250,7 +250,7 @@ class Linear(OpSpec):
                     p = be.mul_plain(rots[b], vec)
                     inner = p if inner is None else be.add(inner, p)
             if inner is not None:
-                inner = ev.rotate(inner, g)
+                inner = ev.rotate_slots(inner, g) if plan.whole else ev.rotate(inner, g)
                 acc = inner if acc is None else be.add(acc, inner)
         return acc
 
@@ -260,15 +260,16 @@ class Linear(OpSpec):
         the row doubled for single-row plans. Linears reading the same input with the same baby steps (the
         attention's q, k, v) share them through the evaluator's one-entry cache."""
         double = plan.doubled and not copies
-        key = (node.inputs[0], n, plan.baby, double)
+        key = (node.inputs[0], n, plan.baby, double, plan.whole)
         hit = ev.last_babies
         if hit is not None and hit[0] == key and hit[2] is ct:  # the same ciphertext object, not a later run's
             return hit[1]
         be, ct_in = ev.backend, ct
         ct = be.rescale(ct)
+        rotate = ev.rotate_slots if plan.whole else ev.rotate
         if double:  # a copy of the row after it (the rows below a single row are free)
-            ct = be.add(ct, ev.rotate(ct, -ev.layouts[node.inputs[0]].block))
-        rots = ev.rotate_many(ct, plan.baby)
+            ct = be.add(ct, rotate(ct, -ev.layouts[node.inputs[0]].block))
+        rots = ev.rotate_many(ct, plan.baby, whole=plan.whole)
         rots[0] = ct
         ev.last_babies = (key, rots, ct_in)
         return rots

@@ -554,6 +554,9 @@ class BSGSPlan:
     terms: dict  # (rb, ib, ob) -> {giant: {baby: slot vector}}
     doubled: bool = False  # single-row plan on the doubled row (see the module docstring)
     group_sum: int = 0  # grouped plans: rotations by 1, 2, 4, ... groups summing a stacked input's blocks
+    # rotations over the whole ciphertext, not normalised to one row group: a grouped plan's groups hold different
+    # blocks (and its plaintexts differ per group), so rotating by ``k - slots`` instead of ``k`` reads a neighbour
+    whole: bool = False
 
 
 def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nrows: int, d_out: int) -> dict:
@@ -674,7 +677,8 @@ def grouped_plan(W: np.ndarray, layout_in: MatrixLayout, layout_out: MatrixLayou
     output block at once; a stacked input's blocks are summed afterwards by ``group_sum`` = ``log2 k``
     rotations by whole groups (output replicated). ``single_row``: the cyclic-diagonal plan on the doubled
     row of :func:`single_row_plan`, else generalised diagonals of :func:`bsgs_plan` (rolled over the whole
-    ciphertext, since giant rotations cross group borders)."""
+    ciphertext, since giant rotations cross group borders). Every rotation of the plan (row doubling, baby and
+    giant steps) is over the whole ciphertext (``whole``): the groups are not copies of each other."""
     W = np.asarray(W, dtype=np.float64)
     Li, Lo = layout_in, layout_out
     if W.shape != (Li.cols, Lo.cols):
@@ -727,4 +731,4 @@ def grouped_plan(W: np.ndarray, layout_in: MatrixLayout, layout_out: MatrixLayou
             giants.add(g)
         terms[key] = groups
     return BSGSPlan(n1=n1, baby=tuple(sorted(babies - {0})), giant=tuple(sorted(giants)), terms=terms,
-                    doubled=single_row, group_sum=int(math.log2(Li.per_ct)))
+                    doubled=single_row, group_sum=int(math.log2(Li.per_ct)), whole=True)

@@ -276,3 +276,27 @@ def test_scale_lowered_when_it_halves_the_ring():
     assert shallow.params.scale_bits == 50 and not shallow.notes
     # the choice never breaks 128-bit security: the chosen set is one OpenFHE's table allows
     assert pl.params.estimate_log_qp() <= P.MAX_LOGQP_128[2**16]
+
+
+def test_plan_reports_the_plaintexts_a_compile_encodes():
+    """Distinct (vector, level) plaintexts, their uses, bytes (N * towers * 8 each) and predicted encoding seconds:
+    a one-row 16 x 16 linear has 16 cyclic diagonals and a bias, all at the fresh level; two linears reading the
+    same plaintext at the same level share it; the same plaintext one level lower is another one."""
+    rng = np.random.default_rng(0)
+    c = he.Circuit(16, 64)
+    W = rng.normal(size=(16, 16))
+    x = c.input("x", 1, 16)
+    c.output(c.linear(x, W, rng.normal(size=16)))
+    pl = he.plan(c, P.default(), bootstrap="never")
+    N, T = pl.params.ring_dim, pl.params.depth + 1
+    assert pl.plaintexts["count"] == pl.plaintexts["uses"] == 17
+    assert pl.plaintexts["bytes"] == 17 * PL.plaintext_bytes(N, T) == 17 * N * T * 8
+    assert pl.plaintexts["seconds"] > 0 and "plaintexts: 17 distinct" in pl.report()
+    assert pl.to_dict()["plaintexts"] == pl.plaintexts
+    c2 = he.Circuit(16, 64)
+    x = c2.input("x", 1, 16)
+    y = c2.linear(x, W)  # the same diagonals as the linear below: shared
+    z = c2.linear(x, W)
+    c2.output(c2.linear(c2.add(y, z), W))  # one level lower: other plaintexts
+    pl2 = he.plan(c2, P.default(), bootstrap="never")
+    assert pl2.plaintexts["uses"] == 48 and pl2.plaintexts["count"] == 32

@@ -1,16 +1,21 @@
 """The ``openfhe`` backend: CKKS (RNS, FLEXIBLEAUTO rescaling, HYBRID key switching) through the ``openfhe``
 wheel, behind the same primitive interface as the plain backend.
 
-Plaintext vectors are encoded at the level of the ciphertext they meet (a bounded LRU per vector and level:
-``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
+Plaintext vectors are encoded at the level of the ciphertext they meet, and looked up by their content (a
+digest) and that level: first among the plaintexts *pinned* when a planned circuit was compiled
+(:meth:`OpenFHEBackend.pin`, :func:`hf_polyhe.he.compile.plaintexts.compile_evaluator`: every plaintext encoded once,
+when the server builds the evaluator), then in a bounded LRU of what was encoded on the fly
+(``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
 Chebyshev stages use ``EvalChebyshevSeries`` (OpenFHE's convention halves ``c0``, so it is doubled here);
 bootstraps scale by ``1/bound`` into the range CKKS bootstrapping needs and back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -93,6 +98,11 @@ def setup_bootstrap(cc, p):
     cc.EvalBootstrapSetup(list(p.level_budget), [0, 0], p.slots)
 
 
+def vector_digest(vec) -> bytes:
+    """What identifies a plaintext vector: a 16-byte digest of its float64 values (and so of its length)."""
+    return hashlib.blake2b(np.ascontiguousarray(vec, dtype=np.float64).tobytes(), digest_size=16).digest()
+
+
 class OpenFHEBackend:
     name = "openfhe"
 
@@ -101,22 +111,68 @@ class OpenFHEBackend:
         self.cc = cc
         self.slots = int(slots)
         self.M = 2 * cc.GetRingDimension()
-        self._pt = OrderedDict()
+        self._pinned: dict = {}  # (digest, level) -> (Plaintext, bytes): encoded once, when a circuit was compiled
+        self.pinned_bytes = 0
+        self._pt = OrderedDict()  # (digest, level) -> Plaintext: encoded on the fly, a bounded LRU
         # encoded plaintexts are big (N * towers * 8 bytes: ~10 MB at N = 2^16): keep a bounded LRU of them
         budget = float(os.environ.get("HF_POLYHE_PLAINTEXT_CACHE_MIB", "512")) * 2**20
         self._pt_max = max(16, int(budget // (cc.GetRingDimension() * 8 * 16)))
+        self._digests: dict = {}  # id(vec) -> (weak reference, digest): vectors met again are not hashed again
+        self.encode_stats = {"pinned": 0, "cached": 0, "encoded": 0}  # plaintext look-ups by where they were found
+
+    def _digest(self, vec) -> bytes:
+        hit = self._digests.get(id(vec))
+        if hit is not None and hit[0]() is vec:
+            return hit[1]
+        d = vector_digest(vec)
+        if isinstance(vec, np.ndarray):
+            key, table = id(vec), self._digests
+            table[key] = (weakref.ref(vec, lambda _, k=key: table.pop(k, None)), d)
+        return d
 
     def encode(self, vec, level: int = 0):
-        key = (id(vec), level)
-        hit = self._pt.get(key)
-        if hit is not None and hit[0] is vec:
+        """``vec`` encoded at ``level``: the pinned plaintext, else the LRU's, else encoded now (into the LRU)."""
+        key = (self._digest(vec), int(level))
+        hit = self._pinned.get(key)
+        if hit is not None:
+            self.encode_stats["pinned"] += 1
+            return hit[0]
+        pt = self._pt.get(key)
+        if pt is not None:
             self._pt.move_to_end(key)
-            return hit[1]
-        pt = self.cc.MakeCKKSPackedPlaintext(vec, 1, level, None, self.slots)
-        self._pt[key] = (vec, pt)
+            self.encode_stats["cached"] += 1
+            return pt
+        self.encode_stats["encoded"] += 1
+        pt = self.cc.MakeCKKSPackedPlaintext(vec, 1, int(level), None, self.slots)
+        self._pt[key] = pt
         while len(self._pt) > self._pt_max:
             self._pt.popitem(last=False)
         return pt
+
+    def pin(self, uses, budget_bytes: float) -> tuple:
+        """Encode the plaintexts ``uses`` (``(vector, level, bytes)``, the most useful first) once and keep them
+        while the pinned ones take at most ``budget_bytes``; the rest are encoded when met (the LRU). Returns
+        ``(pinned now, their bytes)``."""
+        n = b = 0
+        for vec, level, size in uses:
+            key = (self._digest(vec), int(level))
+            if key in self._pinned:
+                continue
+            if self.pinned_bytes + size > budget_bytes:
+                break
+            pt = self._pt.pop(key, None) or self.cc.MakeCKKSPackedPlaintext(vec, 1, int(level), None, self.slots)
+            self._pinned[key] = (pt, int(size))
+            self.pinned_bytes += int(size)
+            n, b = n + 1, b + int(size)
+        return n, b
+
+    def is_pinned(self, vec, level: int) -> bool:
+        return (self._digest(vec), int(level)) in self._pinned
+
+    def unpin(self) -> None:
+        """Forget every pinned plaintext (a server dropping its compiled circuits)."""
+        self._pinned.clear()
+        self.pinned_bytes = 0
 
     def add(self, a, b):
         return self.cc.EvalAdd(a, b)

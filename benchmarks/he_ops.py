@@ -35,8 +35,8 @@ from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.backends.openfhe import OpenFHEBackend, build_context  # noqa: E402
 from hf_polyhe.he.compile.planner import COST_TABLE_PATH, TraceBackend, TraceCt, load_cost_table, plan  # noqa: E402
 
-PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "mul", "mul_plain", "encode", "add_plain", "mul_scalar", "add",
-         "rescale")
+PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "rotate_ext", "keyswitch_down", "mul", "mul_plain", "encode",
+         "add_plain", "mul_scalar", "add", "rescale")
 CHEB_DEGREES = (7, 15, 31)
 
 
@@ -93,12 +93,12 @@ class TimedBackend(OpenFHEBackend):
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    key = "rotate" if name == "rotate_many" else name
+                    key = "rotate" if name in ("rotate_many", "rotate_sum") else name
                     self.spent[key] = self.spent.get(key, 0.0) + time.perf_counter() - t
         return wrap
 
-    for _n in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb",
-               "bootstrap", "rescale", "encode"):
+    for _n in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "rotate_sum",
+               "cheb", "bootstrap", "rescale", "encode"):
         locals()[_n] = _timed(_n)
     del _n
 
@@ -114,10 +114,14 @@ def measure_ops(cc, be, p, vec, k_rot, levels, degrees, reps=3):
         pre = cc.EvalFastRotationPrecompute(ct)
         pt_done = cc.MakeCKKSPackedPlaintext(vec, 1, done.GetLevel(), None, p.slots)
         pt_ct = cc.MakeCKKSPackedPlaintext(vec, 1, ct.GetLevel(), None, p.slots)
+        ext = cc.EvalFastRotationExt(ct, k_rot, pre, True)
         meas = {
             "rotate": lambda: cc.EvalRotate(ct, k_rot),
             "rotate_precompute": lambda: cc.EvalFastRotationPrecompute(ct),
             "rotate_fast": lambda: cc.EvalFastRotation(ct, k_rot, be.M, pre),
+            # the halves of rotate_fast that rotate_sum separates: the key switch in Q*P, and its ModDown
+            "rotate_ext": lambda: cc.EvalFastRotationExt(ct, k_rot, pre, True),
+            "keyswitch_down": lambda: cc.KeySwitchDown(ext),
             "mul": lambda: cc.EvalMult(ct, ct),
             # plaintexts are encoded once, when the server compiles the circuit ("encode", at the level of use);
             # on a rescaled ciphertext: a pending rescale is the separate "rescale" cost
@@ -283,11 +287,12 @@ def main():
     # predicted seconds per primitive kind (trace the planned circuit once more, grouping by primitive)
     by_prim = {}
     tb = TraceBackend(p.slots, p.depth, pl.start_level, p.depth, p.ring_dim, costs)
-    for kind in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb", "rescale"):
+    for kind in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "rotate_sum", "cheb",
+                 "rescale"):
         def wrapped(*a, _f=getattr(tb, kind), _k=kind, **kw):
             before = tb.time
             r = _f(*a, **kw)
-            key = "rotate" if _k == "rotate_many" else _k
+            key = "rotate" if _k in ("rotate_many", "rotate_sum") else _k
             by_prim[key] = by_prim.get(key, 0.0) + tb.time - before
             return r
         setattr(tb, kind, wrapped)

@@ -197,3 +197,26 @@ def test_compiled_plaintexts_are_encoded_once_within_the_budget():
             assert new["encoded"] == (n - pinned if run == 0 else 0) and new["cached"] == (n - pinned) * run
         be.unpin()
         assert be.pinned_bytes == 0 and not be.is_pinned(np.zeros(3), 0)
+
+
+def test_rotate_sum_in_the_extended_basis():
+    """OpenFHEBackend.rotate_sum: rotations summed in Q*P with one KeySwitchDown, k = 0 terms and terms at another
+    level added the plain way; the same sum as the plain backend, and its output at the level of its terms."""
+    from hf_polyhe.he.backends.plain import PlainBackend
+
+    p = P.toy().with_(depth=3, slots=64)
+    cc, kp = generate_keys(p, [1, 5, -8, 16])
+    be = OpenFHEBackend(cc, 64)
+    rng = np.random.default_rng(0)
+    vs = [rng.uniform(-1, 1, 64) for _ in range(5)]
+    cts = encrypt_vectors(cc, kp.publicKey, vs, 0, 64)
+    lower = be.mul_scalar(cts[4], 1.0)  # pending rescale: another scale degree than the others
+    for ks in ([1, 5, -8, 16], [0, 5, 0, 16], [5]):
+        terms = list(zip(cts, ks))
+        got = decrypt_vectors(cc, kp.secretKey, [be.rotate_sum(iter(terms))], 64)[0]
+        want = PlainBackend(64).rotate_sum((v, k) for v, k in zip(vs, ks))
+        assert np.abs(got - want).max() < 1e-6
+    mixed = be.rotate_sum(iter([(cts[0], 1), (lower, 5), (cts[1], 16)]))
+    want = np.roll(vs[0], -1) + np.roll(vs[4], -5) + np.roll(vs[1], -16)
+    assert np.abs(decrypt_vectors(cc, kp.secretKey, [mixed], 64)[0] - want).max() < 1e-6
+    assert be.rotate_sum(iter([])) is None

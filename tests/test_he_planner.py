@@ -300,3 +300,29 @@ def test_plan_reports_the_plaintexts_a_compile_encodes():
     c2.output(c2.linear(c2.add(y, z), W))  # one level lower: other plaintexts
     pl2 = he.plan(c2, P.default(), bootstrap="never")
     assert pl2.plaintexts["uses"] == 48 and pl2.plaintexts["count"] == 32
+
+
+def test_bsgs_split_weights_follow_the_cost_table():
+    """The fixed split weights (packing.bsgs_cost; fixed so that client and server choose the same keys) agree with
+    the shipped cost table to within a factor 1.5, and pick the cheaper split: 15 hoisted baby steps and 7 giant
+    steps summed in the extended basis for a 128-wide one-row linear, where counting rotations alone ties with 7 + 15."""
+    from hf_polyhe.he.circuit import packing as K
+
+    t = PL.load_cost_table()
+    T = 7  # towers (the MLP of issue #15)
+    unit = lambda k: t[k][0] * T + t[k][1] * T * T  # noqa: E731
+    rot = unit("rotate")
+    for w, measured in ((K.HOIST_PRECOMPUTE, unit("rotate_precompute")), (K.HOISTED_BABY, unit("rotate_fast")),
+                        (K.GIANT_STEP, unit("rotate_precompute") + unit("rotate_ext")),
+                        (K.MOD_DOWN, unit("keyswitch_down"))):
+        assert 1 / 1.5 < w / (measured / rot) < 1.5, (w, measured / rot)
+    assert K.choose_n1_cyclic(128, 1, 1) == 16
+    c = he.Circuit(128, 256)
+    c.output(c.linear(c.input("x", 1, 128), np.random.default_rng(0).normal(size=(128, 128))))
+    pl = he.plan(c, P.default(), bootstrap="never")
+    assert pl.counts["rotate"] == 1 + 15 + 7  # the row doubling, baby and giant steps
+    # the giant steps cost precompute + key switch each and one ModDown, below full rotations
+    tb = PL.TraceBackend(256, 4, 0, 4, 2**16, t)
+    a = [PL.TraceCt(0, True) for _ in range(7)]
+    tb.rotate_sum(zip(a, range(16, 128, 16)))
+    assert tb.counts["rotate"] == 7 and tb.time < 7 * tb.unit("rotate", 0)

@@ -210,6 +210,28 @@ class OpenFHEBackend:
         pre = self.cc.EvalFastRotationPrecompute(a)
         return {k: self.cc.EvalFastRotation(a, int(k), self.M, pre) for k in ks}
 
+    def rotate_sum(self, terms):
+        """``sum rot(ct, k)`` over ``terms`` (an iterable of ``(ct, k)``, consumed one at a time); None if empty.
+        The rotated ciphertexts stay in the extended basis Q*P (a hoisted key switch without its ModDown:
+        ``EvalFastRotationExt``) and are summed there, so the sum pays one ``KeySwitchDown`` instead of one per
+        term -- the giant steps of OpenFHE's own linear transforms. Terms at another level than the first go the
+        plain way (an addition in Q*P needs equal towers and scale degree)."""
+        acc = ext = state = None
+        for ct, k in terms:
+            if k == 0 or (state is not None and (ct.GetLevel(), ct.GetNoiseScaleDeg()) != state):
+                r = ct if k == 0 else self.rotate(ct, k)
+                acc = r if acc is None else self.cc.EvalAdd(acc, r)
+                continue
+            e = self.cc.EvalFastRotationExt(ct, int(k), self.cc.EvalFastRotationPrecompute(ct), True)
+            if ext is None:
+                ext, state = e, (ct.GetLevel(), ct.GetNoiseScaleDeg())
+            else:
+                self.cc.EvalAddInPlace(ext, e)
+        if ext is not None:
+            ext = self.cc.KeySwitchDown(ext)
+            acc = ext if acc is None else self.cc.EvalAdd(acc, ext)
+        return acc
+
     def cheb(self, a, series, where="", valid=None):
         c = [float(v) for v in series.coeffs]
         lo, hi = series.interval

@@ -113,6 +113,19 @@ class Evaluator:
         res = self.backend.rotate_many(ct, need) if need else {}
         return {k: (ct if v == 0 else res[v]) for k, v in norm.items()}
 
+    def rotate_sum(self, terms, whole: bool = False):
+        """``sum rot(ct, k)`` over the ``(ct, k)`` of ``terms`` (an iterable, consumed lazily), None if empty: one
+        backend ``rotate_sum``, which may share work between the rotations (OpenFHE: one ModDown for all)."""
+        slots = self.circuit.ct_slots if whole else self.circuit.slots
+        terms = ((ct, norm_rot(int(k), slots)) for ct, k in terms)
+        if hasattr(self.backend, "rotate_sum"):
+            return self.backend.rotate_sum(terms)
+        acc = None
+        for ct, k in terms:
+            r = ct if k == 0 else self.backend.rotate(ct, k)
+            acc = r if acc is None else self.backend.add(acc, r)
+        return acc
+
     def check_inputs(self, inputs: dict) -> dict:
         missing = set(self.circuit.inputs) - set(inputs)
         extra = set(inputs) - set(self.circuit.inputs)

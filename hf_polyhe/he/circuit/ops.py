@@ -241,18 +241,21 @@ class Linear(OpSpec):
     @staticmethod
     def accumulate(ev, plan, babies, terms):
         """``sum_g rot(sum_{ct, b} terms[ct][g][b] * babies[ct][b], g)`` over the input ciphertexts' baby
-        rotations and their ``{giant: {baby: plaintext}}`` terms; None when every term is zero."""
-        be, acc = ev.backend, None
-        for g in plan.giant:
-            inner = None
-            for rots, t in zip(babies, terms):
-                for b, vec in t.get(g, {}).items():
-                    p = be.mul_plain(rots[b], vec)
-                    inner = p if inner is None else be.add(inner, p)
-            if inner is not None:
-                inner = ev.rotate_slots(inner, g) if plan.whole else ev.rotate(inner, g)
-                acc = inner if acc is None else be.add(acc, inner)
-        return acc
+        rotations and their ``{giant: {baby: plaintext}}`` terms; None when every term is zero. The giant
+        rotations are one ``rotate_sum`` (OpenFHE: summed in the extended basis, one ModDown)."""
+        be = ev.backend
+
+        def inner_sums():
+            for g in plan.giant:
+                inner = None
+                for rots, t in zip(babies, terms):
+                    for b, vec in t.get(g, {}).items():
+                        p = be.mul_plain(rots[b], vec)
+                        inner = p if inner is None else be.add(inner, p)
+                if inner is not None:
+                    yield inner, g
+
+        return ev.rotate_sum(inner_sums(), whole=plan.whole)
 
     @staticmethod
     def babies(ev, node, n, ct, plan, copies):

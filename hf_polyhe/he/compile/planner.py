@@ -28,7 +28,8 @@ from ..circuit.ops import OPS
 # ``benchmarks/he_ops.py --write-costs`` measures this machine and writes ``cost_table.json``, which wins.
 #
 # Hoisted rotations (``rotate_many``: one EvalFastRotationPrecompute + k EvalFastRotation) cost
-# ``rotate_precompute + k * rotate_fast``. A Chebyshev series of degree n costs what Paterson-Stockmeyer costs:
+# ``rotate_precompute + k * rotate_fast``; a sum of k rotations of different ciphertexts (``rotate_sum``, the giant
+# steps of a linear) ``k * (rotate_precompute + rotate_ext) + keyswitch_down``. A Chebyshev series of degree n costs what Paterson-Stockmeyer costs:
 # ``cheb_mults(n)`` ct x ct multiplications at the input's level plus n scalar multiply-adds, where
 # ``cheb_mults`` is measured per degree (table "cheb_mults": {degree: effective mults}) and interpolated in
 # log2(degree) -- it grows like sqrt(2n) + log2(n), not like n.
@@ -37,6 +38,10 @@ DEFAULT_COSTS = {
     "rotate": [4.7e-3, 7.7e-4],
     "rotate_precompute": [2.4e-3, 3.9e-4],
     "rotate_fast": [2.4e-3, 3.9e-4],
+    # the two halves of a hoisted rotation: the key switch in the extended basis Q*P (EvalFastRotationExt) and its
+    # ModDown (KeySwitchDown), which rotate_sum pays once for a sum of rotations (measured at N = 2^16, 3-21 towers)
+    "rotate_ext": [1.7e-3, 0.0],
+    "keyswitch_down": [3.0e-3, 0.0],
     "mul": [6.2e-3, 1.07e-3],
     "mul_plain": [2.0e-3, 0.0],  # on a rescaled ciphertext, with a plaintext encoded beforehand
     "rescale": [1.6e-3, 0.0],  # the pending rescale of a product's output, paid by its first plaintext product
@@ -250,6 +255,30 @@ class TraceBackend:
             self._cost("rotate_fast", a.level)
             out[k] = self._out(a.level, a.pending)
         return out
+
+    def rotate_sum(self, terms):
+        # mirrors OpenFHEBackend.rotate_sum: each rotation's key switch in the extended basis (precompute +
+        # EvalFastRotationExt), summed there, one KeySwitchDown; terms at another level than the first: plain
+        acc = state = None
+        ext = []
+        for a, k in terms:
+            if k == 0 or (state is not None and (a.dropped, a.pending) != state):
+                r = a if k == 0 else self.rotate(a, k)
+                acc = r if acc is None else self.add(acc, r)
+                continue
+            state = (a.dropped, a.pending)
+            self.counts["rotate"] += 1
+            self.rotation_keys.add(int(k))
+            self._cost("rotate_precompute", a.level)
+            self._cost("rotate_ext", a.level)
+            if ext:
+                self._cost("add", a.level)
+            ext.append(a)
+        if ext:
+            self._cost("keyswitch_down", ext[0].level)
+            r = self._out(ext[0].level, ext[0].pending)
+            acc = r if acc is None else self.add(acc, r)
+        return acc
 
     def cheb_seconds(self, degree, level):
         """Predicted seconds of a degree-``degree`` Chebyshev series on a ciphertext at ``level``."""

@@ -240,6 +240,35 @@ class OpenFHEBackend:
         c[0] *= 2.0  # OpenFHE evaluates sum c_k T_k - c_0 / 2
         return self.cc.EvalChebyshevSeries(a, c, lo, hi)
 
+    def cheb_ps(self, a, series):
+        """The series by :mod:`.chebyshev`'s least-depth Paterson-Stockmeyer (``ceil(log2(degree + 1))`` levels, one
+        more for the affine map onto [-1, 1] when the interval is another) instead of ``EvalChebyshevSeries``."""
+        from .chebyshev import Arithmetic, evaluate_ps
+
+        cc = self.cc
+
+        class CKKS(Arithmetic):
+            def mul(self, x, y):
+                return cc.EvalSquare(x) if x is y else cc.EvalMult(x, y)
+
+            def add(self, x, y):
+                return cc.EvalAdd(x, y)
+
+            def sub(self, x, y):
+                return cc.EvalSub(x, y)
+
+            def scale(self, x, c):
+                return cc.EvalMult(x, float(c))
+
+            def add_const(self, x, c):
+                return cc.EvalAdd(x, float(c))
+
+        lo, hi = series.interval
+        t = a
+        if not series.normalized:
+            t = cc.EvalAdd(cc.EvalMult(a, 2.0 / (hi - lo)), -(lo + hi) / (hi - lo))
+        return evaluate_ps(CKKS(), t, series.coeffs)
+
     def bootstrap(self, a, bound, where=""):
         if bound != 1.0:
             a = self.cc.EvalMult(a, 1.0 / bound)

@@ -326,3 +326,25 @@ def test_bsgs_split_weights_follow_the_cost_table():
     a = [PL.TraceCt(0, True) for _ in range(7)]
     tb.rotate_sum(zip(a, range(16, 128, 16)))
     assert tb.counts["rotate"] == 7 and tb.time < 7 * tb.unit("rotate", 0)
+
+
+def test_plaintext_budget(monkeypatch):
+    """Half the available memory on top of what is pinned, at most 8 GiB; a bootstrapped plan keeps what its
+    bootstrap will still need; the environment variable wins."""
+    from hf_polyhe.he.compile import plaintexts as PT
+
+    monkeypatch.delenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", raising=False)
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 4.0 * 2**30)
+    monkeypatch.setattr(PT, "rss_bytes", lambda: 1.0 * 2**30)
+    assert PT.plaintext_budget_bytes() == 2 * 2**30
+    assert PT.plaintext_budget_bytes(pinned_bytes=2**30) == 3 * 2**30
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 64.0 * 2**30)
+    assert PT.plaintext_budget_bytes() == 8 * 2**30
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 4.0 * 2**30)
+    boot = type("Plan", (), {"params": P.default(bootstrap=True), "bootstrap_memory_gib": 3.0})()
+    assert PT.plaintext_budget_bytes(boot) == 1 * 2**30  # (4 - (3 - 1)) / 2
+    monkeypatch.setenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", "100")
+    assert PT.plaintext_budget_bytes(boot) == 100 * 2**20
+    monkeypatch.setenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", "lots")
+    with pytest.raises(he.PlanningError, match="COMPILED_PLAINTEXTS_MIB"):
+        PT.plaintext_budget_bytes()

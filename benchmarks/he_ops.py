@@ -4,6 +4,8 @@ measured time of a mid-size circuit. Prints a short table.
     python benchmarks/he_ops.py                 # ops + mid-size circuit (leveled, N chosen for 128-bit)
     python benchmarks/he_ops.py --bootstrap     # also bootstrapping at 128-bit (N=2^17, ~13 GB RAM, minutes)
     python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/cost_table.json
+    python benchmarks/he_ops.py --workloads     # issue #15's Linear(128,128) and MLP: compile, first and later runs
+                                                # (benchmarks/he_linears.py; --workload linear|mlp for one)
 
 The machine may be shared, so op costs are measured twice, right before and right after the circuit, and the
 fit uses their mean (both passes and the load average are printed). Ops are timed on ciphertexts in the state
@@ -33,7 +35,8 @@ from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.backends.openfhe import OpenFHEBackend, build_context  # noqa: E402
 from hf_polyhe.he.compile.planner import COST_TABLE_PATH, TraceBackend, TraceCt, load_cost_table, plan  # noqa: E402
 
-PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "rescale")
+PRIMS = ("rotate", "rotate_precompute", "rotate_fast", "rotate_ext", "keyswitch_down", "mul", "mul_plain", "encode",
+         "add_plain", "mul_scalar", "add", "rescale")
 CHEB_DEGREES = (7, 15, 31)
 
 
@@ -90,12 +93,12 @@ class TimedBackend(OpenFHEBackend):
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    key = "rotate" if name == "rotate_many" else name
+                    key = "rotate" if name in ("rotate_many", "rotate_sum") else name
                     self.spent[key] = self.spent.get(key, 0.0) + time.perf_counter() - t
         return wrap
 
-    for _n in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb",
-               "bootstrap", "rescale"):
+    for _n in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "rotate_sum",
+               "cheb", "bootstrap", "rescale", "encode"):
         locals()[_n] = _timed(_n)
     del _n
 
@@ -109,16 +112,23 @@ def measure_ops(cc, be, p, vec, k_rot, levels, degrees, reps=3):
         done = be.rescale(ct)  # the same, rescaled (what linears multiply: see OpenFHEBackend.rescale)
         T = p.depth - L + 1
         pre = cc.EvalFastRotationPrecompute(ct)
+        pt_done = cc.MakeCKKSPackedPlaintext(vec, 1, done.GetLevel(), None, p.slots)
+        pt_ct = cc.MakeCKKSPackedPlaintext(vec, 1, ct.GetLevel(), None, p.slots)
+        ext = cc.EvalFastRotationExt(ct, k_rot, pre, True)
         meas = {
             "rotate": lambda: cc.EvalRotate(ct, k_rot),
             "rotate_precompute": lambda: cc.EvalFastRotationPrecompute(ct),
             "rotate_fast": lambda: cc.EvalFastRotation(ct, k_rot, be.M, pre),
+            # the halves of rotate_fast that rotate_sum separates: the key switch in Q*P, and its ModDown
+            "rotate_ext": lambda: cc.EvalFastRotationExt(ct, k_rot, pre, True),
+            "keyswitch_down": lambda: cc.KeySwitchDown(ext),
             "mul": lambda: cc.EvalMult(ct, ct),
-            # plaintexts are encoded for each use in a circuit (each diagonal/mask is used once per level); on a
-            # rescaled ciphertext: a pending rescale is the separate "rescale" cost
-            "mul_plain": lambda: cc.EvalMult(done, cc.MakeCKKSPackedPlaintext(vec, 1, done.GetLevel(), None, p.slots)),
+            # plaintexts are encoded once, when the server compiles the circuit ("encode", at the level of use);
+            # on a rescaled ciphertext: a pending rescale is the separate "rescale" cost
+            "mul_plain": lambda: cc.EvalMult(done, pt_done),
+            "encode": lambda: cc.MakeCKKSPackedPlaintext(vec, 1, done.GetLevel(), None, p.slots),
             "rescale": lambda: be.rescale(ct),
-            "add_plain": lambda: cc.EvalAdd(ct, cc.MakeCKKSPackedPlaintext(vec, 1, L - 1, None, p.slots)),
+            "add_plain": lambda: cc.EvalAdd(ct, pt_ct),
             "mul_scalar": lambda: cc.EvalMult(ct, 0.5),
             "add": lambda: cc.EvalAdd(ct, ct),
         }
@@ -201,9 +211,17 @@ def main():
     ap.add_argument("--boot-slots", type=int, default=512,
                     help="slots of the bootstrapping benchmark (4096 at N=2^17 needs > 18.5 GB: OOM-killed here)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workloads", action="store_true",
+                    help="issue #15's linear workloads at 128-bit (benchmarks/he_linears.py) instead of the op table")
+    ap.add_argument("--workload", choices=("linear", "mlp"), action="append", help="with --workloads: only these")
     ap.add_argument("--num-large-digits", type=int, default=0,
                     help="HYBRID key-switching digits of the bootstrapping set (8: N = 2^16 at 128-bit)")
     args = ap.parse_args()
+    if args.workloads:
+        import he_linears
+
+        he_linears.run(args.workload, repeats=args.reps)
+        return
     if args.bootstrap_only:
         avail = mem_available_gib()
         print(f"# bootstrapping only: {avail:.1f} GiB available, load average {loadavg()}", flush=True)
@@ -249,7 +267,10 @@ def main():
     client_ct = [cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(v, 1, pl0.start_level, None, p.slots))
                  for v in pl0.circuit.layouts()["x"].pack(rng.uniform(-1, 1, (16, 32)))]
     tbe = TimedBackend(cc, p.slots)
-    ev = he.Evaluator(pl0.circuit, tbe)
+    t = time.perf_counter()
+    ev = he.compile_evaluator(pl0, tbe)  # the server's compile step: plaintexts encoded once, not timed below
+    t_compile = time.perf_counter() - t
+    tbe.spent.clear()
     load_c = loadavg()
     t = time.perf_counter()
     ev.run({"x": he.Packed(ev.layouts["x"], client_ct)})
@@ -266,11 +287,12 @@ def main():
     # predicted seconds per primitive kind (trace the planned circuit once more, grouping by primitive)
     by_prim = {}
     tb = TraceBackend(p.slots, p.depth, pl.start_level, p.depth, p.ring_dim, costs)
-    for kind in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "cheb", "rescale"):
+    for kind in ("add", "sub", "mul", "add_plain", "mul_plain", "mul_scalar", "rotate", "rotate_many", "rotate_sum", "cheb",
+                 "rescale"):
         def wrapped(*a, _f=getattr(tb, kind), _k=kind, **kw):
             before = tb.time
             r = _f(*a, **kw)
-            key = "rotate" if _k == "rotate_many" else _k
+            key = "rotate" if _k in ("rotate_many", "rotate_sum") else _k
             by_prim[key] = by_prim.get(key, 0.0) + tb.time - before
             return r
         setattr(tb, kind, wrapped)
@@ -302,6 +324,8 @@ def main():
     print(f"{'mid-size circuit: predicted (fit of pass A / pass B)':<58} {predA:>8.2f} / {predB:.2f}")
     print(f"{'mid-size circuit: predicted (mean fit)':<58} {pl.predicted_seconds:>8.2f}")
     print(f"{'mid-size circuit: measured':<58} {measured:>8.2f}")
+    print(f"{'mid-size circuit: compile (encode once), predicted / measured':<58} "
+          f"{pl.plaintexts['seconds']:>8.2f} / {t_compile:.2f}")
     print(f"prediction error: {100 * (pl.predicted_seconds - measured) / measured:+.1f}%", flush=True)
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": load_c, "threads": 2,
             "circuit_measured_s": round(measured, 2), "circuit_predicted_s": round(pl.predicted_seconds, 2)}

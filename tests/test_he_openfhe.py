@@ -29,11 +29,15 @@ def ckks_run(circuit, X, params, **plan_kw):
     is hf_polyhe.he.Client / Server, tests/test_encrypted.py)."""
     pl = he.plan(circuit, params, **plan_kw)
     cc, kp = generate_keys(pl.params, pl.rotation_keys)
-    ev = he.Evaluator(pl.circuit, OpenFHEBackend(cc, pl.params.slots))
+    be = OpenFHEBackend(cc, pl.params.slots)
+    ev = he.compile_evaluator(pl, be, budget_bytes=float("inf"))  # every plaintext encoded once, here
+    assert ev.compiled["pinned"] == ev.compiled["distinct"] == pl.plaintexts["count"]
     lay, slots = pl.circuit.layouts(), pl.params.slots
     inputs = {n: he.Packed(lay[n], encrypt_vectors(cc, kp.publicKey, lay[n].pack(x), pl.start_level, slots))
               for n, x in X.items()}
     out = ev.run(inputs)
+    # the trace foresaw every plaintext at the level OpenFHE met it: nothing was encoded during the run
+    assert be.encode_stats["encoded"] == 0 and be.encode_stats["pinned"] == pl.plaintexts["uses"], be.encode_stats
     return {k: v.layout.unpack(decrypt_vectors(cc, kp.secretKey, v.cts, slots)) for k, v in out.items()}, pl
 
 
@@ -157,3 +161,60 @@ def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
     x = enc.embed(input_ids=[5, 9, 2])
     got, ref = client.decrypt(server.run(client.encrypt(x))), PlainServer(enc).run(x).reshape(-1)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_compiled_plaintexts_are_encoded_once_within_the_budget():
+    """compile_evaluator encodes each plaintext once, at the level it meets its ciphertext; runs then encode
+    nothing. Over the budget, the rest are encoded when met (the LRU), with the same result."""
+    rng = np.random.default_rng(5)
+    c = he.Circuit(8, 16, groups=4)  # the issue's packing in small: stacked input, slots = 2 * block
+    h = c.linear(c.input("x", 1, 30), rng.normal(size=(30, 8)) / 5, rng.normal(size=8) / 4)
+    c.output(c.linear(c.mul(h, h), rng.normal(size=(8, 5)) / 3, rng.normal(size=5) / 4))
+    pl = he.plan(c, P.toy(), bootstrap="never")
+    cc, kp = generate_keys(pl.params, pl.rotation_keys)
+    X = rng.uniform(-1, 1, (1, 30))
+    lay, slots = pl.circuit.layouts()["x"], pl.params.slots
+    ref = he.run_plain(pl.circuit, {"x": X})[c.outputs[0]]
+    n = pl.plaintexts["count"]
+    assert n == pl.plaintexts["uses"] > 10 and pl.plaintexts["bytes"] > 0
+    one = pl.plaintexts["bytes"] / n * 1.5  # room for one plaintext (they differ in towers only by a little)
+    for budget, pinned in ((float("inf"), n), (one, 1)):
+        be = OpenFHEBackend(cc, slots)
+        ev = he.compile_evaluator(pl, be, budget_bytes=budget)
+        assert ev.compiled["pinned"] == pinned and ev.compiled["over_budget"] == n - pinned
+        assert be.pinned_bytes <= budget
+        for run in range(2):
+            stats = dict(be.encode_stats)
+            cts = encrypt_vectors(cc, kp.publicKey, lay.pack(X), pl.start_level, slots)
+            out = ev.run({"x": he.Packed(lay, cts)})[c.outputs[0]]
+            got = out.layout.unpack(decrypt_vectors(cc, kp.secretKey, out.cts, slots))
+            assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
+            new = {k: be.encode_stats[k] - stats[k] for k in stats}
+            assert new["pinned"] == pinned  # every plaintext looked up once per run
+            # over the budget: encoded by the first run, then found in the LRU
+            assert new["encoded"] == (n - pinned if run == 0 else 0) and new["cached"] == (n - pinned) * run
+        be.unpin()
+        assert be.pinned_bytes == 0 and not be.is_pinned(np.zeros(3), 0)
+
+
+def test_rotate_sum_in_the_extended_basis():
+    """OpenFHEBackend.rotate_sum: rotations summed in Q*P with one KeySwitchDown, k = 0 terms and terms at another
+    level added the plain way; the same sum as the plain backend, and its output at the level of its terms."""
+    from hf_polyhe.he.backends.plain import PlainBackend
+
+    p = P.toy().with_(depth=3, slots=64)
+    cc, kp = generate_keys(p, [1, 5, -8, 16])
+    be = OpenFHEBackend(cc, 64)
+    rng = np.random.default_rng(0)
+    vs = [rng.uniform(-1, 1, 64) for _ in range(5)]
+    cts = encrypt_vectors(cc, kp.publicKey, vs, 0, 64)
+    lower = be.mul_scalar(cts[4], 1.0)  # pending rescale: another scale degree than the others
+    for ks in ([1, 5, -8, 16], [0, 5, 0, 16], [5]):
+        terms = list(zip(cts, ks))
+        got = decrypt_vectors(cc, kp.secretKey, [be.rotate_sum(iter(terms))], 64)[0]
+        want = PlainBackend(64).rotate_sum((v, k) for v, k in zip(vs, ks))
+        assert np.abs(got - want).max() < 1e-6
+    mixed = be.rotate_sum(iter([(cts[0], 1), (lower, 5), (cts[1], 16)]))
+    want = np.roll(vs[0], -1) + np.roll(vs[4], -5) + np.roll(vs[1], -16)
+    assert np.abs(decrypt_vectors(cc, kp.secretKey, [mixed], 64)[0] - want).max() < 1e-6
+    assert be.rotate_sum(iter([])) is None

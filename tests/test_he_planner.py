@@ -276,3 +276,75 @@ def test_scale_lowered_when_it_halves_the_ring():
     assert shallow.params.scale_bits == 50 and not shallow.notes
     # the choice never breaks 128-bit security: the chosen set is one OpenFHE's table allows
     assert pl.params.estimate_log_qp() <= P.MAX_LOGQP_128[2**16]
+
+
+def test_plan_reports_the_plaintexts_a_compile_encodes():
+    """Distinct (vector, level) plaintexts, their uses, bytes (N * towers * 8 each) and predicted encoding seconds:
+    a one-row 16 x 16 linear has 16 cyclic diagonals and a bias, all at the fresh level; two linears reading the
+    same plaintext at the same level share it; the same plaintext one level lower is another one."""
+    rng = np.random.default_rng(0)
+    c = he.Circuit(16, 64)
+    W = rng.normal(size=(16, 16))
+    x = c.input("x", 1, 16)
+    c.output(c.linear(x, W, rng.normal(size=16)))
+    pl = he.plan(c, P.default(), bootstrap="never")
+    N, T = pl.params.ring_dim, pl.params.depth + 1
+    assert pl.plaintexts["count"] == pl.plaintexts["uses"] == 17
+    assert pl.plaintexts["bytes"] == 17 * PL.plaintext_bytes(N, T) == 17 * N * T * 8
+    assert pl.plaintexts["seconds"] > 0 and "plaintexts: 17 distinct" in pl.report()
+    assert pl.to_dict()["plaintexts"] == pl.plaintexts
+    c2 = he.Circuit(16, 64)
+    x = c2.input("x", 1, 16)
+    y = c2.linear(x, W)  # the same diagonals as the linear below: shared
+    z = c2.linear(x, W)
+    c2.output(c2.linear(c2.add(y, z), W))  # one level lower: other plaintexts
+    pl2 = he.plan(c2, P.default(), bootstrap="never")
+    assert pl2.plaintexts["uses"] == 48 and pl2.plaintexts["count"] == 32
+
+
+def test_bsgs_split_weights_follow_the_cost_table():
+    """The fixed split weights (packing.bsgs_cost; fixed so that client and server choose the same keys) agree with
+    the shipped cost table to within a factor 1.5, and pick the cheaper split: 15 hoisted baby steps and 7 giant
+    steps summed in the extended basis for a 128-wide one-row linear, where counting rotations alone ties with 7 + 15."""
+    from hf_polyhe.he.circuit import packing as K
+
+    t = PL.load_cost_table()
+    T = 7  # towers (the MLP of issue #15)
+    unit = lambda k: t[k][0] * T + t[k][1] * T * T  # noqa: E731
+    rot = unit("rotate")
+    for w, measured in ((K.HOIST_PRECOMPUTE, unit("rotate_precompute")), (K.HOISTED_BABY, unit("rotate_fast")),
+                        (K.GIANT_STEP, unit("rotate_precompute") + unit("rotate_ext")),
+                        (K.MOD_DOWN, unit("keyswitch_down"))):
+        assert 1 / 1.5 < w / (measured / rot) < 1.5, (w, measured / rot)
+    assert K.choose_n1_cyclic(128, 1, 1) == 16
+    c = he.Circuit(128, 256)
+    c.output(c.linear(c.input("x", 1, 128), np.random.default_rng(0).normal(size=(128, 128))))
+    pl = he.plan(c, P.default(), bootstrap="never")
+    assert pl.counts["rotate"] == 1 + 15 + 7  # the row doubling, baby and giant steps
+    # the giant steps cost precompute + key switch each and one ModDown, below full rotations
+    tb = PL.TraceBackend(256, 4, 0, 4, 2**16, t)
+    a = [PL.TraceCt(0, True) for _ in range(7)]
+    tb.rotate_sum(zip(a, range(16, 128, 16)))
+    assert tb.counts["rotate"] == 7 and tb.time < 7 * tb.unit("rotate", 0)
+
+
+def test_plaintext_budget(monkeypatch):
+    """Half the available memory on top of what is pinned, at most 8 GiB; a bootstrapped plan keeps what its
+    bootstrap will still need; the environment variable wins."""
+    from hf_polyhe.he.compile import plaintexts as PT
+
+    monkeypatch.delenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", raising=False)
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 4.0 * 2**30)
+    monkeypatch.setattr(PT, "rss_bytes", lambda: 1.0 * 2**30)
+    assert PT.plaintext_budget_bytes() == 2 * 2**30
+    assert PT.plaintext_budget_bytes(pinned_bytes=2**30) == 3 * 2**30
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 64.0 * 2**30)
+    assert PT.plaintext_budget_bytes() == 8 * 2**30
+    monkeypatch.setattr(PT, "mem_available_bytes", lambda: 4.0 * 2**30)
+    boot = type("Plan", (), {"params": P.default(bootstrap=True), "bootstrap_memory_gib": 3.0})()
+    assert PT.plaintext_budget_bytes(boot) == 1 * 2**30  # (4 - (3 - 1)) / 2
+    monkeypatch.setenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", "100")
+    assert PT.plaintext_budget_bytes(boot) == 100 * 2**20
+    monkeypatch.setenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", "lots")
+    with pytest.raises(he.PlanningError, match="COMPILED_PLAINTEXTS_MIB"):
+        PT.plaintext_budget_bytes()

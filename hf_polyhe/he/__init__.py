@@ -25,6 +25,7 @@ from .circuit.ir import IR_VERSION, Circuit, Node
 from .circuit.ops import OPS, register_op
 from .circuit.packing import ColumnVector, MatrixLayout, ScoreLayout, TiledVector
 from .compile.export_plan import ExportPlan, plan_for_export, plan_report
+from .compile.plaintexts import compile_evaluator
 from .compile.planner import Plan, plan
 from .errors import (BackendUnavailable, CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError,
                      RangeViolation, SerializationError, StreamError, ToyParametersWarning)
@@ -39,5 +40,5 @@ __all__ = [
     "plan_for_export", "plan_report", "BackendUnavailable", "CircuitError", "HEError", "KeyMismatchError",
     "LayoutError", "PlanningError", "RangeViolation", "SerializationError", "StreamError", "ToyParametersWarning",
     "Evaluator", "Packed", "run_reference", "IR_VERSION", "Circuit", "Node", "OPS", "register_op", "MatrixLayout",
-    "ScoreLayout", "TiledVector", "ColumnVector", "PlainBackend", "run_plain", "Plan", "plan",
+    "ScoreLayout", "TiledVector", "ColumnVector", "PlainBackend", "run_plain", "Plan", "plan", "compile_evaluator",
 ]

@@ -1,16 +1,21 @@
 """The ``openfhe`` backend: CKKS (RNS, FLEXIBLEAUTO rescaling, HYBRID key switching) through the ``openfhe``
 wheel, behind the same primitive interface as the plain backend.
 
-Plaintext vectors are encoded at the level of the ciphertext they meet (a bounded LRU per vector and level:
-``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
+Plaintext vectors are encoded at the level of the ciphertext they meet, and looked up by their content (a
+digest) and that level: first among the plaintexts *pinned* when a planned circuit was compiled
+(:meth:`OpenFHEBackend.pin`, :func:`hf_polyhe.he.compile.plaintexts.compile_evaluator`: every plaintext encoded once,
+when the server builds the evaluator), then in a bounded LRU of what was encoded on the fly
+(``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
 Chebyshev stages use ``EvalChebyshevSeries`` (OpenFHE's convention halves ``c0``, so it is doubled here);
 bootstraps scale by ``1/bound`` into the range CKKS bootstrapping needs and back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -95,6 +100,11 @@ def setup_bootstrap(cc, p):
     cc.EvalBootstrapSetup(list(p.level_budget), [0, 0], p.slots)
 
 
+def vector_digest(vec) -> bytes:
+    """What identifies a plaintext vector: a 16-byte digest of its float64 values (and so of its length)."""
+    return hashlib.blake2b(np.ascontiguousarray(vec, dtype=np.float64).tobytes(), digest_size=16).digest()
+
+
 class OpenFHEBackend:
     name = "openfhe"
 
@@ -103,22 +113,68 @@ class OpenFHEBackend:
         self.cc = cc
         self.slots = int(slots)
         self.M = 2 * cc.GetRingDimension()
-        self._pt = OrderedDict()
+        self._pinned: dict = {}  # (digest, level) -> (Plaintext, bytes): encoded once, when a circuit was compiled
+        self.pinned_bytes = 0
+        self._pt = OrderedDict()  # (digest, level) -> Plaintext: encoded on the fly, a bounded LRU
         # encoded plaintexts are big (N * towers * 8 bytes: ~10 MB at N = 2^16): keep a bounded LRU of them
         budget = float(os.environ.get("HF_POLYHE_PLAINTEXT_CACHE_MIB", "512")) * 2**20
         self._pt_max = max(16, int(budget // (cc.GetRingDimension() * 8 * 16)))
+        self._digests: dict = {}  # id(vec) -> (weak reference, digest): vectors met again are not hashed again
+        self.encode_stats = {"pinned": 0, "cached": 0, "encoded": 0}  # plaintext look-ups by where they were found
+
+    def _digest(self, vec) -> bytes:
+        hit = self._digests.get(id(vec))
+        if hit is not None and hit[0]() is vec:
+            return hit[1]
+        d = vector_digest(vec)
+        if isinstance(vec, np.ndarray):
+            key, table = id(vec), self._digests
+            table[key] = (weakref.ref(vec, lambda _, k=key: table.pop(k, None)), d)
+        return d
 
     def encode(self, vec, level: int = 0):
-        key = (id(vec), level)
-        hit = self._pt.get(key)
-        if hit is not None and hit[0] is vec:
+        """``vec`` encoded at ``level``: the pinned plaintext, else the LRU's, else encoded now (into the LRU)."""
+        key = (self._digest(vec), int(level))
+        hit = self._pinned.get(key)
+        if hit is not None:
+            self.encode_stats["pinned"] += 1
+            return hit[0]
+        pt = self._pt.get(key)
+        if pt is not None:
             self._pt.move_to_end(key)
-            return hit[1]
-        pt = self.cc.MakeCKKSPackedPlaintext(vec, 1, level, None, self.slots)
-        self._pt[key] = (vec, pt)
+            self.encode_stats["cached"] += 1
+            return pt
+        self.encode_stats["encoded"] += 1
+        pt = self.cc.MakeCKKSPackedPlaintext(vec, 1, int(level), None, self.slots)
+        self._pt[key] = pt
         while len(self._pt) > self._pt_max:
             self._pt.popitem(last=False)
         return pt
+
+    def pin(self, uses, budget_bytes: float) -> tuple:
+        """Encode the plaintexts ``uses`` (``(vector, level, bytes)``, the most useful first) once and keep them
+        while the pinned ones take at most ``budget_bytes``; the rest are encoded when met (the LRU). Returns
+        ``(pinned now, their bytes)``."""
+        n = b = 0
+        for vec, level, size in uses:
+            key = (self._digest(vec), int(level))
+            if key in self._pinned:
+                continue
+            if self.pinned_bytes + size > budget_bytes:
+                break
+            pt = self._pt.pop(key, None) or self.cc.MakeCKKSPackedPlaintext(vec, 1, int(level), None, self.slots)
+            self._pinned[key] = (pt, int(size))
+            self.pinned_bytes += int(size)
+            n, b = n + 1, b + int(size)
+        return n, b
+
+    def is_pinned(self, vec, level: int) -> bool:
+        return (self._digest(vec), int(level)) in self._pinned
+
+    def unpin(self) -> None:
+        """Forget every pinned plaintext (a server dropping its compiled circuits)."""
+        self._pinned.clear()
+        self.pinned_bytes = 0
 
     def add(self, a, b):
         return self.cc.EvalAdd(a, b)
@@ -156,6 +212,28 @@ class OpenFHEBackend:
         pre = self.cc.EvalFastRotationPrecompute(a)
         return {k: self.cc.EvalFastRotation(a, int(k), self.M, pre) for k in ks}
 
+    def rotate_sum(self, terms):
+        """``sum rot(ct, k)`` over ``terms`` (an iterable of ``(ct, k)``, consumed one at a time); None if empty.
+        The rotated ciphertexts stay in the extended basis Q*P (a hoisted key switch without its ModDown:
+        ``EvalFastRotationExt``) and are summed there, so the sum pays one ``KeySwitchDown`` instead of one per
+        term -- the giant steps of OpenFHE's own linear transforms. Terms at another level than the first go the
+        plain way (an addition in Q*P needs equal towers and scale degree)."""
+        acc = ext = state = None
+        for ct, k in terms:
+            if k == 0 or (state is not None and (ct.GetLevel(), ct.GetNoiseScaleDeg()) != state):
+                r = ct if k == 0 else self.rotate(ct, k)
+                acc = r if acc is None else self.cc.EvalAdd(acc, r)
+                continue
+            e = self.cc.EvalFastRotationExt(ct, int(k), self.cc.EvalFastRotationPrecompute(ct), True)
+            if ext is None:
+                ext, state = e, (ct.GetLevel(), ct.GetNoiseScaleDeg())
+            else:
+                self.cc.EvalAddInPlace(ext, e)
+        if ext is not None:
+            ext = self.cc.KeySwitchDown(ext)
+            acc = ext if acc is None else self.cc.EvalAdd(acc, ext)
+        return acc
+
     def cheb(self, a, series, where="", valid=None):
         c = [float(v) for v in series.coeffs]
         lo, hi = series.interval
@@ -163,6 +241,35 @@ class OpenFHEBackend:
             return self.cc.EvalAdd(self.cc.EvalMult(a, 0.0), c[0])
         c[0] *= 2.0  # OpenFHE evaluates sum c_k T_k - c_0 / 2
         return self.cc.EvalChebyshevSeries(a, c, lo, hi)
+
+    def cheb_ps(self, a, series):
+        """The series by :mod:`.chebyshev`'s least-depth Paterson-Stockmeyer (``ceil(log2(degree + 1))`` levels, one
+        more for the affine map onto [-1, 1] when the interval is another) instead of ``EvalChebyshevSeries``."""
+        from .chebyshev import Arithmetic, evaluate_ps
+
+        cc = self.cc
+
+        class CKKS(Arithmetic):
+            def mul(self, x, y):
+                return cc.EvalSquare(x) if x is y else cc.EvalMult(x, y)
+
+            def add(self, x, y):
+                return cc.EvalAdd(x, y)
+
+            def sub(self, x, y):
+                return cc.EvalSub(x, y)
+
+            def scale(self, x, c):
+                return cc.EvalMult(x, float(c))
+
+            def add_const(self, x, c):
+                return cc.EvalAdd(x, float(c))
+
+        lo, hi = series.interval
+        t = a
+        if not series.normalized:
+            t = cc.EvalAdd(cc.EvalMult(a, 2.0 / (hi - lo)), -(lo + hi) / (hi - lo))
+        return evaluate_ps(CKKS(), t, series.coeffs)
 
     def bootstrap(self, a, bound, where=""):
         if bound != 1.0:

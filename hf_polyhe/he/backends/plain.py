@@ -52,6 +52,13 @@ class PlainBackend:
     def rotate_many(self, a, ks):
         return {k: np.roll(a, -k) for k in ks}
 
+    def rotate_sum(self, terms):
+        acc = None
+        for a, k in terms:
+            r = np.roll(a, -k)
+            acc = r if acc is None else acc + r
+        return acc
+
     def cheb(self, a, series, where="", valid=None):
         lo, hi = series.interval
         vals = a[valid] if valid is not None else a

@@ -7,6 +7,7 @@ tensors (no packing at all), the ground truth packed execution is compared again
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,18 +64,32 @@ class GroupTiling:
 
 
 class Evaluator:
-    """Runs ``circuit`` on ``backend``. Rotations go through :meth:`rotate` (normalised index, 0 skipped)."""
+    """Runs ``circuit`` on ``backend``. Rotations go through :meth:`rotate` (normalised index, 0 skipped).
+
+    The evaluator keeps what it builds from the weights (linear schedules, masks: :meth:`cached`) for every later
+    run; :meth:`on` runs the same circuit on another backend with them (the planner's trace of a server's
+    evaluator, :func:`hf_polyhe.he.compile.plaintexts.compile_evaluator`)."""
 
     def __init__(self, circuit, backend):
         self.circuit = circuit.validate()
-        self.backend = backend if circuit.groups == 1 else GroupTiling(backend, circuit.slots, circuit.groups)
         self.layouts = circuit.layouts()
         self.producers = {n.name: n for n in circuit.nodes}
         self._cache = {}
+        self._attach(backend)
+
+    def _attach(self, backend):
+        c = self.circuit
+        self.backend = backend if c.groups == 1 or backend is None else GroupTiling(backend, c.slots, c.groups)
         self.last_babies = None  # (key, rotations): the last linear input's baby steps (ops.Linear.babies)
         self.last_rescaled = None  # (name, ct, rescaled ct): ops.Linear.rescaled
-        if getattr(backend, "slots", circuit.ct_slots) < circuit.ct_slots:
-            raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {circuit.ct_slots}")
+        if getattr(backend, "slots", c.ct_slots) < c.ct_slots:
+            raise CircuitError(f"backend has {backend.slots} slots, the circuit needs {c.ct_slots}")
+
+    def on(self, backend) -> "Evaluator":
+        """This evaluator on ``backend``: another object sharing the circuit and everything cached from it."""
+        ev = copy.copy(self)
+        ev._attach(backend)
+        return ev
 
     def cached(self, key, fn):
         if key not in self._cache:
@@ -90,11 +105,26 @@ class Evaluator:
         k = norm_rot(int(k), self.circuit.ct_slots)
         return ct if k == 0 else self.backend.rotate(ct, k)
 
-    def rotate_many(self, ct, ks):
-        norm = {k: norm_rot(int(k), self.circuit.slots) for k in ks}
+    def rotate_many(self, ct, ks, whole: bool = False):
+        """``{k: rot(ct, k)}`` hoisted; ``whole``: indices normalised over the whole ciphertext (as
+        :meth:`rotate_slots`), else over one row group (as :meth:`rotate`)."""
+        norm = {k: norm_rot(int(k), self.circuit.ct_slots if whole else self.circuit.slots) for k in ks}
         need = sorted({v for v in norm.values() if v})
         res = self.backend.rotate_many(ct, need) if need else {}
         return {k: (ct if v == 0 else res[v]) for k, v in norm.items()}
+
+    def rotate_sum(self, terms, whole: bool = False):
+        """``sum rot(ct, k)`` over the ``(ct, k)`` of ``terms`` (an iterable, consumed lazily), None if empty: one
+        backend ``rotate_sum``, which may share work between the rotations (OpenFHE: one ModDown for all)."""
+        slots = self.circuit.ct_slots if whole else self.circuit.slots
+        terms = ((ct, norm_rot(int(k), slots)) for ct, k in terms)
+        if hasattr(self.backend, "rotate_sum"):
+            return self.backend.rotate_sum(terms)
+        acc = None
+        for ct, k in terms:
+            r = ct if k == 0 else self.backend.rotate(ct, k)
+            acc = r if acc is None else self.backend.add(acc, r)
+        return acc
 
     def check_inputs(self, inputs: dict) -> dict:
         missing = set(self.circuit.inputs) - set(inputs)

@@ -241,18 +241,21 @@ class Linear(OpSpec):
     @staticmethod
     def accumulate(ev, plan, babies, terms):
         """``sum_g rot(sum_{ct, b} terms[ct][g][b] * babies[ct][b], g)`` over the input ciphertexts' baby
-        rotations and their ``{giant: {baby: plaintext}}`` terms; None when every term is zero."""
-        be, acc = ev.backend, None
-        for g in plan.giant:
-            inner = None
-            for rots, t in zip(babies, terms):
-                for b, vec in t.get(g, {}).items():
-                    p = be.mul_plain(rots[b], vec)
-                    inner = p if inner is None else be.add(inner, p)
-            if inner is not None:
-                inner = ev.rotate(inner, g)
-                acc = inner if acc is None else be.add(acc, inner)
-        return acc
+        rotations and their ``{giant: {baby: plaintext}}`` terms; None when every term is zero. The giant
+        rotations are one ``rotate_sum`` (OpenFHE: summed in the extended basis, one ModDown)."""
+        be = ev.backend
+
+        def inner_sums():
+            for g in plan.giant:
+                inner = None
+                for rots, t in zip(babies, terms):
+                    for b, vec in t.get(g, {}).items():
+                        p = be.mul_plain(rots[b], vec)
+                        inner = p if inner is None else be.add(inner, p)
+                if inner is not None:
+                    yield inner, g
+
+        return ev.rotate_sum(inner_sums(), whole=plan.whole)
 
     @staticmethod
     def babies(ev, node, n, ct, plan, copies):
@@ -260,15 +263,16 @@ class Linear(OpSpec):
         the row doubled for single-row plans. Linears reading the same input with the same baby steps (the
         attention's q, k, v) share them through the evaluator's one-entry cache."""
         double = plan.doubled and not copies
-        key = (node.inputs[0], n, plan.baby, double)
+        key = (node.inputs[0], n, plan.baby, double, plan.whole)
         hit = ev.last_babies
         if hit is not None and hit[0] == key and hit[2] is ct:  # the same ciphertext object, not a later run's
             return hit[1]
         be, ct_in = ev.backend, ct
         ct = be.rescale(ct)
+        rotate = ev.rotate_slots if plan.whole else ev.rotate
         if double:  # a copy of the row after it (the rows below a single row are free)
-            ct = be.add(ct, ev.rotate(ct, -ev.layouts[node.inputs[0]].block))
-        rots = ev.rotate_many(ct, plan.baby)
+            ct = be.add(ct, rotate(ct, -ev.layouts[node.inputs[0]].block))
+        rots = ev.rotate_many(ct, plan.baby, whole=plan.whole)
         rots[0] = ct
         ev.last_babies = (key, rots, ct_in)
         return rots

@@ -554,6 +554,9 @@ class BSGSPlan:
     terms: dict  # (rb, ib, ob) -> {giant: {baby: slot vector}}
     doubled: bool = False  # single-row plan on the doubled row (see the module docstring)
     group_sum: int = 0  # grouped plans: rotations by 1, 2, 4, ... groups summing a stacked input's blocks
+    # rotations over the whole ciphertext, not normalised to one row group: a grouped plan's groups hold different
+    # blocks (and its plaintexts differ per group), so rotating by ``k - slots`` instead of ``k`` reads a neighbour
+    whole: bool = False
 
 
 def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nrows: int, d_out: int) -> dict:
@@ -579,16 +582,33 @@ def block_diagonals(W: np.ndarray, layout_in: MatrixLayout, ib: int, ob: int, nr
     return out
 
 
+# What the rotations of a baby-step/giant-step schedule cost, relative to one EvalRotate (openfhe 1.6.1, N = 2^16,
+# 3 to 21 towers; the rotate_* rows of benchmarks/he_ops.py, cost_table.json): the baby steps of an input are hoisted
+# (one EvalFastRotationPrecompute, then a key switch and its ModDown per step), the giant steps of an output are
+# summed in the extended basis (per step a precompute and a key switch, one ModDown for all: ``rotate_sum``). Plaintext
+# products do not depend on the split (one per nonzero diagonal). Fixed here, not read from the machine's cost table:
+# the split decides the rotation keys, so the client that makes keys and the server that runs must choose alike.
+HOIST_PRECOMPUTE, HOISTED_BABY, GIANT_STEP, MOD_DOWN = 0.5, 0.55, 0.7, 0.35
+
+
+def bsgs_cost(n_babies: int, n_giants: int, n_in: int, n_out: int) -> float:
+    """Rotation cost (in EvalRotates) of ``n_babies`` baby steps on each of ``n_in`` input ciphertexts and
+    ``n_giants`` nonzero giant steps into each of ``n_out`` output ciphertexts."""
+    baby = 0.0 if not n_babies else 1.0 if n_babies == 1 else HOIST_PRECOMPUTE + n_babies * HOISTED_BABY
+    giant = 0.0 if not n_giants else n_giants * GIANT_STEP + MOD_DOWN
+    return n_in * baby + n_out * giant
+
+
 def choose_n1(ts: Sequence[int], n_in: int, n_out: int) -> int:
-    """Baby-step size minimising baby (per input block) + giant (per output block) rotations."""
+    """Baby-step size of the cheapest split (:func:`bsgs_cost`) of the diagonals ``ts``: hoisted baby steps per input
+    ciphertext against giant steps per output ciphertext; fewer rotations on ties."""
     if not ts:
         return 1
     best = None
     for n1 in [1 << p for p in range(0, 12)]:
         babies = {t % n1 for t in ts} - {0}
         giants = {(t // n1) * n1 for t in ts} - {0}
-        cost = n_in * len(babies) + n_out * len(giants)
-        key = (cost, len(babies) + len(giants))
+        key = (round(bsgs_cost(len(babies), len(giants), n_in, n_out), 9), len(babies) + len(giants))
         if best is None or key < best[0]:
             best = (key, n1)
         if n1 > 2 * max(abs(t) for t in ts):
@@ -623,13 +643,14 @@ def bsgs_plan(W: np.ndarray, layout_in: MatrixLayout, d_out: int) -> BSGSPlan:
 
 
 def choose_n1_cyclic(D: int, n_in: int, n_out: int) -> int:
-    """Baby-step size for the single-row plan: ``n_in * (n1 - 1)`` baby + ``n_out * (D / n1 - 1)`` giant rotations."""
+    """Baby-step size for the single-row plan: ``n1 - 1`` baby steps per input and ``D / n1 - 1`` giant steps per
+    output ciphertext, the cheapest by :func:`bsgs_cost`."""
     best = None
     n1 = 1
     while n1 <= D:
-        cost = n_in * (n1 - 1) + n_out * (D // n1 - 1)
-        if best is None or cost < best[0]:
-            best = (cost, n1)
+        key = (round(bsgs_cost(n1 - 1, D // n1 - 1, n_in, n_out), 9), n1 - 1 + D // n1 - 1)
+        if best is None or key < best[0]:
+            best = (key, n1)
         n1 *= 2
     return best[1]
 
@@ -674,7 +695,8 @@ def grouped_plan(W: np.ndarray, layout_in: MatrixLayout, layout_out: MatrixLayou
     output block at once; a stacked input's blocks are summed afterwards by ``group_sum`` = ``log2 k``
     rotations by whole groups (output replicated). ``single_row``: the cyclic-diagonal plan on the doubled
     row of :func:`single_row_plan`, else generalised diagonals of :func:`bsgs_plan` (rolled over the whole
-    ciphertext, since giant rotations cross group borders)."""
+    ciphertext, since giant rotations cross group borders). Every rotation of the plan (row doubling, baby and
+    giant steps) is over the whole ciphertext (``whole``): the groups are not copies of each other."""
     W = np.asarray(W, dtype=np.float64)
     Li, Lo = layout_in, layout_out
     if W.shape != (Li.cols, Lo.cols):
@@ -727,4 +749,4 @@ def grouped_plan(W: np.ndarray, layout_in: MatrixLayout, layout_out: MatrixLayou
             giants.add(g)
         terms[key] = groups
     return BSGSPlan(n1=n1, baby=tuple(sorted(babies - {0})), giant=tuple(sorted(giants)), terms=terms,
-                    doubled=single_row, group_sum=int(math.log2(Li.per_ct)))
+                    doubled=single_row, group_sum=int(math.log2(Li.per_ct)), whole=True)

@@ -126,7 +126,9 @@ def plan_overview(plan: ExportPlan) -> dict:
             "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
             "rotation_keys": len(plan.rotation_keys),
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
-                                "predicted_seconds": round(float(e["predicted_seconds"]), 2)}
+                                "predicted_seconds": round(float(e["predicted_seconds"]), 2),
+                                **({"plaintext_mib": round(e["plaintexts"]["bytes"] / 2**20, 1)}
+                                   if e.get("plaintexts") else {})}
                          for kind, e in plan.summary.items()}}
 
 
@@ -286,7 +288,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
             pl = plans[k]
             summary[kind] = {"length": k[1], "counts": pl.counts, "depth": pl.depth,
                              "predicted_seconds": pl.predicted_seconds, "time_by_op": pl.time_by_op,
-                             "report": pl.report()}
+                             "plaintexts": pl.plaintexts, "report": pl.report()}
     spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
     return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
                       levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,

@@ -28,7 +28,8 @@ from ..circuit.ops import OPS
 # ``benchmarks/he_ops.py --write-costs`` measures this machine and writes ``cost_table.json``, which wins.
 #
 # Hoisted rotations (``rotate_many``: one EvalFastRotationPrecompute + k EvalFastRotation) cost
-# ``rotate_precompute + k * rotate_fast``. A Chebyshev series of degree n costs what Paterson-Stockmeyer costs:
+# ``rotate_precompute + k * rotate_fast``; a sum of k rotations of different ciphertexts (``rotate_sum``, the giant
+# steps of a linear) ``k * (rotate_precompute + rotate_ext) + keyswitch_down``. A Chebyshev series of degree n costs what Paterson-Stockmeyer costs:
 # ``cheb_mults(n)`` ct x ct multiplications at the input's level plus n scalar multiply-adds, where
 # ``cheb_mults`` is measured per degree (table "cheb_mults": {degree: effective mults}) and interpolated in
 # log2(degree) -- it grows like sqrt(2n) + log2(n), not like n.
@@ -37,12 +38,19 @@ DEFAULT_COSTS = {
     "rotate": [4.7e-3, 7.7e-4],
     "rotate_precompute": [2.4e-3, 3.9e-4],
     "rotate_fast": [2.4e-3, 3.9e-4],
+    # the two halves of a hoisted rotation: the key switch in the extended basis Q*P (EvalFastRotationExt) and its
+    # ModDown (KeySwitchDown), which rotate_sum pays once for a sum of rotations (measured at N = 2^16, 3-21 towers)
+    "rotate_ext": [1.7e-3, 0.0],
+    "keyswitch_down": [3.0e-3, 0.0],
     "mul": [6.2e-3, 1.07e-3],
-    "mul_plain": [2.0e-3, 0.0],  # on a rescaled ciphertext, the plaintext's encoding included
+    "mul_plain": [2.0e-3, 0.0],  # on a rescaled ciphertext, with a plaintext encoded beforehand
     "rescale": [1.6e-3, 0.0],  # the pending rescale of a product's output, paid by its first plaintext product
     "add_plain": [1.5e-3, 0.0],
     "mul_scalar": [3.0e-4, 0.0],
     "add": [1.0e-4, 0.0],
+    # MakeCKKSPackedPlaintext at a level (DESIGN section 5: 0.046 s at N = 2^16, 25 towers); paid once per plaintext
+    # and level when the server compiles a circuit (compile/plaintexts.py), not per run
+    "encode": [1.8e-3, 0.0],
     # effective ct x ct multiplications per Chebyshev degree (DESIGN section 5: degree 15 ~ 11 mults, 59 ~ 27)
     "cheb_mults": {"7": 6.9, "15": 11.2, "31": 16.5, "59": 27.4},
     "bootstrap": [18.0, 0.0],  # seconds at ``bootstrap_ring_dim`` (scaled linearly in N), constant in depth
@@ -91,12 +99,23 @@ def load_cost_table(path: str = COST_TABLE_PATH) -> dict:
 
 class TraceCt:
     """A traced ciphertext: levels consumed, and whether a rescale is pending (a product's output, which
-    OpenFHE's FLEXIBLEAUTO rescales inside the next multiplication -- in every one that reads it)."""
+    OpenFHE's FLEXIBLEAUTO rescales inside the next multiplication -- in every one that reads it). OpenFHE's
+    ``GetLevel()`` (towers dropped) is ``start level + dropped``."""
 
     __slots__ = ("level", "pending")
 
     def __init__(self, level: int, pending: bool = False):
         self.level, self.pending = level, pending
+
+    @property
+    def dropped(self) -> int:
+        """Towers dropped so far (the pending rescale not yet done)."""
+        return self.level - int(self.pending)
+
+
+def plaintext_bytes(ring_dim: int, towers: int) -> int:
+    """Memory of one encoded CKKS plaintext: ``towers`` RNS limbs of ``ring_dim`` 64-bit words."""
+    return int(ring_dim) * int(towers) * 8
 
 
 class TraceBackend:
@@ -105,8 +124,12 @@ class TraceBackend:
 
     name = "trace"
 
-    def __init__(self, slots, total_depth, start_level, levels_after_bootstrap, ring_dim, costs):
+    def __init__(self, slots, total_depth, start_level, levels_after_bootstrap, ring_dim, costs, on_plaintext=None):
         self.slots = slots
+        # every distinct plaintext (content, OpenFHE level) the circuit multiplies or adds: key -> [level, towers,
+        # uses]; ``on_plaintext(vector, level)`` is told of each when first met (compile_evaluator encodes it)
+        self.plaintexts = {}
+        self.on_plaintext = on_plaintext
         self.total_depth, self.start_level, self.lb = total_depth, start_level, levels_after_bootstrap
         self.N, self.costs = ring_dim, costs
         self.counts = {k: 0 for k in ("rotate", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "cheb",
@@ -126,9 +149,20 @@ class TraceBackend:
 
     def unit(self, kind, level):
         """Predicted seconds of one ``kind`` primitive on a ciphertext at ``level``."""
-        T = self.towers(level)
+        return self.unit_towers(kind, self.towers(level))
+
+    def unit_towers(self, kind, T):
+        """Predicted seconds of one ``kind`` primitive on ``T`` RNS towers."""
         a, b = self.costs.get(kind, DEFAULT_COSTS[kind])
         return (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T)
+
+    def plaintext_summary(self) -> dict:
+        """Distinct plaintexts (content and level) the traced run met: count, uses, encoded bytes and predicted
+        seconds to encode them all once (the server's compile step)."""
+        pts = list(self.plaintexts.values())
+        return {"count": len(pts), "uses": sum(p[2] for p in pts),
+                "bytes": sum(plaintext_bytes(self.N, p[1]) for p in pts),
+                "seconds": sum(self.unit_towers("encode", p[1]) for p in pts)}
 
     def _charge(self, t):
         self.time += t
@@ -144,9 +178,27 @@ class TraceBackend:
             self.node_levels[self.node.name] = max(self.node_levels.get(self.node.name, 0), level)
         return TraceCt(level, pending)
 
+    def _plaintext(self, a, v):
+        """Record plaintext ``v`` met by ciphertext ``a``: the OpenFHE backend encodes it at ``a``'s OpenFHE level."""
+        from ..backends.openfhe import vector_digest
+
+        level = self.start_level + a.dropped
+        key = (vector_digest(v), level)
+        hit = self.plaintexts.get(key)
+        if hit is None:
+            self.plaintexts[key] = [level, self.total_depth + 1 - level, 1]
+            if self.on_plaintext is not None:
+                self.on_plaintext(v, level)
+        else:
+            hit[2] += 1
+
     def add(self, a, b):
+        # OpenFHE brings both to the more reduced one's towers; on equal towers a pending rescale stays pending
         self.counts["add"] += 1
         self._cost("add", max(a.level, b.level))
+        if a.dropped != b.dropped:
+            w = a if a.dropped > b.dropped else b
+            return self._out(w.level, w.pending)
         return self._out(max(a.level, b.level), a.pending or b.pending)
 
     sub = add
@@ -157,12 +209,17 @@ class TraceBackend:
         return self._out(max(a.level, b.level) + 1)
 
     def add_plain(self, a, v):
+        from ..backends.openfhe import TINY
+
         self.counts["add_plain"] += 1
         self._cost("add_plain", a.level)
+        if np.ndim(v) and np.any(np.abs(np.asarray(v, dtype=np.float64)) > TINY):  # ~0 is not encoded (see OpenFHEBackend)
+            self._plaintext(a, v)
         return self._out(a.level, a.pending)
 
     def mul_plain(self, a, v):
         self.counts["mul_plain"] += 1
+        self._plaintext(a, v)
         self._cost("mul_plain", a.level)
         if a.pending:
             self._cost("rescale", a.level)
@@ -198,6 +255,30 @@ class TraceBackend:
             self._cost("rotate_fast", a.level)
             out[k] = self._out(a.level, a.pending)
         return out
+
+    def rotate_sum(self, terms):
+        # mirrors OpenFHEBackend.rotate_sum: each rotation's key switch in the extended basis (precompute +
+        # EvalFastRotationExt), summed there, one KeySwitchDown; terms at another level than the first: plain
+        acc = state = None
+        ext = []
+        for a, k in terms:
+            if k == 0 or (state is not None and (a.dropped, a.pending) != state):
+                r = a if k == 0 else self.rotate(a, k)
+                acc = r if acc is None else self.add(acc, r)
+                continue
+            state = (a.dropped, a.pending)
+            self.counts["rotate"] += 1
+            self.rotation_keys.add(int(k))
+            self._cost("rotate_precompute", a.level)
+            self._cost("rotate_ext", a.level)
+            if ext:
+                self._cost("add", a.level)
+            ext.append(a)
+        if ext:
+            self._cost("keyswitch_down", ext[0].level)
+            r = self._out(ext[0].level, ext[0].pending)
+            acc = r if acc is None else self.add(acc, r)
+        return acc
 
     def cheb_seconds(self, degree, level):
         """Predicted seconds of a degree-``degree`` Chebyshev series on a ciphertext at ``level``."""
@@ -244,6 +325,9 @@ class Plan:
     time_by_op: dict = field(default_factory=dict)
     bootstrap_memory_gib: float = 0.0  # estimated peak memory of bootstrapping (0: leveled)
     notes: list = field(default_factory=list)
+    # distinct plaintexts (vector, level) of one run: count, uses, bytes once encoded, predicted encoding seconds
+    # (paid once, when the server compiles the circuit: compile/plaintexts.py; not in predicted_seconds)
+    plaintexts: dict = field(default_factory=dict)
 
     def report(self) -> str:
         p = self.params
@@ -260,6 +344,9 @@ class Plan:
             f"{self.key_bytes['rotation'] / 2**20:.1f} MiB" + (
                 f", bootstrapping ~{self.key_bytes['bootstrap'] / 2**20:.0f} MiB" if p.bootstrap else ""),
             *self.notes,
+            *([f"plaintexts: {self.plaintexts['count']} distinct (vector, level) for {self.plaintexts['uses']} uses, "
+               f"encoded once when compiled: {self.plaintexts['bytes'] / 2**20:.1f} MiB, "
+               f"~{self.plaintexts['seconds']:.2f} s"] if self.plaintexts else []),
             *([f"bootstrapping memory (estimate): ~{self.bootstrap_memory_gib:.1f} GiB peak"] if p.bootstrap else []),
             f"predicted time: {self.predicted_seconds:.2f} s ("
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.time_by_op.items(), key=lambda kv: -kv[1])) + ")",
@@ -270,7 +357,8 @@ class Plan:
         return {"params": self.params.to_dict(), "depth": self.depth, "rotation_keys": self.rotation_keys,
                 "counts": self.counts, "start_level": self.start_level, "key_bytes": self.key_bytes,
                 "predicted_seconds": self.predicted_seconds, "inserted_bootstraps": self.inserted_bootstraps,
-                "bootstrap_memory_gib": self.bootstrap_memory_gib, "notes": list(self.notes)}
+                "bootstrap_memory_gib": self.bootstrap_memory_gib, "notes": list(self.notes),
+                "plaintexts": dict(self.plaintexts)}
 
 
 def static_levels(circuit: Circuit) -> dict:
@@ -516,15 +604,27 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         raise PlanningError(f"the circuit needs {p.slots} slots, ring dimension {p.ring_dim} offers {p.ring_dim // 2}")
     if not p.insecure:
         p = p.with_(ring_dim=p.secure_ring_dim())  # PlanningError if no secure set
-    tb = TraceBackend(circuit.ct_slots, p.depth, start_level, p.levels_after_bootstrap if p.bootstrap else p.depth,
-                      p.ring_dim, costs)
-    ev = Evaluator(run_circuit, tb)
-    ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in run_circuit.inputs}
-    ev.run(ins)
+    tb = trace(Evaluator(run_circuit, None), p, start_level, costs)
     if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
     mem = p.estimate_bootstrap_memory_gib(costs.get("bootstrap_memory")) if p.bootstrap else 0.0
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
                 inserted_bootstraps=inserted, start_level=start_level, key_bytes=_key_bytes(p, len(rot)),
-                predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes)
+                predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes,
+                plaintexts=tb.plaintext_summary())
+
+
+def trace(evaluator: Evaluator, params: P.CKKSParams, start_level: int, costs: dict | None = None,
+          on_plaintext=None) -> TraceBackend:
+    """Run ``evaluator``'s circuit on a :class:`TraceBackend` for ``params`` (sharing the plans and plaintext
+    vectors ``evaluator`` caches); the backend holds the counts, keys, levels, predicted time and plaintexts
+    (``on_plaintext(vector, OpenFHE level)``: told of each distinct one when first met)."""
+    p = params
+    tb = TraceBackend(evaluator.circuit.ct_slots, p.depth, start_level,
+                      p.levels_after_bootstrap if p.bootstrap else p.depth, p.ring_dim, costs or load_cost_table(),
+                      on_plaintext=on_plaintext)
+    ev = evaluator.on(tb)
+    ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in ev.circuit.inputs}
+    ev.run(ins)
+    return tb

@@ -4,7 +4,8 @@ float64 reference, NOT encrypted). Both implement :class:`~hf_polyhe.he.runtime.
 For each request the server builds the circuit it needs from the export's spec (full forward of a prompt
 length, KV-cache prefill, or the decode step at a position; :mod:`hf_polyhe.he.compile`), plans it under the
 client's parameters (:meth:`~hf_polyhe.he.compile.export_plan.ExportPlan.plan_circuit`, which also checks that
-the client's keys cover it) and evaluates it (:class:`~hf_polyhe.he.circuit.evaluator.Evaluator` on the
+the client's keys cover it), compiles it (:func:`~hf_polyhe.he.compile.plaintexts.compile_evaluator`: its
+plaintexts encoded once) and evaluates it (:class:`~hf_polyhe.he.circuit.evaluator.Evaluator` on the
 :class:`~hf_polyhe.he.backends.openfhe.OpenFHEBackend`). Streams keep a generation's encrypted KV cache.
 
 Usage (another process or machine than the client's)::
@@ -27,9 +28,10 @@ from tqdm.auto import tqdm
 
 from ..backends.openfhe import OpenFHEBackend, import_openfhe, setup_bootstrap
 from ..backends.plain import run_plain
-from ..circuit.evaluator import Evaluator, Packed
+from ..circuit.evaluator import Packed
 from ..circuit.packing import same_packing
 from ..compile.decode import build_decode_circuit, decode_inputs
+from ..compile.plaintexts import compile_evaluator
 from ..compile.transformer import TransformerSpec, build_circuit, cache_names
 from ..errors import KeyMismatchError, LayoutError, SerializationError, StreamError
 from .ciphertext import EncryptedTensor, read_header
@@ -262,7 +264,9 @@ class Server(_SpecServer):
             pl = self.plan.plan_circuit(c, kind)
             if len(self._evaluators) >= MAX_EVALUATORS:
                 self._evaluators.clear()
-            self._evaluators[key] = (Evaluator(pl.circuit, self.backend), pl)
+                self.backend.unpin()
+            # encode once: every plaintext of the circuit now, at the level it meets its ciphertext
+            self._evaluators[key] = (compile_evaluator(pl, self.backend), pl)
         return self._evaluators[key]
 
     def _tensor(self, x) -> EncryptedTensor:

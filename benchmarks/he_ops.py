@@ -3,7 +3,7 @@ measured time of a mid-size circuit. Prints a short table.
 
     python benchmarks/he_ops.py                 # ops + mid-size circuit (leveled, N chosen for 128-bit)
     python benchmarks/he_ops.py --bootstrap     # also bootstrapping at 128-bit (N=2^17, ~13 GB RAM, minutes)
-    python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/cost_table.json
+    python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/compile/cost_table.json
     python benchmarks/he_ops.py --workloads     # issue #15's Linear(128,128) and MLP: compile, first and later runs
                                                 # (benchmarks/he_linears.py; --workload linear|mlp for one)
 
@@ -50,14 +50,9 @@ def timeit(fn, n=3, warm=True):
 
 
 def mem_available_gib():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
+    from hf_polyhe.he.compile.plaintexts import mem_available_bytes
+
+    return mem_available_bytes() / 2**30
 
 
 def loadavg():

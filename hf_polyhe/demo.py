@@ -66,15 +66,16 @@ def train_tiny_gpt(steps: int = 300, block_size: int = 32, batch_size: int = 16,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in tqdm(range(1, steps + 1), desc="training tiny PolyGPT", disable=not verbose):
-        batch = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        callback.step(model, step)
+    with tqdm(range(1, steps + 1), desc="training tiny PolyGPT", disable=not verbose) as bar:  # closed on errors too
+        for step in bar:
+            batch = train[torch.randint(len(train), (batch_size,), generator=gen)]
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            callback.step(model, step)
     callback.finish(model)
     return model.eval(), tokenizer, train, test, callback
 

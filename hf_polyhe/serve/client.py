@@ -1,18 +1,18 @@
-"""HTTP client of ``hf-polyhe serve`` (standard library only): :class:`RemoteServer`, the
-:class:`~hf_polyhe.he.ServerProtocol` over HTTP."""
+"""HTTP client of ``hf-polyhe serve``: :class:`RemoteServer`, the :class:`~hf_polyhe.he.ServerProtocol` over HTTP
+(httpx: connection retries, timeouts, and the key bundle streamed from disk -- gigabytes at 128-bit)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from typing import Optional
+
+import httpx
 
 from ..he.runtime.ciphertext import read_header
 from ..he.runtime.keys import BUNDLE_FILES
@@ -28,17 +28,24 @@ class ServerError(RuntimeError):
         self.status, self.detail, self.code = status, detail, code
 
 
-def bundle_zip(bundle_dir) -> bytes:
-    """The server bundle as one uncompressed zip (public files only; refuses a directory with a secret key)."""
+def write_bundle_zip(bundle_dir, out) -> None:
+    """Write the server bundle as one uncompressed zip to ``out`` (a path or a binary file), file by file in
+    chunks: public files only; refuses a directory with a secret key."""
     names = os.listdir(bundle_dir)
     if any("secret" in n for n in names):
         raise ValueError(f"{bundle_dir!r} contains a secret key: a server bundle must never hold one")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
         for name in BUNDLE_FILES:
             path = os.path.join(bundle_dir, name)
             if os.path.exists(path):
-                z.write(path, name)
+                with open(path, "rb") as src, z.open(name, "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def bundle_zip(bundle_dir) -> bytes:
+    """:func:`write_bundle_zip` in memory (small bundles, tests)."""
+    buf = io.BytesIO()
+    write_bundle_zip(bundle_dir, buf)
     return buf.getvalue()
 
 
@@ -53,10 +60,14 @@ class RemoteServer(ServerProtocol):
     When the server no longer knows the session (it expired, or a server without ``--state-dir`` restarted), the
     keys are registered again and ``run`` / ``open_stream`` retried once, transparently; a ``run`` job lost by a
     restart is resubmitted once. A generation stream cannot be recovered that way (its KV cache was on the
-    server): ``prefill`` / ``decode`` then raise :class:`ServerError`."""
+    server): ``prefill`` / ``decode`` then raise :class:`ServerError`.
+
+    Connections are retried ``retries`` times (refused or reset before a reply); ``connect_timeout_s`` bounds a
+    connection attempt, ``request_timeout_s`` one request (an upload of keys included)."""
 
     def __init__(self, url: str, client=None, bundle_dir=None, poll_s: float = 0.05, timeout_s: float = 3600.0,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, connect_timeout_s: float = 10.0, request_timeout_s: float = 600.0,
+                 retries: int = 3):
         self.url = url.rstrip("/")
         self.client, self.bundle_dir = client, bundle_dir
         self.poll_s, self.timeout_s = poll_s, timeout_s
@@ -64,29 +75,38 @@ class RemoteServer(ServerProtocol):
         self.session_id = None
         self.last_timings: dict = {}
         self.verbose = True
+        self._http = httpx.Client(base_url=f"{self.url}/v1", transport=httpx.HTTPTransport(retries=retries),
+                                  timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
+                                  headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
 
     # -- HTTP -------------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: bytes = None, query: dict = None, timeout: float = 600.0):
-        """``(status, headers, body bytes)``; raises :class:`ServerError` for 4xx/5xx."""
-        url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    def request(self, method: str, path: str, body=None, query: dict = None, timeout: Optional[float] = None,
+                size: Optional[int] = None):
+        """``(status, headers, body bytes)``; ``body``: bytes or a binary file (streamed); raises
+        :class:`ServerError` for 4xx/5xx and ``ConnectionError`` / ``TimeoutError`` when the server cannot be
+        reached in time. ``size``: the length of a streamed ``body`` (sent as Content-Length, so a server can
+        refuse an oversized upload before reading it)."""
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(url, data=body, method=method, headers=headers)
+        if size is not None:
+            headers["Content-Length"] = str(int(size))
+        kw = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=self._http.timeout.connect)}
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
+            r = self._http.request(method, path, content=body, params=query, headers=headers, **kw)
+        except httpx.TimeoutException as e:
+            raise TimeoutError(f"{method} {self.url}/v1{path}: no answer in time ({type(e).__name__})") from e
+        except httpx.TransportError as e:
+            raise ConnectionError(f"{method} {self.url}/v1{path}: {e}") from e
+        if r.status_code >= 400:
             code = None
             try:
-                doc = json.loads(raw)
-                detail, code = doc.get("detail", raw.decode(errors="replace")), doc.get("error")
+                doc = r.json()
+                detail, code = doc.get("detail", r.text), doc.get("error")
             except (ValueError, AttributeError):
-                detail = raw.decode(errors="replace")
-            if code is None and e.code == 404 and "unknown or expired session" in str(detail):
+                detail = r.text
+            if code is None and r.status_code == 404 and "unknown or expired session" in str(detail):
                 code = "unknown_session"  # servers before error codes
-            raise ServerError(e.code, str(detail), code) from None
+            raise ServerError(r.status_code, str(detail), code)
+        return r.status_code, dict(r.headers), r.content
 
     def health(self) -> dict:
         return json.loads(self.request("GET", "/health")[2])
@@ -100,14 +120,15 @@ class RemoteServer(ServerProtocol):
                               "too_many_sessions")
         self.request("GET", "/info")  # a missing or wrong token gets its 401 here, not after an upload
         bundle_dir = self.bundle_dir or (self.client.bundle_dir if self.client is not None else None)
-        if bundle_dir is None:
-            if self.client is None:
-                raise ValueError("RemoteServer needs client= or bundle_dir= to register keys")
-            with tempfile.TemporaryDirectory(prefix="hf_polyhe_bundle_") as tmp:
-                data = bundle_zip(self.client.write_bundle(tmp))
-        else:
-            data = bundle_zip(bundle_dir)
-        _, _, body = self.request("POST", "/sessions", data)
+        if bundle_dir is None and self.client is None:
+            raise ValueError("RemoteServer needs client= or bundle_dir= to register keys")
+        with tempfile.TemporaryDirectory(prefix="hf_polyhe_bundle_") as tmp:
+            if bundle_dir is None:
+                bundle_dir = self.client.write_bundle(os.path.join(tmp, "bundle"))
+            path = os.path.join(tmp, "bundle.zip")  # on disk, then streamed: never the whole bundle in memory
+            write_bundle_zip(bundle_dir, path)
+            with open(path, "rb") as f:
+                _, _, body = self.request("POST", "/sessions", f, size=os.path.getsize(path))
         self.session_id = json.loads(body)["session_id"]
         return self.session_id
 

@@ -263,6 +263,26 @@ def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
         assert _rel_err(got, ref) <= 1e-2 and np.argmax(got) == np.argmax(ref)
 
 
+def test_server_encodes_repeated_plaintexts_once_and_the_rest_when_asked_again(gpt_session):
+    """A server's first request of a circuit pins the plaintexts its run meets repeatedly (single-use ones are
+    encoded when met: pinning them gains nothing for one run); a second request of the same circuit pins the
+    rest, after which a run encodes nothing."""
+    _, enc, client, _, _ = gpt_session
+    server = Server.sharing_keys(client)
+    server.verbose = False
+    x = client.encrypt(enc.embed([1, 2, 3]))
+    stats = dict(server.backend.encode_stats)
+    first = client.decrypt(server.run(x))
+    ev, _ = server.evaluator("full", 3)  # the second request: the rest is pinned now
+    c1 = dict(server.backend.encode_stats)
+    assert c1["encoded"] - stats["encoded"] > 0  # the single-use ones, when met
+    assert ev.compiled["pinned"] > 0 and ev.compiled["over_budget"] == 0
+    again = client.decrypt(server.run(x))
+    c2 = server.backend.encode_stats
+    assert c2["encoded"] == c1["encoded"] and c2["pinned"] > c1["pinned"]  # nothing encoded during the third run
+    assert np.allclose(again, first, atol=1e-6)
+
+
 def test_clear_errors(gpt_session):
     _, enc, client, server, _ = gpt_session
     x = client.encrypt(enc.embed([1, 2, 3]))

@@ -172,3 +172,34 @@ def test_remote_pipeline_in_a_new_process_with_cached_keys(served, tmp_path):
     assert first == second  # the same cached keys, the same tokens
     plain = pipeline("encrypted-text-generation", model=export, backend="plain", verbose=False)
     assert first["ids"] == plain("the cat", max_new_tokens=1, eos_token_id=-1)[0]["he"]["token_ids"]
+
+
+def test_remote_server_errors_and_streamed_bundle_zip(tmp_path):
+    """The HTTP client (httpx): an unreachable server is a ConnectionError after its retries, not a hang; the
+    bundle zip is written file by file (what register streams from disk) and refuses a secret key."""
+    import zipfile
+
+    from hf_polyhe.serve.client import write_bundle_zip
+
+    port = _free_port()  # nobody listens there
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError):
+        RemoteServer(f"http://127.0.0.1:{port}", retries=2, connect_timeout_s=1.0).health()
+    assert time.perf_counter() - t0 < 30
+    d = tmp_path / "bundle"
+    d.mkdir()
+    payload = os.urandom(3 << 20)
+    (d / "bundle.json").write_text("{}")
+    (d / "eval_automorphism_keys.bin").write_bytes(payload)
+    (d / "notes.txt").write_text("not a bundle file")
+    write_bundle_zip(d, tmp_path / "b.zip")
+    with zipfile.ZipFile(tmp_path / "b.zip") as z:
+        assert sorted(z.namelist()) == ["bundle.json", "eval_automorphism_keys.bin"]
+        assert z.read("eval_automorphism_keys.bin") == payload
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(bundle_zip(d))) as z:  # the in-memory form of the same zip
+        assert z.read("eval_automorphism_keys.bin") == payload
+    (d / "secret_key.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="secret key"):
+        write_bundle_zip(d, tmp_path / "c.zip")

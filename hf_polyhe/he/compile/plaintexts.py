@@ -61,27 +61,45 @@ def plaintext_budget_bytes(plan=None, pinned_bytes: float = 0.0) -> float:
     return min(DEFAULT_BUDGET_MIB * 2.0**20, pinned_bytes + 0.5 * max(avail, 0.0))
 
 
-def compile_evaluator(plan, backend, budget_bytes: float | None = None) -> Evaluator:
-    """The :class:`Evaluator` of ``plan`` (a :class:`~hf_polyhe.he.compile.planner.Plan`) on ``backend``, with
-    every plaintext the circuit needs encoded now, once, at the level it is used (backends without
-    ``pin``, e.g. the plain one, just get the evaluator). ``budget_bytes``: the most the backend's pinned
-    plaintexts may take in all (default :func:`plaintext_budget_bytes`); pinned ones are shared by every evaluator
-    of the backend. ``evaluator.compiled`` says how many were pinned and how many bytes they take."""
-    ev = Evaluator(plan.circuit, backend)
-    if not hasattr(backend, "pin"):
-        return ev
+def pin_plaintexts(ev: Evaluator, plan, backend, min_uses: int = 1, budget_bytes: float | None = None) -> dict:
+    """Encode now, once, at the level each meets its ciphertext, the plaintexts of ``ev``'s circuit that one run
+    uses at least ``min_uses`` times (the most used first, while the backend's pinned plaintexts take at most
+    ``budget_bytes``, default :func:`plaintext_budget_bytes`). Returns counts: ``distinct``, ``pinned`` (now),
+    ``bytes`` (now), ``over_budget``, ``kept_for_later`` (used fewer times: encoded when met)."""
+    from ..backends.openfhe import vector_digest
+
     budget = plaintext_budget_bytes(plan, backend.pinned_bytes) if budget_bytes is None else float(budget_bytes)
     cc = backend.cc
     N, towers = cc.GetRingDimension(), cc.GetMultiplicativeDepth() + 1  # the keys' context: maybe deeper than the plan
-    info = {"pinned": 0, "bytes": 0, "over_budget": 0}
+    vectors = {}
 
-    def pin(vec, level):
+    def seen(vec, level):
+        vectors[(vector_digest(vec), level)] = vec
+
+    tb = trace(ev, plan.params, plan.start_level, on_plaintext=seen)
+    info = {"distinct": len(tb.plaintexts), "pinned": 0, "bytes": 0, "over_budget": 0, "kept_for_later": 0}
+    for key, (level, _, uses) in sorted(tb.plaintexts.items(), key=lambda kv: -kv[1][2]):
+        vec = vectors[key]
+        if uses < min_uses:
+            info["kept_for_later"] += int(not backend.is_pinned(vec, level))
+            continue
         n, b = backend.pin([(vec, level, plaintext_bytes(N, towers - level))], budget)
         info["pinned"] += n
         info["bytes"] += b
         info["over_budget"] += int(not n and not backend.is_pinned(vec, level))
+    return info
 
-    tb = trace(ev, plan.params, plan.start_level, on_plaintext=pin)
-    info["distinct"] = len(tb.plaintexts)
-    ev.compiled = info
+
+def compile_evaluator(plan, backend, budget_bytes: float | None = None, min_uses: int = 1) -> Evaluator:
+    """The :class:`Evaluator` of ``plan`` (a :class:`~hf_polyhe.he.compile.planner.Plan`) on ``backend``, with the
+    plaintexts one run uses at least ``min_uses`` times encoded now, once (:func:`pin_plaintexts`; backends
+    without ``pin``, e.g. the plain one, just get the evaluator). Pinned plaintexts are shared by every evaluator
+    of the backend. ``evaluator.compiled`` says how many were pinned and how many bytes they take.
+
+    A server compiles with ``min_uses=2`` when it first builds an evaluator (plaintexts repeated within one run:
+    a single request gains without holding what it uses once), and pins the rest when the same circuit is
+    requested again (:meth:`hf_polyhe.he.Server.evaluator`)."""
+    ev = Evaluator(plan.circuit, backend)
+    if hasattr(backend, "pin"):
+        ev.compiled = pin_plaintexts(ev, plan, backend, min_uses, budget_bytes)
     return ev

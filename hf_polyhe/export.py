@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .he.circuit.packing import next_pow2
 from .he.compile.transformer import TransformerSpec, build_circuit as build_spec_circuit
 from .nn.attention import POWER_EPS, PolyAttention
 from .nn.norms import PolyLayerNorm, SequenceBatchNorm
@@ -74,16 +75,46 @@ class _SpecWriter:
                     "shift": self.spec.add(f"{name}.shift", shift)}
         raise ValueError(f"cannot export norm {type(module).__name__} at {name}: use poly_layernorm or batchnorm")
 
+    def attention_linears(self, name: str, attn: PolyAttention) -> dict:
+        """q, k, v, o; a head width that is not a power of two is padded with zero columns of q/k/v and zero rows of
+        o to the next power of two (the packed attention sums within a head by rotations that double), which
+        changes no score and no output: the config records the padded ``head_dim`` and the scores' scale."""
+        out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
+        heads, real = int(attn.num_heads), int(attn.head_dim)
+        padded = next_pow2(real)
+        if padded == real:
+            return out
+        block = next_pow2(int(attn.q_proj.weight.shape[1]))
+        if heads * padded > block:
+            raise ValueError(f"cannot pack {heads} heads of {real} dims: padded to {padded} each they need "
+                             f"{heads * padded} columns, more than the block of {block}")
+        cols = (np.arange(heads)[:, None] * padded + np.arange(real)[None, :]).reshape(-1)  # head h -> h*padded
+        for n in "qkv":
+            W = self.spec.weights[out[n]["weight"]]
+            Wp = np.zeros((W.shape[0], heads * padded))
+            Wp[:, cols] = W
+            self.spec.weights[out[n]["weight"]] = Wp
+            if out[n]["bias"]:
+                b = np.zeros(heads * padded)
+                b[cols] = self.spec.weights[out[n]["bias"]]
+                self.spec.weights[out[n]["bias"]] = b
+        Wo = self.spec.weights[out["o"]["weight"]]
+        Wp = np.zeros((heads * padded, Wo.shape[1]))
+        Wp[cols] = Wo
+        self.spec.weights[out["o"]["weight"]] = Wp
+        self.spec.config.update(head_dim=padded, attention_scale=float(real) ** -0.5)
+        return out
+
     def attention(self, name: str, attn: PolyAttention) -> dict:
         if attn.attention_type == "power":
-            out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
+            out = self.attention_linears(name, attn)
             return {**out, "kind": "power", "power": int(attn.power), "eps": float(POWER_EPS),
                     "normalizer": attn.normalizer.approximation.to_dict()}
         if attn.attention_type != "pointwise":
             raise ValueError(f"export supports attention_type='pointwise' or 'power', got {attn.attention_type!r}")
         if attn.scaling_position not in ("pre", "post"):
             raise ValueError(f"unknown attention_scaling_position {attn.scaling_position!r}; accepted: pre, post")
-        out = {n: self.linear(f"{name}.{n}", getattr(attn, f"{n}_proj")) for n in "qkvo"}
+        out = self.attention_linears(name, attn)
         return {**out, "activation": self.act(attn.score_activation), "scaling": attn.scaling,
                 "scaling_position": attn.scaling_position}
 
@@ -138,7 +169,7 @@ def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
                          "PolyBertForSequenceClassification, PolyViTForImageClassification")
     if base["max_length"] > limit:
         raise ValueError(f"max_length {base['max_length']} exceeds the model's {limit} positions")
-    w.spec.config = {**base, "layers": layers}
+    w.spec.config = {**base, **w.spec.config, "layers": layers}  # + head_dim / attention_scale when padded
     return w.spec
 
 

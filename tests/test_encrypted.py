@@ -126,6 +126,51 @@ def test_vector_decode_steps_equal_the_full_recompute(tmp_path, attn):
     assert cv["mul_plain"] * 4 < cm["mul_plain"] and cv["rotate"] < cm["rotate"]
 
 
+@pytest.mark.parametrize("hidden,heads", [(48, 4), (96, 4)])
+@torch.no_grad()
+def test_head_dims_that_are_not_powers_of_two(tmp_path, hidden, heads):
+    """Heads of 12 / 24 dims (as MiniLM's 384 / 12 = 32 is not, but 768 / 12 = 64 is): the export pads each head
+    to 16 / 32 zero columns (q, k, v) and rows (o), so scores and outputs are unchanged. Prefill matches torch,
+    the matrix and vector decode steps match the full recompute, and generation matches ``model.generate``."""
+    from hf_polyhe.he.backends.plain import run_plain
+    from hf_polyhe.he.compile.decode import decode_inputs
+    from hf_polyhe.he.compile.transformer import attention_dims, cache_names
+
+    model, enc = export_small(tmp_path, "gpt", max_length=10, hidden_size=hidden, num_attention_heads=heads,
+                              intermediate_size=2 * hidden, norm_type="batchnorm")
+    padded = 1 << (hidden // heads - 1).bit_length()
+    assert attention_dims(enc.spec.config) == (heads, padded, (hidden // heads) ** -0.5)
+    ids = torch.randint(1, 97, (1, 10))
+    X = enc.embed(ids[0].numpy())
+    torch_logits = model.double()(input_ids=ids).logits[0].numpy()
+    for L in (4, 10):
+        got = plain_forward(enc, X[:L])
+        assert np.abs(got - torch_logits[L - 1]).max() <= 1e-6 * np.abs(torch_logits).max()
+    G, S = 8, 2048  # rows of 16384 / 64 or 128 slots: wide enough for the vector decode
+    out = run_plain(build_circuit(enc.spec, 4, kv_cache=True, groups=G, slots=S), {"x": X[:4]})
+    caches = {k: out[k] for k in cache_names(enc.spec)}
+    for t in range(4, 7):
+        inputs = decode_inputs(X[t : t + 1], caches)
+        for vectors in (True, False):
+            c = build_decode_circuit(enc.spec, t, groups=G, slots=S, vectors=vectors)
+            got = run_plain(c, inputs)
+            assert np.abs(got["logits"].reshape(-1) - torch_logits[t]).max() <= 1e-6 * np.abs(torch_logits).max()
+            assert all(got[k].shape == (t + 1, heads * padded) for k in cache_names(enc.spec))
+        caches = {k: got[k] for k in cache_names(enc.spec)}
+    prompt = ids[0, :4].tolist()
+    ref = model.generate(ids[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4,
+                         do_sample=False, pad_token_id=0)
+    assert plain_generate(enc, prompt, 4, use_cache=True) == ref[0].tolist()
+
+
+def test_heads_that_do_not_fit_the_block_once_padded(tmp_path):
+    """3 heads of 40 dims pad to 3 x 64 = 192 columns, more than the block of 128: a clear error, no folder."""
+    with pytest.raises(ValueError, match="cannot pack 3 heads of 40 dims"):
+        export_small(tmp_path / "x", "gpt", hidden_size=120, num_attention_heads=3, intermediate_size=240,
+                     norm_type="batchnorm")
+    assert not (tmp_path / "x").exists()
+
+
 def test_vector_decode_needs_clean_attention_scores(tmp_path):
     """A polynomial attention activation (p(0) != 0) would cost the vector path attn_decode's mask level: those
     exports keep the matrix-packed decode steps."""

@@ -348,3 +348,13 @@ def test_plaintext_budget(monkeypatch):
     monkeypatch.setenv("HF_POLYHE_COMPILED_PLAINTEXTS_MIB", "lots")
     with pytest.raises(he.PlanningError, match="COMPILED_PLAINTEXTS_MIB"):
         PT.plaintext_budget_bytes()
+
+
+def test_no_secure_ring_says_whether_slots_or_modulus_is_the_limit():
+    """A 128-token prompt of hidden 384 in blocks of 512 with doubled rows needs 2^17 slots: the refusal names the
+    slots, not a modulus that would fit (it said "log2(QP) ~ 2343 bits exceeds ... max 3524 bits")."""
+    with pytest.raises(he.PlanningError, match="131072 slots need a ring of 262144"):
+        P.default().with_(slots=2**17, depth=28).min_secure_ring_dim()
+    with pytest.raises(he.PlanningError, match="log2\\(QP\\)"):
+        P.default().with_(slots=2**10, depth=80).min_secure_ring_dim()
+    assert P.default().with_(slots=2**16, depth=28).min_secure_ring_dim() == 2**17

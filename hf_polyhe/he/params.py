@@ -134,6 +134,12 @@ class CKKSParams:
         for n, max_bits in sorted(MAX_LOGQP_128.items()):
             if n >= 2 * max(self.slots, 1) and need <= max_bits:
                 return n
+        top = max(MAX_LOGQP_128)
+        if 2 * max(self.slots, 1) > top:
+            raise PlanningError(
+                f"{self.slots} slots need a ring of {2 * self.slots}, larger than the largest 128-bit parameter set "
+                f"this planner knows (N=2^{top.bit_length() - 1}, {top // 2} slots); use shorter inputs or a smaller "
+                "hidden size")
         raise PlanningError(
             f"log2(QP) ~ {need} bits (depth {self.depth}, {self.scale_bits}-bit scale) exceeds every 128-bit "
             f"secure parameter set (max {MAX_LOGQP_128[2**17]} bits at N=2^17); enable bootstrapping or reduce depth"

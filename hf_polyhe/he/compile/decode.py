@@ -34,7 +34,7 @@ from ..errors import CircuitError, PlanningError
 from ..circuit.ir import Circuit
 from ..circuit.optimize import fold_plaintext_maps
 from ..circuit.packing import ColumnVector, next_pow2
-from .transformer import SCALINGS, TransformerSpec, _Builder, cache_names, check_causal_lm, head, new_circuit
+from .transformer import SCALINGS, TransformerSpec, _Builder, attention_dims, cache_names, check_causal_lm, head, new_circuit
 
 
 class _DecodeBuilder(_Builder):
@@ -46,13 +46,12 @@ class _DecodeBuilder(_Builder):
 
     def _attention(self, x, attn, mask, causal, i):
         c = self.c
-        d = self.s.config["hidden_size"]
+        heads, head_dim, scale = attention_dims(self.s.config)
         q, k, v = (self.linear(x, attn[n]) for n in "qkv")
-        keys = c.append_row(c.input(f"k{i}_cache", self.t, d), k, name=f"k{i}")
-        values = c.append_row(c.input(f"v{i}_cache", self.t, d), v, name=f"v{i}")
-        heads = self.s.config["num_heads"]
+        keys = c.append_row(c.input(f"k{i}_cache", self.t, heads * head_dim), k, name=f"k{i}")
+        values = c.append_row(c.input(f"v{i}_cache", self.t, heads * head_dim), v, name=f"v{i}")
         if attn.get("kind") == "power":  # as _Builder.attend, for the one new query row
-            scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5)
+            scores = c.qk_decode(q, keys, heads, scale=scale)
             powered = self.power(scores, int(attn["power"]))
             w = np.ones(self.t + 1) / (self.t + 1.0)
             mean = c.decode_rowsum(powered, heads, w)
@@ -60,7 +59,7 @@ class _DecodeBuilder(_Builder):
             return self.linear(c.mul(c.attn_decode(powered, values, heads, w), inv), attn["o"])
         s_n = float(SCALINGS[attn["scaling"]](np.array([self.t + 1.0]))[0])
         pre = attn.get("scaling_position", "post") == "pre"
-        scores = c.qk_decode(q, keys, heads, scale=(d // heads) ** -0.5 / (s_n if pre else 1.0))
+        scores = c.qk_decode(q, keys, heads, scale=scale / (s_n if pre else 1.0))
         weights = self.act(scores, attn["activation"])
         key_weights = np.ones(self.t + 1) / (1.0 if pre else s_n)
         return self.linear(c.attn_decode(weights, values, heads, key_weights), attn["o"])
@@ -78,12 +77,11 @@ class _VectorDecodeBuilder(_DecodeBuilder):
     def _attention(self, x, attn, mask, causal, i):
         c = self.c
         d = self.s.config["hidden_size"]
-        heads = self.s.config["num_heads"]
+        heads, head_dim, scale = attention_dims(self.s.config)
         q = self.linear(x, attn["q"])
         kv = self.c.linear(x, *self._stacked(attn["k"], attn["v"], d))  # [k | v]: one product, one row sum
-        keys = c.append_row(c.input(f"k{i}_cache", self.t, d), kv, name=f"k{i}")
-        values = c.append_row(c.input(f"v{i}_cache", self.t, d), kv, part=1, name=f"v{i}")
-        scale = (d // heads) ** -0.5
+        keys = c.append_row(c.input(f"k{i}_cache", self.t, heads * head_dim), kv, name=f"k{i}")
+        values = c.append_row(c.input(f"v{i}_cache", self.t, heads * head_dim), kv, part=1, name=f"v{i}")
         if attn.get("kind") == "power":  # the mean's 1/(t+1) in decode_rowsum's mask, the values' in W_o
             w = 1.0 / (self.t + 1.0)
             powered = self.power(c.qk_decode(q, keys, heads, scale=scale), int(attn["power"]))
@@ -106,9 +104,10 @@ class _VectorDecodeBuilder(_DecodeBuilder):
         W = np.zeros((d, 2 * D))
         b = np.zeros(2 * D)
         for p, lin in enumerate((k, v)):
-            W[:, p * D : p * D + d] = self.w(lin["weight"])
+            w = self.w(lin["weight"])  # d x (heads * head_dim)
+            W[:, p * D : p * D + w.shape[1]] = w
             if lin.get("bias"):
-                b[p * D : p * D + d] = self.w(lin["bias"])
+                b[p * D : p * D + w.shape[1]] = self.w(lin["bias"])
         return W, b
 
 

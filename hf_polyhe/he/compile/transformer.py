@@ -169,10 +169,9 @@ class _Builder:
         Power-softmax (``kind: power``): ``(S^p M / n) V`` times the polynomial reciprocal of the row mean
         ``sum_j S^p M / n + eps``, per head."""
         c = self.c
-        heads = self.s.config["num_heads"]
-        d = self.s.config["hidden_size"]
+        heads, _, scale = attention_dims(self.s.config)
         if attn.get("kind") == "power":
-            scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal)
+            scores = c.qk_scores(q, k, heads, scale=scale, causal=causal)
             powered = self.power(scores, int(attn["power"]))
             m = mask / np.maximum(mask.sum(-1), 1.0)[:, None]
             mean = c.attn_rowsum(powered, mask=m)
@@ -180,7 +179,7 @@ class _Builder:
             return self.linear(c.mul(c.attn_apply(powered, v, mask=m), inv), attn["o"])
         s_n = SCALINGS[attn["scaling"]](np.maximum(mask.sum(-1), 1.0))
         pre = attn.get("scaling_position", "post") == "pre"
-        scores = c.qk_scores(q, k, heads, scale=(d // heads) ** -0.5, causal=causal, row_scale=1.0 / s_n if pre else None)
+        scores = c.qk_scores(q, k, heads, scale=scale, causal=causal, row_scale=1.0 / s_n if pre else None)
         weights = self.act(scores, attn["activation"])
         return self.linear(c.attn_apply(weights, v, mask=mask if pre else mask / s_n[:, None]), attn["o"])
 
@@ -200,6 +199,15 @@ class _Builder:
             return c.add(x, self.mlp(self.norm(x, layer["mlp_norm"], d), layer["mlp"]))
         x = self.norm(c.add(x, self.attention(x, layer["attn"], mask, causal)), layer["attention_norm"], d)
         return self.norm(c.add(x, self.mlp(x, layer["mlp"])), layer["mlp_norm"], d)
+
+
+def attention_dims(cfg: dict) -> tuple:
+    """``(heads, head_dim, scale)`` of a spec's attention: ``head_dim`` as packed (a power of two; an export pads
+    heads of another width with zero columns, see ``hf_polyhe.export``), ``scale`` the scores' factor
+    ``1/sqrt(the model's head dim)``. q, k, v and the KV caches are ``heads * head_dim`` wide."""
+    heads = int(cfg["num_heads"])
+    real = cfg["hidden_size"] // heads
+    return heads, int(cfg.get("head_dim", real)), float(cfg.get("attention_scale", real**-0.5))
 
 
 def attention_mask_matrix(seq_len: int, attention_mask=None, causal: bool = False) -> np.ndarray:

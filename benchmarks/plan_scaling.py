@@ -1,0 +1,141 @@
+"""Planner-only scaling table (issue #14): what a PolyGPT of 2 / 6 / 12 layers, hidden 64 / 128 / 384 and a prompt
+of 32 / 128 tokens would need at 128-bit, under a memory limit of 22 GiB (this 2-core, 24 GB machine) and 256 GiB
+(a bigger server).
+
+For each shape a randomly initialised PolyGPT (heads of 16 / 32 / 64 dims, MLP 4 x hidden, vocab 512, square
+attention, GELU, the given norm) is made polynomial on ranges calibrated on random tokens (degree ``--degree``),
+turned into the export's spec, and the planner (:func:`hf_polyhe.he.compile.planner.plan`, no keys, no OpenFHE) plans
+the KV-cache prefill of the whole prompt and the decode step after it, with the row groups a leveled export would
+use. Columns: the plan's mode and ring, levels (leveled depth, or levels after each bootstrap), bootstraps per run
+(prefill / decode step),
+rotation keys, predicted prefill and per-token decode seconds (cost table of this machine, one thread), and
+predicted memory: evaluation keys (relinearisation + rotations + bootstrapping) plus the plaintexts the server
+encodes once. "no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
+memory limit today, not the rotation keys and plaintexts: a row marked "(over)" predicts more than the limit (the
+memory-aware planning of issue #14 is not done).
+
+These are predictions, not measurements: the planner is within ~15 % on W1 (predicted 71 s for a prefill measured
+at 126 s after the plaintext cache change: see the README) and its bootstrapping memory comes from one anchor. The
+intervals come from random weights, so the polynomial LayerNorm's inverse square root is fitted on the variances of
+a random model; a trained model's intervals (and degrees) differ.
+
+    python benchmarks/plan_scaling.py                        # poly LayerNorm, degree 7 (~10 min on 2 cores)
+    python benchmarks/plan_scaling.py --norm batchnorm       # affine norms
+    python benchmarks/plan_scaling.py --layers 2 --hidden 64 --tokens 32   # one shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import hf_polyhe  # noqa: E402
+from hf_polyhe.export import calibrate_ranges, model_to_spec  # noqa: E402
+from hf_polyhe.he import params as P  # noqa: E402
+from hf_polyhe.he.compile.decode import build_decode_circuit  # noqa: E402
+from hf_polyhe.he.compile.export_plan import _auto_groups  # noqa: E402
+from hf_polyhe.he.compile.planner import plan as make_plan  # noqa: E402
+from hf_polyhe.he.compile.transformer import build_circuit  # noqa: E402
+from hf_polyhe.he.errors import PlanningError  # noqa: E402
+
+GIB = 2**30
+
+
+def make_model(layers: int, hidden: int, tokens: int, norm: str, degree: int):
+    torch.manual_seed(0)
+    heads = {64: 4, 128: 4, 384: 6}.get(hidden, max(1, hidden // 64))  # head dims 16 / 32 / 64
+    cfg = hf_polyhe.PolyGPTConfig(vocab_size=512, max_position_embeddings=tokens + 1, hidden_size=hidden,
+                                  num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                                  attention_activation="square", hidden_act="gelu", norm_type=norm)
+    model = hf_polyhe.PolyGPTForCausalLM(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 512, (8, tokens))}]
+    hf_polyhe.to_polynomial(model, ranges=calibrate_ranges(model, calib), degree=degree)
+    return model, heads
+
+
+def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int):
+    """``(prefill plan, decode plan)`` with the row groups a leveled export would use."""
+    kw = dict(bootstrap="auto", max_memory_gib=max_memory_gib, max_leveled_depth=max_leveled_depth)
+    prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **kw)
+    if not prefill.params.bootstrap:
+        groups, slots = _auto_groups(build_circuit(spec, tokens), prefill.params.ring_dim)
+        if groups > 1:
+            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True, groups=groups, slots=slots), P.default(),
+                                **{**kw, "bootstrap": "never"})
+            decode = make_plan(build_decode_circuit(spec, tokens, groups=groups, slots=slots), P.default(),
+                               **{**kw, "bootstrap": "never"})
+            return prefill, decode
+        decode = make_plan(build_decode_circuit(spec, tokens), P.default(), **{**kw, "bootstrap": "never"})
+    else:
+        lb = prefill.params.levels_after_bootstrap
+        decode = make_plan(build_decode_circuit(spec, tokens), P.default(), levels_after_bootstrap=lb,
+                           **{**kw, "bootstrap": "always"})
+    return prefill, decode
+
+
+def short_reason(msg: str) -> str:
+    """The planner's refusal in a table cell: the memory it would need, else its first clause."""
+    m = re.search(r"levels_after_bootstrap >= (\d+)\).*?need ~([\d.]+) GiB", msg)
+    if m:
+        return f"bootstrapping keys for {m.group(1)} levels per segment need ~{m.group(2)} GiB"
+    return msg.split(";")[0][:140]
+
+
+def memory_gib(prefill, decode) -> float:
+    rot = len(set(prefill.rotation_keys) | set(decode.rotation_keys))
+    kb = prefill.key_bytes
+    keys = kb["relin"] + kb["per_key"] * rot + kb["bootstrap"]
+    pts = prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)
+    return (keys + pts) / GIB
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", default="2,6,12")
+    ap.add_argument("--hidden", default="64,128,384")
+    ap.add_argument("--tokens", default="32,128")
+    ap.add_argument("--memory", default="22,256", help="max_memory_gib values")
+    ap.add_argument("--norm", default="poly_layernorm", choices=["poly_layernorm", "batchnorm"])
+    ap.add_argument("--degree", type=int, default=7)
+    ap.add_argument("--max-leveled-depth", type=int, default=24)
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    print(f"norm {args.norm}, degree {args.degree}, 128-bit (HEStd_128_classic), predicted by the planner\n")
+    print("| layers | hidden | heads | tokens | max GiB | mode | ring | levels | bootstraps (prefill / decode) | rot keys "
+          "| prefill s | decode s/token | memory GiB | plan s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for layers in ints(args.layers):
+        for hidden in ints(args.hidden):
+            for tokens in ints(args.tokens):
+                model, heads = make_model(layers, hidden, tokens, args.norm, args.degree)
+                spec = model_to_spec(model, max_length=tokens + 1)
+                del model
+                for mem in [float(m) for m in args.memory.split(",")]:
+                    t0 = time.perf_counter()
+                    head = f"| {layers} | {hidden} | {heads} | {tokens} | {mem:g} |"
+                    try:
+                        pre, dec = plan_shape(spec, tokens, mem, args.max_leveled_depth)
+                    except PlanningError as e:
+                        reason = short_reason(str(e))
+                        print(f"{head} no plan: {reason} | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)
+                        continue
+                    p = pre.params
+                    mode = "bootstrap" if p.bootstrap else f"leveled, {pre.circuit.groups} groups"
+                    levels = f"{p.levels_after_bootstrap} per segment" if p.bootstrap else str(p.depth)
+                    print(f"{head} {mode} | 2^{p.ring_dim.bit_length() - 1} | {levels} | {pre.counts['bootstrap']} / {dec.counts['bootstrap']} "
+                          f"| {len(set(pre.rotation_keys) | set(dec.rotation_keys))} | {pre.predicted_seconds:.0f} "
+                          f"| {dec.predicted_seconds:.1f} | {memory_gib(pre, dec):.1f}{' (over)' if memory_gib(pre, dec) > mem else ''} "
+                          f"| {time.perf_counter() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,22 +1,24 @@
-"""Quality of progressive polynomial replacement on real text (a benchmark, not a test).
+"""Quality of progressive polynomial replacement on real text, against the stock HF model (a benchmark, not a test).
 
-Trains a small GPT on the CPython language reference (``load_python_docs_corpus()``, ~450k characters of
-English prose shipped inside Python, so it runs offline), split into train / held-out by paragraph, the same
-number of steps in each configuration:
+Trains small GPTs on the CPython language reference (``load_python_docs_corpus()``, ~450k characters of English
+prose shipped inside Python, so it runs offline), the same steps, batch and schedule in each configuration, over
+several seeds (each seed: its own train / held-out split, init and data order), and evaluates on two held-out sets:
+paragraphs of the reference that training never saw (same source), and the standard library's docstrings
+(``load_stdlib_docstrings_corpus()``: another source, other authors; paragraphs also in training removed).
 
-- **P0**: softmax attention + LayerNorm (the baseline);
-- **P1**: HE-friendly architecture (pointwise attention scaled by 1/sqrt(L), LayerNorm with a PolyOperator
+- **P0**: a stock ``transformers.GPT2LMHeadModel`` of the same size, trained with the plain ``Trainer`` (the
+  baseline every ratio uses);
+- **P0poly**: PolyGPT with softmax attention and LayerNorm (is our own model code as good as GPT-2's?);
+- **P1**: HE-friendly architecture (pointwise attention scaled by the length, LayerNorm with a PolyOperator
   1/sqrt) with exact operators, trained with the range + variance loss;
-- **P1 one-shot**: P1 with every operator swapped for its polynomial at once after training (no retraining;
-  the seed paper's final-substitution step);
+- **P1oneshot**: P1 with every operator swapped for its polynomial at once after training (no retraining);
 - **P2**: the P1 recipe with ``PolyReplacementCallback`` replacing operators progressively during training
-  (fully polynomial at the end);
-- **P2 no range loss**: P2 with alpha = beta = 0.
+  (fully polynomial at the end); **P2norl**: P2 with alpha = beta = 0.
 
-It prints a markdown table: held-out perplexity, P/P0 ratio, the fraction of the P2 - P0 gap that
-P2 - P1 accounts for, and what the operator inputs did on held-out data relative to the fitted intervals.
+It prints a markdown table: held-out perplexity (mean ± sd over seeds; inf when a block's loss is not finite), the
+ratio to P0 (per seed, then mean ± sd), and the blocks with a non-finite loss per seed (other + same source).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/poly_quality.py --layers 4 --hidden 128 --steps 400
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/poly_quality.py --layers 4 --hidden 128 --steps 400 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ import transformers  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import hf_polyhe  # noqa: E402
-from hf_polyhe.data import load_python_docs_corpus, lm_blocks, split_paragraphs, train_test_split, train_tokenizer  # noqa: E402
+from hf_polyhe.data import (  # noqa: E402
+    load_python_docs_corpus,
+    load_stdlib_docstrings_corpus,
+    lm_blocks,
+    split_paragraphs,
+    train_test_split,
+    train_tokenizer,
+)
 from hf_polyhe.training import (  # noqa: E402
     DEFAULT_MARGIN,
     PolyReplacementCallback,
@@ -73,8 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--replace-end", type=float, default=0.8, help="last stage done, as a fraction of --steps")
     p.add_argument("--eval-blocks", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=None, help="subset of runs: P0 P1 P2 P2norl")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (data split, init, data order)")
+    p.add_argument("--only", nargs="*", default=None, help="subset of runs: P0 P0poly P1 P2 P2norl (P1 includes "
+                   "P1oneshot)")
     return p.parse_args(argv)
 
 
@@ -106,39 +116,13 @@ def make_config(args, tok, he: bool):
     )
 
 
-@torch.no_grad()
-def perplexity(model, blocks, batch=16):
-    model.eval()
-    nll, n = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        ids = torch.tensor(blocks[i : i + batch])
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        nll, n = nll + float(loss), n + ids[:, 1:].numel()
-    return math.exp(nll / n) if math.isfinite(nll) else float("inf")
-
-
-@torch.no_grad()
-def out_of_range(model, blocks, batch=16):
-    """Held-out inputs vs the fitted intervals: fraction of elements outside, worst overshoot (|x| / bound)."""
-    ops = hf_polyhe.status.select_operators(model)
-    counts = {"out": 0, "all": 0, "worst": 0.0}
-
-    def hook(module, args):
-        x = args[0]
-        lo, hi = module.interval
-        counts["out"] += int(((x < lo) | (x > hi)).sum())
-        counts["all"] += x.numel()
-        scale = max(abs(lo), abs(hi))
-        counts["worst"] = max(counts["worst"], float(x.abs().max()) / scale if module.op not in ("inv_sqrt",) else float(x.max()) / hi)
-
-    handles = [op.register_forward_pre_hook(hook) for op in ops.values()]
-    model.eval()
-    for i in range(0, len(blocks), batch):
-        model(input_ids=torch.tensor(blocks[i : i + batch]))
-    for h in handles:
-        h.remove()
-    return counts["out"] / max(counts["all"], 1), counts["worst"]
+def training_args(args, out_dir):
+    return TrainingArguments(
+        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20), weight_decay=0.1, logging_steps=max(1, args.steps // 10),
+        save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
 
 
 def train(args, tok, train_blocks, *, he: bool, range_loss: bool, replace: bool, out_dir: str):
@@ -157,13 +141,7 @@ def train(args, tok, train_blocks, *, he: bool, range_loss: bool, replace: bool,
     if he and range_loss:
         rl = RangeLossConfig(alpha=args.alpha, bound=args.bound, beta=args.beta, max_variance=args.max_variance,
                              bounds={"attn_act": args.attn_bound} if args.attn_bound else None)
-    targs = TrainingArguments(
-        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20), weight_decay=0.1, logging_steps=max(1, args.steps // 10),
-        save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
-        max_grad_norm=1.0,
-    )
-    trainer = PolyTrainer(model=model, args=targs, train_dataset=Blocks(train_blocks), callbacks=callbacks, range_loss=rl)
+    trainer = PolyTrainer(model=model, args=training_args(args, out_dir), train_dataset=Blocks(train_blocks), callbacks=callbacks, range_loss=rl)
     t0 = time.time()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -174,85 +152,134 @@ def fmt_ratio(x):
     return f"{x:.3f}" if math.isfinite(x) else "inf"
 
 
+def train_stock(args, tok, train_blocks, out_dir):
+    """P0: a stock ``transformers.GPT2LMHeadModel`` of the same size, trained with the plain ``Trainer`` and the
+    same arguments (GPT-2's own init, tied embeddings, softmax attention, LayerNorm)."""
+    torch.manual_seed(args.seed)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=args.seq, n_embd=args.hidden, n_layer=args.layers,
+                                  n_head=args.heads, n_inner=4 * args.hidden, activation_function=args.hidden_act,
+                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    trainer = transformers.Trainer(model=model, args=training_args(args, out_dir), train_dataset=Blocks(train_blocks))
+    t0 = time.time()
+    trainer.train()
+    return model, time.time() - t0
+
+
+@torch.no_grad()
+def block_losses(model, blocks, batch=16):
+    """Mean next-token loss of every block (float; non-finite where the model returned inf / NaN)."""
+    model.eval()
+    out = []
+    for i in range(0, len(blocks), batch):
+        ids = torch.tensor(blocks[i : i + batch])
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(-1)
+        out += loss.tolist()
+    return out
+
+
+def evaluate(model, sets: dict) -> dict:
+    """Per held-out set: perplexity over all blocks (inf when any block is not finite) and non-finite blocks."""
+    res = {}
+    for name, blocks in sets.items():
+        losses = block_losses(model, blocks)
+        bad = sum(not math.isfinite(v) for v in losses)
+        res[name] = (math.exp(sum(losses) / len(losses)) if bad == 0 else float("inf"), bad)
+    return res
+
+
+def run_seed(args, out_root) -> dict:
+    """Every configuration of ``args.only`` for ``args.seed``: {config: {held-out set: (ppl, bad blocks)}}."""
+    train_paras, test_paras = train_test_split(split_paragraphs(load_python_docs_corpus()), test_fraction=0.1,
+                                               seed=args.seed)
+    tok = train_tokenizer(train_paras, vocab_size=args.vocab, model_max_length=args.seq)
+    train_blocks = lm_blocks(tok, train_paras, args.seq)
+    seen = set(train_paras)
+    other = [p for p in split_paragraphs(load_stdlib_docstrings_corpus()) if p not in seen]
+    sets = {"same source": lm_blocks(tok, test_paras, args.seq, max_blocks=args.eval_blocks),
+            "other source": lm_blocks(tok, other, args.seq, max_blocks=args.eval_blocks)}
+    print(f"seed {args.seed}: {len(train_blocks)} train blocks x {args.seq} tokens; held-out blocks: "
+          + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
+    runs = args.only or list(RUNS)
+    res, out = {}, os.path.join(out_root, f"seed{args.seed}")
+    if "P0" in runs:
+        m, dt = train_stock(args, tok, train_blocks, out + "/p0")
+        res["P0"] = evaluate(m, sets)
+        print(f"  P0 stock GPT-2 {dt:.0f}s: {res['P0']}", flush=True)
+    if "P0poly" in runs:
+        m, _, dt, _ = train(args, tok, train_blocks, he=False, range_loss=False, replace=False, out_dir=out + "/p0poly")
+        res["P0poly"] = evaluate(m, sets)
+        print(f"  P0poly {dt:.0f}s: {res['P0poly']}", flush=True)
+    if "P1" in runs:
+        m, _, dt, _ = train(args, tok, train_blocks, he=True, range_loss=True, replace=False, out_dir=out + "/p1")
+        res["P1"] = evaluate(m, sets)
+        print(f"  P1 {dt:.0f}s: {res['P1']}", flush=True)
+        # one-shot: calibrate on training blocks, fit every operator, switch all at once (no retraining)
+        cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:64]), batch_size=16))
+        ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, margin_for(margin(args), m.get_submodule(p)))
+                  for p, r in cal.ranges().items()}
+        hf_polyhe.to_polynomial(m, ranges=ranges)
+        res["P1oneshot"] = evaluate(m, sets)
+        print(f"  P1 one-shot: {res['P1oneshot']}", flush=True)
+    for name, rl in (("P2", True), ("P2norl", False)):
+        if name not in runs:
+            continue
+        m, cb, dt, _ = train(args, tok, train_blocks, he=True, range_loss=rl, replace=True, out_dir=out + "/" + name)
+        if not hf_polyhe.polynomial_status(m).is_polynomial:
+            print(f"  {name}: not fully polynomial after training:\n{hf_polyhe.polynomial_status(m)}", flush=True)
+        res[name] = evaluate(m, sets)
+        print(f"  {name} {dt:.0f}s: {res[name]}", flush=True)
+    return res
+
+
+RUNS = {"P0": "P0 stock GPT2LMHeadModel (softmax, LayerNorm)", "P0poly": "PolyGPT softmax + LayerNorm",
+        "P1": "P1 HE-friendly, exact ops (range loss)", "P1oneshot": "P1 -> all polynomial at once, no retraining",
+        "P2": "P2 progressive replacement (range loss)", "P2norl": "P2 progressive, no range loss"}
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return "inf"
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}" if m < 10 else f"{m:.1f} ± {sd:.1f}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     t_start = time.time()
-    train_paras, test_paras = train_test_split(split_paragraphs(load_python_docs_corpus()), test_fraction=0.1, seed=args.seed)
-    tok = train_tokenizer(train_paras, vocab_size=args.vocab, model_max_length=args.seq)
-    train_blocks = lm_blocks(tok, train_paras, args.seq)
-    test_blocks = lm_blocks(tok, test_paras, args.seq, max_blocks=args.eval_blocks)
-    print(f"corpus: {len(train_paras)} train / {len(test_paras)} held-out paragraphs; {len(train_blocks)} train blocks "
-          f"x {args.seq} tokens, {len(test_blocks)} held-out blocks; vocab {len(tok)}", flush=True)
     out_root = os.path.join("/tmp", f"poly_quality_{os.getpid()}")
-    runs = args.only or ["P0", "P1", "P2", "P2norl"]
-    res = {}
-    notes = {}
-
-    if "P0" in runs:
-        m, _, dt, _ = train(args, tok, train_blocks, he=False, range_loss=False, replace=False, out_dir=out_root + "/p0")
-        res["P0"] = perplexity(m, test_blocks)
-        print(f"P0 done in {dt:.0f}s: ppl {res['P0']:.2f}", flush=True)
-    if "P1" in runs:
-        m, _, dt, _ = train(args, tok, train_blocks, he=True, range_loss=True, replace=False, out_dir=out_root + "/p1")
-        res["P1"] = perplexity(m, test_blocks)
-        print(f"P1 done in {dt:.0f}s: ppl {res['P1']:.2f}", flush=True)
-        # one-shot: calibrate on training blocks, fit every operator, switch all at once (no retraining)
-        cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:64]), batch_size=16))
-        print(cal.report(bound=args.bound), flush=True)
-        ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, margin_for(margin(args), m.get_submodule(p)))
-                  for p, r in cal.ranges().items()}
-        hf_polyhe.to_polynomial(m, ranges=ranges)
-        res["P1 one-shot"] = perplexity(m, test_blocks)
-        notes["P1 one-shot"] = out_of_range(m, test_blocks)
-        print(f"P1 one-shot: ppl {res['P1 one-shot']:.2f}", flush=True)
-    for name, rl in (("P2", True), ("P2norl", False)):
-        if name not in runs:
+    seeds = [int(s) for s in str(args.seeds).split(",")]
+    per_seed = {}
+    for seed in seeds:
+        args.seed = seed
+        per_seed[seed] = run_seed(args, out_root)
+    print()
+    print(f"## Held-out perplexity, {args.layers}-layer GPT (d={args.hidden}, {args.heads} heads), {args.steps} steps x "
+          f"{args.batch} x {args.seq} tokens, seeds {seeds} (mean ± sd over seeds; ratio: per seed to that seed's P0)")
+    print()
+    sets = ("other source", "same source")
+    print("| model | " + " | ".join(f"ppl {s} | / P0 {s}" for s in sets) + " | non-finite blocks (per seed) |")
+    print("|---|" + "---|---|" * len(sets) + "---|")
+    for k, label in RUNS.items():
+        rows = [per_seed[s][k] for s in seeds if k in per_seed[s]]
+        if not rows:
             continue
-        m, cb, dt, logs = train(args, tok, train_blocks, he=True, range_loss=rl, replace=True, out_dir=out_root + "/" + name)
-        status = hf_polyhe.polynomial_status(m)
-        assert status.is_polynomial, str(status)
-        res[name] = perplexity(m, test_blocks)
-        notes[name] = out_of_range(m, test_blocks)
-        widest = max((max(abs(h["measured"][0]), abs(h["measured"][1])) for h in cb.history
-                      if h["measured"] and h["op"] != "inv_sqrt"), default=float("nan"))
-        max_var = max((h["measured"][1] for h in cb.history if h["measured"] and h["op"] == "inv_sqrt"), default=float("nan"))
-        notes[name + "_ranges"] = (widest, max_var)
-        print(f"{name} done in {dt:.0f}s: ppl {res[name]:.2f}; widest activation range {widest:.3g}, max variance {max_var:.3g}", flush=True)
-        print(cb.fit_report(), flush=True)
-        print("loss log:", [(h["step"], round(h["loss"], 3), h.get("poly/fraction_polynomial")) for h in logs], flush=True)
-
-    p0, p1, p2 = res.get("P0", float("nan")), res.get("P1", float("nan")), res.get("P2", float("nan"))
-    print()
-    print(f"## Held-out perplexity, {args.layers}-layer GPT (d={args.hidden}), {args.steps} steps x {args.batch} x {args.seq} tokens")
-    print()
-    print("| model | ppl | ppl / P0 | fully polynomial | held-out inputs outside fitted interval | worst |x| / interval bound |")
-    print("|---|---|---|---|---|---|")
-    labels = {"P0": "P0 softmax + LayerNorm", "P1": "P1 HE-friendly, exact ops (range loss)",
-              "P1 one-shot": "P1 -> all polynomial at once (no retraining)", "P2": "P2 progressive replacement (range loss)",
-              "P2norl": "P2 progressive, no range loss"}
-    for k in ("P0", "P1", "P1 one-shot", "P2", "P2norl"):
-        if k not in res:
-            continue
-        poly = "yes" if k in ("P1 one-shot", "P2", "P2norl") else "no"
-        frac, worst = notes.get(k, (None, None))
-        o = f"{100 * frac:.4f}%" if frac is not None else "-"
-        w = f"{worst:.2f}" if worst is not None else "-"
-        print(f"| {labels[k]} | {res[k]:.2f} | {fmt_ratio(res[k] / p0)} | {poly} | {o} | {w} |")
-    print()
-    if all(math.isfinite(v) for v in (p0, p1, p2)):
-        gap = (p2 - p1) / (p2 - p0) if p2 != p0 else float("nan")
-        print(f"P2 / P0 = {p2 / p0:.3f} (target <= 1.05, stretch <= 1.03); (P2 - P1) / (P2 - P0) = {gap:.2f} "
-              f"(target <= 0.25)")
-        if "P1 one-shot" in res:
-            p1s = res["P1 one-shot"]
-            print(f"one-shot replacement: (P1one-shot - P1) / (P1one-shot - P0) = {(p1s - p1) / (p1s - p0):.2f}")
-    for k in ("P2", "P2norl"):
-        if k + "_ranges" in notes:
-            w, v = notes[k + "_ranges"]
-            print(f"{k}: widest calibrated activation input |x| = {w:.3g}, largest LayerNorm variance = {v:.3g}")
-    print(f"total time {time.time() - t_start:.0f}s")
+        cells = []
+        for st in sets:
+            cells.append(mean_sd([r[st][0] for r in rows]))
+            if all("P0" in per_seed[s] for s in seeds):
+                cells.append(mean_sd([per_seed[s][k][st][0] / per_seed[s]["P0"][st][0] for s in seeds]))
+            else:
+                cells.append("-")
+        bad = ", ".join(f"{r['other source'][1]}+{r['same source'][1]}" for r in rows)
+        print(f"| {label} | " + " | ".join(cells) + f" | {bad} |")
+    print(f"\ntotal time {time.time() - t_start:.0f}s")
 
 
 if __name__ == "__main__":

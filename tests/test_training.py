@@ -582,3 +582,16 @@ def test_default_margins_widen_norm_ranges_more():
     assert margin_for(0.2, norm) == 0.2 and margin_for({"mlp_act": 0.3}, act) == 0.3
     assert margin_for({"mlp_act": 0.3}, norm) == DEFAULT_MARGIN["default"]
     assert PolyReplacementCallback(schedule_by_layer(2, start=1, every=1)).margin == DEFAULT_MARGIN
+
+
+def test_held_out_text_of_another_source():
+    """The quality benchmark's second held-out set: standard-library docstrings, deterministic, English, and
+    almost disjoint from the language reference it trains on."""
+    from hf_polyhe.data import load_python_docs_corpus, load_stdlib_docstrings_corpus
+
+    text = load_stdlib_docstrings_corpus()
+    assert text == load_stdlib_docstrings_corpus() and len(text) > 300_000
+    paras = split_paragraphs(text)
+    reference = set(split_paragraphs(load_python_docs_corpus()))
+    assert len(paras) > 2000 and sum(p in reference for p in paras) < 0.01 * len(paras)
+    assert sum(w in text.split() for w in ("the", "of", "returns", "and")) == 4

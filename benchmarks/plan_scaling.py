@@ -5,14 +5,15 @@ of 32 / 128 tokens would need at 128-bit, under a memory limit of 22 GiB (this 2
 For each shape a randomly initialised PolyGPT (heads of 16 / 32 / 64 dims, MLP 4 x hidden, vocab 512, square
 attention, GELU, the given norm) is made polynomial on ranges calibrated on random tokens (degree ``--degree``),
 turned into the export's spec, and the planner (:func:`hf_polyhe.he.compile.planner.plan`, no keys, no OpenFHE) plans
-the KV-cache prefill of the whole prompt and the decode step after it, with the row groups a leveled export would
-use. Columns: the plan's mode and ring, levels (leveled depth, or levels after each bootstrap), bootstraps per run
+the KV-cache prefill of the whole prompt and the decode step after it, leveled where a 128-bit ring holds the depth
+(with the row groups a leveled export would use), else bootstrapped. Columns: the plan's mode and ring, levels (leveled depth, or levels after each bootstrap), bootstraps per run
 (prefill / decode step),
 rotation keys, predicted prefill and per-token decode seconds (cost table of this machine, one thread), and
-predicted memory: evaluation keys (relinearisation + rotations + bootstrapping) plus the plaintexts the server
-encodes once. "no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
+predicted memory: evaluation keys (relinearisation + rotations + bootstrapping), all distinct plaintexts of the two
+circuits, and the server's total with the plaintexts it encodes once capped by its 8 GiB default budget. "no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
 memory limit today, not the rotation keys and plaintexts: a row marked "(over)" predicts more than the limit (the
-memory-aware planning of issue #14 is not done).
+memory-aware planning of issue #14 is not done). Planning a 6-layer hidden-384 circuit takes ~15 min here (the
+"plan s" column: the planner traces every op in Python).
 
 These are predictions, not measurements: the planner is within ~15 % on W1 (predicted 71 s for a prefill measured
 at 126 s after the plaintext cache change: see the README) and its bootstrapping memory comes from one anchor. The
@@ -42,6 +43,7 @@ from hf_polyhe.export import calibrate_ranges, model_to_spec  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.compile.decode import build_decode_circuit  # noqa: E402
 from hf_polyhe.he.compile.export_plan import _auto_groups  # noqa: E402
+from hf_polyhe.he.compile.plaintexts import DEFAULT_BUDGET_MIB  # noqa: E402
 from hf_polyhe.he.compile.planner import plan as make_plan  # noqa: E402
 from hf_polyhe.he.compile.transformer import build_circuit  # noqa: E402
 from hf_polyhe.he.errors import PlanningError  # noqa: E402
@@ -63,8 +65,11 @@ def make_model(layers: int, hidden: int, tokens: int, norm: str, degree: int):
 
 def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int):
     """``(prefill plan, decode plan)`` with the row groups a leveled export would use."""
-    kw = dict(bootstrap="auto", max_memory_gib=max_memory_gib, max_leveled_depth=max_leveled_depth)
-    prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **kw)
+    kw = dict(bootstrap="never", max_memory_gib=max_memory_gib, max_leveled_depth=max_leveled_depth)
+    try:  # leveled where a 128-bit ring holds the depth (as W1), else bootstrapped
+        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **kw)
+    except PlanningError:
+        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **{**kw, "bootstrap": "always"})
     if not prefill.params.bootstrap:
         groups, slots = _auto_groups(build_circuit(spec, tokens), prefill.params.ring_dim)
         if groups > 1:
@@ -89,12 +94,15 @@ def short_reason(msg: str) -> str:
     return msg.split(";")[0][:140]
 
 
-def memory_gib(prefill, decode) -> float:
+def memory_gib(prefill, decode) -> tuple:
+    """``(keys, plaintexts, server)`` in GiB: evaluation keys (relinearisation, rotations, bootstrapping), every
+    distinct plaintext of the prefill and decode circuits, and what a server holds with the plaintexts it encodes
+    once capped by its default budget (hf_polyhe.he.compile.plaintexts, 8 GiB; the rest is encoded when met)."""
     rot = len(set(prefill.rotation_keys) | set(decode.rotation_keys))
     kb = prefill.key_bytes
-    keys = kb["relin"] + kb["per_key"] * rot + kb["bootstrap"]
-    pts = prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)
-    return (keys + pts) / GIB
+    keys = (kb["relin"] + kb["per_key"] * rot + kb["bootstrap"]) / GIB
+    pts = (prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)) / GIB
+    return keys, pts, keys + min(pts, DEFAULT_BUDGET_MIB / 1024)
 
 
 def main(argv=None):
@@ -111,8 +119,8 @@ def main(argv=None):
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     print(f"norm {args.norm}, degree {args.degree}, 128-bit (HEStd_128_classic), predicted by the planner\n")
     print("| layers | hidden | heads | tokens | max GiB | mode | ring | levels | bootstraps (prefill / decode) | rot keys "
-          "| prefill s | decode s/token | memory GiB | plan s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| prefill s | decode s/token | keys GiB | plaintexts GiB | server GiB | plan s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for layers in ints(args.layers):
         for hidden in ints(args.hidden):
             for tokens in ints(args.tokens):
@@ -126,14 +134,15 @@ def main(argv=None):
                         pre, dec = plan_shape(spec, tokens, mem, args.max_leveled_depth)
                     except PlanningError as e:
                         reason = short_reason(str(e))
-                        print(f"{head} no plan: {reason} | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)
+                        print(f"{head} no plan: {reason} | | | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)
                         continue
                     p = pre.params
+                    keys, pts, server = memory_gib(pre, dec)
                     mode = "bootstrap" if p.bootstrap else f"leveled, {pre.circuit.groups} groups"
                     levels = f"{p.levels_after_bootstrap} per segment" if p.bootstrap else str(p.depth)
                     print(f"{head} {mode} | 2^{p.ring_dim.bit_length() - 1} | {levels} | {pre.counts['bootstrap']} / {dec.counts['bootstrap']} "
                           f"| {len(set(pre.rotation_keys) | set(dec.rotation_keys))} | {pre.predicted_seconds:.0f} "
-                          f"| {dec.predicted_seconds:.1f} | {memory_gib(pre, dec):.1f}{' (over)' if memory_gib(pre, dec) > mem else ''} "
+                          f"| {dec.predicted_seconds:.1f} | {keys:.1f} | {pts:.1f} | {server:.1f}{' (over)' if server > mem else ''} "
                           f"| {time.perf_counter() - t0:.0f} |", flush=True)
 
 

@@ -45,8 +45,34 @@ then::
 
 Without ``--orion-python`` / ``$ORION_PYTHON`` the script measures hf_polyhe's side only.
 
-Measured on 2026-12-02 (2 shared cores, openfhe 1.6.1, orion-fhe 1.0.2; 3 repeats x 3 later runs; see the
-table below, filled in by the run).
+Orion's ``diagonalize`` (extraction of a weight matrix's generalised diagonals at compile time) is replaced in
+the child by :func:`sparse_diagonalize`, which returns the same diagonals (checked equal, value for value, at
+1024 and 4096 slots on these layers' shapes) from the matrix's non-zeros: Orion's own allocates dense
+(block height x slots) float32 and int64 grids, which for a *last* linear layer (block height = slots = 32768 at
+N = 2^16) passes 20 GB and was OOM-killed on this 24 GB machine (``--orion-dense-diagonalize`` restores it). It
+runs at compile time only: Orion's run times are its own, its setup times are with the sparse extraction.
+
+Measured on 2026-12-02 (openfhe 1.6.1 / orion-fhe 1.0.2 on Lattigo v6, Python 3.10, 2 cores shared with other
+jobs, load average 6-7: wall times are noisy, process CPU times less so)::
+
+    python benchmarks/vs_orion.py --repeats 3 --runs 2 --orion-python /tmp/orion-venv/bin/python
+
+            hf_polyhe run (s) Orion run (s)   ratio  setup keys+compile (s)       max error      levels chain/in/spent
+    work       min  median    min  median  hf/Or    hf_polyhe       Orion  hf_polyhe    Orion          hf      Orion
+    linear    1.97   2.34   1.33   1.42   1.65    4.8/4.7    34.1/22.3    7.5e-11  7.5e-08       2/2/1      2/1/1
+    cheb      2.46   2.51   1.00   1.16   2.17    0.9/0.9     8.8/8.1     5.8e-11  6.4e-08       7/7/6      7/5/5
+    mlp      11.14  12.04   8.09   9.10   1.32   16.6/16.6   56.2/53.6    1.8e-10  1.6e-07       6/6/5      6/5/5
+
+    process CPU s (min/median): linear hf_polyhe 1.33/1.52, Orion 0.92/0.93 (ratio 1.64); cheb 1.65/1.68 vs
+    0.69/0.76 (2.21); mlp 7.45/7.99 vs 5.54/6.03 (1.32). hf_polyhe plans: linear 23 rotations (23 keys), 128 pt x
+    ct; cheb one EvalChebyshevSeries; mlp 72 rotations (27 keys), 384 pt x ct, 2 ct x ct.
+
+Reading it: hf_polyhe is 1.3-1.7x slower on the linear work (the issue had 1.9x before plaintexts were encoded
+once per server) and 2.2x on the degree-15 series, where it also spends one level more (6 against 5: OpenFHE's
+EvalChebyshevSeries needs 5 levels on [-1, 1] at degree 15 plus the affine map) and starts its input at the top
+of a 7-level chain while Orion encrypts at the level the network needs (5 of 7): every hf_polyhe operation there
+handles 2 more towers. Orion's setup is longer (its compile packs diagonals in Python and generates rotation keys
+per layer). Orion's larger error comes from its float32 diagonals and inputs (1e-7 against 1e-10).
 """
 
 from __future__ import annotations
@@ -267,13 +293,48 @@ def orion_net(workload: str, d: dict):
     return net
 
 
-def run_orion(workload: str, d: dict, logn: int, runs: int) -> dict:
+def sparse_diagonalize(matrix, num_slots: int, embed_method: str, is_last_layer: bool):
+    """``orion.core.packing.diagonalize`` with the same output, from the matrix's non-zeros: Orion's own builds
+    a dense (block height x slots) block and int64 index grids of that size, which for a last layer (block height
+    = slots = 32768 at N = 2^16) take over 20 GB (OOM-killed here). Generalised diagonal ``i`` of a block holds
+    ``block[j mod h, (i + j) mod slots]`` in slot ``j`` (h: block height)."""
+    nbr, nbc = math.ceil(matrix.shape[0] / num_slots), math.ceil(matrix.shape[1] / num_slots)
+    if nbr == 1 and embed_method == "hybrid" and not is_last_layer:
+        h = 2 ** math.ceil(math.log2(matrix.shape[0]))
+        output_rotations = int(math.log2(num_slots // h))
+    else:
+        h, output_rotations = num_slots, 0
+    m = matrix.tocoo()
+    k = np.arange(num_slots // h)
+    out = {}
+    for br in range(nbr):
+        for bc in range(nbc):
+            r0, c0 = br * num_slots, bc * num_slots
+            sel = (m.row >= r0) & (m.row < r0 + h) & (m.col >= c0) & (m.col < c0 + num_slots)
+            r, c, v = m.row[sel] - r0, m.col[sel] - c0, m.data[sel].astype(np.float32)
+            j = r[:, None] + k[None, :] * h  # the slots holding entry (r, c) ...
+            i = (c[:, None] - j) % num_slots  # ... on diagonal i
+            keep = i < h
+            ii, jj = i[keep], j[keep]
+            vv = np.broadcast_to(v[:, None], j.shape)[keep]
+            idx = np.unique(ii)
+            arr = np.zeros((len(idx), num_slots), dtype=np.float32)
+            arr[np.searchsorted(idx, ii), jj] = vv
+            diags = {int(d): arr[n].tolist() for n, d in enumerate(idx) if np.any(arr[n])}
+            out[(br, bc)] = diags or {0: [0.0] * num_slots}
+    return out, output_rotations
+
+
+def run_orion(workload: str, d: dict, logn: int, runs: int, dense_diagonalize: bool = False) -> dict:
     import contextlib
     import io
 
     import orion
+    import orion.core.packing
     import torch
 
+    if not dense_diagonalize:
+        orion.core.packing.diagonalize = sparse_diagonalize
     x = torch.tensor(d["x"], dtype=torch.float32)
     levels, scale_bits, first_mod_bits, dnum = (int(d[k]) for k in ("orion_levels", "scale_bits", "first_mod_bits",
                                                                       "dnum"))
@@ -317,7 +378,7 @@ def child(args) -> None:
     if args.system == "hf_polyhe":
         res = run_hf(args.workload, d, args.logn, args.runs)
     else:
-        res = run_orion(args.workload, d, args.logn, args.runs)
+        res = run_orion(args.workload, d, args.logn, args.runs, args.orion_dense_diagonalize)
     res.update(system=args.system, workload=args.workload, repeat=args.repeat)
     with open(args.out, "w") as f:
         json.dump(res, f)
@@ -335,7 +396,15 @@ def spawn(python, system, workload, repeat, data, args, tmp) -> dict | None:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [python, os.path.abspath(__file__), "--system", system, "--workload", workload, "--repeat", str(repeat),
            "--data", data, "--out", out, "--logn", str(args.logn), "--runs", str(args.runs)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
+    if args.orion_dense_diagonalize:
+        cmd.append("--orion-dense-diagonalize")
+    limit = int(args.max_memory_gib * 2**30)  # address space: a runaway child fails alone instead of the machine
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False,
+                       preexec_fn=cap if limit > 0 else None)
     if p.returncode != 0 or not os.path.exists(out):
         print(f"# {system} {workload} repeat {repeat} failed (exit {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
         return None
@@ -417,10 +486,15 @@ def parent(args) -> None:
         ratio = f"{h['med'] / o['med']:6.2f}" if h["med"] and o["med"] else f"{'-':>6}"
         print(f"{w:<7} {h['run']} {o['run']} {ratio}  {h['setup']:>11} {o['setup']:>11}  {h['err']} {o['err']}  "
               f"{h['lev']:>10} {o['lev']:>10}")
+        cpu = {s: [v for o in res.get(s) or [] for v in o["cpu"]] for s in ("hf_polyhe", "orion")}
+        line = f"{'':<7} process CPU s: hf_polyhe {mm(cpu['hf_polyhe'])}, Orion {mm(cpu['orion'])}"
+        if cpu["hf_polyhe"] and cpu["orion"]:
+            line += f", ratio {statistics.median(cpu['hf_polyhe']) / statistics.median(cpu['orion']):.2f}"
         if res.get("hf_polyhe"):
             c = res["hf_polyhe"][0]
-            print(f"{'':<7} hf_polyhe plan: {c['counts']['rotate']} rotations ({c['rotation_keys']} keys), "
-                  f"{c['counts']['mul_plain']} pt x ct, {c['counts']['mul']} ct x ct")
+            line += (f"; hf_polyhe plan: {c['counts']['rotate']} rotations ({c['rotation_keys']} keys), "
+                     f"{c['counts']['mul_plain']} pt x ct, {c['counts']['mul']} ct x ct")
+        print(line)
     print("# run: later runs, min / median seconds over repeats x runs; ratio: hf_polyhe median / Orion median; setup:"
           " median/min; levels: the modulus chain's / the input ciphertext's / spent by the run")
     print(f"# load average at the end {'%.2f %.2f %.2f' % os.getloadavg()}")
@@ -434,6 +508,9 @@ def main():
     ap.add_argument("--orion-python", help="a python with orion-fhe (default: $ORION_PYTHON; none: skip Orion)")
     ap.add_argument("--logn", type=int, default=16, help="log2 ring dimension; below 16 INSECURE (quick checks)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--orion-dense-diagonalize", action="store_true",
+                    help="Orion's own diagonal extraction (over 20 GB for a last layer at N = 2^16)")
+    ap.add_argument("--max-memory-gib", type=float, default=16.0, help="address-space cap per child (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     # a child's own arguments

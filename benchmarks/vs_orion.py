@@ -67,7 +67,12 @@ jobs, load average 6-7: wall times are noisy, process CPU times less so)::
     0.69/0.76 (2.21); mlp 7.45/7.99 vs 5.54/6.03 (1.32). hf_polyhe plans: linear 23 rotations (23 keys), 128 pt x
     ct; cheb one EvalChebyshevSeries; mlp 72 rotations (27 keys), 384 pt x ct, 2 ct x ct.
 
-Reading it: hf_polyhe is 1.3-1.7x slower on the linear work (the issue had 1.9x before plaintexts were encoded
+After the runtime's ``poly`` op moved to the least-depth Paterson-Stockmeyer (next commit on this branch),
+``--workload cheb`` again: hf_polyhe 2.42 / 2.99 s (CPU 1.44 / 2.00), Orion 0.93 / 1.20 s (CPU 0.66 / 0.86), ratio
+2.50 wall / 2.34 CPU (noisy: load 3-6); levels chain/in/spent 6/6/5 against Orion's 6/5/5 -- the same 5 levels
+spent; hf_polyhe still encrypts at the top of its chain, one level above what the series needs.
+
+Reading it (first table): hf_polyhe is 1.3-1.7x slower on the linear work (the issue had 1.9x before plaintexts were encoded
 once per server) and 2.2x on the degree-15 series, where it also spends one level more (6 against 5: OpenFHE's
 EvalChebyshevSeries needs 5 levels on [-1, 1] at degree 15 plus the affine map) and starts its input at the top
 of a 7-level chain while Orion encrypts at the level the network needs (5 of 7): every hf_polyhe operation there

@@ -9,6 +9,10 @@ least-depth PS (``OpenFHEBackend.cheb``) since it measured faster and one level 
     tanh deg 15 [-8,8]     least-depth PS (deg 15)       5       8   2.224    2.278    1.1e-10
     tanh deg 59 [-8,8]     EvalChebyshevSeries           7       -   5.148    5.411    1.4e-10
     tanh deg 59 [-8,8]     least-depth PS (deg 59)       7      15   4.596    5.254    1.0e-10
+    tanh deg 15 [-1,1]     EvalChebyshevSeries           5       -   2.687    3.141    1.7e-10
+    tanh deg 15 [-1,1]     least-depth PS (deg 15)       4       8   2.418    2.462    1.6e-10
+    tanh deg 59 [-1,1]     EvalChebyshevSeries           6       -   7.138    7.929    1.9e-10
+    tanh deg 59 [-1,1]     least-depth PS (deg 25)       5      10   3.696    3.798    1.6e-10
 
     python benchmarks/chebyshev_ps.py                 # 128-bit, N = 2^16, 5 repeats
     python benchmarks/chebyshev_ps.py --toy           # N = 2^12, insecure: a quick check

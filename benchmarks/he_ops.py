@@ -302,7 +302,7 @@ def main():
         rows.append((f"{kind} ({what})", [(x[1] + y[1]) / 2 for x, y in zip(passA[0][kind], passB[0][kind])], ""))
     for d in CHEB_DEGREES:
         ta, tb_ = passA[1][d][1], passB[1][d][1]
-        rows.append((f"Chebyshev degree {d} (EvalChebyshevSeries)", [(ta + tb_) / 2], f"passes {ta:.2f}/{tb_:.2f} s, "
+        rows.append((f"Chebyshev degree {d} (runtime PS)", [(ta + tb_) / 2], f"passes {ta:.2f}/{tb_:.2f} s, "
                      f"= {costs['cheb_mults'][str(d)]:.1f} ct x ct mults"))
     Ts = [p.depth - L + 1 for L in levels]
     print(f"# hf_polyhe.he per-op costs, 128-bit ({p.security}), N={N}, depth {p.depth}, slots {p.slots}, "

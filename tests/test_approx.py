@@ -18,6 +18,7 @@ from hf_polyhe.approx import (
     register_approximator,
     remez_series,
 )
+from hf_polyhe.approx.base import openfhe_chebyshev_depth
 
 # a realistic calibrated interval per operator (LayerNorm variance range for inv_sqrt, as in the paper)
 INTERVALS = {
@@ -37,8 +38,8 @@ OPS = sorted(APPROXIMATORS)
 
 class LevelTracker:
     """A stand-in ciphertext that counts CKKS levels: every product (by a ciphertext or by a constant)
-    costs one level, sums are free, and a Chebyshev series costs what OpenFHE's EvalChebyshevSeries costs
-    (checked against openfhe in test_chebyshev_depth_matches_openfhe). It also carries the plaintext value."""
+    costs one level, sums are free, and a Chebyshev series costs what the runtime's least-depth Paterson-Stockmeyer
+    costs (checked against openfhe in test_chebyshev_depth_matches_openfhe). It also carries the plaintext value."""
 
     def __init__(self, value, level=0):
         self.value, self.level = np.asarray(value, dtype=np.float64), level
@@ -175,7 +176,7 @@ def test_remez_equioscillates():
 def test_relu_low_depth_methods_available():
     a = fit_operator("relu", (-8, 8), degree=15, method="chebyshev")
     b = fit_operator("relu", (-8, 8), degree=15, method="minimax")
-    assert a.kind == b.kind == "chebyshev" and a.depth == b.depth == 6
+    assert a.kind == b.kind == "chebyshev" and a.depth == b.depth == 5  # EvalChebyshevSeries: 6
     assert b.max_error < a.max_error < 0.3
 
 
@@ -251,9 +252,14 @@ def test_chebyshev_depth_table():
     # OpenFHE's documented table on a general interval; [-1, 1] saves the affine level
     expected = {1: 2, 2: 3, 3: 4, 5: 4, 6: 5, 13: 5, 14: 6, 27: 6, 28: 7, 59: 7, 60: 8, 119: 8, 120: 9, 247: 9}
     for degree, depth in expected.items():
-        assert chebyshev_depth(degree) == depth
+        assert openfhe_chebyshev_depth(degree) == depth
+        assert openfhe_chebyshev_depth(degree, normalized=True) == depth - 1
+    # the runtime's least-depth Paterson-Stockmeyer: ceil(log2(d + 1)), plus the affine level
+    ps = {1: 2, 2: 3, 3: 3, 4: 4, 7: 4, 8: 5, 15: 5, 16: 6, 31: 6, 59: 7, 63: 7, 64: 8, 127: 8, 247: 9}
+    for degree, depth in ps.items():
+        assert chebyshev_depth(degree) == depth <= openfhe_chebyshev_depth(degree)
         assert chebyshev_depth(degree, normalized=True) == depth - 1
-    assert chebyshev_depth(0) == 0
+    assert chebyshev_depth(0) == openfhe_chebyshev_depth(0) == 0
     with pytest.raises(ValueError, match="2031"):
         chebyshev_depth(5000)
 
@@ -281,7 +287,8 @@ def test_legacy_call_and_custom_registration():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Against the real CKKS library: depth and values of EvalChebyshevSeries and of whole approximations.
+# Against the real CKKS library: depth and values of the runtime's series evaluation, of EvalChebyshevSeries and of
+# whole approximations.
 
 def _openfhe_context(depth):
     import openfhe  # a hard dependency: a broken install fails the test instead of skipping it
@@ -326,7 +333,12 @@ class OpenFHECiphertext:
 
     __rmul__ = __mul__
 
-    def eval_chebyshev_series(self, series):
+    def eval_chebyshev_series(self, series):  # what the runtime runs (OpenFHEBackend.cheb)
+        from hf_polyhe.he.backends.openfhe import eval_chebyshev_ps
+
+        return self._wrap(eval_chebyshev_ps(self.cc, self.ct, series))
+
+    def eval_chebyshev_series_openfhe(self, series):
         a, b = series.interval
         return self._wrap(self.cc.EvalChebyshevSeries(self.ct, series.openfhe_coeffs(), a, b))
 
@@ -357,6 +369,9 @@ def _check_series_depth_against_openfhe(cases, depth):
             out = series(ct)
             assert out.levels_used == series.depth, (interval, degree)
             np.testing.assert_allclose(_decrypt(cc, keys, out, 16), series(x), atol=1e-6)
+            ref = ct.eval_chebyshev_series_openfhe(series)
+            assert ref.levels_used == openfhe_chebyshev_depth(series.degree, series.normalized) >= series.depth
+            np.testing.assert_allclose(_decrypt(cc, keys, ref, 16), series(x), atol=1e-6)
 
 
 def test_chebyshev_depth_matches_openfhe():

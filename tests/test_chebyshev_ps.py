@@ -1,12 +1,13 @@
 """The least-depth Paterson-Stockmeyer evaluation (hf_polyhe/he/backends/chebyshev.py): exact on numpy, the
-minimal depth ceil(log2(degree + 1)) for every degree, and the same depth and values under CKKS (toy ring)."""
+minimal depth ceil(log2(degree + 1)) for every degree -- what the planner counts (chebyshev_depth) -- and the same
+depth and values under CKKS (toy ring), where the runtime's poly op runs it (OpenFHEBackend.cheb)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from hf_polyhe.approx.base import ChebyshevSeries, chebyshev_depth
+from hf_polyhe.approx.base import ChebyshevSeries, chebyshev_depth, openfhe_chebyshev_depth
 from hf_polyhe.approx.chebyshev import fit_chebyshev
 from hf_polyhe.approx.functions import EXACT_FUNCTIONS
 from hf_polyhe.he.backends.chebyshev import DepthArithmetic, NumpyArithmetic, evaluate_ps, ps_schedule
@@ -23,10 +24,11 @@ def test_ps_is_exact_in_the_least_depth(degree):
     assert np.abs(got - ChebyshevSeries(c, (-1, 1)).evaluate(t)).max() < 1e-12 * np.abs(c).sum()
     assert s.depth == math.ceil(math.log2(degree + 1)) and ar.products == s.products
     assert evaluate_ps(DepthArithmetic(), 0, c, s) == s.depth
+    assert chebyshev_depth(degree, normalized=True) == s.depth == ChebyshevSeries(c, (-1, 1)).depth
     # EvalChebyshevSeries' depth on [-1, 1]: never less, one more at 2^j - 1 (7, 15, 31, 63, 127 ...)
-    assert chebyshev_depth(degree, normalized=True) >= s.depth
+    assert openfhe_chebyshev_depth(degree, normalized=True) >= s.depth
     if degree in (7, 15, 31, 63, 127):
-        assert chebyshev_depth(degree, normalized=True) == s.depth + 1
+        assert openfhe_chebyshev_depth(degree, normalized=True) == s.depth + 1
 
 
 def test_ps_product_counts_and_zero_coefficients():
@@ -43,8 +45,9 @@ def test_ps_product_counts_and_zero_coefficients():
 
 @pytest.mark.filterwarnings("ignore::hf_polyhe.he.errors.ToyParametersWarning")
 def test_ps_under_ckks_spends_what_it_says():
-    """OpenFHEBackend.cheb_ps at degree 15 (tanh on [-8, 8] and [-1, 1]): EvalChebyshevSeries' values, one level
-    less (the affine map onto [-1, 1] costs one more on [-8, 8])."""
+    """OpenFHEBackend.cheb (the runtime's poly op) at degree 15 (tanh on [-8, 8] and [-1, 1]): EvalChebyshevSeries'
+    values in the depth the planner counts, one level less than EvalChebyshevSeries (the affine map onto [-1, 1]
+    costs one more on [-8, 8])."""
     from hf_polyhe.he import params as P
     from hf_polyhe.he.backends.openfhe import OpenFHEBackend, decrypt_vectors, encrypt_vectors
     from hf_polyhe.he.runtime.keys import generate_keys
@@ -56,10 +59,10 @@ def test_ps_under_ckks_spends_what_it_says():
         x = np.linspace(lo, hi, 64)
         ct = encrypt_vectors(cc, kp.publicKey, [x], 0, 64)[0]
         s = fit_chebyshev(EXACT_FUNCTIONS["tanh"], (lo, hi), 15).stages[0]
-        ps, ref = be.cheb_ps(ct, s), be.cheb(ct, s)
+        ps, ref = be.cheb(ct, s), be.cheb_openfhe(ct, s)
         level = lambda c: c.GetLevel() + c.GetNoiseScaleDeg() - 1  # noqa: E731  (settled)
         affine = int(not s.normalized)
-        assert level(ps) == ps_schedule(s.coeffs).depth + affine == s.depth - 1
-        assert level(ref) == s.depth
+        assert level(ps) == ps_schedule(s.coeffs).depth + affine == s.depth
+        assert level(ref) == openfhe_chebyshev_depth(s.degree, s.normalized) == s.depth + 1
         got = decrypt_vectors(cc, kp.secretKey, [ps], 64)[0]
         assert np.abs(got - s.evaluate(x)).max() < 1e-6

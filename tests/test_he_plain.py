@@ -195,7 +195,7 @@ def test_planner_counts_levels_and_keys():
     c.output(c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), h))
     pl = he.plan(c)
     lev = static_levels(c)
-    assert pl.depth == max(lev.values()) == 1 + 2 + 5 + 2
+    assert pl.depth == max(lev.values()) == 1 + 2 + 4 + 2  # degree 7: 4 levels (EvalChebyshevSeries: 5)
     assert pl.params.depth == pl.depth + 1 and not pl.params.bootstrap
     assert pl.params.security == "HEStd_128_classic" and pl.params.ring_dim >= 2**14
     assert pl.counts["mul"] == 2 * 6  # one ct x ct per shift in qk_scores and attn_apply (6 causal shifts)

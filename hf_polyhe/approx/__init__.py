@@ -1,7 +1,7 @@
 """Polynomial approximations of non-polynomial operators (numpy only; no torch).
 
 ``fit_operator("gelu", (-8, 8))`` returns an :class:`Approximation` -- Chebyshev series stages plus a little
-arithmetic -- with its measured ``max_error`` and its CKKS ``depth`` (levels, as OpenFHE evaluates it).
+arithmetic -- with its measured ``max_error`` and its CKKS ``depth`` (levels, as the runtime evaluates it).
 Methods: Chebyshev interpolation, minimax (Remez), composite sign/ReLU (Lee et al. 2021), Newton for
 ``1/sqrt(x)`` and ``1/x``.
 """

@@ -19,12 +19,14 @@ series (each on its own interval ``[a, b]``), additions and multiplications:
 Evaluation only uses ``+``, ``-``, ``*`` and multiplication by Python floats, so :meth:`Approximation.evaluate`
 runs unchanged on numpy arrays, torch tensors or any ciphertext wrapper that overloads those operators.
 A wrapper may also define ``eval_chebyshev_series(series)``: :meth:`ChebyshevSeries.evaluate` then hands each
-series to it (the OpenFHE backend calls ``EvalChebyshevSeries(ct, series.openfhe_coeffs(), a, b)`` there),
-instead of running the Clenshaw recurrence, whose depth grows linearly with the degree.
+series to it (the OpenFHE backend runs its least-depth Paterson-Stockmeyer there,
+:mod:`hf_polyhe.he.backends.chebyshev`), instead of running the Clenshaw recurrence, whose depth grows linearly
+with the degree.
 
 Depth (``.depth``, in CKKS levels) counts what the evaluation above costs when every Chebyshev series goes
-through OpenFHE's ``EvalChebyshevSeries`` (Paterson-Stockmeyer, see :func:`chebyshev_depth`) and every other
-multiplication -- ciphertext by ciphertext *or* by a non-unit constant -- costs one level; additions are free.
+through the runtime's least-depth Paterson-Stockmeyer (see :func:`chebyshev_depth`; one level less than OpenFHE's
+``EvalChebyshevSeries`` at degrees 3, 6-7, 14-15, 28-31, 60-63, ...: :func:`openfhe_chebyshev_depth`) and every
+other multiplication -- ciphertext by ciphertext *or* by a non-unit constant -- costs one level; additions are free.
 This module imports numpy only.
 """
 
@@ -54,11 +56,31 @@ _OPENFHE_DEPTH_BINS = (
     (1, 2), (2, 3), (5, 4), (13, 5), (27, 6), (59, 7), (119, 8), (247, 9), (495, 10), (1007, 11), (2031, 12),
 )
 MAX_CHEBYSHEV_DEGREE = _OPENFHE_DEPTH_BINS[-1][0]
+CKKS_TINY = 2.0**-45  # a Chebyshev coefficient below CKKS precision: the runtime leaves it out
 
 
 def chebyshev_depth(degree: int, normalized: bool = False) -> int:
+    """Multiplicative depth (CKKS levels) that the runtime's least-depth Paterson-Stockmeyer
+    (:mod:`hf_polyhe.he.backends.chebyshev`, ``OpenFHEBackend.cheb``) consumes for a series of degree ``degree``:
+    ``ceil(log2(degree + 1))``, plus one for the affine map onto ``[-1, 1]`` unless ``normalized``. Counted from a
+    settled input to a settled output (``GetLevel()`` plus the pending rescale); checked against the openfhe
+    wheel in ``tests/test_approx.py`` and ``tests/test_chebyshev_ps.py``. Degree 0 (a constant) costs 0; degrees
+    above ``MAX_CHEBYSHEV_DEGREE`` (2031) are refused: split them into composite stages. A series' degree for
+    this count is :attr:`ChebyshevSeries.ps_degree` (coefficients below CKKS precision left out)."""
+    degree = int(degree)
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    if degree == 0:
+        return 0
+    if degree > MAX_CHEBYSHEV_DEGREE:
+        raise ValueError(f"degree {degree} is above the largest supported Chebyshev degree {MAX_CHEBYSHEV_DEGREE}")
+    return math.ceil(math.log2(degree + 1)) + (0 if normalized else 1)
+
+
+def openfhe_chebyshev_depth(degree: int, normalized: bool = False) -> int:
     """Multiplicative depth (CKKS levels) that OpenFHE's ``EvalChebyshevSeries`` consumes for a series of
-    degree ``degree`` (degree counted as OpenFHE does: index of the last non-zero coefficient).
+    degree ``degree`` (degree counted as OpenFHE does: index of the last non-zero coefficient) -- what the
+    runtime spent before it evaluated series itself (:func:`chebyshev_depth`; never less).
 
     Levels are counted from a settled (rescaled) input to a settled output, i.e. ``GetLevel()`` plus the
     pending rescale (``GetNoiseScaleDeg() - 1``) under FLEXIBLEAUTO. On a general interval ``[a, b]`` this is
@@ -98,14 +120,20 @@ class ChebyshevSeries:
         return int(nz[-1]) if nz.size else 0
 
     @property
+    def ps_degree(self) -> int:
+        """The degree the runtime evaluates: index of the last coefficient above CKKS precision (``CKKS_TINY``)."""
+        nz = np.flatnonzero(np.abs(self.coeffs) > CKKS_TINY)
+        return int(nz[-1]) if nz.size else 0
+
+    @property
     def normalized(self) -> bool:
-        """True when the interval is exactly ``[-1, 1]`` (no affine map, one level cheaper in OpenFHE)."""
+        """True when the interval is exactly ``[-1, 1]`` (no affine map, one level cheaper)."""
         return self.interval == (-1.0, 1.0)
 
     @property
     def depth(self) -> int:
-        """CKKS levels consumed by OpenFHE's ``EvalChebyshevSeries`` on this series (see :func:`chebyshev_depth`)."""
-        return chebyshev_depth(self.degree, normalized=self.normalized)
+        """CKKS levels the runtime's evaluation of this series consumes (see :func:`chebyshev_depth`)."""
+        return chebyshev_depth(self.ps_degree, normalized=self.normalized)
 
     def openfhe_coeffs(self) -> list:
         """Coefficients in OpenFHE's convention ``c0 / 2 + sum_{k>=1} c_k T_k``: ``coeffs`` with ``c0`` doubled,
@@ -186,8 +214,8 @@ class Approximation:
 
     @property
     def depth(self) -> int:
-        """Multiplicative depth in CKKS levels of :meth:`evaluate` when each Chebyshev stage runs through
-        OpenFHE's ``EvalChebyshevSeries`` (see the module docstring; checked against openfhe in the tests)."""
+        """Multiplicative depth in CKKS levels of :meth:`evaluate` when each Chebyshev stage runs through the
+        runtime's least-depth Paterson-Stockmeyer (see the module docstring; checked against openfhe in the tests)."""
         d = sum(s.depth for s in self.stages)
         if self.kind == "relu_from_sign":
             d += 1  # h * s with h = 0.5 * x at level 1 <= depth of s

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .base import Approximation, ChebyshevSeries, _as_interval, chebyshev_depth
+from .base import Approximation, ChebyshevSeries, _as_interval
 from .chebyshev import check_degree
 from .errors import dense_grid, measure_max_error
 from .functions import inv_sqrt, reciprocal
@@ -121,7 +121,7 @@ def _fit_newton(name: str, interval, degree=None, newton_steps=None, rel_error=N
         if plan is None:
             continue
         series, k, err = plan
-        depth = chebyshev_depth(series.degree) + 2 * k
+        depth = series.depth + 2 * k
         key = (err > target, depth, err)
         if best is None or key < best[0]:
             best = (key, series, k)

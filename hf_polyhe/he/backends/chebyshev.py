@@ -15,8 +15,9 @@ odd or even functions skip half the leaves' products.
 :func:`ps_schedule` picks ``a`` with the fewest products at depth ``L`` (running each on :class:`DepthArithmetic`);
 :func:`evaluate_ps` runs it on any :class:`Arithmetic`: numpy arrays (:class:`NumpyArithmetic`, the tests) or
 OpenFHE ciphertexts (``OpenFHEBackend.cheb_ps``). ``benchmarks/chebyshev_ps.py`` measures it against
-``EvalChebyshevSeries``. The runtime's ``poly`` op still uses ``EvalChebyshevSeries``: its depth is what the
-planner and the approximation registry count (:func:`hf_polyhe.approx.chebyshev_depth`). Numpy only.
+``EvalChebyshevSeries``. The runtime's ``poly`` op evaluates every series this way (``OpenFHEBackend.cheb``), and its
+depth is what the planner and the approximation registry count (:func:`hf_polyhe.approx.chebyshev_depth` of
+:attr:`~hf_polyhe.approx.ChebyshevSeries.ps_degree`). Numpy only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TINY = 2.0**-45  # a coefficient below CKKS precision is left out
+from ...approx.base import CKKS_TINY as TINY  # a coefficient below CKKS precision is left out
 
 
 @dataclass(frozen=True)

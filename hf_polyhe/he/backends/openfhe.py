@@ -6,8 +6,9 @@ digest) and that level: first among the plaintexts *pinned* when a planned circu
 (:meth:`OpenFHEBackend.pin`, :func:`hf_polyhe.he.compile.plaintexts.compile_evaluator`: every plaintext encoded once,
 when the server builds the evaluator), then in a bounded LRU of what was encoded on the fly
 (``HF_POLYHE_PLAINTEXT_CACHE_MIB``, default 512).
-Chebyshev stages use ``EvalChebyshevSeries`` (OpenFHE's convention halves ``c0``, so it is doubled here);
-bootstraps scale by ``1/bound`` into the range CKKS bootstrapping needs and back.
+Chebyshev stages run the least-depth Paterson-Stockmeyer of :mod:`.chebyshev` (one level less than OpenFHE's
+``EvalChebyshevSeries`` at degrees 2^k - 1, and faster: ``benchmarks/chebyshev_ps.py``); ``cheb_openfhe`` keeps
+``EvalChebyshevSeries`` (OpenFHE's convention halves ``c0``, so it is doubled there) for comparison. Bootstraps scale by ``1/bound`` into the range CKKS bootstrapping needs and back.
 """
 
 from __future__ import annotations
@@ -235,41 +236,22 @@ class OpenFHEBackend:
         return acc
 
     def cheb(self, a, series, where="", valid=None):
+        """The series by :mod:`.chebyshev`'s least-depth Paterson-Stockmeyer: ``series.depth`` levels
+        (``ceil(log2(ps_degree + 1))``, one more for the affine map onto [-1, 1] when the interval is another)."""
+        if series.ps_degree == 0:
+            return self.cc.EvalAdd(self.cc.EvalMult(a, 0.0), float(series.coeffs[0]))
+        return eval_chebyshev_ps(self.cc, a, series)
+
+    cheb_ps = cheb
+
+    def cheb_openfhe(self, a, series):
+        """The series by OpenFHE's ``EvalChebyshevSeries`` (``approx.openfhe_chebyshev_depth`` levels)."""
         c = [float(v) for v in series.coeffs]
         lo, hi = series.interval
         if len(c) == 1:
             return self.cc.EvalAdd(self.cc.EvalMult(a, 0.0), c[0])
         c[0] *= 2.0  # OpenFHE evaluates sum c_k T_k - c_0 / 2
         return self.cc.EvalChebyshevSeries(a, c, lo, hi)
-
-    def cheb_ps(self, a, series):
-        """The series by :mod:`.chebyshev`'s least-depth Paterson-Stockmeyer (``ceil(log2(degree + 1))`` levels, one
-        more for the affine map onto [-1, 1] when the interval is another) instead of ``EvalChebyshevSeries``."""
-        from .chebyshev import Arithmetic, evaluate_ps
-
-        cc = self.cc
-
-        class CKKS(Arithmetic):
-            def mul(self, x, y):
-                return cc.EvalSquare(x) if x is y else cc.EvalMult(x, y)
-
-            def add(self, x, y):
-                return cc.EvalAdd(x, y)
-
-            def sub(self, x, y):
-                return cc.EvalSub(x, y)
-
-            def scale(self, x, c):
-                return cc.EvalMult(x, float(c))
-
-            def add_const(self, x, c):
-                return cc.EvalAdd(x, float(c))
-
-        lo, hi = series.interval
-        t = a
-        if not series.normalized:
-            t = cc.EvalAdd(cc.EvalMult(a, 2.0 / (hi - lo)), -(lo + hi) / (hi - lo))
-        return evaluate_ps(CKKS(), t, series.coeffs)
 
     def bootstrap(self, a, bound, where=""):
         if bound != 1.0:
@@ -278,3 +260,31 @@ class OpenFHEBackend:
         if bound != 1.0:
             b = self.cc.EvalMult(b, float(bound))
         return b
+
+
+def eval_chebyshev_ps(cc, a, series):
+    """``series`` (a :class:`~hf_polyhe.approx.ChebyshevSeries`) on ciphertext ``a`` by :mod:`.chebyshev`'s
+    least-depth Paterson-Stockmeyer: ``series.depth`` levels."""
+    from .chebyshev import Arithmetic, evaluate_ps
+
+    class CKKS(Arithmetic):
+        def mul(self, x, y):
+            return cc.EvalSquare(x) if x is y else cc.EvalMult(x, y)
+
+        def add(self, x, y):
+            return cc.EvalAdd(x, y)
+
+        def sub(self, x, y):
+            return cc.EvalSub(x, y)
+
+        def scale(self, x, c):
+            return cc.EvalMult(x, float(c))
+
+        def add_const(self, x, c):
+            return cc.EvalAdd(x, float(c))
+
+    lo, hi = series.interval
+    t = a
+    if not series.normalized:
+        t = cc.EvalAdd(cc.EvalMult(a, 2.0 / (hi - lo)), -(lo + hi) / (hi - lo))
+    return evaluate_ps(CKKS(), t, series.coeffs)

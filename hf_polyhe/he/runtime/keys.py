@@ -61,9 +61,14 @@ def default_key_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "hf_polyhe", "keys")
 
 
+# Bumped when the planner's level accounting changes, so that keys cached for an older plan (which a server now
+# refuses) are not reused: "ps" = Chebyshev series counted and run as the least-depth Paterson-Stockmeyer.
+CACHE_LAYOUT = "ps"
+
+
 def cache_dirs(key_dir, digest: str, params: P.CKKSParams) -> tuple:
     """``(client directory, server bundle directory)`` of one export's keys in the key cache ``key_dir``."""
-    root = os.path.join(str(key_dir or default_key_dir()), f"{digest[:16]}-{params.name}")
+    root = os.path.join(str(key_dir or default_key_dir()), f"{digest[:16]}-{params.name}-{CACHE_LAYOUT}")
     return os.path.join(root, "client"), os.path.join(root, "server_bundle")
 
 

@@ -87,10 +87,13 @@ def test_range_tracker_matches_direct_measurement():
     seen = {}
     handles = [op.register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone()))
                for p, op in select_operators(model).items()]
-    tracker = calibrate(model, batches)
+    tracker = calibrate(model, batches, embedding_tables=False)  # the batches only (default: + the whole table)
     for h in handles:
         h.remove()
     ranges = tracker.ranges()
+    with_table = calibrate(model, batches).ranges()["transformer.h.0.attention_norm.inv_sqrt"]
+    table = hf_polyhe.training.embedding_table_ranges(model)["transformer.h.0.attention_norm.inv_sqrt"]
+    assert (with_table.lo, with_table.hi) == (min(table.lo, ranges[table.path].lo), max(table.hi, ranges[table.path].hi))
     assert set(ranges) == set(select_operators(model))  # every non-polynomial operator, norms included
     for path, r in ranges.items():
         xs = torch.cat([x.flatten() for x in seen[path]])

@@ -206,3 +206,17 @@ def test_callback_refit_after_training_moved_the_weights():
     assert torch.isfinite(logits(model, data)).all()
     want = logits(exact_model, data)
     assert (logits(model, data) - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+def test_positive_operator_interval_too_wide_for_a_polynomial_is_clipped_with_a_warning():
+    """Power-softmax row sums measured on [6.8e-4, 1.3e6]: no positive initial guess exists on a ratio of 2e9 (the
+    fit raised); the interval is clipped at the bottom to MAX_POSITIVE_RATIO, with a warning."""
+    from hf_polyhe.nn.operators import MAX_POSITIVE_RATIO
+
+    op = PolyOperator("reciprocal", role="attn_norm")
+    with pytest.warns(UserWarning, match=r"reciprocal interval \[0.00068, 1.3e\+06\].*fitted on \[65, 1.3e\+06\]"):
+        approx = op.fit(interval=(6.8e-4, 1.3e6))
+    assert approx.interval == pytest.approx((1.3e6 / MAX_POSITIVE_RATIO["reciprocal"], 1.3e6))
+    x = torch.logspace(1.82, 6.1, 50, dtype=torch.float64)
+    assert torch.isfinite(op.polynomial(x)).all()
+    assert approx.meta["max_rel_error"] < 1e-2

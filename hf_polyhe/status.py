@@ -228,7 +228,8 @@ def to_polynomial(
 
     The interval of an operator is ``ranges[path]`` if given; else, with ``calibration_data`` (batches of model
     keyword arguments, e.g. ``[{"input_ids": ids}]``; up to ``calibration_batches`` of them), the range of its
-    input over that data measured with the selected operators exact, widened by ``margin`` (default
+    input over that data measured with every operator exact (the norm reading the embeddings: also over the whole
+    embedding table), widened by ``margin`` (default
     :data:`~hf_polyhe.training.DEFAULT_MARGIN`; see :func:`~hf_polyhe.training.calibrated_intervals`); else the
     interval it was last calibrated or fitted on. An operator that never saw data is fitted on a default interval
     ([-8, 8] for activations, [1e-3, 64] for the 1/sqrt of LayerNorm), which the inputs of a trained model

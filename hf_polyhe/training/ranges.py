@@ -318,6 +318,12 @@ def _first_norm_tables(model: nn.Module) -> list:
     return out
 
 
+def _centred(t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` in float64 minus their mean over the last dimension."""
+    t = t.detach().double()
+    return t - t.mean(-1, keepdim=True)
+
+
 @torch.no_grad()
 def embedding_table_ranges(model: nn.Module, chunk_size: int = 4096) -> dict[str, OperatorRange]:
     """``{path: OperatorRange}`` of ``var + eps`` at the first norm's ``inv_sqrt`` over **every** input the
@@ -333,15 +339,14 @@ def embedding_table_ranges(model: nn.Module, chunk_size: int = 4096) -> dict[str
     paths = {id(m): p for p, m in inner.named_modules()}
     out = {}
     for norm, tables in _first_norm_tables(inner):
-        centred = [t.detach().double() - t.detach().double().mean(-1, keepdim=True) for t in tables]
-        tokens, rest = centred[0], centred[1]
-        for extra in centred[2:]:  # every (position, token type) pair
-            rest = (rest[:, None, :] + extra[None, :, :]).reshape(-1, rest.shape[-1])
+        tokens, rest = tables[0].detach(), _centred(tables[1])
+        for extra in tables[2:]:  # every (position, token type) pair
+            rest = (rest[:, None, :] + _centred(extra)[None, :, :]).reshape(-1, rest.shape[-1])
         d = tokens.shape[-1]
         rest_sq = (rest * rest).sum(-1) / d
         lo, hi = math.inf, -math.inf
-        for i in range(0, tokens.shape[0], chunk_size):
-            a = tokens[i : i + chunk_size]
+        for i in range(0, tokens.shape[0], chunk_size):  # the token table in float64 one chunk at a time
+            a = _centred(tokens[i : i + chunk_size])
             var = (a * a).sum(-1, keepdim=True) / d + rest_sq[None, :] + 2.0 * (a @ rest.T) / d
             lo, hi = min(lo, float(var.min())), max(hi, float(var.max()))
         op = norm.inv_sqrt

@@ -36,7 +36,7 @@ if _HAS_TORCH:
     from .models.poly_gpt import PolyGPTConfig, PolyGPTForCausalLM, PolyGPTModel
     from .models.poly_vit import PolyViTConfig, PolyViTForImageClassification, PolyViTModel
     from .nn import PolyOperator
-    from .status import polynomial_status, set_operator_mode, to_polynomial
+    from .status import OutOfIntervalWarning, polynomial_status, set_operator_mode, to_polynomial
     from .training import PolyReplacementCallback, PolyTrainer, RangeLoss, RangeLossConfig, RangeTracker
 
     def _register_auto_classes() -> None:
@@ -67,6 +67,7 @@ if _HAS_TORCH:
         "PolyViTForImageClassification",
         "PolyViTModel",
         "convert_to_poly",
+        "OutOfIntervalWarning",
         "polynomial_status",
         "save_encrypted_pipeline",
         "set_operator_mode",

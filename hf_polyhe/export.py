@@ -224,10 +224,15 @@ def client_tables(model) -> dict:
 def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
     """``{operator path: (lo, hi)}``: the input range of every polynomial operator over ``inputs`` (a list of
     model keyword-argument dicts), widened by ``margin`` of the span -- tight calibrated intervals make the
-    fitted polynomials (and Newton inverse square roots) shallow. Pass the result to ``to_polynomial(ranges=)``."""
+    fitted polynomials (and Newton inverse square roots) shallow. Pass the result to ``to_polynomial(ranges=)``.
+
+    Measured with every operator exact (a polynomial diverging upstream must not poison the ranges); the norm
+    that reads the embeddings also covers the whole embedding table
+    (:func:`~hf_polyhe.training.ranges.embedding_table_ranges`)."""
     import math
 
     from .nn import poly_operators
+    from .training.ranges import embedding_table_ranges, exact_operators
 
     seen: dict = {}
     hooks = []
@@ -239,12 +244,17 @@ def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
     was_training = model.training
     model.eval()
     try:
-        for kw in inputs:
-            model(**kw)
+        with exact_operators(model):
+            for kw in inputs:
+                model(**kw)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    for path, r in embedding_table_ranges(model).items():
+        if path in seen:
+            lo, hi = seen[path]
+            seen[path] = (min(lo, r.lo), max(hi, r.hi))
     out = {}
     for path, (lo, hi) in seen.items():
         pad = margin * (hi - lo) + 1e-3
@@ -255,8 +265,37 @@ def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
 TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classification", "vit": "encrypted-image-classification"}
 
 
+def check_intervals(model, calibration_data, max_out_of_interval: float = 0.0, max_batches: Optional[int] = None):
+    """Raise ``ValueError`` when, on ``calibration_data`` (batches of model keyword arguments), more than
+    ``max_out_of_interval`` of some operator's inputs fall outside the interval its polynomial was fitted on,
+    naming each such operator with its measured range and interval. Returns the
+    :class:`~hf_polyhe.status.PolynomialStatus` with the rates otherwise.
+
+    Under encryption nothing can check this: a polynomial evaluated outside its interval diverges and the client
+    decrypts garbage without any error. This plaintext check before export is the only place it is caught."""
+    import warnings
+
+    from .status import OutOfIntervalWarning
+
+    if not 0.0 <= max_out_of_interval <= 1.0:
+        raise ValueError(f"max_out_of_interval is a fraction in [0, 1], got {max_out_of_interval}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutOfIntervalWarning)
+        status = polynomial_status(model, calibration_data, max_batches)
+    bad = [o for o in status.out_of_interval if o.out_of_interval > max_out_of_interval]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} polynomial operator(s) get inputs outside the interval they were fitted on (more than "
+            f"max_out_of_interval={max_out_of_interval:g}); under encryption these give wrong results without any "
+            f"error, so the export is refused: {'; '.join(o.describe_range() for o in bad[:8])}. The first one is "
+            "where the divergence starts (those after it see its output). Refit on data like this: "
+            "hf_polyhe.training.refit_drifted_operators(model, calibration_data), or to_polynomial(model, "
+            "calibration_data=...).")
+    return status
+
+
 def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: Optional[int] = None,
-                            plan: bool = True) -> str:
+                            plan: bool = True, calibration_data=None, max_out_of_interval: float = 0.0) -> str:
     """Export a fully polynomial Poly model for encrypted inference into ``out_dir``, complete in one call.
 
     Writes the server part (architecture, fitted polynomials, weights: ``server/``), the client part
@@ -266,7 +305,13 @@ def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: 
     ``pipeline.json["plan"]``: ring dimension, depth, mode, rotation keys, counts and predicted seconds per
     circuit; or the reason no 128-bit plan exists). Planning generates no keys. Refuses a model that is not
     fully polynomial, listing the offending operators. The export is written to a temporary directory beside
-    ``out_dir`` and moved into place at the end: a failed export leaves nothing behind."""
+    ``out_dir`` and moved into place at the end: a failed export leaves nothing behind.
+
+    With ``calibration_data`` (batches of model keyword arguments, like the inputs it will serve), the polynomial
+    model first runs on it in plaintext and the export is refused (``ValueError`` naming each operator, its measured
+    input range and its interval) when more than ``max_out_of_interval`` (a fraction, default 0) of some
+    operator's inputs leave the interval its polynomial was fitted on (:func:`check_intervals`): under encryption
+    such inputs give garbage with no error."""
     import json
     import os
     import shutil
@@ -277,6 +322,9 @@ def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: 
     from .pipelines.base import write_pipeline_config
 
     model = model.eval()
+    if calibration_data is not None:
+        check_exportable(model)
+        check_intervals(model, calibration_data, max_out_of_interval)
     spec = model_to_spec(model, max_length)
     out_dir = os.path.abspath(str(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

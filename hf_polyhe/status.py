@@ -1,15 +1,28 @@
-"""Which operators of a model are polynomial, and switching them: ``polynomial_status``, ``to_polynomial``."""
+"""Which operators of a model are polynomial, and switching them: ``polynomial_status``, ``to_polynomial``.
+
+``polynomial_status(model, data)`` also runs the model on ``data`` and reports, per operator, the fraction of its
+inputs outside the interval its polynomial was fitted on (the out-of-interval rate), warning with
+:class:`OutOfIntervalWarning` when any is outside: a polynomial diverges outside its interval, in plaintext (NaN)
+as under encryption (where nothing checks: the decrypted result is silently wrong)."""
 
 from __future__ import annotations
 
 import warnings
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .nn.attention import PolyAttention
 from .nn.operators import OPERATOR_ROLES, PolyOperator, canonical_activation, check_names, operator_names
+
+
+class OutOfIntervalWarning(UserWarning):
+    """Inputs of a polynomial operator left the interval its polynomial was fitted on (see
+    :func:`polynomial_status` with ``data``): there the polynomial diverges -- NaN / huge outputs in plaintext,
+    silently wrong decryptions under encryption."""
 
 
 @dataclass
@@ -24,10 +37,18 @@ class OperatorStatus:
     depth: Optional[int]
     max_error: Optional[float]
     convertible: bool
+    out_of_interval: Optional[float] = None  # fraction of inputs outside ``interval`` on the data given, if any
+    measured: Optional[tuple] = None  # (min, max) of the inputs on that data (NaN if any input was NaN)
 
     @property
     def is_polynomial(self) -> bool:
         return self.mode == "poly"
+
+    def describe_range(self) -> str:
+        """``path: inputs [lo, hi] vs interval [a, b] (x% outside)`` for error messages."""
+        lo, hi = self.measured
+        return (f"{self.path} ({self.op}): inputs [{lo:.4g}, {hi:.4g}] vs interval [{self.interval[0]:.4g}, "
+                f"{self.interval[1]:.4g}] ({100 * self.out_of_interval:.3g}% outside)")
 
 
 @dataclass
@@ -44,8 +65,17 @@ class PolynomialStatus:
     def offending(self) -> list:
         return [o for o in self.operators if not o.is_polynomial]
 
+    @property
+    def out_of_interval(self) -> list:
+        """Operators whose inputs left their polynomial's interval on the data given to :func:`polynomial_status`
+        (forward order: the first one is where the divergence starts)."""
+        return [o for o in self.operators if o.out_of_interval]
+
     def __str__(self) -> str:
+        checked = any(o.out_of_interval is not None for o in self.operators)
         head = f"{'module':<44} {'op':<13} {'mode':<6} {'interval':<22} {'deg':>4} {'depth':>5} {'max err':>9}"
+        if checked:
+            head += f" {'measured':>22} {'outside':>8}"
         lines = [head, "-" * len(head)]
         for o in self.operators:
             interval = f"[{o.interval[0]:.3g}, {o.interval[1]:.3g}]" if o.interval else "-"
@@ -53,20 +83,36 @@ class PolynomialStatus:
             depth = str(o.depth) if o.depth is not None else "-"
             err = f"{o.max_error:.2e}" if o.max_error is not None else "-"
             mode = o.mode if o.convertible else f"{o.mode}!"
-            lines.append(f"{o.path:<44} {o.op:<13} {mode:<6} {interval:<22} {deg:>4} {depth:>5} {err:>9}")
+            line = f"{o.path:<44} {o.op:<13} {mode:<6} {interval:<22} {deg:>4} {depth:>5} {err:>9}"
+            if checked:
+                m = f"[{o.measured[0]:.3g}, {o.measured[1]:.3g}]" if o.measured else "-"
+                rate = f"{100 * o.out_of_interval:.3g}%" if o.out_of_interval is not None else "-"
+                line += f" {m:>22} {rate:>8}"
+            lines.append(line)
         n_poly = sum(o.is_polynomial for o in self.operators)
         lines.append(f"{n_poly}/{len(self.operators)} operators polynomial -> "
                      + ("model is fully polynomial" if self.is_polynomial else "model is NOT fully polynomial"))
+        if self.out_of_interval:
+            lines.append(f"{len(self.out_of_interval)} operator(s) get inputs outside their polynomial's interval "
+                         f"(first: {self.out_of_interval[0].path}): refit them, e.g. "
+                         "hf_polyhe.training.refit_drifted_operators(model, data)")
         if any(not o.convertible for o in self.operators):
             lines.append("'!' = no polynomial form: use attention_type='pointwise'/'power' and norm_type='poly_layernorm'/'batchnorm'")
         return "\n".join(lines)
 
 
-def polynomial_status(model: nn.Module) -> PolynomialStatus:
+def polynomial_status(model: nn.Module, data: Optional[Iterable] = None,
+                      max_batches: Optional[int] = None) -> PolynomialStatus:
     """List every non-polynomial operator of ``model`` with its mode and fitted polynomial.
 
     Rows come from :class:`PolyOperator` modules, plus exact-only operators that have no polynomial form
-    (``nn.LayerNorm``, softmax attention)."""
+    (``nn.LayerNorm``, softmax attention).
+
+    With ``data`` (batches of model keyword arguments, up to ``max_batches`` of them) the model runs on it in eval
+    mode, as it is (its polynomials included: what an export computes), and each operator with a polynomial gets
+    ``out_of_interval`` -- the fraction of its inputs outside the interval the polynomial was fitted on (NaN inputs
+    count as outside) -- and ``measured`` (min, max). If any is outside, an :class:`OutOfIntervalWarning` names
+    them; ``status.out_of_interval`` lists them in forward order (the first is where a divergence starts)."""
     rows = []
     for path, module in model.named_modules():
         if isinstance(module, PolyOperator):
@@ -81,7 +127,67 @@ def polynomial_status(model: nn.Module) -> PolynomialStatus:
             rows.append(OperatorStatus(path, "softmax", "exact", "attn_act", module.layer_idx, None, None, None, None, False))
         elif isinstance(module, (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Softmax)):
             rows.append(OperatorStatus(path, type(module).__name__.lower(), "exact", "act", None, None, None, None, None, False))
+    if data is not None:
+        rates, order = _out_of_interval_rates(model, data, max_batches)
+        for row in rows:
+            if row.path in rates:
+                row.out_of_interval, row.measured = rates[row.path]
+        seen = [r for r in rows if r.path in order]
+        rows = sorted(seen, key=lambda r: order[r.path]) + [r for r in rows if r.path not in order]
+        status = PolynomialStatus(rows)
+        if status.out_of_interval:
+            warnings.warn("inputs outside the fitted polynomial interval (under encryption these give wrong results "
+                          "without any error): " + "; ".join(o.describe_range() for o in status.out_of_interval[:6]),
+                          OutOfIntervalWarning, stacklevel=2)
+        return status
     return PolynomialStatus(rows)
+
+
+@torch.no_grad()
+def _out_of_interval_rates(model: nn.Module, data: Iterable, max_batches: Optional[int]) -> tuple[dict, dict]:
+    """``({path: (fraction outside, (min, max))}, {path: first-call order})`` for the operators that have a
+    polynomial and run it (mode poly / blend), the model running ``data`` in eval mode as it is."""
+    from .training.ranges import move_to_device  # training imports this module
+
+    stats: dict = {}
+    order: dict = {}
+
+    def hook_for(path):
+        def hook(module, args):
+            if module.mode == "exact" or module.approximation is None:
+                return
+            x = args[0].detach()
+            lo, hi = module.approximation.interval
+            outside = int((~((x >= lo) & (x <= hi))).sum())
+            n, o, mn, mx = stats.get(path, (0, 0, math.inf, -math.inf))
+            finite = x[torch.isfinite(x)]
+            if finite.numel() < x.numel():  # NaN / inf reached it: report the range as such
+                mn, mx = (float("nan"),) * 2
+            elif not (math.isnan(mn) or math.isnan(mx)):
+                mn, mx = min(mn, float(finite.min())), max(mx, float(finite.max()))
+            stats[path] = (n + x.numel(), o + outside, mn, mx)
+            order.setdefault(path, len(order))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(p)) for p, m in model.named_modules() if isinstance(m, PolyOperator)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i, batch in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_to_device(batch, device)
+            if isinstance(batch, dict):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {p: (o / max(n, 1), (mn, mx)) for p, (n, o, mn, mx) in stats.items()}, order
 
 
 def select_operators(
@@ -122,7 +228,8 @@ def to_polynomial(
 
     The interval of an operator is ``ranges[path]`` if given; else, with ``calibration_data`` (batches of model
     keyword arguments, e.g. ``[{"input_ids": ids}]``; up to ``calibration_batches`` of them), the range of its
-    input over that data measured with the selected operators exact, widened by ``margin`` (default
+    input over that data measured with every operator exact (the norm reading the embeddings: also over the whole
+    embedding table), widened by ``margin`` (default
     :data:`~hf_polyhe.training.DEFAULT_MARGIN`; see :func:`~hf_polyhe.training.calibrated_intervals`); else the
     interval it was last calibrated or fitted on. An operator that never saw data is fitted on a default interval
     ([-8, 8] for activations, [1e-3, 64] for the 1/sqrt of LayerNorm), which the inputs of a trained model

@@ -57,7 +57,8 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--degree", type=int, default=None, help="polynomial degree (default: per operator)")
     p.add_argument("--alpha", type=float, default=1e-2, help="range loss weight")
     p.add_argument("--beta", type=float, default=1e-3, help="LayerNorm variance loss weight")
-    p.add_argument("--bound", type=float, default=8.0, help="B of the range loss")
+    p.add_argument("--bound", type=float, default=None,
+                   help="B of the range loss (default: per operator, half the largest |x| of each batch)")
     p.add_argument("--export", action="store_true", help="export the polynomial model and check the circuit")
     p.add_argument("--encrypted-samples", type=int, default=0,
                    help="with --export: also run this many held-out samples on CKKS ciphertexts (OpenFHE)")

@@ -87,10 +87,13 @@ def test_range_tracker_matches_direct_measurement():
     seen = {}
     handles = [op.register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone()))
                for p, op in select_operators(model).items()]
-    tracker = calibrate(model, batches)
+    tracker = calibrate(model, batches, embedding_tables=False)  # the batches only (default: + the whole table)
     for h in handles:
         h.remove()
     ranges = tracker.ranges()
+    with_table = calibrate(model, batches).ranges()["transformer.h.0.attention_norm.inv_sqrt"]
+    table = hf_polyhe.training.embedding_table_ranges(model)["transformer.h.0.attention_norm.inv_sqrt"]
+    assert (with_table.lo, with_table.hi) == (min(table.lo, ranges[table.path].lo), max(table.hi, ranges[table.path].hi))
     assert set(ranges) == set(select_operators(model))  # every non-polynomial operator, norms included
     for path, r in ranges.items():
         xs = torch.cat([x.flatten() for x in seen[path]])
@@ -150,8 +153,8 @@ def test_range_penalty_and_targets():
     assert loss.target_interval("transformer.h.0.attn.normalizer", recip) == recip.interval  # not symmetric
     op = ops["transformer.h.0.mlp.act"]
     op.fit(interval=(-2.5, 2.5))
-    op.set_mode("poly")  # once fitted, the target is the polynomial's interval
-    assert loss.target_interval("transformer.h.0.mlp.act", op) == (-2.5, 2.5)
+    op.set_mode("poly")  # once fitted, the target is the polynomial's interval, contracted (fitted_target=0.75)
+    assert loss.target_interval("transformer.h.0.mlp.act", op) == pytest.approx((-1.875, 1.875))
     with pytest.raises(ValueError, match="bound"):
         RangeLossConfig(bound=-1)
 
@@ -185,7 +188,8 @@ def _one_sgd_step(tmp_path, batch, accumulation, alpha, data):
         args=args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
                   optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant",
                   warmup_steps=0),
-        range_loss=RangeLossConfig(alpha=alpha, bound=0.05, beta=alpha, max_variance=1e-4),
+        # extreme_weight=0: the top-k term is per micro-batch (the extremes of each), not linear in the batch
+        range_loss=RangeLossConfig(alpha=alpha, bound=0.05, beta=alpha, max_variance=1e-4, extreme_weight=0.0),
     )
     trainer.train()
     return {n: start[n] - p.detach() for n, p in model.named_parameters()}  # = lr * gradient

@@ -2,7 +2,9 @@
 
 - :class:`RangeTracker`, :func:`calibrate`: measure the input range of every non-polynomial operator;
   :func:`widen_interval`, :func:`calibrated_intervals`: fitting intervals from measured ranges;
-  :func:`refit_drifted_operators`: refit polynomials whose inputs left their interval during training.
+  :func:`refit_drifted_operators`: refit polynomials whose inputs left their interval during training;
+  :func:`exact_operators`: every operator exact inside a ``with`` block (what calibration runs under);
+  :func:`embedding_table_ranges`: the first norm's variance range over the whole embedding table.
 - :class:`RangeLossConfig`, :class:`RangeLoss`, :func:`range_penalty`: ``α·L_range + β·L_var``.
 - :class:`PolyTrainer`: ``Trainer`` that adds the range loss (gradient accumulation handled) and logs ranges.
 - :class:`PolyReplacementCallback`, :class:`ReplacementStage`, :func:`schedule_by_layer`,
@@ -17,6 +19,8 @@ from .ranges import (
     RangeTracker,
     calibrate,
     calibrated_intervals,
+    embedding_table_ranges,
+    exact_operators,
     margin_for,
     refit_drifted_operators,
     widen_interval,
@@ -43,6 +47,8 @@ __all__ = [
     "ReplacementStage",
     "calibrate",
     "calibrated_intervals",
+    "embedding_table_ranges",
+    "exact_operators",
     "default_schedule",
     "range_penalty",
     "refit_drifted_operators",

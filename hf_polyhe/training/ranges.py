@@ -10,20 +10,32 @@ With ``window=K`` only the last ``K`` closed steps count (:meth:`RangeTracker.en
 lets the replacement callback reuse the training batches it sees instead of a separate calibration set.
 Under ``torch.distributed`` :meth:`RangeTracker.all_reduce` takes the min / max over ranks so that every rank
 fits the same polynomial.
+
+Calibration (:func:`calibrate`, and everything built on it: :func:`calibrated_intervals`, ``to_polynomial(
+calibration_data=)``, :func:`refit_drifted_operators`, the replacement callback's calibration data) runs with
+**every** operator temporarily exact (:func:`exact_operators`): a polynomial already fitted upstream that
+diverges on some input would otherwise hand its garbage (1e34, NaN) to every operator downstream as a "range".
+The first norm of a language model reads the embeddings directly, so its ``inv_sqrt`` range also covers the
+variance of every (token, position) pair of the embedding tables (:func:`embedding_table_ranges`), not only of
+the tokens the batches happen to contain.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..nn.operators import OPERATOR_ROLES, PolyOperator, check_names, operator_names
 from ..status import select_operators
+
+logger = logging.getLogger(__name__)
 
 
 def in_backward() -> bool:
@@ -137,6 +149,14 @@ class RangeTracker:
 
     def reset(self) -> None:
         self._stats = {path: _Stats(self.window) for path in self.operators}
+
+    def observe(self, path: str, lo: float, hi: float, count: int = 1) -> None:
+        """Count the range ``[lo, hi]`` (``count`` values) as seen by ``path`` in the current step: a range
+        known without running the model, e.g. the embedding table's variances (:func:`embedding_table_ranges`)."""
+        if path not in self._stats:
+            raise KeyError(f"{path!r} is not watched by this tracker")
+        s = self._stats[path]
+        s.lo, s.hi, s.count = min(s.lo, float(lo)), max(s.hi, float(hi)), s.count + int(count)
 
     def remove(self) -> None:
         """Remove the hooks (the recorded ranges stay readable)."""
@@ -259,6 +279,83 @@ def move_to_device(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
+@contextlib.contextmanager
+def exact_operators(model: nn.Module) -> Iterator[dict]:
+    """Run every :class:`PolyOperator` of ``model`` as its exact function inside the ``with`` block; each
+    operator's mode and blend weight are restored on exit (also after an error). Yields ``{path: operator}``.
+
+    Calibration uses it: ranges measured through a fitted polynomial that diverges upstream are not ranges."""
+    ops = select_operators(_unwrap(model))
+    saved = {p: (op.mode, op.blend_weight) for p, op in ops.items()}
+    for op in ops.values():
+        op.mode = "exact"
+    try:
+        yield ops
+    finally:
+        for p, (mode, weight) in saved.items():
+            ops[p].mode, ops[p].blend_weight = mode, weight
+
+
+def _first_norm_tables(model: nn.Module) -> list:
+    """``[(norm, [embedding weight, ...])]``: the polynomial LayerNorm that reads the sum of embedding tables
+    directly (PolyGPT: layer 0's pre-attention norm; PolyBert: the embedding LayerNorm), with those tables."""
+    from ..models.poly_bert import PolyBertModel
+    from ..models.poly_gpt import PolyGPTModel
+    from ..nn.norms import PolyLayerNorm
+
+    out = []
+    for m in _unwrap(model).modules():
+        if isinstance(m, PolyGPTModel) and len(m.h) and m.h[0].pre_norm:
+            norm, tables = m.h[0].attention_norm, [m.wte.weight, m.wpe.weight]
+        elif isinstance(m, PolyBertModel):
+            e = m.embeddings
+            norm = e.norm
+            tables = [e.word_embeddings.weight, e.position_embeddings.weight, e.token_type_embeddings.weight]
+        else:
+            continue
+        if isinstance(norm, PolyLayerNorm):
+            out.append((norm, tables))
+    return out
+
+
+def _centred(t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` in float64 minus their mean over the last dimension."""
+    t = t.detach().double()
+    return t - t.mean(-1, keepdim=True)
+
+
+@torch.no_grad()
+def embedding_table_ranges(model: nn.Module, chunk_size: int = 4096) -> dict[str, OperatorRange]:
+    """``{path: OperatorRange}`` of ``var + eps`` at the first norm's ``inv_sqrt`` over **every** input the
+    embedding tables can produce: each token x each position (x each token type for BERT).
+
+    That norm reads ``wte[t] + wpe[p] (+ tte[s])`` directly, so this is the exact range any text can reach there
+    -- calibration batches only see the tokens they contain, and training moves the rows of the others too.
+    The variance of a sum is computed without building it: with centred rows ``a``, ``b`` (mean over the hidden
+    size ``d``), ``var(a + b) = |a|^2/d + |b|^2/d + 2 a.b/d``, in float64, ``chunk_size`` token rows at a time
+    against all (position, type) rows -- a 50k x 1024 GPT-2 table costs one matmul per chunk, no sampling.
+    Models without such a norm (ViT, exact LayerNorm) give ``{}``."""
+    inner = _unwrap(model)
+    paths = {id(m): p for p, m in inner.named_modules()}
+    out = {}
+    for norm, tables in _first_norm_tables(inner):
+        tokens, rest = tables[0].detach(), _centred(tables[1])
+        for extra in tables[2:]:  # every (position, token type) pair
+            rest = (rest[:, None, :] + _centred(extra)[None, :, :]).reshape(-1, rest.shape[-1])
+        d = tokens.shape[-1]
+        rest_sq = (rest * rest).sum(-1) / d
+        lo, hi = math.inf, -math.inf
+        for i in range(0, tokens.shape[0], chunk_size):  # the token table in float64 one chunk at a time
+            a = _centred(tokens[i : i + chunk_size])
+            var = (a * a).sum(-1, keepdim=True) / d + rest_sq[None, :] + 2.0 * (a @ rest.T) / d
+            lo, hi = min(lo, float(var.min())), max(hi, float(var.max()))
+        op = norm.inv_sqrt
+        path = paths[id(op)]
+        out[path] = OperatorRange(path, op.op, op.role, op.layer_idx, max(lo, 0.0) + norm.eps, hi + norm.eps,
+                                  tokens.shape[0] * rest.shape[0])
+    return out
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -268,28 +365,39 @@ def calibrate(
     roles=None,
     layers=None,
     all_reduce: bool = True,
+    exact: bool = True,
+    embedding_tables: bool = True,
 ) -> RangeTracker:
     """Run ``model`` in eval mode over (up to ``max_batches``) batches and return the tracker with the ranges.
 
-    Batches are dicts of model keyword arguments (``labels`` are dropped). The training/eval mode of the
-    model is restored afterwards; ranges are all-reduced across ranks when ``all_reduce``."""
+    Batches are dicts of model keyword arguments (``labels`` are dropped). With ``exact`` (default) every operator
+    runs its exact function during the measurement (:func:`exact_operators`; modes are restored afterwards), so a
+    polynomial that diverges upstream cannot poison the ranges downstream. With ``embedding_tables`` (default) the
+    range of the norm that reads the embeddings also covers the whole embedding table
+    (:func:`embedding_table_ranges`). The training/eval mode of the model is restored afterwards; ranges are
+    all-reduced across ranks when ``all_reduce``."""
     inner = _unwrap(model)
     was_training = inner.training
     device = next(inner.parameters()).device
     inner.eval()
     tracker = RangeTracker(inner, ops=ops, roles=roles, layers=layers)
     try:
-        for i, batch in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = move_to_device(batch, device)
-            if isinstance(batch, dict):
-                inner(**{k: v for k, v in batch.items() if k != "labels"})
-            else:
-                inner(batch)
+        with exact_operators(inner) if exact else contextlib.nullcontext():
+            for i, batch in enumerate(dataloader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = move_to_device(batch, device)
+                if isinstance(batch, dict):
+                    inner(**{k: v for k, v in batch.items() if k != "labels"})
+                else:
+                    inner(batch)
     finally:
         tracker.remove()
         inner.train(was_training)
+    if embedding_tables:
+        for path, r in embedding_table_ranges(inner).items():
+            if path in tracker.operators:
+                tracker.observe(path, r.lo, r.hi, r.count)
     return tracker.all_reduce() if all_reduce else tracker
 
 
@@ -350,20 +458,14 @@ def calibrated_intervals(
     layers=None,
 ) -> dict[str, tuple[float, float]]:
     """``{path: (lo, hi)}``: the fitting interval of each selected operator, from its input range over
-    ``dataloader`` (batches of model keyword arguments) measured with the selected operators **exact** -- the
-    function they approximate -- and widened by ``margin`` (default :data:`DEFAULT_MARGIN`, see
-    :func:`widen_interval`). Operators the batches never reach are left out. Modes are restored afterwards."""
+    ``dataloader`` (batches of model keyword arguments) measured with **every** operator exact -- the functions
+    the polynomials approximate -- (plus the embedding table's range for the first norm, see :func:`calibrate`),
+    widened by ``margin`` (default :data:`DEFAULT_MARGIN`, see :func:`widen_interval`). Operators the batches
+    never reach are left out. Modes are restored afterwards."""
     margin = DEFAULT_MARGIN if margin is None else margin
     check_margin(margin)
     selected = select_operators(_unwrap(model), ops, roles, layers)
-    saved = {p: (op.mode, op.blend_weight) for p, op in selected.items()}
-    for op in selected.values():
-        op.mode = "exact"
-    try:
-        measured = calibrate(model, dataloader, max_batches, ops=ops, roles=roles, layers=layers).ranges()
-    finally:
-        for p, (mode, weight) in saved.items():
-            selected[p].mode, selected[p].blend_weight = mode, weight
+    measured = calibrate(model, dataloader, max_batches, ops=ops, roles=roles, layers=layers).ranges()
     return {p: widen_interval(selected[p].op, r.lo, r.hi, margin_for(margin, selected[p]), symmetric)
             for p, r in measured.items() if r.observed}
 
@@ -372,21 +474,40 @@ def refit_drifted_operators(
     model: nn.Module, dataloader: Iterable, degree: Optional[int] = None, margin: Union[float, dict, None] = None,
     max_batches: Optional[int] = 16,
 ) -> list[str]:
-    """After training, re-measure every fitted operator's input range in eval mode (with the model as it is, its
-    polynomials included) and refit those whose inputs now leave the interval their polynomial was fitted on:
-    training moved the weights since the fit, and a polynomial outside its interval diverges. The new interval
-    covers the old one and the new range, widened by ``margin`` (default :data:`DEFAULT_MARGIN`). Modes are kept.
+    """Re-measure every fitted operator's input range and refit those whose inputs now leave the interval their
+    polynomial was fitted on: training moved the weights since the fit, and a polynomial outside its interval
+    diverges (NaN logits). Call it after training, before ``save_pretrained`` / export (the replacement callback
+    does it itself at the end of training, see ``PolyReplacementCallback(refit_on_train_end=)``).
+
+    The ranges are measured in eval mode with every operator **exact** (a diverging polynomial upstream would
+    report its blow-up as the range of everything after it) and, for the norm reading the embeddings, over the
+    whole embedding table (:func:`calibrate`). The new interval covers the old one and the new range, widened by
+    ``margin`` (default :data:`DEFAULT_MARGIN`); ``degree`` defaults to each operator's own. Modes are kept.
     Returns the refitted paths."""
     margin = DEFAULT_MARGIN if margin is None else margin
     check_margin(margin)
+    ranges = calibrate(model, dataloader, max_batches).ranges()
+    return refit_on_ranges(model, ranges, margin, lambda path, op: (degree, {}))
+
+
+def refit_on_ranges(
+    model: nn.Module, ranges: dict, margin: Union[float, dict],
+    fit_args: Callable[[str, PolyOperator], tuple] = lambda path, op: (None, {}),
+) -> list[str]:
+    """Refit every fitted operator whose measured range (``{path: OperatorRange}``) leaves its polynomial's
+    interval, on the union of both widened by ``margin``; ``fit_args(path, op)`` gives ``(degree, fit kwargs)``.
+    Returns the refitted paths (each logged with its old and new interval)."""
     ops = select_operators(_unwrap(model))
     refit = []
-    for path, r in calibrate(model, dataloader, max_batches).ranges().items():
-        op = ops[path]
-        if op.approximation is None or not r.observed:
+    for path, r in ranges.items():
+        op = ops.get(path)
+        if op is None or op.approximation is None or not r.observed:
             continue
         lo, hi = op.approximation.interval
         if r.lo < lo or r.hi > hi:
-            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), margin_for(margin, op)), degree=degree)
+            degree, kw = fit_args(path, op)
+            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), margin_for(margin, op)), degree=degree, **kw)
+            logger.info("%s: inputs [%.4g, %.4g] left the interval [%.4g, %.4g]; refitted on [%.4g, %.4g]", path,
+                        r.lo, r.hi, lo, hi, *op.approximation.interval)
             refit.append(path)
     return refit

@@ -4,12 +4,22 @@ The seed paper swaps every operator for its polynomial at once and loses ~80% of
 step. Here a schedule of :class:`ReplacementStage` s replaces operators by role and/or layer on a step (or
 epoch) schedule. At the start of each stage the callback
 
-1. measures the input range of the stage's operators -- on a ``calibration_dataloader``, or on the training
-   batches of the last ``window`` steps seen through forward hooks -- and takes min / max over all ranks;
+1. measures the input range of the stage's operators -- on a ``calibration_dataloader`` with every operator
+   exact, or on the training batches of the last ``window`` steps seen through forward hooks -- and takes
+   min / max over all ranks; the norm reading the embeddings also covers the whole embedding table;
 2. fits each polynomial on its own range widened by ``margin`` (same data on every rank, so every rank fits
    the same coefficients);
 3. ramps ``blend_weight`` from 0 to 1 over ``ramp_steps`` (``(1 - w)·exact + w·poly``), then sets
    ``mode="poly"``, so training adapts to the polynomial while it comes in.
+
+An operator that saw no input when its stage starts (a head the data never reaches) is left exact, with a
+warning: fitting it on a guessed interval would make a model that reports "fully polynomial" and diverges on the
+first real input. :func:`~hf_polyhe.polynomial_status` then lists it as not polynomial.
+
+At the end of training (``refit_on_train_end``) the callback measures every operator's range once more, with the
+trained weights, every operator exact, on the calibration data (or a few training batches), and refits the
+polynomials whose inputs left their interval: training moves the weights after each fit, and a polynomial
+outside its interval diverges -- NaN perplexity on held-out text.
 
 Operators are :class:`~hf_polyhe.nn.PolyOperator` modules that exist from model construction and have no
 parameters: nothing is created mid-training, so optimizers, LR schedulers and DDP are unaffected.
@@ -26,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -35,7 +46,18 @@ from transformers.trainer_callback import ExportableState
 
 from ..nn.operators import PolyOperator, check_names, operator_names
 from ..status import check_selection, polynomial_status, select_operators
-from .ranges import DEFAULT_MARGIN, RangeTracker, _unwrap, calibrate, check_margin, margin_for, widen_interval
+from .ranges import (
+    DEFAULT_MARGIN,
+    OperatorRange,
+    RangeTracker,
+    _unwrap,
+    calibrate,
+    check_margin,
+    embedding_table_ranges,
+    margin_for,
+    refit_on_ranges,
+    widen_interval,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +208,11 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
         symmetric: fit activations on a symmetric interval ``[-A, A]``.
         finish_on_train_end: at the end of training, replace whatever the schedule has not reached (with a
             warning) so the saved model is fully polynomial.
+        refit_on_train_end: after training (after ``finish_on_train_end``), re-measure every fitted operator's
+            range with the final weights (every operator exact, on ``calibration_dataloader`` or else up to
+            ``calibration_batches`` batches of the Trainer's training dataloader) and refit those whose inputs
+            left their interval (see :func:`~hf_polyhe.training.refit_drifted_operators`; ``history`` records them
+            with ``"stage": "refit"``). In a hand-written loop call ``refit_drifted_operators`` yourself.
         clip_in_training: in training mode, clip the input of a blended / polynomial operator to the interval
             its polynomial was fitted on, so one outlier cannot turn the loss into NaN (a polynomial grows
             fast outside its interval). The range loss still sees -- and penalises -- the unclipped input;
@@ -214,6 +241,7 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
         symmetric: bool = True,
         finish_on_train_end: bool = True,
         clip_in_training: bool = True,
+        refit_on_train_end: bool = True,
     ):
         self.schedule = None if schedule is None else [
             s if isinstance(s, ReplacementStage) else ReplacementStage.from_dict(s) for s in schedule]
@@ -242,6 +270,7 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
         self.symmetric = symmetric
         self.finish_on_train_end = finish_on_train_end
         self.clip_in_training = clip_in_training
+        self.refit_on_train_end = refit_on_train_end
         self.history: list[dict] = []  # one entry per fitted operator
         self._stages: list[_StageState] = []
         self._model: Optional[nn.Module] = None
@@ -322,21 +351,27 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
     def _ramp(self, s: _StageState, global_step: int) -> None:
         ramp = s.stage.ramp_steps if s.stage.ramp_steps is not None else (self.ramp_steps or 0)
         k = global_step - s.started_at + 1
+        fitted = [op for op in s.operators.values() if op.approximation is not None]  # unobserved ones stay exact
         if ramp <= 1 or k >= ramp:
-            for op in s.operators.values():
+            for op in fitted:
                 op.set_mode("poly", 1.0)
             s.weight, s.done = 1.0, True
         else:
             s.weight = k / ramp
-            for op in s.operators.values():
+            for op in fitted:
                 op.set_mode("blend", s.weight)
 
     def _measure(self, paths: set) -> dict:
         """All-reduced ``{path: OperatorRange}`` for ``paths`` (a collective: every rank calls it together)."""
-        if self.calibration_dataloader is not None:
+        if self.calibration_dataloader is not None:  # every operator exact, embedding table included
             tracker = calibrate(self._model, self.calibration_dataloader, self.calibration_batches)
             return {p: r for p, r in tracker.ranges().items() if p in paths}
-        return {p: r for p, r in self._tracker.all_reduce().ranges().items() if p in paths}
+        ranges = {p: r for p, r in self._tracker.all_reduce().ranges().items() if p in paths}
+        for p, t in embedding_table_ranges(self._model).items():  # same on every rank: no collective needed
+            if p in ranges and ranges[p].observed:  # the stage waits for training batches to reach it
+                r = ranges[p]
+                ranges[p] = OperatorRange(p, r.op, r.role, r.layer_idx, min(r.lo, t.lo), max(r.hi, t.hi), r.count)
+        return ranges
 
     def _margin(self, op: PolyOperator) -> float:
         return margin_for(self.margin, op)
@@ -367,10 +402,17 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
                 margin = s.stage.margin if s.stage.margin is not None else self._margin(op)
                 r = ranges.get(path)
                 if r is None or not r.observed:
-                    interval = None  # its current interval (which stays marked uncalibrated unless it was)
-                    logger.warning("%s: no input observed, fitting on its current interval %s", path, op.interval)
-                else:
-                    interval = widen_interval(op.op, r.lo, r.hi, margin, self.symmetric)
+                    # a polynomial fitted on a guessed interval diverges on the first real input while the model
+                    # reports "fully polynomial": leave it exact, polynomial_status shows it
+                    warnings.warn(f"PolyReplacementCallback: {path} ({op.op}) saw no input by step {global_step}; it "
+                                  "stays exact (the model is not fully polynomial). Give a calibration_dataloader "
+                                  "that reaches it, or fit it yourself: to_polynomial(model, calibration_data=...)",
+                                  UserWarning, stacklevel=2)
+                    self.history.append({"step": global_step, "stage": s.stage.describe(), "path": path, "op": op.op,
+                                         "measured": None, "interval": None, "degree": None, "depth": None,
+                                         "max_error": None})
+                    continue
+                interval = widen_interval(op.op, r.lo, r.hi, margin, self.symmetric)
                 degree, kw = self._fit_args(op, s.stage)
                 approx = op.fit(interval=interval, degree=degree, **kw)
                 self.history.append({
@@ -397,8 +439,37 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
         for s in self._stages:
             if not s.done:
                 for op in s.operators.values():
-                    op.set_mode("poly", 1.0)
+                    if op.approximation is not None:
+                        op.set_mode("poly", 1.0)
                 s.weight, s.done = 1.0, True
+
+    def refit(self, model: Optional[nn.Module] = None, dataloader: Optional[Iterable] = None,
+              global_step: int = -1) -> list:
+        """Re-measure every fitted operator's input range (every operator exact, eval mode, embedding table
+        included) on ``calibration_dataloader`` -- or ``dataloader`` -- and refit those whose inputs left their
+        polynomial's interval (same degree and fit arguments as their stage). Returns the refitted paths. A
+        collective under ``torch.distributed``: every rank calls it."""
+        if model is not None:
+            self.attach(model)
+        data = self.calibration_dataloader if self.calibration_dataloader is not None else dataloader
+        if data is None:
+            logger.warning("PolyReplacementCallback.refit: no calibration data; nothing re-measured")
+            return []
+        stage_of = {p: s.stage for s in self._stages for p in s.operators}
+        ranges = calibrate(self._model, data, self.calibration_batches).ranges()
+        before = {p: op.approximation for p, op in select_operators(self._model).items()}
+        refit = refit_on_ranges(self._model, ranges, self.margin,
+                                lambda p, op: self._fit_args(op, stage_of.get(p, ReplacementStage(0))))
+        for path in refit:
+            op, r = select_operators(self._model)[path], ranges[path]
+            a = op.approximation
+            self.history.append({
+                "step": global_step, "stage": "refit", "path": path, "op": op.op, "measured": (r.lo, r.hi),
+                "interval": tuple(a.interval), "degree": a.degree, "depth": a.depth, "max_error": float(a.max_error),
+            })
+            logger.warning("%s: inputs [%.4g, %.4g] left the interval [%.4g, %.4g] its polynomial was fitted on; "
+                           "refitted on [%.4g, %.4g]", path, r.lo, r.hi, *before[path].interval, *a.interval)
+        return refit
 
     # -- reporting -------------------------------------------------------------------------------
     def fit_report(self, step: Optional[int] = None) -> str:
@@ -408,6 +479,9 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
         lines = [head, "-" * len(head)]
         for h in rows:
             m = f"[{h['measured'][0]:.4g}, {h['measured'][1]:.4g}]" if h["measured"] else "-"
+            if h["interval"] is None:
+                lines.append(f"{h['path'][-42:]:<42} {m:>22} {'(no input: exact)':>22}")
+                continue
             i = f"[{h['interval'][0]:.4g}, {h['interval'][1]:.4g}]"
             lines.append(f"{h['path'][-42:]:<42} {m:>22} {i:>22} {h['degree']:>4} {h['depth']:>5} {h['max_error']:>9.2e}")
         return "\n".join(lines)
@@ -445,7 +519,7 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
             "calibration_batches": self.calibration_batches, "window": self.window, "margin": self.margin,
             "ramp_steps": self.ramp_steps, "degree": self.degree, "fit_kwargs": self.fit_kwargs, "unit": self.unit,
             "symmetric": self.symmetric, "finish_on_train_end": self.finish_on_train_end,
-            "clip_in_training": self.clip_in_training,
+            "clip_in_training": self.clip_in_training, "refit_on_train_end": self.refit_on_train_end,
         }
         plain = {}
         for k, v in args.items():
@@ -487,7 +561,7 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
             s.started_at, s.done, s.weight = saved_stage["started_at"], saved_stage["done"], saved_stage["weight"]
         for path, spec in progress["operators"].items():
             ops[path].load_spec(spec)
-        self.history = [{**h, "interval": tuple(h["interval"]),
+        self.history = [{**h, "interval": tuple(h["interval"]) if h["interval"] is not None else None,
                          "measured": tuple(h["measured"]) if h["measured"] is not None else None}
                         for h in progress["history"]]
         if self._tracker is not None and progress.get("ranges") is not None:
@@ -542,9 +616,11 @@ class PolyReplacementCallback(TrainerCallback, ExportableState):
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update({k: v for k, v in m.items() if k not in state.log_history[-1]})
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.finish_on_train_end:
             self.finish(model, state.global_step)
+        if self.refit_on_train_end:
+            self.refit(model, train_dataloader, state.global_step)
         if state.is_world_process_zero:
             logger.info("replacement finished:\n%s", polynomial_status(self._model))
         self.detach()

@@ -36,6 +36,18 @@ class PolyTrainer(Trainer):
         self._penalty_sums = {"range_loss": 0.0, "variance_loss": 0.0}
         self._penalty_count = 0
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train`` with the range loss's hooks installed for the run only: afterwards they are removed
+        (with anything captured), so a later trainer on the same model (P1 then P2) does not feed a loss nobody
+        reads -- each of its forward passes would keep an autograd graph alive."""
+        if self.range_loss is not None:
+            self.range_loss.attach()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.range_loss is not None:
+                self.range_loss.remove()
+
     def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Mirror of ``Trainer.training_step``: will the returned loss be divided by the accumulation steps?"""
         if self.loss_is_scaled_for_ga is not None:

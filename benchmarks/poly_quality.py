@@ -71,10 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--hidden-act", default="gelu_new")
     p.add_argument("--degree", type=int, default=None, help="polynomial degree (default: the library's per op)")
     p.add_argument("--alpha", type=float, default=1e-2, help="range loss weight")
-    p.add_argument("--bound", type=float, default=10.0, help="range loss bound B")
+    p.add_argument("--bound", type=float, default=None,
+                   help="range loss bound B (default: targets measured on each batch, see RangeLossConfig)")
     p.add_argument("--attn-bound", type=float, default=None, help="B for attention scores (default: --bound)")
     p.add_argument("--beta", type=float, default=1e-3, help="variance loss weight")
-    p.add_argument("--max-variance", type=float, default=50.0)
+    p.add_argument("--max-variance", type=float, default=None, help="V (default: measured targets)")
     p.add_argument("--margin", type=float, default=None,
                    help="relative widening of measured ranges before fitting (default: the callback's DEFAULT_MARGIN)")
     p.add_argument("--schedule", choices=("layer", "operator"), default="layer")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -147,7 +147,7 @@ def polynomial_status(model: nn.Module, data: Optional[Iterable] = None,
 def _out_of_interval_rates(model: nn.Module, data: Iterable, max_batches: Optional[int]) -> tuple[dict, dict]:
     """``({path: (fraction outside, (min, max))}, {path: first-call order})`` for the operators that have a
     polynomial and run it (mode poly / blend), the model running ``data`` in eval mode as it is."""
-    from .training.ranges import move_to_device  # training imports this module
+    from .training.ranges import forward_batches  # training imports this module
 
     stats: dict = {}
     order: dict = {}
@@ -173,16 +173,8 @@ def _out_of_interval_rates(model: nn.Module, data: Iterable, max_batches: Option
     handles = [m.register_forward_pre_hook(hook_for(p)) for p, m in model.named_modules() if isinstance(m, PolyOperator)]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        for i, batch in enumerate(data):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = move_to_device(batch, device)
-            if isinstance(batch, dict):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            else:
-                model(batch)
+        forward_batches(model, data, max_batches)
     finally:
         for h in handles:
             h.remove()

@@ -271,9 +271,11 @@ def test_scale_lowered_when_it_halves_the_ring():
     assert any("scale lowered from 50 to 40 bits" in n for n in pl.notes)
     fixed = PL.plan(c, P.default(min_scale_bits=50), bootstrap="never")
     assert fixed.params.ring_dim == 2**17 and fixed.params.scale_bits == 50 and not fixed.notes
-    # the largest scale that reaches the smallest ring wins: shallow circuits keep 50 bits
+    # the largest scale that reaches the smallest ring wins: 11 levels fit 2^15 at 45 bits (not at 50 with the
+    # safety bits), 5 levels keep 50 bits
     shallow = PL.plan(_chain(10), P.default(), bootstrap="never")
-    assert shallow.params.scale_bits == 50 and not shallow.notes
+    assert shallow.params.scale_bits == 45 and shallow.params.ring_dim == 2**15
+    assert PL.plan(_chain(4), P.default(), bootstrap="never").params.scale_bits == 50
     # the choice never breaks 128-bit security: the chosen set is one OpenFHE's table allows
     assert pl.params.estimate_log_qp() <= P.MAX_LOGQP_128[2**16]
 
@@ -358,3 +360,18 @@ def test_no_secure_ring_says_whether_slots_or_modulus_is_the_limit():
     with pytest.raises(he.PlanningError, match="log2\\(QP\\)"):
         P.default().with_(slots=2**10, depth=80).min_secure_ring_dim()
     assert P.default().with_(slots=2**16, depth=28).min_secure_ring_dim() == 2**17
+
+
+def test_ring_choice_keeps_bits_to_spare_for_openfhe():
+    """Depth 27 at a 45-bit scale is estimated at 1760 bits, one under N = 2^16's 1761, and OpenFHE refused it
+    (W1 after the Paterson-Stockmeyer change): the planner moves it off the edge."""
+    from hf_polyhe.he.backends.openfhe import build_context
+
+    p = P.default().with_(depth=27, scale_bits=45, min_scale_bits=45, slots=2**15)
+    assert p.estimate_log_qp() == 1760 and p.min_secure_ring_dim() == 2**17
+    assert P.default().with_(depth=27, scale_bits=40, min_scale_bits=40, slots=2**15).min_secure_ring_dim() == 2**16
+    # every set near the edges that the planner now accepts, OpenFHE builds (refused ones are measured above)
+    for n, scale, depth in ((2**15, 45, 11), (2**15, 50, 10), (2**15, 59, 8), (2**16, 45, 26), (2**16, 40, 29)):
+        q = P.default().with_(depth=depth, scale_bits=scale, min_scale_bits=scale, slots=n // 2)
+        if q.min_secure_ring_dim() == n:
+            build_context(q.with_(ring_dim=n))

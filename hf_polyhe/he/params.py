@@ -23,6 +23,11 @@ SECRET_KEY_DISTS = ("UNIFORM_TERNARY", "SPARSE_TERNARY")
 
 # Max log2(Q*P) for ternary secrets at 128-bit classic security (HomomorphicEncryption.org standard,
 # the table OpenFHE enforces).
+# estimate_log_qp is off from the modulus OpenFHE builds by up to ~35 bits either way (its special primes P are
+# whole 60-bit primes covering a digit; measured with openfhe 1.6.1: N = 2^16, depth 27 at a 45-bit scale estimated
+# at 1760 bits and refused (limit 1761); N = 2^15, depth 9 at 59 bits estimated at 848 and refused (limit 881);
+# depth 14 at 40 bits estimated at 887 and accepted), so a ring is chosen only with this many bits to spare
+LOGQP_SAFETY_BITS = 40
 MAX_LOGQP_128 = {2**10: 27, 2**11: 54, 2**12: 109, 2**13: 218, 2**14: 438, 2**15: 881, 2**16: 1761, 2**17: 3524}
 
 # Levels one CKKS bootstrap consumes with FLEXIBLEAUTO, level budget [2, 2] (openfhe 1.6.1, = its
@@ -129,10 +134,11 @@ class CKKSParams:
         return log_q + int(math.ceil(log_q / dnum)) + 60
 
     def min_secure_ring_dim(self) -> int:
-        """Smallest ring dimension meeting 128-bit security for this modulus (PlanningError if none)."""
+        """Smallest ring dimension meeting 128-bit security for this modulus (PlanningError if none), with
+        :data:`LOGQP_SAFETY_BITS` to spare: the estimate can be a few bits below the modulus OpenFHE builds."""
         need = self.estimate_log_qp()
         for n, max_bits in sorted(MAX_LOGQP_128.items()):
-            if n >= 2 * max(self.slots, 1) and need <= max_bits:
+            if n >= 2 * max(self.slots, 1) and need + LOGQP_SAFETY_BITS <= max_bits:
                 return n
         top = max(MAX_LOGQP_128)
         if 2 * max(self.slots, 1) > top:

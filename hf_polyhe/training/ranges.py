@@ -279,6 +279,20 @@ def move_to_device(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
+def forward_batches(model: nn.Module, data: Iterable, max_batches: Optional[int] = None) -> None:
+    """Run ``model`` on each batch of ``data`` (at most ``max_batches``) on the model's device, labels left out
+    (a dict batch as keyword arguments, anything else as the input)."""
+    device = next(model.parameters()).device
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = move_to_device(batch, device)
+        if isinstance(batch, dict):
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+        else:
+            model(batch)
+
+
 @contextlib.contextmanager
 def exact_operators(model: nn.Module) -> Iterator[dict]:
     """Run every :class:`PolyOperator` of ``model`` as its exact function inside the ``with`` block; each
@@ -378,19 +392,11 @@ def calibrate(
     all-reduced across ranks when ``all_reduce``."""
     inner = _unwrap(model)
     was_training = inner.training
-    device = next(inner.parameters()).device
     inner.eval()
     tracker = RangeTracker(inner, ops=ops, roles=roles, layers=layers)
     try:
         with exact_operators(inner) if exact else contextlib.nullcontext():
-            for i, batch in enumerate(dataloader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                batch = move_to_device(batch, device)
-                if isinstance(batch, dict):
-                    inner(**{k: v for k, v in batch.items() if k != "labels"})
-                else:
-                    inner(batch)
+            forward_batches(inner, dataloader, max_batches)
     finally:
         tracker.remove()
         inner.train(was_training)

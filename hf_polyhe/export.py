@@ -89,19 +89,18 @@ class _SpecWriter:
             raise ValueError(f"cannot pack {heads} heads of {real} dims: padded to {padded} each they need "
                              f"{heads * padded} columns, more than the block of {block}")
         cols = (np.arange(heads)[:, None] * padded + np.arange(real)[None, :]).reshape(-1)  # head h -> h*padded
+
+        def spread(name, axis):  # the head axis of a weight, its entries moved to their padded places
+            a = np.moveaxis(self.spec.weights[name], axis, 0)
+            wide = np.zeros((heads * padded, *a.shape[1:]))
+            wide[cols] = a
+            self.spec.weights[name] = np.moveaxis(wide, 0, axis)
+
         for n in "qkv":
-            W = self.spec.weights[out[n]["weight"]]
-            Wp = np.zeros((W.shape[0], heads * padded))
-            Wp[:, cols] = W
-            self.spec.weights[out[n]["weight"]] = Wp
+            spread(out[n]["weight"], -1)
             if out[n]["bias"]:
-                b = np.zeros(heads * padded)
-                b[cols] = self.spec.weights[out[n]["bias"]]
-                self.spec.weights[out[n]["bias"]] = b
-        Wo = self.spec.weights[out["o"]["weight"]]
-        Wp = np.zeros((heads * padded, Wo.shape[1]))
-        Wp[cols] = Wo
-        self.spec.weights[out["o"]["weight"]] = Wp
+                spread(out[n]["bias"], 0)
+        spread(out["o"]["weight"], 0)
         self.spec.config.update(head_dim=padded, attention_scale=float(real) ** -0.5)
         return out
 

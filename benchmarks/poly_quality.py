@@ -218,7 +218,7 @@ def run_seed(args, out_root) -> dict:
         res["P1"] = evaluate(m, sets)
         print(f"  P1 {dt:.0f}s: {res['P1']}", flush=True)
         # one-shot: calibrate on training blocks, fit every operator, switch all at once (no retraining)
-        cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:64]), batch_size=16))
+        cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:1024]), batch_size=16))  # as the callback's final pass
         ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, margin_for(margin(args), m.get_submodule(p)))
                   for p, r in cal.ranges().items()}
         hf_polyhe.to_polynomial(m, ranges=ranges)
@@ -231,7 +231,9 @@ def run_seed(args, out_root) -> dict:
         if not hf_polyhe.polynomial_status(m).is_polynomial:
             print(f"  {name}: not fully polynomial after training:\n{hf_polyhe.polynomial_status(m)}", flush=True)
         res[name] = evaluate(m, sets)
-        print(f"  {name} {dt:.0f}s: {res[name]}", flush=True)
+        ops = hf_polyhe.polynomial_status(m).operators
+        print(f"  {name} {dt:.0f}s: {res[name]}; operator depth max {max(o.depth or 0 for o in ops)}, "
+              f"sum {sum(o.depth or 0 for o in ops)} (levels the polynomials take in one forward pass)", flush=True)
     return res
 
 

@@ -220,3 +220,39 @@ def test_positive_operator_interval_too_wide_for_a_polynomial_is_clipped_with_a_
     x = torch.logspace(1.82, 6.1, 50, dtype=torch.float64)
     assert torch.isfinite(op.polynomial(x)).all()
     assert approx.meta["max_rel_error"] < 1e-2
+
+
+class _OneOp(nn.Module):
+    def __init__(self, op="inv_sqrt"):
+        super().__init__()
+        self.op = PolyOperator(op, role="norm")
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def test_final_calibration_pass_keeps_the_margin_and_sees_the_rare_batches():
+    """The seed-1 NaN of the quality benchmark: a norm's variance has a heavy upper tail. The stage measured a few
+    ordinary batches; one batch in many reaches further (here 1.8x the ordinary max: inside the stage's interval,
+    which is 2x wide, but with no margin left), and held-out text then goes past the interval. The final pass
+    measures ``refit_batches`` batches (not the stage's 8) and restores the margin over what it saw."""
+    ordinary = [{"x": torch.rand(64) * 0.9 + 0.1} for _ in range(20)]  # variances in [0.1, 1]
+    rare = {"x": torch.tensor([0.1, 1.8])}
+    data = ordinary[:10] + [rare] + ordinary[10:]  # the rare batch after the stage's 8
+    model = _OneOp()
+    cb = PolyReplacementCallback([{"step": 1}], calibration_dataloader=data, calibration_batches=8)
+    cb.step(model, 1)
+    lo, hi = model.op.approximation.interval
+    assert hi < 1.8 * (1 + DEFAULT_MARGIN["inv_sqrt"])  # the stage saw only ordinary batches
+    held_out = torch.tensor([2.5])  # reaches past the stage's interval: the polynomial diverges there
+    assert not torch.allclose(model.op(held_out), held_out.rsqrt(), rtol=0.05)
+    # without keep_margin the rare batch is inside the interval: nothing is refit
+    assert refit_drifted_operators(model, data, max_batches=None) == []
+    assert cb.refit(model) == ["op"]
+    assert model.op.approximation.interval[1] == pytest.approx(1.8 * (1 + DEFAULT_MARGIN["inv_sqrt"]), rel=1e-6)
+    assert torch.allclose(model.op(held_out), held_out.rsqrt(), rtol=0.05)
+    assert cb.refit(model) == []  # the margin is kept: a second pass changes nothing
+    short = PolyReplacementCallback([{"step": 1}], calibration_dataloader=data, refit_batches=8)
+    with pytest.raises(ValueError, match="refit_batches"):
+        PolyReplacementCallback(refit_batches=0)
+    assert short.refit_batches == 8

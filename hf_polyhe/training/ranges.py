@@ -281,8 +281,9 @@ def move_to_device(batch, device):
 
 def forward_batches(model: nn.Module, data: Iterable, max_batches: Optional[int] = None) -> None:
     """Run ``model`` on each batch of ``data`` (at most ``max_batches``) on the model's device, labels left out
-    (a dict batch as keyword arguments, anything else as the input)."""
-    device = next(model.parameters()).device
+    (a dict batch as keyword arguments, anything else as the input; a model without parameters: CPU)."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     for i, batch in enumerate(data):
         if max_batches is not None and i >= max_batches:
             break
@@ -478,10 +479,11 @@ def calibrated_intervals(
 
 def refit_drifted_operators(
     model: nn.Module, dataloader: Iterable, degree: Optional[int] = None, margin: Union[float, dict, None] = None,
-    max_batches: Optional[int] = 16,
+    max_batches: Optional[int] = 16, keep_margin: bool = False,
 ) -> list[str]:
     """Re-measure every fitted operator's input range and refit those whose inputs now leave the interval their
-    polynomial was fitted on: training moved the weights since the fit, and a polynomial outside its interval
+    polynomial was fitted on (``keep_margin=True``: also those whose range *widened by the margin* leaves it, so
+    every operator keeps its margin above the data measured now -- a final calibration pass): training moved the weights since the fit, and a polynomial outside its interval
     diverges (NaN logits). Call it after training, before ``save_pretrained`` / export (the replacement callback
     does it itself at the end of training, see ``PolyReplacementCallback(refit_on_train_end=)``).
 
@@ -493,16 +495,21 @@ def refit_drifted_operators(
     margin = DEFAULT_MARGIN if margin is None else margin
     check_margin(margin)
     ranges = calibrate(model, dataloader, max_batches).ranges()
-    return refit_on_ranges(model, ranges, margin, lambda path, op: (degree, {}))
+    return refit_on_ranges(model, ranges, margin, lambda path, op: (degree, {}), keep_margin=keep_margin)
 
 
 def refit_on_ranges(
     model: nn.Module, ranges: dict, margin: Union[float, dict],
-    fit_args: Callable[[str, PolyOperator], tuple] = lambda path, op: (None, {}),
+    fit_args: Callable[[str, PolyOperator], tuple] = lambda path, op: (None, {}), keep_margin: bool = False,
 ) -> list[str]:
     """Refit every fitted operator whose measured range (``{path: OperatorRange}``) leaves its polynomial's
     interval, on the union of both widened by ``margin``; ``fit_args(path, op)`` gives ``(degree, fit kwargs)``.
-    Returns the refitted paths (each logged with its old and new interval)."""
+
+    ``keep_margin=True`` refits an operator as soon as its measured range *widened by the margin* leaves the
+    interval, on the union of the interval and that widened range (the interval is not widened again): inputs
+    near an interval's edge on the measured data are the ones that leave it on other data -- held-out text
+    reaches further than the batches measured (the upper tail of a norm's variance is heavy), and a polynomial
+    just outside its interval diverges. Returns the refitted paths (each logged with its old and new interval)."""
     ops = select_operators(_unwrap(model))
     refit = []
     for path, r in ranges.items():
@@ -510,10 +517,17 @@ def refit_on_ranges(
         if op is None or op.approximation is None or not r.observed:
             continue
         lo, hi = op.approximation.interval
-        if r.lo < lo or r.hi > hi:
-            degree, kw = fit_args(path, op)
-            op.fit(widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), margin_for(margin, op)), degree=degree, **kw)
-            logger.info("%s: inputs [%.4g, %.4g] left the interval [%.4g, %.4g]; refitted on [%.4g, %.4g]", path,
-                        r.lo, r.hi, lo, hi, *op.approximation.interval)
-            refit.append(path)
+        m = margin_for(margin, op)
+        if keep_margin:
+            new = widen_interval(op.op, r.lo, r.hi, m, symmetric=-lo == hi)
+            new = (min(new[0], lo), max(new[1], hi))
+        else:
+            new = widen_interval(op.op, min(r.lo, lo), max(r.hi, hi), m) if r.lo < lo or r.hi > hi else (lo, hi)
+        if new == (lo, hi):
+            continue
+        degree, kw = fit_args(path, op)
+        op.fit(new, degree=degree, **kw)
+        logger.info("%s: inputs [%.4g, %.4g] (interval [%.4g, %.4g]); refitted on [%.4g, %.4g]", path,
+                    r.lo, r.hi, lo, hi, *op.approximation.interval)
+        refit.append(path)
     return refit

@@ -43,12 +43,21 @@ import hf_polyhe  # noqa: E402
 from hf_polyhe.export import calibrate_ranges, save_encrypted_pipeline  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he import Client, Export, PlainServer, Server, plan_for_export  # noqa: E402
+from hf_polyhe.he.compile.export_plan import predicted_memory  # noqa: E402
 
 BLOCKS = ("norms", "attention", "mlp", "residual", "head", "bootstrap")
 
 
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+RSS_AT = {}  # current RSS at points of the run (GB): what the client and the server each add
 
 
 def build(family, args, out_dir):
@@ -89,11 +98,14 @@ def setup(enc, args, **plan_kw):
     if args.plan_only:
         return plan, None, None, t_plan, 0.0
     t0 = time.perf_counter()
+    RSS_AT["before keys"] = current_rss_gb()
     client = Client.keygen(enc, plan)
     t_keys = time.perf_counter() - t0
     bundle = os.path.join(enc.directory, "server_bundle")  # inside the run's temporary directory (~10 GB at 128-bit)
     client.write_bundle(bundle)
+    RSS_AT["client keys"] = current_rss_gb()
     server = Server(bundle, spec=enc)
+    RSS_AT["server loaded"] = current_rss_gb()
     server.verbose = False
     return plan, client, server, t_plan, t_keys
 
@@ -140,6 +152,7 @@ def run_w1(args, tmp):
     t0 = time.perf_counter()
     out = server.prefill(sid, blob)
     t_prefill = time.perf_counter() - t0
+    RSS_AT["after prefill"] = current_rss_gb()
     logits = client.decrypt(out)
     plain = PlainServer(enc)
     psid = plain.open_stream()
@@ -161,12 +174,21 @@ def run_w1(args, tmp):
         e, s = fidelity(logits, ref)
         errs.append(e)
         sames.append(s)
+    RSS_AT["after decode"] = current_rss_gb()
     if times:
         row("decode per token: predicted / measured",
             f"{plan.summary['decode']['predicted_seconds']:.1f} s / {np.mean(times):.1f} s (mean of {len(times)})")
         row("decode per block (s)", blocks(server.last_timings))
         row("decode fidelity", f"max {max(errs):.2e}, argmax same {sum(sames)}/{len(sames)}")
-    row("peak RSS", f"{rss_gb():.1f} GB")
+    memory_rows(plan)
+
+
+def memory_rows(plan):
+    m = {k: v / 2**30 for k, v in predicted_memory(plan).items()}
+    row("server memory predicted (GiB)", f"{m['total']:.1f} (keys {m['keys']:.1f}, plaintexts {m['plaintexts']:.1f}, "
+        f"ciphertexts {m['ciphertexts']:.1f}, process {m['process']:.1f})")
+    row("RSS at points (GiB)", ", ".join(f"{k} {v:.1f}" for k, v in RSS_AT.items()))
+    row("peak RSS, client and server in one process (GiB)", f"{rss_gb():.1f}")
 
 
 def run_w2(family, args, tmp):
@@ -195,7 +217,7 @@ def run_w2(family, args, tmp):
     row("forward: predicted / measured", f"{plan.summary['full']['predicted_seconds']:.1f} s / {t_run:.1f} s")
     row("per block (s)", blocks(server.last_timings))
     row("fidelity", f"{err:.2e}, argmax {'same' if same else 'DIFFERENT'}")
-    row("peak RSS", f"{rss_gb():.1f} GB")
+    memory_rows(plan)
 
 
 def main(argv=None):

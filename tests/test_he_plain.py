@@ -688,3 +688,39 @@ def test_append_row_takes_a_part_of_a_wider_tiled_row(cached):
     assert rot == 3 + 1  # the linear's row sum (8 rows), then one of the two parts moves one row
     with pytest.raises(he.CircuitError, match="part 2"):
         c.append_row(c.input("wc", cached, 8), kv, part=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluator_drops_values_after_their_last_use(seed, monkeypatch):
+    """The server keeps only the ciphertexts still to be read (plus outputs): the most alive at once, counted on a
+    real run, is what the planner's ``peak_live_values`` predicts -- far fewer than the circuit's values."""
+    import weakref
+
+    from hf_polyhe.he.circuit import evaluator as E
+
+    alive = {}
+
+    class Tracked(E.Packed):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            alive[id(self)] = (weakref.ref(self), len(self.cts))
+
+    rng = np.random.default_rng(seed)
+    c = random_circuit(rng, n_ops=12, polys=False)
+    lay = c.layouts()
+    ev = E.Evaluator(c, he.PlainBackend(c.ct_slots))
+    X = {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}
+    monkeypatch.setattr(E, "Packed", Tracked)
+    inputs = {n: E.Packed(lay[n], lay[n].pack(X[n])) for n in c.inputs}
+    alive.clear()  # count what the evaluator holds (its copies of the inputs too), not the caller's inputs
+    counts = []
+    count = lambda: sum(n for r, n in alive.values() if r() is not None)  # noqa: E731
+    out = ev.run(inputs, observer=lambda node, dt: counts.append(count()))
+    want = he.run_reference(c, X)[c.outputs[0]]
+    assert np.abs(lay[c.outputs[0]].unpack(out[c.outputs[0]].cts) - want).max() < 1e-9
+    peak, _ = E.peak_live_values(c)
+    # what the observer sees after each node: inputs (held here too) and live values; the peak is reached just
+    # before a node's inputs are dropped, so the observed maximum is at most the predicted one
+    assert max(counts) <= peak
+    total = sum(lay[n].num_cts for n in [*c.inputs, *(node.name for node in c.nodes)])
+    assert peak < total or len(c.nodes) <= 2

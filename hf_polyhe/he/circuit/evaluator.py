@@ -144,23 +144,58 @@ class Evaluator:
 
     def run(self, inputs: dict, observer=None) -> dict:
         """Evaluate on ``inputs`` (name -> :class:`Packed`); ``observer(node, seconds)`` is told after every node
-        (the server's per-block timings and progress bar)."""
+        (the server's per-block timings and progress bar). A value is dropped after its last use (outputs are
+        kept), so the ciphertexts alive at once are what :func:`peak_live_values` counts, not the whole circuit."""
         env = self.check_inputs(inputs)
         self.last_babies = None
         begin = getattr(self.backend, "begin_node", None)
+        last = last_uses(self.circuit)
         try:
-            for node in self.circuit.nodes:
-                xs = [env[i] for i in node.inputs]
+            for i, node in enumerate(self.circuit.nodes):
+                xs = [env[n] for n in node.inputs]
                 if begin is not None:
                     begin(node)
                 t0 = time.perf_counter()
                 cts = OPS[node.op].execute(self, node, xs)
                 env[node.name] = Packed(self.layouts[node.name], cts)
+                del xs
+                for n in set(node.inputs):
+                    if last.get(n) == i:
+                        del env[n]
                 if observer is not None:
                     observer(node, time.perf_counter() - t0)
         finally:
             self.last_babies = self.last_rescaled = None  # release the rotations
         return {o: env[o] for o in self.circuit.outputs}
+
+
+def last_uses(circuit) -> dict:
+    """``{value name: index of the last node reading it}`` for every value an evaluation may drop afterwards
+    (circuit outputs are never dropped)."""
+    last = {}
+    for i, node in enumerate(circuit.nodes):
+        for n in node.inputs:
+            last[n] = i
+    for o in circuit.outputs:
+        last.pop(o, None)
+    return last
+
+
+def peak_live_values(circuit) -> tuple:
+    """``(ciphertexts, at node)``: the most ciphertexts alive at once when :class:`Evaluator` runs ``circuit``
+    (inputs, values not yet read for the last time, outputs; each value counts its layout's ciphertexts), and the
+    node where that peak is reached. Rotations a linear makes on the way are not counted."""
+    lay = circuit.layouts()
+    last = last_uses(circuit)
+    n_cts = lambda name: lay[name].num_cts  # noqa: E731
+    live = sum(n_cts(n) for n in circuit.inputs)
+    peak, at = live, None
+    for i, node in enumerate(circuit.nodes):
+        live += n_cts(node.name)
+        if live > peak:
+            peak, at = live, node.name
+        live -= sum(n_cts(n) for n in set(node.inputs) if last.get(n) == i)
+    return peak, at
 
 
 def run_reference(circuit, inputs: dict, keep_all: bool = False) -> dict:

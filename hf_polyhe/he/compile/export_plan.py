@@ -21,14 +21,20 @@ import numpy as np
 
 from .. import params as P
 from ..backends.plain import run_plain
+from ..circuit.evaluator import peak_live_values
 from ..circuit.packing import next_pow2
 from ..errors import KeyMismatchError, PlanningError, SerializationError
 from .decode import build_decode_circuit, check_cache_levels, decode_inputs
-from .planner import calibrate_bounds, plan as make_plan
+from .plaintexts import DEFAULT_BUDGET_MIB
+from .planner import _key_bytes, calibrate_bounds, plan as make_plan
 from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
 
 PLAN_FORMAT = "hf_polyhe.export_plan"
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
+# Resident memory of a server process before any key or ciphertext (Python, numpy, the OpenFHE library; the
+# server imports no torch): measured 0.82 GiB (`import hf_polyhe.he, openfhe`, ru_maxrss, this machine).
+PROCESS_BASE_GIB = 0.82
+GIB = 2.0**30
 
 
 def spec_digest(spec: TransformerSpec) -> str:
@@ -105,6 +111,29 @@ class ExportPlan:
         if missing:
             raise KeyMismatchError(f"circuit {circuit.name!r} needs rotation keys {missing[:8]} the session lacks")
         return pl
+
+
+def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB) -> dict:
+    """What a server process running ``plan``'s circuits holds at its peak, in bytes: ``keys`` (relinearisation,
+    every rotation key, bootstrapping keys; the estimate of :func:`~hf_polyhe.he.compile.planner.plan`),
+    ``plaintexts`` (every distinct plaintext of the longest circuit of each kind, encoded once, capped by the
+    server's budget ``plaintext_budget_mib``: the rest is encoded when met and freed), ``ciphertexts`` (the most
+    alive at once while one circuit runs, :func:`~hf_polyhe.he.circuit.evaluator.peak_live_values`, each at the
+    fresh level; a KV-cache stream's cache is among them), ``process`` (:data:`PROCESS_BASE_GIB`) and ``total``.
+    Not counted: a linear's rotations on the way and OpenFHE's scratch. Not yet checked against measured peaks
+    (``benchmarks/encrypted_inference.py`` prints both): a first request pins only the plaintexts it uses twice,
+    so ``plaintexts`` is the steady state of a server that has run every circuit twice."""
+    p = plan.params
+    N = p.ring_dim or 2**16
+    kb = _key_bytes(p, len(plan.rotation_keys))
+    ct = 2 * N * (p.depth + 1 - plan.start_level) * 8
+    pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in plan.summary.values())
+    out = {"keys": kb["relin"] + kb["rotation"] + kb["bootstrap"],
+           "plaintexts": min(pts, plaintext_budget_mib * 2.0**20),
+           "ciphertexts": max((e.get("peak_ciphertexts", 0) for e in plan.summary.values()), default=0) * ct,
+           "process": PROCESS_BASE_GIB * GIB}
+    out["total"] = sum(out.values())
+    return out
 
 
 def plan_report(plan: ExportPlan) -> str:
@@ -288,7 +317,8 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
             pl = plans[k]
             summary[kind] = {"length": k[1], "counts": pl.counts, "depth": pl.depth,
                              "predicted_seconds": pl.predicted_seconds, "time_by_op": pl.time_by_op,
-                             "plaintexts": pl.plaintexts, "report": pl.report()}
+                             "plaintexts": pl.plaintexts, "report": pl.report(),
+                             "peak_ciphertexts": peak_live_values(pl.circuit)[0]}
     spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
     return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
                       levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,

@@ -280,3 +280,11 @@ def test_feature_extraction_encrypted_toy_matches_plain(feature_export, tmp_path
     assert out["he"]["encrypted"]
     # CKKS noise at the toy ring: well inside 1e-3 of the embedding's scale
     np.testing.assert_allclose(out["embedding"][0], ref, atol=1e-3 * np.abs(ref).max())
+
+
+def test_reciprocal_on_a_too_wide_interval_says_why_and_what_to_do():
+    """The power-softmax normalizer's calibration failure of issue #16 ([6.8e-4, 1.3e6]): a clear error."""
+    from hf_polyhe.approx import fit_newton_reciprocal
+
+    with pytest.raises(ValueError, match=r"hi/lo = 1\.91e\+09.*Narrow it.*calibration_data=.*RangeLossConfig"):
+        fit_newton_reciprocal((6.8e-4, 1.3e6))

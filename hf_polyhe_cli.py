@@ -5,7 +5,7 @@
     hf-polyhe keygen EXPORT_DIR --keys KEY_DIR [--toy]        secret key (0600) + public server bundle
     hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
     hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
-    hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens as JSON
+    hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens / embedding as JSON
     hf-polyhe serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--state-dir D] [--auth-token T]   HTTP server
     hf-polyhe demo [--fast]                                               train, make polynomial, run encrypted
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="inp", required=True, help="the client's ciphertext (from encrypt)")
     p.add_argument("--out", required=True, help="where to write the encrypted logits")
 
-    p = sub.add_parser("decrypt", help="decrypt encrypted logits and print labels / next tokens (client side)")
+    p = sub.add_parser("decrypt", help="decrypt encrypted logits and print labels / next tokens / the embedding (client side)")
     p.add_argument("export_dir", help="an export directory")
     p.add_argument("--keys", required=True, help="client key directory written by keygen")
     p.add_argument("--in", dest="inp", required=True, help="the server's encrypted logits (from run)")

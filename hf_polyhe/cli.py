@@ -144,6 +144,8 @@ def cmd_decrypt(args) -> int:
             out["next_tokens"] = [tok.decode([i]) for i in out["next_token_ids"]]
         except Exception:
             pass
+    elif model.meta.get("task") == "encrypted-feature-extraction":
+        out = {"embedding": [float(v) for v in np.asarray(logits).reshape(-1)]}  # the mean-pooled sentence embedding
     else:
         out = top_labels(logits, model.meta.get("id2label", {}), args.top_k)
     print(json.dumps(out, indent=1))

@@ -34,11 +34,20 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
+def _unused_prefixes(model) -> tuple:
+    """Modules an export leaves out: a headless ``PolyBertModel`` exports mean-pooled embeddings, not its pooler."""
+    from .models.poly_bert import PolyBertModel
+
+    return ("pooler.",) if isinstance(model, PolyBertModel) else ()
+
+
 def check_exportable(model) -> None:
-    """Raise ``ValueError`` unless ``model`` is fully polynomial and in eval mode."""
+    """Raise ``ValueError`` unless ``model`` is fully polynomial (the modules its export uses) and in eval mode."""
     status = polynomial_status(model)
-    if not status.is_polynomial:
-        bad = ", ".join(f"{o.path} ({o.op}, {o.mode})" for o in status.offending[:8])
+    skip = _unused_prefixes(model)
+    offending = [o for o in status.offending if not o.path.startswith(skip)] if skip else status.offending
+    if offending:
+        bad = ", ".join(f"{o.path} ({o.op}, {o.mode})" for o in offending[:8])
         raise ValueError(f"model is not fully polynomial; offending operators: {bad}. "
                          "Use hf_polyhe.to_polynomial or PolyReplacementCallback first.")
     if model.training:
@@ -132,8 +141,9 @@ class _SpecWriter:
 
 @torch.no_grad()
 def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
-    """The server-side description of ``model`` (fully polynomial, eval mode)."""
-    from .models.poly_bert import PolyBertForSequenceClassification
+    """The server-side description of ``model`` (fully polynomial, eval mode). A headless ``PolyBertModel`` gets the
+    ``mean_pool`` head: its circuit outputs the mean-pooled sentence embedding (its pooler, if any, is not used)."""
+    from .models.poly_bert import PolyBertForSequenceClassification, PolyBertModel
     from .models.poly_gpt import PolyGPTForCausalLM
     from .models.poly_vit import PolyViTForImageClassification
 
@@ -157,6 +167,11 @@ def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
                           "pooler_act": w.act(bert.pooler.activation), "classifier": w.linear("classifier", model.classifier)},
                     num_labels=cfg.num_labels)
         limit = cfg.max_position_embeddings
+    elif isinstance(model, PolyBertModel):
+        layers = [w.layer(f"layers.{i}", blk) for i, blk in enumerate(model.layers)]
+        base.update(family="bert", causal=False, max_length=max_length or cfg.max_position_embeddings,
+                    embedding_norm=w.norm("embeddings.norm", model.embeddings.norm), head={"kind": "mean_pool"})
+        limit = cfg.max_position_embeddings
     elif isinstance(model, PolyViTForImageClassification):
         vit = model.vit
         layers = [w.layer(f"layers.{i}", blk) for i, blk in enumerate(vit.layers)]
@@ -165,7 +180,8 @@ def model_to_spec(model, max_length: Optional[int] = None) -> TransformerSpec:
                     head={"kind": "cls", "classifier": w.linear("classifier", model.classifier)}, num_labels=cfg.num_labels)
     else:
         raise ValueError(f"cannot export {type(model).__name__}; accepted: PolyGPTForCausalLM, "
-                         "PolyBertForSequenceClassification, PolyViTForImageClassification")
+                         "PolyBertForSequenceClassification, PolyBertModel (sentence embeddings), "
+                         "PolyViTForImageClassification")
     if base["max_length"] > limit:
         raise ValueError(f"max_length {base['max_length']} exceeds the model's {limit} positions")
     w.spec.config = {**base, **w.spec.config, "layers": layers}  # + head_dim / attention_scale when padded
@@ -182,7 +198,7 @@ def build_circuit(model, seq_len: int, attention_mask=None, all_logits: bool = F
 @torch.no_grad()
 def client_embeddings(model, input_ids=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
     """What the client computes in the clear before encrypting: the ``L x d`` embedding matrix (float64)."""
-    from .models.poly_bert import PolyBertForSequenceClassification
+    from .models.poly_bert import PolyBertForSequenceClassification, PolyBertModel
     from .models.poly_gpt import PolyGPTForCausalLM
     from .models.poly_vit import PolyViTForImageClassification
 
@@ -190,9 +206,9 @@ def client_embeddings(model, input_ids=None, pixel_values=None, token_type_ids=N
         ids = torch.as_tensor(input_ids).reshape(1, -1)
         t = model.transformer
         x = t.wte(ids) + t.wpe(torch.arange(ids.shape[1])[None])
-    elif isinstance(model, PolyBertForSequenceClassification):
+    elif isinstance(model, (PolyBertForSequenceClassification, PolyBertModel)):
         ids = torch.as_tensor(input_ids).reshape(1, -1)
-        e = model.bert.embeddings
+        e = (model.bert if isinstance(model, PolyBertForSequenceClassification) else model).embeddings
         tt = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids).reshape(1, -1)
         x = e.word_embeddings(ids) + e.position_embeddings(torch.arange(ids.shape[1])[None]) + e.token_type_embeddings(tt)
     elif isinstance(model, PolyViTForImageClassification):
@@ -205,13 +221,13 @@ def client_embeddings(model, input_ids=None, pixel_values=None, token_type_ids=N
 @torch.no_grad()
 def client_tables(model) -> dict:
     """The embedding tables the client keeps (float64)."""
-    from .models.poly_bert import PolyBertForSequenceClassification
+    from .models.poly_bert import PolyBertForSequenceClassification, PolyBertModel
     from .models.poly_gpt import PolyGPTForCausalLM
 
     if isinstance(model, PolyGPTForCausalLM):
         return {"word_embeddings": _np(model.transformer.wte.weight), "position_embeddings": _np(model.transformer.wpe.weight)}
-    if isinstance(model, PolyBertForSequenceClassification):
-        e = model.bert.embeddings
+    if isinstance(model, (PolyBertForSequenceClassification, PolyBertModel)):
+        e = (model.bert if isinstance(model, PolyBertForSequenceClassification) else model).embeddings
         return {"word_embeddings": _np(e.word_embeddings.weight), "position_embeddings": _np(e.position_embeddings.weight),
                 "token_type_embeddings": _np(e.token_type_embeddings.weight)}
     e = model.vit.embeddings
@@ -262,6 +278,12 @@ def calibrate_ranges(model, inputs, margin: float = 0.1) -> dict:
 
 
 TASKS = {"gpt": "encrypted-text-generation", "bert": "encrypted-text-classification", "vit": "encrypted-image-classification"}
+HEAD_TASKS = {"mean_pool": "encrypted-feature-extraction"}  # a head that makes another task than its family's
+
+
+def export_task(spec_config: dict) -> str:
+    """The pipeline task of an export: by its head (``mean_pool``: feature extraction), else by its family."""
+    return HEAD_TASKS.get(spec_config.get("head", {}).get("kind"), TASKS[spec_config["family"]])
 
 
 def check_intervals(model, calibration_data, max_out_of_interval: float = 0.0, max_batches: Optional[int] = None):
@@ -342,7 +364,7 @@ def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: 
         cfg = model.config
         family = spec.config["family"]
         meta = {
-            "format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "task": TASKS[family], "family": family,
+            "format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "task": export_task(spec.config), "family": family,
             "model_type": cfg.model_type, "max_length": spec.config["max_length"], "hidden_size": cfg.hidden_size,
             "num_layers": cfg.num_hidden_layers, "server": "server", "client": "client",
             "security": "128-bit CKKS (HEStd_128_classic) by default; toy parameters only for tests",
@@ -350,6 +372,8 @@ def save_encrypted_pipeline(model, tokenizer_or_processor, out_dir, max_length: 
         }
         if family == "gpt":
             meta.update(vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        elif spec.config["head"]["kind"] == "mean_pool":
+            meta.update(pooling="mean", embedding_size=cfg.hidden_size)
         else:
             meta.update(id2label={str(k): v for k, v in cfg.id2label.items()})
         meta["files"] = {"server": sorted(os.listdir(os.path.join(tmp, "server"))), "client": sorted(os.listdir(client_dir))}

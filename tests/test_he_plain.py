@@ -49,6 +49,8 @@ def op_circuits(rng):
     c = he.Circuit(8, 64); x = c.input("x", 5, 12); c.output(c.rotate(x, 3)); out["rotate"] = c
     c = he.Circuit(8, 32); x = c.input("x", 6, 16); c.output(c.row_sum(x, 1 / 16)); out["row_sum"] = c
     c = he.Circuit(8, 32); x = c.input("x", 9, 12); c.output(c.select_rows(x, [8, 0, 4, 4, 1])); out["select_rows"] = c
+    c = he.Circuit(8, 32); x = c.input("x", 9, 12)  # 3 row blocks x 2 column blocks, ragged
+    c.output(c.pool_rows(c.poly(x, fit_operator("gelu", (-4, 4), 7)), rng.random(9))); out["pool_rows"] = c
     c = he.Circuit(8, 64); x = c.input("x", 5, 20); c.output(c.slice_cols(x, 8, 19)); out["slice_cols"] = c
     c = he.Circuit(8, 64); x = c.input("x", 5, 16); y = c.input("y", 5, 5)
     c.output(c.concat_cols([x, y])); out["concat_cols"] = c

@@ -128,7 +128,15 @@ def _fit_newton(name: str, interval, degree=None, newton_steps=None, rel_error=N
         if best[0][0] is False and d > 1 and depth > best[0][1]:
             break  # higher degrees only cost more depth
     if best is None:
-        raise ValueError(f"could not fit a positive initial guess for {name} on {list(interval)}")
+        lo, hi = float(interval[0]), float(interval[1])
+        raise ValueError(
+            f"could not fit a positive initial guess for {name} on {list(interval)}: the interval spans a ratio "
+            f"hi/lo = {hi / lo:.3g}, too wide for a polynomial initial guess plus Newton steps (measured: 1e9 fails, and "
+            "where a fit is found at such ratios its relative error is near 1 at the low end). Narrow it: fit on the range the inputs take on data like "
+            "what will be served (calibration_data=), raise its lower end where no input goes (ranges= / "
+            "interval=), or train with the range / variance loss (RangeLossConfig), which pulls the ratio in "
+            "(for power-softmax attention the normalizer's input is mean(S^p) + eps: a smaller attention_power "
+            "narrows it).")
     return _finish(scheme, op or name, interval, best[1], best[2])
 
 

@@ -1,4 +1,4 @@
-"""What the three encrypted pipelines share: the export directory as a pipeline "model", and the Pipeline base.
+"""What the encrypted pipelines share: the export directory as a pipeline "model", and the Pipeline base.
 
 ``transformers.pipeline(task, model=path)`` first reads ``path/config.json`` with ``AutoConfig`` and then calls
 ``from_pretrained`` on the task's model class. An export directory therefore carries a small ``config.json``
@@ -157,7 +157,7 @@ class EncryptedPipeline(Pipeline):
             raise ValueError("server_url needs encryption: use backend='openfhe' (the default)")
         export = as_export(model, tokenizer if tokenizer is not None else image_processor, max_length)
         family = export.meta["family"]
-        if family != self.family:
+        if family != self.family or export.meta.get("task", self.task_name) != self.task_name:
             raise ValueError(f"{self.task_name} needs a {self.family!r} export, {export.directory!r} is a "
                              f"{family!r} export for {export.meta['task']!r}")
         tokenizer, image_processor = self._client_preprocessors(export, tokenizer, image_processor)

@@ -7,11 +7,21 @@
   :func:`embedding_table_ranges`: the first norm's variance range over the whole embedding table.
 - :class:`RangeLossConfig`, :class:`RangeLoss`, :func:`range_penalty`: ``α·L_range + β·L_var``.
 - :class:`PolyTrainer`: ``Trainer`` that adds the range loss (gradient accumulation handled) and logs ranges.
+- :class:`DistillationTrainer`, :class:`DistillationConfig`, :func:`distillation_loss`, :func:`mean_pool`,
+  :func:`sentence_embeddings`: distil a headless encoder (``PolyBertModel``) from its original's mean-pooled
+  sentence embeddings (and hidden states).
 - :class:`PolyReplacementCallback`, :class:`ReplacementStage`, :func:`schedule_by_layer`,
   :func:`schedule_by_operator`, :func:`default_schedule`: replace operators by calibrated polynomials during
   training.
 """
 
+from .distill import (
+    DistillationConfig,
+    DistillationTrainer,
+    distillation_loss,
+    mean_pool,
+    sentence_embeddings,
+)
 from .losses import RangeLoss, RangeLossConfig, RangeLossOutput, range_penalty
 from .ranges import (
     DEFAULT_MARGIN,
@@ -36,7 +46,8 @@ from .trainer import PolyTrainer
 
 __all__ = [
     "DEFAULT_MARGIN",
-    "margin_for",
+    "DistillationConfig",
+    "DistillationTrainer",
     "OperatorRange",
     "PolyReplacementCallback",
     "PolyTrainer",
@@ -47,12 +58,16 @@ __all__ = [
     "ReplacementStage",
     "calibrate",
     "calibrated_intervals",
+    "default_schedule",
+    "distillation_loss",
     "embedding_table_ranges",
     "exact_operators",
-    "default_schedule",
+    "margin_for",
+    "mean_pool",
     "range_penalty",
     "refit_drifted_operators",
     "schedule_by_layer",
     "schedule_by_operator",
+    "sentence_embeddings",
     "widen_interval",
 ]

@@ -56,6 +56,12 @@ class PolyTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = self.add_range_loss(model, loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def add_range_loss(self, model, loss: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """``loss`` plus ``α·L_range + β·L_var`` of the forward pass just run (training only), scaled for gradient
+        accumulation exactly as ``loss`` is; subclasses that compute their own loss (distillation) call it too."""
         if self.range_loss is not None and model.training and torch.is_grad_enabled():
             penalty = self.range_loss.compute()
             extra = penalty.total.to(loss.device)
@@ -67,7 +73,7 @@ class PolyTrainer(Trainer):
             self._penalty_sums["range_loss"] += float(penalty.range.detach())
             self._penalty_sums["variance_loss"] += float(penalty.variance.detach())
             self._penalty_count += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _replacement_callbacks(self) -> list:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, PolyReplacementCallback)]

@@ -21,6 +21,7 @@ Ops (semantics on unpacked tensors in :mod:`hf_polyhe.he.circuit.ops`, ``referen
 ``rotate``      cyclic rotation of every ciphertext's slots by ``offset`` (a layout-level primitive); 0 levels
 ``row_sum``     ``scale * sum_j X[i, j]`` broadcast to every column of row ``i`` (LayerNorm mean/var); 1 level
 ``select_rows`` ``X[rows]`` (last token, CLS); 1 level
+``pool_rows``   ``sum_i w_i X[i]`` as one row (mean-pooled sentence embedding); 2 levels, ``log2 rows`` rotations
 ``replicate``   a confined tensor (``linear(..., confine=True)``: row group 0 only) copied to every group; 0 levels
 ``slice_cols``  ``X[:, start:stop]``, block aligned (free); ``concat_cols``: ``hstack``, block aligned (free)
 ``qk_scores``   per head ``scale * r_i * Q_h K_h^T`` (heads x L x L, score layout, causal pairs only if causal;
@@ -206,6 +207,10 @@ class Circuit:
 
     def select_rows(self, x, rows, name=None):
         return self.node("select_rows", [x], {"rows": [int(r) for r in rows]}, name)
+
+    def pool_rows(self, x, weights, name=None):
+        """``sum_i weights[i] * X[i]`` as a ``1 x cols`` tensor (mean pooling: ``weights = mask / mask.sum()``)."""
+        return self.node("pool_rows", [x], {"weights": self.add_weight(weights)}, name)
 
     def slice_cols(self, x, start: int, stop: int, name=None):
         return self.node("slice_cols", [x], {"start": int(start), "stop": int(stop)}, name)

@@ -624,6 +624,52 @@ class SelectRows(OpSpec):
         return out
 
 
+@register_op("pool_rows")
+class PoolRows(OpSpec):
+    """``sum_i w_i X[i]`` as a one-row tensor (a mean-pooled sentence embedding: ``w`` = mask / count). The rows
+    are weighted by one plaintext product (padding rows and columns zeroed), summed into row 0 by ``log2 R'``
+    rotations by whole rows (``R'`` the valid rows rounded to a power of two), and row 0 kept by a mask; 2 levels."""
+
+    def infer(self, c, node, lay):
+        self.check_arity(node)
+        x = lay[0]
+        if x.kind != "matrix":
+            raise LayoutError("pool_rows needs a matrix input")
+        _unstacked("pool_rows", x)
+        _not_confined("pool_rows", x)
+        w = c.weight(node.attrs["weights"])
+        if w.shape != (x.rows,):
+            raise LayoutError(f"pool_rows: {x.rows} rows need {x.rows} weights, got shape {w.shape}")
+        return x.with_(rows=1, clean=True)
+
+    def reference(self, c, node, xs, lay):
+        w = c.weight(node.attrs["weights"])
+        return (w[:, None] * xs[0]).sum(axis=0, keepdims=True)
+
+    def depth(self, c, node, lay):
+        return 2
+
+    def execute(self, ev, node, xs):
+        L, be = xs[0].layout, ev.backend
+        D, R = L.block, L.R
+        w = ev.circuit.weight(node.attrs["weights"])
+        span = next_pow2(min(L.rows, R))
+        out = []
+        for cb in range(L.col_blocks):
+            acc = None
+            for rb in range(L.row_blocks):
+                r, cols = L.block_rows(rb), L.block_cols(cb)
+                m = np.zeros((R, D))
+                m[:r, :cols] = w[rb * R : rb * R + r, None]
+                t = be.mul_plain(xs[0].cts[L.ct_index(rb, cb)], m.reshape(-1))
+                acc = t if acc is None else be.add(acc, t)
+            acc = _rot_sum(ev, acc, D, span)
+            keep = np.zeros((R, D))
+            keep[0, : L.block_cols(cb)] = 1.0
+            out.append(be.mul_plain(acc, keep.reshape(-1)))
+        return out
+
+
 @register_op("slice_cols")
 class SliceCols(OpSpec):
     def infer(self, c, node, lay):

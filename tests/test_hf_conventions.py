@@ -107,6 +107,27 @@ def test_auto_classes_load_saved_models_without_import(tmp_path):
     assert got["AutoModel"][0] == "hf_polyhe.models.poly_bert.modeling_poly_bert.PolyBertModel"
 
 
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_a_model_converted_without_pooler_reloads_without_one(tmp_path, family):
+    """``BertModel(add_pooling_layer=False)`` (a sentence-embedding checkpoint) converts to a pooler-less
+    PolyBertModel; ``from_pretrained`` must rebuild it pooler-less too, not with a randomly initialised pooler whose
+    exact tanh makes the reloaded model "not fully polynomial". ``add_pooling_layer=`` still overrides."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    src = (BertModel(BertConfig(vocab_size=100, **small), add_pooling_layer=False) if family == "bert"
+           else ViTModel(ViTConfig(image_size=8, patch_size=4, **small), add_pooling_layer=False))
+    model = hf_polyhe.convert_to_poly(src)
+    assert model.pooler is None and model.config.add_pooling_layer is False
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    assert cls.from_pretrained(tmp_path).pooler is None
+    assert AutoModel.from_pretrained(tmp_path).pooler is None
+    assert cls.from_pretrained(tmp_path, add_pooling_layer=True).pooler is not None
+    with_pooler = hf_polyhe.convert_to_poly(type(src)(src.config))  # the default keeps its pooler
+    assert with_pooler.pooler is not None and getattr(with_pooler.config, "add_pooling_layer", True)
+
+
 # -- resize_token_embeddings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("family,cls", [("bert", hf_polyhe.PolyBertForMaskedLM), ("gpt", hf_polyhe.PolyGPTForCausalLM)],

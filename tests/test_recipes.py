@@ -133,3 +133,26 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "poly_gpt_wikitext.py"), "--config", str(config)],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown keys" in proc.stderr and "learning_rat" in proc.stderr
+
+
+def test_distillation_recipe_tiny_preset(tmp_path):
+    """recipes/poly_bert_distill.py --tiny: a tiny BERT distilled into a fully polynomial PolyBert; every held-out
+    embedding finite at both lengths, the results name the four models, and the export reproduces torch."""
+    out = tmp_path / "run"
+    _run([sys.executable, str(ROOT / "recipes" / "poly_bert_distill.py"), *FAST, "--export",
+          "--output-dir", str(out)], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["fully polynomial"] is True
+    assert results["teacher"].startswith("tiny random BERT")
+    for name in ("HE-friendly conversion, before training", "P1 distilled, exact operators", "P2 fully polynomial"):
+        assert set(results[name]) == {"32", "64"}, name  # the served length and twice it
+        for m in results[name].values():
+            assert m["nonfinite"] == 0 and m["n"] == 40 and -1.0 <= m["cos_mean"] <= 1.0
+    assert results["exact conversion (softmax, exact norms)"]["32"]["cos_mean"] > 0.9999
+    assert results["export"]["task"] == "encrypted-feature-extraction"
+    assert results["export"]["max_rel_error_plain_backend"] <= 1e-6
+    assert results["range_loss (alpha, beta)"] == {"P1": [1e-2, 1e-3], "P2": [1e-2, 1e-3]}  # the tiny preset's
+    import hf_polyhe
+
+    model = hf_polyhe.PolyBertModel.from_pretrained(out / "poly_model")
+    assert hf_polyhe.polynomial_status(model).is_polynomial

@@ -601,3 +601,24 @@ def test_held_out_text_of_another_source():
     reference = set(split_paragraphs(load_python_docs_corpus()))
     assert len(paras) > 2000 and sum(p in reference for p in paras) < 0.01 * len(paras)
     assert sum(w in text.split() for w in ("the", "of", "returns", "and")) == 4
+
+
+def test_dependency_docstrings_are_a_third_source_disjoint_from_the_held_out_text():
+    """The distillation recipe's extra training text (numpy / datasets / accelerate docstrings): deterministic,
+    sizeable, no paragraph in common with the standard library's held-out docstrings, and the stdlib corpus itself is
+    unchanged by the shared loader (only the dependency corpus follows re-exports from submodules)."""
+    from hf_polyhe.data import (
+        STDLIB_DOC_MODULES,
+        load_dependency_docstrings_corpus,
+        load_docstrings_corpus,
+        load_stdlib_docstrings_corpus,
+    )
+
+    text = load_dependency_docstrings_corpus()
+    assert text == load_dependency_docstrings_corpus() and len(text) > 500_000
+    held = set(split_paragraphs(load_stdlib_docstrings_corpus(), 80))
+    paras = split_paragraphs(text, 80)
+    assert len(paras) > 2000 and not any(p in held for p in paras)
+    assert "numpy" in text and load_docstrings_corpus(STDLIB_DOC_MODULES) == load_stdlib_docstrings_corpus()
+    # without following submodules, numpy's top level (whose functions live in numpy.core...) gives far less
+    assert len(load_docstrings_corpus(["numpy"])) < len(load_docstrings_corpus(["numpy"], defined_in_submodules=True)) / 4

@@ -50,6 +50,30 @@ def load_stdlib_docstrings_corpus() -> str:
     A second source, written by other authors for another purpose than :func:`load_python_docs_corpus` (the
     language reference): held-out text for quality benchmarks that measures more than a split of one document.
     Modules missing on a platform are skipped; the text is deterministic for a given Python."""
+    return load_docstrings_corpus(STDLIB_DOC_MODULES)
+
+
+# Modules of hf_polyhe's own dependencies (numpy, datasets, accelerate) whose docstrings make a third source:
+# training text of the docstring genre that shares no author or text with the standard library's held-out set
+DEPENDENCY_DOC_MODULES = (
+    "numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial.polynomial",
+    "numpy.lib.recfunctions", "datasets.arrow_dataset", "accelerate.accelerator",
+)
+
+
+def load_dependency_docstrings_corpus() -> str:
+    """Docstrings of numpy, ``datasets`` and ``accelerate`` modules (about 1.5M characters; the installed versions
+    decide the exact text): a third source, for training text more varied than the language reference that stays
+    disjoint from :func:`load_stdlib_docstrings_corpus` (the held-out text). Numpy's docstrings of objects it
+    re-exports from its submodules count once."""
+    return load_docstrings_corpus(DEPENDENCY_DOC_MODULES, defined_in_submodules=True)
+
+
+def load_docstrings_corpus(modules: Iterable[str], defined_in_submodules: bool = False) -> str:
+    """The docstrings of ``modules`` (each module's own, and those of the public classes, their public methods and
+    properties, and functions it defines), each once, in a deterministic order. Modules that fail to import are
+    skipped. ``defined_in_submodules``: also the public objects a module re-exports from its own submodules, and
+    callables that are not Python functions (numpy's ufuncs)."""
     import importlib
     import inspect
 
@@ -61,21 +85,23 @@ def load_stdlib_docstrings_corpus() -> str:
             seen.add(doc)
             docs.append(doc)
 
-    for name in STDLIB_DOC_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module a platform lacks is skipped
             continue
         add(mod.__doc__)
         for attr, obj in sorted(vars(mod).items()):
-            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+            owner = getattr(obj, "__module__", None) or ""
+            own = owner == mod.__name__ or (defined_in_submodules and owner.startswith(mod.__name__ + "."))
+            if attr.startswith("_") or not own:
                 continue
             if inspect.isclass(obj):
                 add(obj)
                 for m_name, m in sorted(vars(obj).items()):
                     if not m_name.startswith("_") and (inspect.isfunction(m) or isinstance(m, (property, classmethod, staticmethod))):
                         add(getattr(m, "__func__", m))
-            elif inspect.isfunction(obj):
+            elif inspect.isfunction(obj) or (defined_in_submodules and callable(obj)):
                 add(obj)
     return "\n\n".join(docs)
 

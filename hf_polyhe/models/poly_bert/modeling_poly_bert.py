@@ -6,6 +6,8 @@ post-norm layers, optional pooler; heads for masked LM and sequence classificati
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import (
@@ -57,8 +59,12 @@ class PolyBertEmbeddings(nn.Module):
 
 
 class PolyBertModel(PolyBertPreTrainedModel):
-    def __init__(self, config: PolyBertConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: PolyBertConfig, add_pooling_layer: Optional[bool] = None):
+        """``add_pooling_layer``: build the pooler (default: ``config.add_pooling_layer``, which a model converted
+        from a pooler-less original sets to ``False``, so that ``from_pretrained`` rebuilds it without one)."""
         super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = getattr(config, "add_pooling_layer", True)
         self.embeddings = PolyBertEmbeddings(config)
         self.layers = nn.ModuleList(PolyBlock(config, i, pre_norm=False) for i in range(config.num_hidden_layers))
         self.pooler = PolyPooler(config) if add_pooling_layer else None

@@ -6,6 +6,8 @@ map of each patch), CLS token, learned positions, pre-norm layers, final norm, c
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
@@ -62,8 +64,12 @@ class PolyViTEmbeddings(nn.Module):
 
 
 class PolyViTModel(PolyViTPreTrainedModel):
-    def __init__(self, config: PolyViTConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: PolyViTConfig, add_pooling_layer: Optional[bool] = None):
+        """``add_pooling_layer``: build the pooler (default: ``config.add_pooling_layer``, which a model converted
+        from a pooler-less original sets to ``False``, so that ``from_pretrained`` rebuilds it without one)."""
         super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = getattr(config, "add_pooling_layer", True)
         self.embeddings = PolyViTEmbeddings(config)
         self.layers = nn.ModuleList(PolyBlock(config, i, pre_norm=True) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)

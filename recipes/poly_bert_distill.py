@@ -182,11 +182,8 @@ def evaluate(model, teacher, held: dict, exact: bool = False, name: str = "") ->
     return out
 
 
-def distil(model, teacher, train, args, output_dir, steps, lr, callbacks=(), alpha=None, beta=None):
-    """One distillation phase; the range / variance loss weights are ``alpha`` / ``beta`` (default: ``--alpha`` /
-    ``--beta``; both 0: no range loss)."""
-    alpha = args.alpha if alpha is None else alpha
-    beta = args.beta if beta is None else beta
+def distil(model, teacher, train, args, output_dir, steps, lr, alpha, beta, callbacks=()):
+    """One distillation phase; the range / variance loss weights are ``alpha`` / ``beta`` (both 0: no range loss)."""
     trainer = DistillationTrainer(
         model=model, teacher=teacher, args=training_arguments(args, output_dir, steps, lr=lr), train_dataset=train,
         data_collator=collate, callbacks=list(callbacks),
@@ -238,6 +235,9 @@ def main(argv=None):
     parser.add_argument("--train-text", choices=TRAIN_TEXTS, default="reference+dependencies",
                         help="the language reference, or it and the docstrings of numpy / datasets / accelerate")
     args = parse_args(parser, argv, TINY, FULL)
+    for name in ("p1_alpha", "p2_alpha", "p1_beta", "p2_beta"):  # a phase's weight defaults to --alpha / --beta
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(args, name.split("_")[1]))
     args.command = "python recipes/poly_bert_distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     quiet_transformers()
     torch.manual_seed(args.seed)
@@ -277,8 +277,7 @@ def main(argv=None):
                                               generator=torch.Generator().manual_seed(args.seed))
     t0 = time.time()
     if args.steps:
-        distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr, alpha=args.p1_alpha,
-               beta=args.p1_beta)
+        distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr, args.p1_alpha, args.p1_beta)
         results["P1 distilled, exact operators"] = evaluate(student, teacher, held, name="P1")
     t1 = time.time()
     n = student.config.num_hidden_layers
@@ -286,7 +285,7 @@ def main(argv=None):
     callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
                                        calibration_dataloader=calibration, calibration_batches=8, degree=args.degree)
     distil(student, teacher, train, args, os.path.join(out, "p2"), args.poly_steps, args.lr * args.poly_lr_scale,
-           callbacks=[callback], alpha=args.p2_alpha, beta=args.p2_beta)
+           args.p2_alpha, args.p2_beta, callbacks=[callback])
     refit = refit_drifted_operators(student, calibration, args.degree)
     if refit:
         print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
@@ -297,10 +296,7 @@ def main(argv=None):
     results["fully polynomial"] = status.is_polynomial
     results["seconds"] = {"P1": round(t1 - t0, 1), "P2": round(t2 - t1, 1), "total": round(time.time() - t_start, 1)}
     results["steps"] = {"P1": args.steps, "P2": args.poly_steps, "batch_size": args.batch_size, "lr": args.lr}
-    results["range_loss (alpha, beta)"] = {
-        ph: [args.alpha if getattr(args, f"{ph.lower()}_alpha") is None else getattr(args, f"{ph.lower()}_alpha"),
-             args.beta if getattr(args, f"{ph.lower()}_beta") is None else getattr(args, f"{ph.lower()}_beta")]
-        for ph in ("P1", "P2")}
+    results["range_loss (alpha, beta)"] = {"P1": [args.p1_alpha, args.p1_beta], "P2": [args.p2_alpha, args.p2_beta]}
     if is_main_process():
         os.makedirs(out, exist_ok=True)
         student.save_pretrained(os.path.join(out, "poly_model"))

@@ -10,8 +10,11 @@ Prints a markdown table: planner counts, predicted vs measured time, per-block s
 mlp, head, bootstrap), client embedding+encryption time, peak RSS, fidelity vs the plain float64 backend.
 
     python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never
-        # 128-bit W1 on ring 2^16 (depth 29, 8 row groups, 43 rotation keys): prefill ~130-165 s, decode ~22-25 s
-        # per token, 8.5-9.2 GB peak, ~5 min in all with keys (measured on 2 cores; runs vary by ~20 %)
+        # 128-bit W1 on ring 2^16 (depth 27, 8 row groups, 47 rotation keys): prefill ~130 s, decode ~25 s per
+        # token, 8.9 GiB RSS after one request, 16.3 GiB once a second request pins every plaintext; ~5 min in all
+        # with keys (measured on 2 cores with 2 threads; runs on this shared machine vary by ~20 % and more)
+    python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never --profile 12
+        # also measured against predicted seconds per op, and the 12 slowest nodes of the prefill
     python benchmarks/encrypted_inference.py --workloads bert --norm batchnorm --bootstrap never
         # 128-bit PolyBert on ring 2^17 (depth 38): 325 s, 22.3 GB peak (13 GB of rotation keys): close to 24 GB
     python benchmarks/encrypted_inference.py --plan-only --bootstrap never --norm batchnorm  # planner only, 40 s
@@ -160,6 +163,8 @@ def run_w1(args, tmp):
     err, same = fidelity(logits, ref)
     row("prefill: predicted / measured", f"{plan.summary['prefill']['predicted_seconds']:.1f} s / {t_prefill:.1f} s")
     row("prefill per block (s)", blocks(server.last_timings))
+    if args.profile:
+        profile_rows(plan, "prefill", server.last_node_timings, args.profile)
     row("client embed + encrypt (s)", f"{t_client:.2f}")
     row("prefill fidelity (max err / logit range, argmax)", f"{err:.2e}, {'same' if same else 'DIFFERENT'}")
     if args.requests > 1:
@@ -172,6 +177,8 @@ def run_w1(args, tmp):
             e_r, same_r = fidelity(client.decrypt(out_r), ref)
             err, same = max(err, e_r), same and same_r
         row(f"prefill requests 2..{args.requests}, each on a new stream (s)", ", ".join(f"{t:.1f}" for t in again))
+        if args.profile:
+            profile_rows(plan, "prefill", server.last_node_timings, args.profile, label=f"request {args.requests}")
         row("prefill fidelity over all requests (max err / logit range, argmax)",
             f"{err:.2e}, {'same' if same else 'DIFFERENT'}")
     times, errs, sames = [], [], []
@@ -191,8 +198,24 @@ def run_w1(args, tmp):
         row("decode per token: predicted / measured",
             f"{plan.summary['decode']['predicted_seconds']:.1f} s / {np.mean(times):.1f} s (mean of {len(times)})")
         row("decode per block (s)", blocks(server.last_timings))
+        if args.profile:
+            profile_rows(plan, "decode", server.last_node_timings, args.profile, label="last step")
         row("decode fidelity", f"max {max(errs):.2e}, argmax same {sum(sames)}/{len(sames)}")
     memory_rows(plan)
+
+
+def profile_rows(plan, kind, nodes, top, label="request 1"):
+    """Measured seconds per op against the planner's, and the ``top`` slowest nodes (``--profile``)."""
+    measured = {}
+    for _, op, _, t in nodes:
+        measured[op] = measured.get(op, 0.0) + t
+    predicted = plan.summary[kind].get("time_by_op", {})
+    for op in sorted(set(measured) | set(predicted), key=lambda o: -measured.get(o, 0.0)):
+        m, p = measured.get(op, 0.0), predicted.get(op, 0.0)
+        ratio = f" ({m / p:.1f}x)" if p else ""
+        row(f"{kind} {label}, op {op}: measured / predicted (s)", f"{m:.1f} / {p:.1f}{ratio}")
+    for name, op, block, t in sorted(nodes, key=lambda n: -n[3])[:top]:
+        row(f"{kind} {label}, node {name} ({op}, {block})", f"{t:.2f} s")
 
 
 def memory_rows(plan):
@@ -248,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=1,
                     help="W1: prefill requests in all, each on a new stream (the server pins the plaintexts a request "
                          "uses twice; later requests show the steady state's time and memory)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="print measured vs predicted seconds per op and the K slowest nodes of the prefill "
+                         "(and of the last decode step)")
     ap.add_argument("--plan-only", action="store_true", help="planner counts and predictions only (no keys)")
     ap.add_argument("--threads", type=int, default=None, help="OpenMP threads (torch and OpenFHE share libgomp)")
     args = ap.parse_args(argv)

@@ -6,6 +6,8 @@ measured time of a mid-size circuit. Prints a short table.
     python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/compile/cost_table.json
     python benchmarks/he_ops.py --workloads     # issue #15's Linear(128,128) and MLP: compile, first and later runs
                                                 # (benchmarks/he_linears.py; --workload linear|mlp for one)
+    python benchmarks/he_ops.py --deserialized  # ops on a deserialised ciphertext, before and after adopt()
+                                                # (W1's ring and depth: N = 2^16, depth 27; ~1 min)
 
 The machine may be shared, so op costs are measured twice, right before and right after the circuit, and the
 fit uses their mean (both passes and the load average are printed). Ops are timed on ciphertexts in the state
@@ -197,6 +199,42 @@ def run_bootstrap(rng, costs, rows, slots=512, reps=2, num_large_digits=0):
                                  "peak_gib": round(peak, 2)}
 
 
+def run_deserialized(reps: int, depth: int = 27):
+    """A client's ciphertext as a server receives it (serialised, then deserialised) against the same one
+    encrypted in this process and after :func:`~hf_polyhe.he.backends.openfhe.adopt`: milliseconds per op."""
+    from hf_polyhe.he.backends.openfhe import adopt, import_openfhe, serialize
+
+    ofhe = import_openfhe()
+    p = P.default(ring_dim=2**16).with_(depth=depth, slots=2**15, scale_bits=40)  # W1 plans 40-45 bits
+    cc = build_context(p, bootstrap_setup=False)
+    kp = cc.KeyGen()
+    cc.EvalMultKeyGen(kp.secretKey)
+    cc.EvalRotateKeyGen(kp.secretKey, [1])
+    vec = np.random.default_rng(0).uniform(-1, 1, p.slots)
+    pt = cc.MakeCKKSPackedPlaintext(vec, 1, 0, None, p.slots)
+    local = cc.Encrypt(kp.publicKey, pt)
+    cts = {"encrypted here": local}
+    cts["deserialised"] = ofhe.DeserializeCiphertextString(serialize(local), ofhe.BINARY)
+    cts["deserialised, adopt()"] = adopt(cc, cts["deserialised"])
+    ops = {"EvalAdd": lambda c: cc.EvalAdd(c, c), "EvalMult(ct, pt)": lambda c: cc.EvalMult(c, pt),
+           "EvalRotate": lambda c: cc.EvalRotate(c, 1), "EvalMult(ct, ct)": lambda c: cc.EvalMult(c, c)}
+    print(f"# N = {cc.GetRingDimension()}, depth {depth}, fresh ciphertexts ({depth + 1} towers); ms per op, "
+          f"median of {reps}; load average {loadavg()}")
+    print("| ciphertext | " + " | ".join(ops) + " | adopt() |")
+    print("|---" * (len(ops) + 2) + "|")
+    for name, ct in cts.items():
+        cells = []
+        for fn in ops.values():
+            ts = [timeit(lambda: fn(ct), n=1, warm=False) for _ in range(reps)]
+            cells.append(f"{1e3 * float(np.median(ts)):.1f}")
+        t_adopt = float(np.median([timeit(lambda: adopt(cc, ct), n=1, warm=False) for _ in range(reps)]))
+        print(f"| {name} | " + " | ".join(cells) + f" | {1e3 * t_adopt:.1f} |")
+    d = cc.Decrypt(kp.secretKey, cts["deserialised, adopt()"])
+    d.SetLength(p.slots)
+    print(f"# adopt(): max |decrypted - input| {np.abs(np.asarray(d.GetRealPackedValue()) - vec).max():.1e}, level "
+          f"{cts['deserialised, adopt()'].GetLevel()} (was {local.GetLevel()})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", action="store_true")
@@ -211,7 +249,12 @@ def main():
     ap.add_argument("--workload", choices=("linear", "mlp"), action="append", help="with --workloads: only these")
     ap.add_argument("--num-large-digits", type=int, default=0,
                     help="HYBRID key-switching digits of the bootstrapping set (8: N = 2^16 at 128-bit)")
+    ap.add_argument("--deserialized", action="store_true",
+                    help="ops on a deserialised ciphertext against one encrypted here and one after adopt()")
     args = ap.parse_args()
+    if args.deserialized:
+        run_deserialized(max(args.reps, 3))
+        return
     if args.workloads:
         import he_linears
 

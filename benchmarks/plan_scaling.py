@@ -10,14 +10,17 @@ the KV-cache prefill of the whole prompt and the decode step after it, leveled w
 (prefill / decode step),
 rotation keys, predicted prefill and per-token decode seconds (cost table of this machine, one thread), and
 predicted memory: evaluation keys (relinearisation + rotations + bootstrapping), all distinct plaintexts of the two
-circuits, and the server's total with the plaintexts it encodes once capped by its 8 GiB default budget. "no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
+circuits, and the server process's total (``server_memory``, the export's ``predicted_memory``: keys, plaintexts
+encoded once capped by the 8 GiB default budget, the most ciphertexts alive at once, the process base).
+"no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
 memory limit today, not the rotation keys and plaintexts: a row marked "(over)" predicts more than the limit (the
 memory-aware planning of issue #14 is not done). Planning a 6-layer hidden-384 circuit takes ~15 min here (the
 "plan s" column: the planner traces every op in Python).
 
-These are predictions, not measurements: the planner is within ~15 % on W1 (predicted 71 s for a prefill measured
-at 126 s after the plaintext cache change: see the README) and its bootstrapping memory comes from one anchor. The
-intervals come from random weights, so the polynomial LayerNorm's inverse square root is fitted on the variances of
+These are predictions, not measurements: the planner's seconds run about 2x below measured ones on W1 (65 s
+predicted, 129 s measured: see the README), its server memory came within 4 % of W1's measured parts (leveled; not
+checked on a bootstrapped plan), and its bootstrapping memory comes from one anchor. The intervals come from random
+weights, so the polynomial LayerNorm's inverse square root is fitted on the variances of
 a random model; a trained model's intervals (and degrees) differ.
 
     python benchmarks/plan_scaling.py                        # poly LayerNorm, degree 7 (~10 min on 2 cores)
@@ -41,8 +44,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import hf_polyhe  # noqa: E402
 from hf_polyhe.export import calibrate_ranges, model_to_spec  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
+from hf_polyhe.he.circuit.evaluator import peak_live_values  # noqa: E402
 from hf_polyhe.he.compile.decode import build_decode_circuit  # noqa: E402
-from hf_polyhe.he.compile.export_plan import _auto_groups  # noqa: E402
+from hf_polyhe.he.compile.export_plan import _auto_groups, server_memory  # noqa: E402
 from hf_polyhe.he.compile.plaintexts import DEFAULT_BUDGET_MIB  # noqa: E402
 from hf_polyhe.he.compile.planner import plan as make_plan  # noqa: E402
 from hf_polyhe.he.compile.transformer import build_circuit  # noqa: E402
@@ -96,13 +100,15 @@ def short_reason(msg: str) -> str:
 
 def memory_gib(prefill, decode) -> tuple:
     """``(keys, plaintexts, server)`` in GiB: evaluation keys (relinearisation, rotations, bootstrapping), every
-    distinct plaintext of the prefill and decode circuits, and what a server holds with the plaintexts it encodes
-    once capped by its default budget (hf_polyhe.he.compile.plaintexts, 8 GiB; the rest is encoded when met)."""
+    distinct plaintext of the prefill and decode circuits, and what a server process holds at its peak
+    (:func:`hf_polyhe.he.compile.export_plan.server_memory`, as ``predicted_memory`` of an export: keys, the
+    plaintexts it encodes once capped by its 8 GiB default budget, the most ciphertexts alive at once, the
+    process base)."""
     rot = len(set(prefill.rotation_keys) | set(decode.rotation_keys))
-    kb = prefill.key_bytes
-    keys = (kb["relin"] + kb["per_key"] * rot + kb["bootstrap"]) / GIB
-    pts = (prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)) / GIB
-    return keys, pts, keys + min(pts, DEFAULT_BUDGET_MIB / 1024)
+    pts = prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)
+    peak = max(peak_live_values(prefill.circuit)[0], peak_live_values(decode.circuit)[0])
+    m = server_memory(prefill.params, rot, prefill.start_level, pts, peak, DEFAULT_BUDGET_MIB)
+    return m["keys"] / GIB, pts / GIB, m["total"] / GIB
 
 
 def main(argv=None):

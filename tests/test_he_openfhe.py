@@ -218,3 +218,34 @@ def test_rotate_sum_in_the_extended_basis():
     want = np.roll(vs[0], -1) + np.roll(vs[4], -5) + np.roll(vs[1], -16)
     assert np.abs(decrypt_vectors(cc, kp.secretKey, [mixed], 64)[0] - want).max() < 1e-6
     assert be.rotate_sum(iter([])) is None
+
+
+def test_adopt_keeps_a_deserialised_ciphertext_and_server_inputs_are_adopted(tmp_path):
+    """adopt(): a deserialised fresh ciphertext keeps its value, level and scale degree; one with a pending rescale
+    (a KV cache read back from disk) is rescaled, as its next product would. A server adopts what it receives: the
+    ciphertexts it evaluates are not the deserialised objects (those slow every operation of the first layer)."""
+    from hf_polyhe.he.backends.openfhe import adopt, serialize
+    from hf_polyhe.he.runtime.ciphertext import EncryptedTensor
+
+    p = P.toy().with_(depth=3, slots=64)
+    cc, kp = generate_keys(p, [1])
+    v = np.random.default_rng(0).uniform(-1, 1, 64)
+    fresh = encrypt_vectors(cc, kp.publicKey, [v], 0, 64)[0]
+    product = cc.EvalMult(fresh, 0.5)
+    for ct, want, level, degree in ((fresh, v, 0, 1), (product, 0.5 * v, 1, 1)):
+        back = openfhe.DeserializeCiphertextString(serialize(ct), openfhe.BINARY)
+        got = adopt(cc, back)
+        assert (got.GetLevel(), got.GetNoiseScaleDeg()) == (level, degree)
+        assert np.abs(decrypt_vectors(cc, kp.secretKey, [got], 64)[0] - want).max() < 1e-6
+        assert np.abs(decrypt_vectors(cc, kp.secretKey, [cc.EvalAdd(got, got)], 64)[0] - 2 * want).max() < 1e-6
+
+    class Probe(he.Server):
+        def __init__(self):  # only what _tensor reads
+            self.cc, self.key_tag, self.ring_dim = cc, kp.publicKey.GetKeyTag(), cc.GetRingDimension()
+
+    layout = he.MatrixLayout(1, 8, 8, 64)
+    blob = EncryptedTensor(layout, [fresh], kp.publicKey.GetKeyTag(), cc.GetRingDimension()).to_bytes()
+    received = EncryptedTensor.from_bytes(blob, role="embeddings")
+    t = Probe()._tensor(received)
+    assert t.cts[0] is not received.cts[0] and t.cts[0].GetLevel() == 0
+    assert np.abs(decrypt_vectors(cc, kp.secretKey, t.cts, 64)[0] - v).max() < 1e-6

@@ -67,7 +67,7 @@ from .. import he
 from ..he import params as P
 from ..he.circuit.packing import MatrixLayout, layout_from_dict, same_packing
 from ..he.compile.export_plan import ExportPlan, plan_for_export, spec_digest
-from ..he.compile.planner import _key_bytes
+from ..he.compile.planner import key_bytes
 from ..he.compile.transformer import TransformerSpec
 from ..he.errors import (CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError,
                          StreamError, ToyParametersWarning)
@@ -571,7 +571,7 @@ class ServerState:
                 first = next((i for i, (a, b) in enumerate(zip(theirs, context)) if a != b), min(len(theirs), len(context)))
                 raise Refused(422, f"context.bin is not the crypto context of this server's plan for {name!r} "
                                    f"parameters (byte {first} differs: ring dimension, moduli or scheme)", "bad_context")
-            sizes = _key_bytes(plan.params, len(plan.rotation_keys))
+            sizes = key_bytes(plan.params, len(plan.rotation_keys))
             total = len(context) + os.path.getsize(os.path.join(directory, "bundle.json"))
             limits = {"eval_mult_keys.bin": 2 * sizes["relin"] + MiB,
                       "eval_automorphism_keys.bin": 2 * sizes["rotation"] + 3 * sizes["bootstrap"] + MiB}

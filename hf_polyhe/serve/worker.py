@@ -28,7 +28,7 @@ import struct
 
 import numpy as np
 
-from ..he.backends.openfhe import build_context, encrypt_vectors, import_openfhe, serialize
+from ..he.backends.openfhe import adopt, build_context, encrypt_vectors, import_openfhe, serialize
 from ..he.circuit.evaluator import Packed
 from ..he.circuit.packing import layout_from_dict
 from ..he.compile.export_plan import ExportPlan
@@ -122,8 +122,9 @@ def _save_stream(stream: str, s: _Stream) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _load_stream(stream: str) -> _Stream:
-    """A stream's state from its directory (written by this server: trusted)."""
+def _load_stream(stream: str, cc) -> _Stream:
+    """A stream's state from its directory (written by this server: trusted), its caches rebuilt on ``cc``
+    (:func:`~hf_polyhe.he.backends.openfhe.adopt`: deserialised ciphertexts slow every operation on them)."""
     ofhe = import_openfhe()
     directory = _stream_dir(stream)
     if not os.path.isdir(directory):
@@ -140,7 +141,7 @@ def _load_stream(stream: str) -> _Stream:
     for name, entry in head["caches"].items():
         cts = []
         for size in entry["sizes"]:
-            cts.append(ofhe.DeserializeCiphertextString(data[pos : pos + size], ofhe.BINARY))
+            cts.append(adopt(cc, ofhe.DeserializeCiphertextString(data[pos : pos + size], ofhe.BINARY)))
             pos += size
         caches[name] = Packed(layout_from_dict(entry["layout"]), cts)
     return _Stream(position=int(head["position"]), caches=caches)
@@ -151,7 +152,7 @@ def _stream(server: Server, stream: str) -> None:
     for sid in [s for s in server.streams if not os.path.isdir(_stream_dir(s))]:
         del server.streams[sid]
     if stream not in server.streams:
-        server.streams[stream] = _load_stream(stream)
+        server.streams[stream] = _load_stream(stream, server.cc)
 
 
 def job(header: dict, payload: bytes, stage) -> tuple:

@@ -26,7 +26,7 @@ from ..circuit.packing import next_pow2
 from ..errors import KeyMismatchError, PlanningError, SerializationError
 from .decode import build_decode_circuit, check_cache_levels, decode_inputs
 from .plaintexts import DEFAULT_BUDGET_MIB
-from .planner import _key_bytes, calibrate_bounds, plan as make_plan
+from .planner import calibrate_bounds, key_bytes, plan as make_plan
 from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
 
 PLAN_FORMAT = "hf_polyhe.export_plan"
@@ -113,6 +113,23 @@ class ExportPlan:
         return pl
 
 
+def server_memory(params: P.CKKSParams, n_rotation_keys: int, start_level: int, plaintext_bytes: float,
+                  peak_ciphertexts: int, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB) -> dict:
+    """The parts of :func:`predicted_memory`, in bytes, from plain numbers: evaluation keys for ``params`` and
+    ``n_rotation_keys`` (:func:`~hf_polyhe.he.compile.planner.key_bytes`), ``plaintext_bytes`` encoded once capped
+    by ``plaintext_budget_mib``, ``peak_ciphertexts`` at the level fresh ciphertexts have (``start_level``), the
+    process base, and their ``total``. ``benchmarks/plan_scaling.py`` uses it on planner-only plans."""
+    N = params.ring_dim or 2**16
+    kb = key_bytes(params, int(n_rotation_keys))
+    ct = 2 * N * (params.depth + 1 - int(start_level)) * 8
+    out = {"keys": kb["relin"] + kb["rotation"] + kb["bootstrap"],
+           "plaintexts": min(float(plaintext_bytes), plaintext_budget_mib * 2.0**20),
+           "ciphertexts": int(peak_ciphertexts) * ct,
+           "process": PROCESS_BASE_GIB * GIB}
+    out["total"] = sum(out.values())
+    return out
+
+
 def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB) -> dict:
     """What a server process running ``plan``'s circuits holds at its peak, in bytes: ``keys`` (relinearisation,
     every rotation key, bootstrapping keys; the estimate of :func:`~hf_polyhe.he.compile.planner.plan`),
@@ -125,17 +142,9 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     at 128-bit on the benchmark's W1 (``benchmarks/encrypted_inference.py --requests 3``, which prints both): keys
     5.3 predicted / 6.4 GiB measured, plaintexts 8.0 / 7.4, total 14.4 against 14.9 for the measured parts on a
     server-only base; not yet on bootstrapped plans."""
-    p = plan.params
-    N = p.ring_dim or 2**16
-    kb = _key_bytes(p, len(plan.rotation_keys))
-    ct = 2 * N * (p.depth + 1 - plan.start_level) * 8
     pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in plan.summary.values())
-    out = {"keys": kb["relin"] + kb["rotation"] + kb["bootstrap"],
-           "plaintexts": min(pts, plaintext_budget_mib * 2.0**20),
-           "ciphertexts": max((e.get("peak_ciphertexts", 0) for e in plan.summary.values()), default=0) * ct,
-           "process": PROCESS_BASE_GIB * GIB}
-    out["total"] = sum(out.values())
-    return out
+    peak = max((e.get("peak_ciphertexts", 0) for e in plan.summary.values()), default=0)
+    return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib)
 
 
 def plan_report(plan: ExportPlan) -> str:
@@ -145,6 +154,9 @@ def plan_report(plan: ExportPlan) -> str:
     lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
              f"depth {p.depth}, {p.slots} slots ({plan.groups} row groups of {plan.slots}), {p.scale_bits}-bit scale, mode {plan.mode}, "
              f"{len(plan.rotation_keys)} rotation keys"]
+    m = {k: v / GIB for k, v in predicted_memory(plan).items()}
+    lines.append(f"server memory (predicted): {m['total']:.1f} GiB at its peak (keys {m['keys']:.1f}, plaintexts "
+                 f"encoded once {m['plaintexts']:.1f}, ciphertexts {m['ciphertexts']:.1f}, process {m['process']:.1f})")
     for kind, entry in plan.summary.items():
         lines += ["", f"== {kind} circuit, length {entry['length']} ==", entry.get("report", "")]
     return "\n".join(lines)
@@ -156,6 +168,7 @@ def plan_overview(plan: ExportPlan) -> dict:
     return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
             "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
             "rotation_keys": len(plan.rotation_keys),
+            "server_memory_gib": {k: round(v / GIB, 2) for k, v in predicted_memory(plan).items()},
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
                                 "predicted_seconds": round(float(e["predicted_seconds"]), 2),
                                 **({"plaintext_mib": round(e["plaintexts"]["bytes"] / 2**20, 1)}

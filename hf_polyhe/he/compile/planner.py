@@ -443,7 +443,10 @@ def calibrate_bounds(circuit: Circuit, sample_inputs: dict) -> dict:
     return res
 
 
-def _key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
+def key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
+    """Estimated bytes of the evaluation keys for ``p`` with ``n_rot`` rotation keys: ``relin``, ``rotation`` (all
+    of them), ``per_key`` (one rotation key) and ``bootstrap`` (CoeffsToSlots / SlotsToCoeffs keys; 0 leveled).
+    One key switching key holds ``digits`` pairs of polynomials over Q*P: ``digits * 2 * N * towers(Q*P) * 8``."""
     N = p.ring_dim or 2**16
     towers_q = p.depth + 1
     dnum = p.num_large_digits or 3
@@ -610,7 +613,7 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     rot = sorted(tb.rotation_keys)
     mem = p.estimate_bootstrap_memory_gib(costs.get("bootstrap_memory")) if p.bootstrap else 0.0
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
-                inserted_bootstraps=inserted, start_level=start_level, key_bytes=_key_bytes(p, len(rot)),
+                inserted_bootstraps=inserted, start_level=start_level, key_bytes=key_bytes(p, len(rot)),
                 predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes,
                 plaintexts=tb.plaintext_summary())
 

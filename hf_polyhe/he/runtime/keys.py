@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import params as P
 from ..backends.openfhe import build_context, import_openfhe, serialize
 from ..compile.export_plan import ExportPlan
-from ..compile.planner import _key_bytes
+from ..compile.planner import key_bytes
 from ..errors import SerializationError
 from ..files import read_document
 
@@ -101,7 +101,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     rot = list(rotation_keys or [])
     jobs = ([("bootstrap", None)] if params.bootstrap else []) + [
         ("rotate", rot[i : i + ROTATION_KEY_BATCH]) for i in range(0, len(rot), ROTATION_KEY_BATCH)]
-    small = _key_bytes(params.with_(ring_dim=cc.GetRingDimension()), len(rot))["rotation"] < KEY_PARTS_MIN_GIB * 2**30
+    small = key_bytes(params.with_(ring_dim=cc.GetRingDimension()), len(rot))["rotation"] < KEY_PARTS_MIN_GIB * 2**30
     if len(jobs) <= 1 or (not params.bootstrap and small):
         if rot:
             cc.EvalRotateKeyGen(kp.secretKey, rot)

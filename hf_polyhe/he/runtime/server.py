@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..backends.openfhe import OpenFHEBackend, import_openfhe, setup_bootstrap
+from ..backends.openfhe import OpenFHEBackend, adopt, import_openfhe, setup_bootstrap
 from ..backends.plain import run_plain
 from ..circuit.evaluator import Packed
 from ..circuit.packing import same_packing
@@ -73,6 +73,7 @@ class _SpecServer(ServerProtocol):
         self.max_length = int(spec.config["max_length"])
         self.streams: dict = {}
         self.last_timings: dict = {}
+        self.last_node_timings: list = []  # (node name, op, block, seconds) of the last evaluation
         self.verbose = True
 
     def _rows(self, x) -> int:
@@ -177,6 +178,7 @@ class _BlockClock:
     def __init__(self, circuit, layers: int, verbose: bool):
         self.blocks = circuit.meta.get("blocks", {})
         self.times: dict = {}
+        self.nodes: list = []  # (node name, op, block, seconds) in evaluation order
         self.previous, self.seen_attention = None, 0
         self.bar = tqdm(total=layers + 1, desc=f"encrypted {circuit.name}", unit="layer", leave=False,
                         disable=not verbose)
@@ -190,6 +192,7 @@ class _BlockClock:
         if b != "bootstrap":
             self.previous = b
         self.times[b] = self.times.get(b, 0.0) + seconds
+        self.nodes.append((node.name, node.op, b, seconds))
 
     def close(self, done: bool):
         if done:
@@ -278,8 +281,11 @@ class Server(_SpecServer):
         return ev, pl
 
     def _tensor(self, x) -> EncryptedTensor:
+        """The request's ciphertexts, checked and rebuilt on this server's context (:func:`adopt`: a deserialised
+        ciphertext makes every operation of the first layer 10-20x slower)."""
         t = x if isinstance(x, EncryptedTensor) else EncryptedTensor.from_bytes(x, role="embeddings")
-        return t.check("embeddings", self.key_tag, self.ring_dim)
+        t.check("embeddings", self.key_tag, self.ring_dim)
+        return EncryptedTensor(t.layout, [adopt(self.cc, ct) for ct in t.cts], t.key_tag, t.ring_dim, t.role)
 
     def _rows(self, x) -> int:
         return x.layout.rows if isinstance(x, EncryptedTensor) else read_header(x).rows
@@ -302,6 +308,7 @@ class Server(_SpecServer):
         finally:
             clock.close(done)
         self.last_timings = clock.times
+        self.last_node_timings = clock.nodes
         logits = out["logits"]
         data = EncryptedTensor(logits.layout, logits.cts, self.key_tag, self.ring_dim, role="logits").to_bytes()
         return data, ({k: out[k] for k in cache_names(self.spec)} if kind != "full" else {})

@@ -55,12 +55,13 @@ def encrypt_vectors(cc, public_key, vectors, level: int, slots: int) -> list:
 
 def adopt(cc, ct):
     """A deserialised ciphertext ``ct`` rebuilt on ``cc``'s own RNS parameters, with the same value, level and
-    scale. OpenFHE's deserialisation gives a ciphertext elements that every later operation handles 10-20x more
-    slowly, and so everything computed from it until a rescale (measured, openfhe 1.6.1, ring 2^13 and 28 towers:
-    EvalAdd 9.8 against 0.6 ms, a plaintext product 11.6 against 1.1 ms; at 128-bit the first layer's q/k/v
-    linears of W1 took ~30 s each against ~6 s for the second layer's). ``Compress`` to more towers than ``ct``
-    has rebuilds it at no measurable cost; a ciphertext with a pending rescale (a product's output, e.g. an
-    encrypted KV cache read back from disk) is rescaled on the way, the level its next product would give it."""
+    scale. OpenFHE runs additions and plaintext products on a deserialised ciphertext, and on everything computed
+    from it until a rescale, 9-13x more slowly (openfhe 1.6.1, 128-bit, ring 2^16, 28 towers: EvalAdd 89.7 against
+    6.7 ms, a plaintext product 93.6 against 10.0 ms; rotations and ciphertext products are not affected;
+    ``benchmarks/he_ops.py --deserialized``); W1's first-layer q/k/v linears took ~30 s each against ~10 s after.
+    ``Compress`` to more towers than ``ct`` has rebuilds it (3 ms); a ciphertext with a pending rescale (a product's
+    output, e.g. an encrypted KV cache read back from disk) is rescaled on the way, the level its next product would
+    give it."""
     return cc.Compress(ct, 1 << 20)
 
 

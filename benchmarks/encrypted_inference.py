@@ -11,7 +11,8 @@ mlp, head, bootstrap), client embedding+encryption time, peak RSS, fidelity vs t
 
     python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never
         # 128-bit W1 on ring 2^16 (depth 27, 8 row groups, 47 rotation keys): prefill ~130 s, decode ~25 s per
-        # token, 8.9 GiB RSS after one request, 16.3 GiB once a second request pins every plaintext; ~5 min in all
+        # token, 8.9 GiB RSS after one request, 16.3 GiB once a second request pins what the server's budget holds
+        # (587 of the prefill's 1,607 plaintexts, 7.4 GiB; the rest is encoded on every request); ~5 min in all
         # with keys (measured on 2 cores with 2 threads; runs on this shared machine vary by ~20 % and more)
     python benchmarks/encrypted_inference.py --workloads w1 --norm batchnorm --bootstrap never --profile 12
         # also measured against predicted seconds per op, and the 12 slowest nodes of the prefill

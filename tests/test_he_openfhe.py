@@ -220,7 +220,7 @@ def test_rotate_sum_in_the_extended_basis():
     assert be.rotate_sum(iter([])) is None
 
 
-def test_adopt_keeps_a_deserialised_ciphertext_and_server_inputs_are_adopted(tmp_path):
+def test_adopt_keeps_a_deserialised_ciphertext_and_server_inputs_are_adopted():
     """adopt(): a deserialised fresh ciphertext keeps its value, level and scale degree; one with a pending rescale
     (a KV cache read back from disk) is rescaled, as its next product would. A server adopts what it receives: the
     ciphertexts it evaluates are not the deserialised objects (those slow every operation of the first layer)."""

@@ -6,6 +6,9 @@ measured time of a mid-size circuit. Prints a short table.
     python benchmarks/he_ops.py --write-costs   # store the fitted table in hf_polyhe/he/compile/cost_table.json
     python benchmarks/he_ops.py --workloads     # issue #15's Linear(128,128) and MLP: compile, first and later runs
                                                 # (benchmarks/he_linears.py; --workload linear|mlp for one)
+    python benchmarks/he_ops.py --bootstrap-sweep  # bootstrapping over ring / slots / level budget / digits, one
+                                                   # process each (benchmarks/bootstrap_sweep.py)
+    python benchmarks/he_ops.py --digits-cost   # key switching with 3 / 4 / 6 / 8 HYBRID digits (N = 2^16)
     python benchmarks/he_ops.py --deserialized  # ops on a deserialised ciphertext, before and after adopt()
                                                 # (W1's ring and depth: N = 2^16, depth 27; ~1 min)
 
@@ -235,6 +238,58 @@ def run_deserialized(reps: int, depth: int = 27):
           f"{cts['deserialised, adopt()'].GetLevel()} (was {local.GetLevel()})")
 
 
+def run_digits_cost(reps: int, digits=(3, 4, 6, 8), depth: int = 23, write: bool = False):
+    """Key switching with more HYBRID digits (a smaller P: more levels on a ring, see
+    ``benchmarks/bootstrap_sweep.py``) against OpenFHE's default 3: EvalRotate and EvalMult (ct x ct, with its
+    relinearisation) at N = 2^16, ``depth`` levels, fresh ciphertexts, median of ``reps``. Timing only: the ring
+    is fixed (``HEStd_NotSet``) so that every digit count runs on the same ring and towers. ``write`` stores the
+    ratios as ``keyswitch_digits`` in the planner's cost table."""
+    from hf_polyhe.he.backends.openfhe import import_openfhe
+
+    ofhe = import_openfhe()
+    rng = np.random.default_rng(0)
+    res = {}
+    print(f"# key switching against HYBRID digits: N = 2^16, depth {depth}, 59-bit scale, {depth + 1} towers, "
+          f"median of {reps}; load average {loadavg()}")
+    print("| digits | EvalRotate (ms) | EvalMult ct x ct (ms) | rotate / 3 digits | mult / 3 digits |")
+    print("|---|---|---|---|---|")
+    for d in digits:
+        cp = ofhe.CCParamsCKKSRNS()
+        cp.SetSecurityLevel(ofhe.HEStd_NotSet)
+        cp.SetRingDim(2**16)
+        cp.SetScalingModSize(59)
+        cp.SetFirstModSize(60)
+        cp.SetMultiplicativeDepth(depth)
+        cp.SetBatchSize(2**15)
+        cp.SetScalingTechnique(ofhe.FLEXIBLEAUTO)
+        cp.SetKeySwitchTechnique(ofhe.HYBRID)
+        cp.SetNumLargeDigits(d)
+        cc = ofhe.GenCryptoContext(cp)
+        for f in (ofhe.PKE, ofhe.KEYSWITCH, ofhe.LEVELEDSHE):
+            cc.Enable(f)
+        kp = cc.KeyGen()
+        cc.EvalMultKeyGen(kp.secretKey)
+        cc.EvalRotateKeyGen(kp.secretKey, [1])
+        ct = cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(rng.uniform(-1, 1, 2**15), 1, 0, None, 2**15))
+        rot = float(np.median([timeit(lambda cc=cc, ct=ct: cc.EvalRotate(ct, 1), n=1, warm=False)
+                               for _ in range(reps)]))
+        mul = float(np.median([timeit(lambda cc=cc, ct=ct: cc.EvalMult(ct, ct), n=1, warm=False)
+                               for _ in range(reps)]))
+        res[d] = (rot, mul)
+        base = res.get(3, (rot, mul))
+        print(f"| {d} | {1e3 * rot:.0f} | {1e3 * mul:.0f} | {rot / base[0]:.2f} | {mul / base[1]:.2f} |", flush=True)
+        cc = kp = ct = None  # free this context before the next one
+        gc.collect()
+    if write and 3 in res:
+        with open(COST_TABLE_PATH) as f:
+            table = json.load(f)
+        table["keyswitch_digits"] = {str(d): {"rotate": round(r / res[3][0], 3), "mul": round(m / res[3][1], 3)}
+                                     for d, (r, m) in res.items()}
+        with open(COST_TABLE_PATH, "w") as f:
+            json.dump(table, f, indent=1)
+        print("updated", COST_TABLE_PATH)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", action="store_true")
@@ -251,7 +306,30 @@ def main():
                     help="HYBRID key-switching digits of the bootstrapping set (8: N = 2^16 at 128-bit)")
     ap.add_argument("--deserialized", action="store_true",
                     help="ops on a deserialised ciphertext against one encrypted here and one after adopt()")
+    ap.add_argument("--bootstrap-sweep", action="store_true",
+                    help="bootstrapping at 128-bit over a grid of configurations, one process each "
+                         "(benchmarks/bootstrap_sweep.py); --write-costs stores the rows for the planner")
+    ap.add_argument("--rings", type=int, nargs="+", help="with --bootstrap-sweep: log2 ring dimensions (16 17)")
+    ap.add_argument("--slots", type=int, nargs="+", help="with --bootstrap-sweep: slot counts (256 1024 4096)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="with --bootstrap-sweep: level budgets [b, b] (2 3 4)")
+    ap.add_argument("--digits", type=int, nargs="+", help="with --bootstrap-sweep: key-switching digits (0 6)")
+    ap.add_argument("--levels", type=int, help="with --bootstrap-sweep: levels after a bootstrap (default: the most "
+                                                "the ring holds, at most 12)")
+    ap.add_argument("--cap-gib", type=float, default=21.0, help="with --bootstrap-sweep: stop a child above this RSS")
+    ap.add_argument("--digits-cost", action="store_true",
+                    help="EvalRotate / EvalMult with 3, 4, 6, 8 key-switching digits (--write-costs: store the ratios)")
     args = ap.parse_args()
+    if args.digits_cost:
+        run_digits_cost(max(args.reps, 3), write=args.write_costs)
+        return
+    if args.bootstrap_sweep:
+        import bootstrap_sweep as bs
+
+        g = bs.DEFAULT_GRID
+        bs.sweep(args.rings or g["rings"], args.slots or g["slots"], args.budgets or g["budgets"],
+                 args.digits if args.digits is not None else g["digits"], cap_gib=args.cap_gib, reps=max(args.reps, 2),
+                 levels=args.levels, write_costs=args.write_costs)
+        return
     if args.deserialized:
         run_deserialized(max(args.reps, 3))
         return

@@ -26,6 +26,7 @@ a random model; a trained model's intervals (and degrees) differ.
     python benchmarks/plan_scaling.py                        # poly LayerNorm, degree 7 (~10 min on 2 cores)
     python benchmarks/plan_scaling.py --norm batchnorm       # affine norms
     python benchmarks/plan_scaling.py --layers 2 --hidden 64 --tokens 32   # one shape
+    python benchmarks/plan_scaling.py --ring 16 --digits 6   # ring 2^16 with 6 key-switching digits
 """
 
 from __future__ import annotations
@@ -67,25 +68,27 @@ def make_model(layers: int, hidden: int, tokens: int, norm: str, degree: int):
     return model, heads
 
 
-def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int):
-    """``(prefill plan, decode plan)`` with the row groups a leveled export would use."""
+def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int, params=None):
+    """``(prefill plan, decode plan)`` with the row groups a leveled export would use (``params``: the parameter set
+    to plan on, default :func:`params.default`)."""
+    base = params or P.default()
     kw = dict(bootstrap="never", max_memory_gib=max_memory_gib, max_leveled_depth=max_leveled_depth)
     try:  # leveled where a 128-bit ring holds the depth (as W1), else bootstrapped
-        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **kw)
+        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **kw)
     except PlanningError:
-        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), P.default(), **{**kw, "bootstrap": "always"})
+        prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **{**kw, "bootstrap": "always"})
     if not prefill.params.bootstrap:
         groups, slots = _auto_groups(build_circuit(spec, tokens), prefill.params.ring_dim)
         if groups > 1:
-            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True, groups=groups, slots=slots), P.default(),
+            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True, groups=groups, slots=slots), base,
                                 **{**kw, "bootstrap": "never"})
-            decode = make_plan(build_decode_circuit(spec, tokens, groups=groups, slots=slots), P.default(),
+            decode = make_plan(build_decode_circuit(spec, tokens, groups=groups, slots=slots), base,
                                **{**kw, "bootstrap": "never"})
             return prefill, decode
-        decode = make_plan(build_decode_circuit(spec, tokens), P.default(), **{**kw, "bootstrap": "never"})
+        decode = make_plan(build_decode_circuit(spec, tokens), base, **{**kw, "bootstrap": "never"})
     else:
         lb = prefill.params.levels_after_bootstrap
-        decode = make_plan(build_decode_circuit(spec, tokens), P.default(), levels_after_bootstrap=lb,
+        decode = make_plan(build_decode_circuit(spec, tokens), base, levels_after_bootstrap=lb,
                            **{**kw, "bootstrap": "always"})
     return prefill, decode
 
@@ -120,10 +123,17 @@ def main(argv=None):
     ap.add_argument("--norm", default="poly_layernorm", choices=["poly_layernorm", "batchnorm"])
     ap.add_argument("--degree", type=int, default=7)
     ap.add_argument("--max-leveled-depth", type=int, default=24)
+    ap.add_argument("--ring", type=int, default=0, help="log2 of a fixed ring dimension (0: the smallest secure)")
+    ap.add_argument("--digits", type=int, default=0,
+                    help="HYBRID key-switching digits (0: OpenFHE's 3); more digits hold more levels on a ring "
+                         "(benchmarks/bootstrap_sweep.py: 6 digits keep 5 levels after a bootstrap on 2^16)")
     args = ap.parse_args(argv)
+    params = P.default(ring_dim=2**args.ring if args.ring else 0, num_large_digits=args.digits)
     warnings.simplefilter("ignore")
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    print(f"norm {args.norm}, degree {args.degree}, 128-bit (HEStd_128_classic), predicted by the planner\n")
+    print(f"norm {args.norm}, degree {args.degree}, 128-bit (HEStd_128_classic), predicted by the planner"
+          + (f", ring 2^{args.ring}" if args.ring else "") + (f", {args.digits} key-switching digits" if args.digits
+                                                              else "") + "\n")
     print("| layers | hidden | heads | tokens | max GiB | mode | ring | levels | bootstraps (prefill / decode) | rot keys "
           "| prefill s | decode s/token | keys GiB | plaintexts GiB | server GiB | plan s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -137,7 +147,7 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     head = f"| {layers} | {hidden} | {heads} | {tokens} | {mem:g} |"
                     try:
-                        pre, dec = plan_shape(spec, tokens, mem, args.max_leveled_depth)
+                        pre, dec = plan_shape(spec, tokens, mem, args.max_leveled_depth, params)
                     except PlanningError as e:
                         reason = short_reason(str(e))
                         print(f"{head} no plan: {reason} | | | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)

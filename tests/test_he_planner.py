@@ -150,26 +150,35 @@ def test_secure_cap_matches_openfhe_ring_choice():
 
 
 def test_memory_limit_bounds_the_choice(monkeypatch):
+    # the single-anchor estimate (no measured configurations): what the limit does, not what this machine measured
+    costs = PL.load_cost_table(path="/nonexistent")
     a = _deep_inv_sqrt()
     c = _poly_circuit(a, slots=64)
     need = approximation_depth(a) + 2
-    pl = he.plan(c, bootstrap="always")
+    pl = he.plan(c, bootstrap="always", cost_table=costs)
     mem = pl.bootstrap_memory_gib
     assert pl.params.levels_after_bootstrap == need and mem > 1
     with pytest.raises(he.PlanningError, match=r"GiB, over the 1\.0 GiB limit"):
-        he.plan(c, bootstrap="always", max_memory_gib=1.0)
+        he.plan(c, bootstrap="always", max_memory_gib=1.0, cost_table=costs)
     monkeypatch.setenv("HF_POLYHE_MAX_MEMORY_GIB", "1")
     with pytest.raises(he.PlanningError, match="GiB limit"):
-        he.plan(c, bootstrap="always")
+        he.plan(c, bootstrap="always", cost_table=costs)
     monkeypatch.delenv("HF_POLYHE_MAX_MEMORY_GIB")
     # a shallow circuit: the default (10 levels) is lowered to fit, never below what the ops need
     sh = _poly_circuit(_cheb("tanh", (-2, 2), 7), slots=512)
-    full = he.plan(sh, bootstrap="always")
+    full = he.plan(sh, bootstrap="always", cost_table=costs)
     assert full.params.levels_after_bootstrap == 10
-    limit = (full.bootstrap_memory_gib + he.plan(sh, bootstrap="always", levels_after_bootstrap=8).bootstrap_memory_gib) / 2
-    low = he.plan(sh, bootstrap="always", max_memory_gib=limit)
+    limit = (full.bootstrap_memory_gib + he.plan(sh, bootstrap="always", levels_after_bootstrap=8, cost_table=costs).bootstrap_memory_gib) / 2
+    # with the level budget fixed at [2, 2], fewer levels after each bootstrap
+    fixed = P.default(auto_level_budget=False)
+    low = he.plan(sh, fixed, bootstrap="always", max_memory_gib=limit, cost_table=costs)
     assert 7 <= low.params.levels_after_bootstrap < 10 and low.bootstrap_memory_gib <= limit
-    assert any("memory limit" in n for n in low.notes)
+    assert any("memory limit" in n for n in low.notes) and low.params.level_budget == (2, 2)
+    # by default the planner raises the level budget instead (fewer keys) and keeps the 10 levels
+    auto = he.plan(sh, bootstrap="always", max_memory_gib=limit, cost_table=costs)
+    assert auto.params.level_budget == (3, 3) and auto.params.levels_after_bootstrap == 10
+    assert auto.bootstrap_memory_gib <= limit and any("level budget [3, 3]" in n for n in auto.notes)
+    assert auto.params.depth == 10 + P.bootstrap_depth_for("UNIFORM_TERNARY", (3, 3))
 
 
 def test_memory_estimate_matches_design_anchor_and_grows():
@@ -181,8 +190,53 @@ def test_memory_estimate_matches_design_anchor_and_grows():
     # the measured configuration does not fit the default 24 GiB limit with 20-level ops: a clear error
     deep = _poly_circuit(_deep_inv_sqrt(), slots=512)
     with pytest.raises(he.PlanningError, match="GiB limit"):
-        he.plan(deep, bootstrap="always")
+        he.plan(deep, P.default(auto_level_budget=False), bootstrap="always")
+    # with the level budget left to the planner it takes more CoeffsToSlots / SlotsToCoeffs stages (fewer keys)
+    pl = he.plan(deep, bootstrap="always")
+    assert pl.params.level_budget in ((3, 3), (4, 4)) and pl.bootstrap_memory_gib <= P.default_max_memory_gib()
     assert p.with_(depth=30).estimate_bootstrap_memory_gib() > p.estimate_bootstrap_memory_gib()
+
+
+def test_bootstrap_estimates_come_from_the_nearest_measured_configuration():
+    """``benchmarks/he_ops.py --bootstrap-sweep`` rows: memory and time of a planned bootstrapped set come from the
+    measurement with the same ring / level budget / digits and the nearest slots and depth, scaled from there."""
+    rows = [
+        {"ring_dim": 2**16, "slots": 512, "level_budget": [2, 2], "digits": 0, "depth": 20, "peak_gib": 7.4,
+         "bootstrap_min_s": 10.8, "bootstrap_median_s": 11.3},
+        {"ring_dim": 2**16, "slots": 4096, "level_budget": [2, 2], "digits": 0, "depth": 20, "peak_gib": 9.0,
+         "bootstrap_min_s": 14.0, "bootstrap_median_s": 15.0},
+        {"ring_dim": 2**16, "slots": 512, "level_budget": [3, 3], "digits": 6, "depth": 23, "peak_gib": 6.0,
+         "bootstrap_min_s": 9.0, "bootstrap_median_s": 9.5},
+        {"ring_dim": 2**17, "slots": 512, "level_budget": [2, 2], "digits": 0, "depth": 30, "peak_gib": 21.0,
+         "over_cap": True},
+        {"ring_dim": 2**16, "slots": 256, "level_budget": [2, 2], "digits": 0, "depth": 20, "refused": "insecure"},
+    ]
+    p = P.default(bootstrap=True, ring_dim=2**16, depth=20, slots=512)
+    assert P.nearest_bootstrap_measurement(rows, p) is rows[0]
+    assert math.isclose(p.estimate_bootstrap_memory_gib(rows), 7.4)  # the measured point itself
+    assert P.nearest_bootstrap_measurement(rows, p.with_(slots=2048)) is rows[1]  # log2 distance: 4096 is nearer
+    q = p.with_(level_budget=(3, 3), num_large_digits=6, depth=23)
+    assert P.nearest_bootstrap_measurement(rows, q) is rows[2]
+    # a deeper set on the same ring: the nearest row scaled by towers and keys, so more memory and time
+    deep = p.with_(depth=22)
+    assert deep.estimate_bootstrap_memory_gib(rows) > 7.4
+    costs = {**PL.DEFAULT_COSTS, "bootstrap_measured": rows}
+    assert math.isclose(PL.bootstrap_seconds(costs, p), 11.3)
+    assert math.isclose(PL.bootstrap_seconds(costs, deep), 11.3 * 23 / 21)
+    # over-cap rows are lower bounds, still used where nothing nearer was measured; refused rows never are
+    big = P.default(bootstrap=True, ring_dim=2**17, depth=30, slots=512)
+    assert P.nearest_bootstrap_measurement(rows, big) is rows[3] and big.estimate_bootstrap_memory_gib(rows) >= 21.0
+    assert PL.bootstrap_seconds(costs, big) == pytest.approx(11.3 * 2 * 31 / 21)  # time from a finished row
+    assert P.nearest_bootstrap_measurement([rows[4]], p) is None
+    assert math.isclose(PL.bootstrap_seconds({**PL.DEFAULT_COSTS}, p), 18.0)  # no rows: the single table entry
+
+
+def test_bootstrap_depth_for_level_budgets():
+    assert P.bootstrap_depth_for("UNIFORM_TERNARY", (2, 2)) == 18  # measured
+    assert P.bootstrap_depth_for("UNIFORM_TERNARY", (3, 3)) == 20  # one level per extra stage
+    assert P.default(bootstrap=True, level_budget=(4, 4)).bootstrap_depth == 22
+    with pytest.raises(he.PlanningError, match="level budget"):
+        P.bootstrap_depth_for("UNIFORM_TERNARY", (0, 2))
 
 
 def test_leveled_plans_unchanged():
@@ -375,3 +429,34 @@ def test_ring_choice_keeps_bits_to_spare_for_openfhe():
         q = P.default().with_(depth=depth, scale_bits=scale, min_scale_bits=scale, slots=n // 2)
         if q.min_secure_ring_dim() == n:
             build_context(q.with_(ring_dim=n))
+
+
+def _bootstrap_sweep():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bootstrap_sweep.py")
+    spec = importlib.util.spec_from_file_location("bootstrap_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bootstrap_sweep_configurations_and_table():
+    """The sweep's 128-bit configurations (no OpenFHE run): ring 2^16 holds 2 levels after a [2, 2] bootstrap with
+    OpenFHE's 3 digits and 5 with 6, none with [3, 3] and 3 digits (refused before any child starts); its table
+    names refused and stopped rows; a child that fails reports its error instead of a measurement."""
+    bs = _bootstrap_sweep()
+    assert bs.config_params(16, 512, 2, 0).levels_after_bootstrap == 2
+    six = bs.config_params(16, 512, 2, 6)
+    assert six.levels_after_bootstrap == 5 and six.depth == 5 + 18 and six.secure_ring_dim() == 2**16
+    assert bs.config_params(17, 256, 4, 0).levels_after_bootstrap == bs.MAX_LEVELS
+    with pytest.raises(he.PlanningError, match="no level after a bootstrap fits N=2\\^16"):
+        bs.config_params(16, 512, 3, 0)
+    rows = bs.sweep([16], [512], [3], [0])  # refused without a child process
+    assert rows[0]["refused"] and "refused" in bs.table(rows)
+    stopped = {"ring_dim": 2**16, "slots": 32768, "level_budget": [2, 2], "digits": 0, "over_cap": True,
+               "peak_gib": 21.2, "cap_gib": 21.0, "depth": 20}
+    assert "over the 21.0 GiB cap (stopped at 21.2 GiB)" in bs.table([stopped])
+    bad = bs.run_one({"ring": 16, "slots": 512, "budget": 0, "digits": 0}, cap_gib=4.0, timeout_s=120)
+    assert "failed" in bad and "level budget" in bad["failed"] and "bootstrap_min_s" not in bad

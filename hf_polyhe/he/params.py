@@ -33,7 +33,26 @@ MAX_LOGQP_128 = {2**10: 27, 2**11: 54, 2**12: 109, 2**13: 218, 2**14: 438, 2**15
 # Levels one CKKS bootstrap consumes with FLEXIBLEAUTO, level budget [2, 2] (openfhe 1.6.1, = its
 # GetBootstrapDepth): measured, EvalBootstrap returns min(input level, 18), so a bootstrapped ciphertext
 # carries depth - 18 levels.
-BOOTSTRAP_DEPTH = {("UNIFORM_TERNARY", (2, 2)): 18, ("SPARSE_TERNARY", (2, 2)): 18}
+# Level budgets [3, 3] and [4, 4] measured with benchmarks/he_ops.py --bootstrap-sweep (128-bit, N = 2^16, 6 digits):
+# a bootstrap leaves depth - 19 / depth - 21 levels, so 20 / 22 in this table's convention (one spare level).
+BOOTSTRAP_DEPTH = {("UNIFORM_TERNARY", (2, 2)): 18, ("SPARSE_TERNARY", (2, 2)): 18,
+                   ("UNIFORM_TERNARY", (3, 3)): 20, ("UNIFORM_TERNARY", (4, 4)): 22}
+
+
+def bootstrap_depth_for(secret_key_dist: str, level_budget) -> int:
+    """Levels one bootstrap consumes: :data:`BOOTSTRAP_DEPTH` where measured, else OpenFHE's ``GetBootstrapDepth``
+    (its approximate modular reduction's depth, 14 for both secrets as measured at [2, 2], plus one level per
+    CoeffsToSlots and per SlotsToCoeffs stage: ``budget[0] + budget[1]``)."""
+    lb = tuple(int(v) for v in level_budget)
+    if len(lb) != 2 or min(lb) < 1:
+        raise PlanningError(f"a level budget is two positive stage counts, got {list(level_budget)}")
+    key = (secret_key_dist, lb)
+    if key in BOOTSTRAP_DEPTH:
+        return BOOTSTRAP_DEPTH[key]
+    ref = BOOTSTRAP_DEPTH.get((secret_key_dist, (2, 2)))
+    if ref is None:
+        raise PlanningError(f"no measured bootstrap depth for {secret_key_dist}; measured: {sorted(BOOTSTRAP_DEPTH)}")
+    return ref - 4 + sum(lb)
 
 # Peak memory (RSS) of context + bootstrapping keys + one bootstrap at 128-bit. Measured with
 # benchmarks/he_ops.py --bootstrap-only (openfhe 1.6.1, 59-bit scale, depth 24 -- which 128-bit security puts
@@ -55,6 +74,79 @@ def default_max_memory_gib() -> float:
         return float(env) if env else DEFAULT_MAX_MEMORY_GIB
     except ValueError as e:
         raise PlanningError(f"HF_POLYHE_MAX_MEMORY_GIB must be a number of GiB, got {env!r}") from e
+
+
+def key_switch_digits(num_large_digits: int, depth: int) -> int:
+    """HYBRID key-switching digits OpenFHE uses: ``num_large_digits``, else its default (3 from depth 4 on)."""
+    return int(num_large_digits) or (1 if depth < 3 else (2 if depth < 4 else 3))
+
+
+def nearest_bootstrap_measurement(rows, p: CKKSParams, finished: bool = False):
+    """Of measured bootstrapping configurations (``bootstrap_measured`` rows of the planner's cost table, see
+    ``benchmarks/bootstrap_sweep.py``), the one nearest ``p``: the same ring, level budget and digits first, then
+    the closest slot count and depth. Rows stopped over the memory cap (``over_cap``) count unless ``finished``
+    (their peak is a lower bound; they have no bootstrap time); None if there are none."""
+    rows = [r for r in rows or () if r.get("peak_gib") and (r.get("bootstrap_min_s") or
+                                                            (r.get("over_cap") and not finished))]
+    if not rows:
+        return None
+    n = p.ring_dim or 2**16
+    lb = list(p.level_budget)
+    dn = key_switch_digits(p.num_large_digits, p.depth)
+
+    def distance(r):
+        return (r["ring_dim"] != n, list(r.get("level_budget", [2, 2])) != lb,
+                key_switch_digits(r.get("digits", 0), r["depth"]) != dn,
+                abs(math.log2(max(r["slots"], 1) / max(p.slots, 1))), abs(r["depth"] - p.depth), bool(r.get("over_cap")))
+
+    return min(rows, key=distance)
+
+
+def _towers_qp(depth: int, digits: int) -> int:
+    """RNS towers of Q*P: ``depth + 1`` for Q, one digit's worth for P."""
+    return depth + 1 + int(math.ceil((depth + 1) / digits))
+
+
+def bootstrap_memory_from_measurements(rows, p: CKKSParams):
+    """Peak bootstrapping memory (GiB) of ``p`` from measured configurations: those of the nearest one's ring,
+    level budget and digits (:func:`nearest_bootstrap_measurement`), each scaled to ``p``'s ring and Q*P towers,
+    interpolated in log2(slots) between the nearest measured slot counts below and above (measured: 256 -> 4096
+    slots adds 6 GiB at N = 2^16, far less than the key count alone suggests); beyond them, the nearest one
+    scaled by key count. None without measurements."""
+    best = nearest_bootstrap_measurement(rows, p)
+    if best is None:
+        return None
+    n, dn = p.ring_dim or 2**16, key_switch_digits(p.num_large_digits, p.depth)
+    group = [r for r in rows if r.get("peak_gib") and (r.get("bootstrap_min_s") or r.get("over_cap"))
+             and r["ring_dim"] == best["ring_dim"] and list(r.get("level_budget", [2, 2])) == list(best.get(
+                 "level_budget", [2, 2])) and r.get("digits", 0) == best.get("digits", 0)]
+
+    def scaled(r):
+        return float(r["peak_gib"]) * (n / r["ring_dim"]) * _towers_qp(p.depth, dn) / _towers_qp(
+            r["depth"], key_switch_digits(r.get("digits", 0), r["depth"]))
+
+    s = math.log2(max(p.slots, 1))
+
+    def pick(rs):  # per slot count, the row of the nearest depth
+        return min(rs, key=lambda r: (abs(math.log2(r["slots"]) - s), abs(r["depth"] - p.depth))) if rs else None
+
+    def by_keys(r):  # r scaled to p's slots by key count as well
+        units = [_bootstrap_key_units(n, p.depth, max(x, 1), p.level_budget, dn) for x in (p.slots, r["slots"])]
+        return scaled(r) * units[0] / units[1]
+
+    lo = pick([r for r in group if math.log2(r["slots"]) <= s])
+    hi = pick([r for r in group if math.log2(r["slots"]) >= s])
+    if lo is not None and hi is not None:
+        a, b = math.log2(lo["slots"]), math.log2(hi["slots"])
+        est = scaled(lo) if a == b else scaled(lo) + (scaled(hi) - scaled(lo)) * (s - a) / (b - a)
+    else:
+        est = by_keys(lo or hi)
+    if all(r.get("over_cap") for r in (lo, hi) if r is not None):
+        # only lower bounds here (runs stopped over a memory cap): not below what a finished run elsewhere implies
+        done = nearest_bootstrap_measurement(rows, p, finished=True)
+        if done is not None:
+            est = max(est, by_keys(done))
+    return est
 
 
 def _bootstrap_key_units(ring_dim: int, depth: int, slots: int, level_budget=(2, 2), dnum: int = 3) -> float:
@@ -79,6 +171,9 @@ class CKKSParams:
     - ``slots``: CKKS batch size (power of two <= N/2); sparse packing keeps bootstrapping keys small.
     - ``bootstrap``: whether bootstrapping keys are generated; ``level_budget`` its CoeffsToSlots/SlotsToCoeffs
       levels; ``levels_after_bootstrap``: levels a bootstrapped (or fresh) ciphertext carries.
+    - ``auto_level_budget``: the planner may raise the default [2, 2] level budget to [3, 3] or [4, 4] (fewer
+      bootstrapping keys, 2 / 4 more levels per bootstrap) when [2, 2] needs more memory than its limit
+      (``planner.choose_level_budget``); False keeps ``level_budget`` as given.
     - ``secret_key_dist``: ``UNIFORM_TERNARY`` or ``SPARSE_TERNARY``.
     - ``num_large_digits``: HYBRID key-switching digits (0: OpenFHE default).
     """
@@ -97,6 +192,7 @@ class CKKSParams:
     secret_key_dist: str = "UNIFORM_TERNARY"
     num_large_digits: int = 0
     extra: dict = field(default_factory=dict)
+    auto_level_budget: bool = True
 
     def __post_init__(self):
         if self.security not in SECURITY_LEVELS:
@@ -117,10 +213,7 @@ class CKKSParams:
 
     @property
     def bootstrap_depth(self) -> int:
-        key = (self.secret_key_dist, tuple(self.level_budget))
-        if key not in BOOTSTRAP_DEPTH:
-            raise PlanningError(f"no measured bootstrap depth for {key}; measured: {sorted(BOOTSTRAP_DEPTH)}")
-        return BOOTSTRAP_DEPTH[key]
+        return bootstrap_depth_for(self.secret_key_dist, self.level_budget)
 
     @property
     def log_q(self) -> int:
@@ -129,7 +222,7 @@ class CKKSParams:
 
     def estimate_log_qp(self) -> int:
         """log2(Q*P) with HYBRID key switching: P is about one digit of Q (ceil(logQ / dnum)) plus slack."""
-        dnum = self.num_large_digits or (1 if self.depth < 3 else (2 if self.depth < 4 else 3))
+        dnum = key_switch_digits(self.num_large_digits, self.depth)
         log_q = self.log_q
         return log_q + int(math.ceil(log_q / dnum)) + 60
 
@@ -178,13 +271,23 @@ class CKKSParams:
             best = lb
         return best
 
-    def estimate_bootstrap_memory_gib(self, anchor: dict | None = None) -> float:
-        """Peak memory (GiB) of context, bootstrapping keys and a bootstrap for this (planned) set: the measured
-        ``anchor`` (default :data:`BOOTSTRAP_MEMORY_ANCHOR`) scaled by ring dimension, towers and key count."""
+    def estimate_bootstrap_memory_gib(self, anchor=None) -> float:
+        """Peak memory (GiB) of context, bootstrapping keys and a bootstrap for this (planned) set. ``anchor``: one
+        measurement (a dict with ``ring_dim``, ``depth``, ``slots``, ``peak_gib``, maybe ``level_budget`` /
+        ``digits``), scaled by ring dimension, towers and key count; or a list of them (``benchmarks/he_ops.py
+        --bootstrap-sweep``, :func:`bootstrap_memory_from_measurements`); default :data:`BOOTSTRAP_MEMORY_ANCHOR`."""
+        if isinstance(anchor, (list, tuple)):
+            got = bootstrap_memory_from_measurements(anchor, self)
+            if got is not None:
+                return got
+            anchor = None
         a = anchor or BOOTSTRAP_MEMORY_ANCHOR
         n = self.ring_dim or 2**16
-        ref = _bootstrap_key_units(a["ring_dim"], a["depth"], a["slots"])
-        return float(a["peak_gib"]) * _bootstrap_key_units(n, self.depth, max(self.slots, 1), self.level_budget) / ref
+        ref = _bootstrap_key_units(a["ring_dim"], a["depth"], a["slots"], a.get("level_budget", (2, 2)),
+                                   key_switch_digits(a.get("digits", 0), a["depth"]))
+        mine = _bootstrap_key_units(n, self.depth, max(self.slots, 1), self.level_budget,
+                                    key_switch_digits(self.num_large_digits, self.depth))
+        return float(a["peak_gib"]) * mine / ref
 
     def to_dict(self) -> dict:
         d = asdict(self)

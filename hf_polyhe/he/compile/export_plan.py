@@ -26,7 +26,7 @@ from ..circuit.packing import next_pow2
 from ..errors import KeyMismatchError, PlanningError, SerializationError
 from .decode import build_decode_circuit, check_cache_levels, decode_inputs
 from .plaintexts import DEFAULT_BUDGET_MIB
-from .planner import calibrate_bounds, key_bytes, plan as make_plan
+from .planner import calibrate_bounds, key_bytes, load_cost_table, plan as make_plan
 from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
 
 PLAN_FORMAT = "hf_polyhe.export_plan"
@@ -120,7 +120,7 @@ def server_memory(params: P.CKKSParams, n_rotation_keys: int, start_level: int, 
     by ``plaintext_budget_mib``, ``peak_ciphertexts`` at the level fresh ciphertexts have (``start_level``), the
     process base, and their ``total``. ``benchmarks/plan_scaling.py`` uses it on planner-only plans."""
     N = params.ring_dim or 2**16
-    kb = key_bytes(params, int(n_rotation_keys))
+    kb = key_bytes(params, int(n_rotation_keys), load_cost_table())
     ct = 2 * N * (params.depth + 1 - int(start_level)) * 8
     out = {"keys": kb["relin"] + kb["rotation"] + kb["bootstrap"],
            "plaintexts": min(float(plaintext_bytes), plaintext_budget_mib * 2.0**20),
@@ -276,6 +276,8 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
         params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
     # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
     lb = int(levels_after_bootstrap or probe.params.levels_after_bootstrap) if mode == "bootstrap" else None
+    if mode == "bootstrap":  # and its level budget (planner.choose_level_budget): one bootstrapping key set for all
+        params = params.with_(level_budget=probe.params.level_budget)
     bounds = {"full": {}, "prefill": {}, "decode": {}}
     if mode == "bootstrap":
         samples = calibration or _sample_embeddings(model, calibration_samples)

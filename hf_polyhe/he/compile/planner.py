@@ -53,6 +53,11 @@ DEFAULT_COSTS = {
     "encode": [1.8e-3, 0.0],
     # effective ct x ct multiplications per Chebyshev degree (DESIGN section 5: degree 15 ~ 11 mults, 59 ~ 27)
     "cheb_mults": {"7": 6.9, "15": 11.2, "31": 16.5, "59": 27.4},
+    # key switching (rotations, relinearisation) with ``num_large_digits`` HYBRID digits, relative to OpenFHE's
+    # default 3 (which the primitives above were measured with): {digits: {"rotate": x, "mul": y}}; more digits
+    # mean a smaller auxiliary modulus P (more levels on a ring) and a slower key switch. Measured with
+    # benchmarks/he_ops.py --digits-cost
+    "keyswitch_digits": {"3": {"rotate": 1.0, "mul": 1.0}},
     "bootstrap": [18.0, 0.0],  # seconds at ``bootstrap_ring_dim`` (scaled linearly in N), constant in depth
     "bootstrap_ring_dim": 65536,
     "ref_ring_dim": 65536,
@@ -81,6 +86,27 @@ def cheb_mults(degree: int, table: dict) -> float:
             w = (math.log2(n) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
             return r0 + w * (r1 - r0)
     return ps_shape(n)  # unreachable
+
+
+KEYSWITCH_KINDS = ("rotate", "rotate_precompute", "rotate_fast", "rotate_ext", "keyswitch_down")
+
+
+def digits_factor(costs: dict, digits: int, kind: str = "rotate") -> float:
+    """Key-switching cost with ``digits`` HYBRID digits relative to 3 (cost table ``keyswitch_digits``, ``kind``
+    "rotate" or "mul"): the measured value, else linear in the digits between (or beyond) the nearest measured."""
+    table = {int(k): float(v[kind]) for k, v in costs.get("keyswitch_digits", {}).items() if kind in v}
+    table.setdefault(3, 1.0)
+    d = int(digits)
+    if d in table:
+        return table[d]
+    pts = sorted(table)
+    if len(pts) == 1:
+        return table[pts[0]]
+    lo = max([k for k in pts if k < d], default=pts[0])
+    hi = min([k for k in pts if k > d], default=pts[-1])
+    if lo == hi:  # beyond the measured ones: the slope of the last two
+        lo, hi = (pts[-2], pts[-1]) if d > pts[-1] else (pts[0], pts[1])
+    return max(table[lo] + (table[hi] - table[lo]) * (d - lo) / (hi - lo), 0.1)
 
 
 def load_cost_table(path: str = COST_TABLE_PATH) -> dict:
@@ -140,6 +166,8 @@ class TraceBackend:
         self.node = None
         self.max_level = 0
         self.node_levels = {}
+        self.bootstrap_s = None  # seconds of one bootstrap (trace(): from the nearest measured configuration)
+        self.ks_factor = {}  # key switching against 3 digits (trace(): from the parameters' digits)
 
     def begin_node(self, node):
         self.node = node
@@ -154,7 +182,9 @@ class TraceBackend:
     def unit_towers(self, kind, T):
         """Predicted seconds of one ``kind`` primitive on ``T`` RNS towers."""
         a, b = self.costs.get(kind, DEFAULT_COSTS[kind])
-        return (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T)
+        t = (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T)
+        return t * self.ks_factor.get("mul" if kind == "mul" else "rotate", 1.0) if (
+            kind == "mul" or kind in KEYSWITCH_KINDS) else t
 
     def plaintext_summary(self) -> dict:
         """Distinct plaintexts (content and level) the traced run met: count, uses, encoded bytes and predicted
@@ -299,7 +329,9 @@ class TraceBackend:
             raise PlanningError(f"{where}: bootstrap input at level {a.level} has no level left for scaling by 1/bound")
         if scaled:
             self.mul_scalar(a, 1.0)
-        t = self.costs["bootstrap"][0] * self.N / self.costs.get("bootstrap_ring_dim", self.costs["ref_ring_dim"])
+        t = self.bootstrap_s
+        if t is None:
+            t = self.costs["bootstrap"][0] * self.N / self.costs.get("bootstrap_ring_dim", self.costs["ref_ring_dim"])
         self.time += t
         self.time_by_op["bootstrap"] = self.time_by_op.get("bootstrap", 0.0) + t
         out = TraceCt(0)
@@ -443,13 +475,58 @@ def calibrate_bounds(circuit: Circuit, sample_inputs: dict) -> dict:
     return res
 
 
-def key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
+def bootstrap_seconds(costs: dict, p: P.CKKSParams) -> float:
+    """Predicted seconds of one bootstrap for the planned set ``p``: the nearest configuration measured by
+    ``benchmarks/he_ops.py --bootstrap-sweep`` (cost table ``bootstrap_measured``, see
+    :func:`params.nearest_bootstrap_measurement`), its median scaled by ring dimension and towers (CoeffsToSlots
+    runs on the full modulus); without one, the table's ``bootstrap`` entry scaled by ring dimension."""
+    N = p.ring_dim or costs.get("bootstrap_ring_dim", 2**16)
+    row = P.nearest_bootstrap_measurement(costs.get("bootstrap_measured"), p, finished=True)
+    if row is None:
+        return costs["bootstrap"][0] * N / costs.get("bootstrap_ring_dim", costs["ref_ring_dim"])
+    return float(row["bootstrap_median_s"]) * (N / row["ring_dim"]) * (p.depth + 1) / (row["depth"] + 1)
+
+
+def bootstrap_source_note(costs: dict, p: P.CKKSParams) -> str:
+    """What a bootstrapped plan's bootstrap seconds and memory are predicted from, in words."""
+    def name(r):
+        return (f"N=2^{int(r['ring_dim']).bit_length() - 1}, {r['slots']} slots, level budget "
+                f"{list(r.get('level_budget', [2, 2]))}, {r.get('digits') or 3} digits, depth {r['depth']}")
+
+    rows = bootstrap_memory_source(costs)
+    if not isinstance(rows, list):
+        return "bootstrap memory scaled from one measured anchor (run benchmarks/he_ops.py --bootstrap-sweep)"
+    mem = P.nearest_bootstrap_measurement(rows, p)
+    done = P.nearest_bootstrap_measurement(rows, p, finished=True)
+    return ("bootstrap estimates from measured configurations (benchmarks/he_ops.py --bootstrap-sweep): memory near "
+            + name(mem) + (" (a lower bound: stopped over its memory cap)" if mem.get("over_cap") else "")
+            + ("; time near " + name(done) if done is not None else "; time from the cost table's single entry"))
+
+
+def bootstrap_memory_source(costs: dict):
+    """What bootstrapping memory is predicted from: the measured configurations (``bootstrap_measured``) if the cost
+    table has any, with the single anchor (``bootstrap_memory``, else :data:`params.BOOTSTRAP_MEMORY_ANCHOR`: a lower
+    bound, so counted as stopped over a cap) among them; else that anchor alone."""
+    rows = costs.get("bootstrap_measured")
+    if not rows:
+        return costs.get("bootstrap_memory")
+    anchor = dict(costs.get("bootstrap_memory") or P.BOOTSTRAP_MEMORY_ANCHOR)
+    if any(all(r.get(k) == anchor.get(k) for k in ("ring_dim", "depth", "slots")) for r in rows):
+        return list(rows)
+    return list(rows) + [{**anchor, "over_cap": True}]
+
+
+def key_bytes(p: P.CKKSParams, n_rot: int, costs: dict | None = None) -> dict:
     """Estimated bytes of the evaluation keys for ``p`` with ``n_rot`` rotation keys: ``relin``, ``rotation`` (all
     of them), ``per_key`` (one rotation key) and ``bootstrap`` (CoeffsToSlots / SlotsToCoeffs keys; 0 leveled).
-    One key switching key holds ``digits`` pairs of polynomials over Q*P: ``digits * 2 * N * towers(Q*P) * 8``."""
+    One key switching key holds ``digits`` pairs of polynomials over Q*P: ``digits * 2 * N * towers(Q*P) * 8``.
+    With measured bootstrapping configurations in ``costs`` (``bootstrap_measured``), ``bootstrap`` is their
+    estimated peak (:meth:`~hf_polyhe.he.params.CKKSParams.estimate_bootstrap_memory_gib`: keys, the context's
+    precomputed transforms, one bootstrap's scratch) less the relinearisation key, not the key count: measured
+    at N = 2^16, 4096 slots, [2, 2], 6 digits, 19.2 GiB in all where the count gives ~47 GiB of keys."""
     N = p.ring_dim or 2**16
     towers_q = p.depth + 1
-    dnum = p.num_large_digits or 3
+    dnum = P.key_switch_digits(p.num_large_digits, p.depth)
     towers_p = int(math.ceil(towers_q / dnum))
     one = dnum * 2 * N * (towers_q + towers_p) * 8
     boot = 0
@@ -458,6 +535,9 @@ def key_bytes(p: P.CKKSParams, n_rot: int) -> dict:
         slots = max(p.slots, 1)
         per = int(math.ceil(math.log2(slots) / max(p.level_budget[0], 1)))
         boot = one * (2 * sum(p.level_budget) * (2 ** per // 2 + 2) + 1)
+        rows = (costs or {}).get("bootstrap_measured")
+        if rows:
+            boot = max(p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) * 2**30 - one, 0.0)
     return {"relin": one, "rotation": one * n_rot, "per_key": one, "bootstrap": boot}
 
 
@@ -520,6 +600,46 @@ def choose_levels_after_bootstrap(circuit: Circuit, params: P.CKKSParams, reques
             lb -= 1
         note = f"levels after bootstrap {lb} (lowered to fit the {limit:.1f} GiB memory limit)"
     return lb, note
+
+
+# Level budgets tried, in order, when the default [2, 2] needs more bootstrapping memory than the limit: more
+# CoeffsToSlots / SlotsToCoeffs stages need fewer keys. Measured (benchmarks/he_ops.py --bootstrap-sweep, 128-bit,
+# N = 2^16, 6 digits, 4096 slots): peak 19.2 / 12.3 / 8.5 GiB and 18.5 / 15.2 / 13.3 s per bootstrap for [2, 2] /
+# [3, 3] / [4, 4], at the price of 2 / 4 more levels per bootstrap.
+MEMORY_LEVEL_BUDGETS = ((3, 3), (4, 4))
+
+
+def choose_level_budget(circuit: Circuit, params: P.CKKSParams, requested: int | None = None,
+                        max_memory_gib: float | None = None, memory_anchor=None):
+    """:func:`choose_levels_after_bootstrap` for ``params``' level budget; when that is the default [2, 2] of a
+    128-bit set and its bootstrapping memory forces fewer levels than wanted, or does not fit at all, the first of
+    :data:`MEMORY_LEVEL_BUDGETS` that fits without lowering them (else the one that keeps the most levels).
+    Returns ``(params with the budget, levels, note)``; raises the [2, 2] refusal if none fits."""
+    first = None
+    best = None
+    budgets = [tuple(params.level_budget)]
+    if budgets[0] == (2, 2) and params.auto_level_budget and not params.insecure:
+        budgets += list(MEMORY_LEVEL_BUDGETS)
+    for b in budgets:
+        q = params.with_(level_budget=b)
+        try:
+            lb, note = choose_levels_after_bootstrap(circuit, q, requested, max_memory_gib, memory_anchor)
+        except PlanningError as e:
+            if "GiB" not in str(e):
+                raise
+            first = first or e
+            continue
+        if b != budgets[0]:
+            note += (f"; level budget {list(b)}: with {list(budgets[0])} the bootstrapping keys needed more memory "
+                     f"than the limit")
+        lowered = "lowered to fit" in note
+        if best is None or lb > best[1]:
+            best = (q, lb, note)
+        if not lowered:
+            return q, lb, note
+    if best is None:
+        raise first
+    return best
 
 
 def _boot_params(params: P.CKKSParams, lb: int, slots: int) -> P.CKKSParams:
@@ -586,8 +706,8 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     run_circuit = circuit
     notes = []
     if want_boot:
-        lb, note = choose_levels_after_bootstrap(circuit, params, levels_after_bootstrap, max_memory_gib,
-                                                 costs.get("bootstrap_memory"))
+        params, lb, note = choose_level_budget(circuit, params, levels_after_bootstrap, max_memory_gib,
+                                               bootstrap_memory_source(costs))
         notes.append(note)
         run_circuit, inserted = insert_bootstraps(circuit, lb, bounds)
         lev = static_levels(run_circuit)
@@ -611,9 +731,11 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
-    mem = p.estimate_bootstrap_memory_gib(costs.get("bootstrap_memory")) if p.bootstrap else 0.0
+    mem = p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) if p.bootstrap else 0.0
+    if p.bootstrap:
+        notes.append(bootstrap_source_note(costs, p))
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
-                inserted_bootstraps=inserted, start_level=start_level, key_bytes=key_bytes(p, len(rot)),
+                inserted_bootstraps=inserted, start_level=start_level, key_bytes=key_bytes(p, len(rot), costs),
                 predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes,
                 plaintexts=tb.plaintext_summary())
 
@@ -627,6 +749,10 @@ def trace(evaluator: Evaluator, params: P.CKKSParams, start_level: int, costs: d
     tb = TraceBackend(evaluator.circuit.ct_slots, p.depth, start_level,
                       p.levels_after_bootstrap if p.bootstrap else p.depth, p.ring_dim, costs or load_cost_table(),
                       on_plaintext=on_plaintext)
+    if p.bootstrap:
+        tb.bootstrap_s = bootstrap_seconds(tb.costs, p)
+    dn = P.key_switch_digits(p.num_large_digits, p.depth)
+    tb.ks_factor = {k: digits_factor(tb.costs, dn, k) for k in ("rotate", "mul")}
     ev = evaluator.on(tb)
     ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in ev.circuit.inputs}
     ev.run(ins)

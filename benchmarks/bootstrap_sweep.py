@@ -15,8 +15,8 @@ bound, not a measurement). Configurations OpenFHE refuses as insecure are report
 The levels each configuration keeps after a bootstrap are the most its ring holds at 128-bit (at the 59-bit
 scale bootstrapping needs), at least one; ``--levels`` fixes them. ``--write-costs`` stores the measured rows as
 ``bootstrap_measured`` in ``hf_polyhe/he/compile/cost_table.json``: the planner then predicts bootstrap time and
-memory from the nearest measured configuration (:func:`hf_polyhe.he.compile.planner.bootstrap_estimate`)
-instead of scaling one anchor.
+memory from the nearest measured configurations (:func:`hf_polyhe.he.compile.planner.bootstrap_seconds`,
+:func:`hf_polyhe.he.params.bootstrap_memory_from_measurements`) instead of scaling one anchor.
 """
 
 from __future__ import annotations

@@ -87,8 +87,9 @@ def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int,
             return prefill, decode
         decode = make_plan(build_decode_circuit(spec, tokens), base, **{**kw, "bootstrap": "never"})
     else:
-        lb = prefill.params.levels_after_bootstrap
-        decode = make_plan(build_decode_circuit(spec, tokens), base, levels_after_bootstrap=lb,
+        lb = prefill.params.levels_after_bootstrap  # and the level budget the prefill's plan chose, as an export
+        decode = make_plan(build_decode_circuit(spec, tokens), base.with_(level_budget=prefill.params.level_budget),
+                           levels_after_bootstrap=lb,
                            **{**kw, "bootstrap": "always"})
     return prefill, decode
 

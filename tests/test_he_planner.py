@@ -231,10 +231,35 @@ def test_bootstrap_estimates_come_from_the_nearest_measured_configuration():
     assert math.isclose(PL.bootstrap_seconds({**PL.DEFAULT_COSTS}, p), 18.0)  # no rows: the single table entry
 
 
+def test_level_budget_alternatives_never_replace_a_plan_that_fits():
+    """A [2, 2] plan that fits its memory limit after lowering its levels is kept when the raised budgets cannot be
+    planned at all (ring 2^16, 6 digits: [3, 3] holds fewer levels than the op needs); no other error replaces it."""
+    c = _poly_circuit(_cheb("tanh", (-2, 2), 2), slots=4096)
+    p16 = P.default(ring_dim=2**16, num_large_digits=6)
+    costs = PL.load_cost_table(path="/nonexistent")
+    rows = [{"ring_dim": 2**16, "slots": 4096, "level_budget": [2, 2], "digits": 6, "depth": d, "peak_gib": g,
+             "bootstrap_min_s": 18.5, "bootstrap_median_s": 18.5} for d, g in ((21, 17.0), (23, 19.2))]
+    costs["bootstrap_measured"] = rows
+    full = he.plan(c, p16, bootstrap="always", cost_table=costs)
+    assert full.params.level_budget == (2, 2) and full.params.levels_after_bootstrap == 5
+    lim = he.plan(c, p16, bootstrap="always", cost_table=costs, max_memory_gib=18.0)
+    assert lim.params.level_budget == (2, 2) and 3 <= lim.params.levels_after_bootstrap < 5
+    assert any("lowered to fit" in n for n in lim.notes)
+
+
 def test_bootstrap_depth_for_level_budgets():
     assert P.bootstrap_depth_for("UNIFORM_TERNARY", (2, 2)) == 18  # measured
     assert P.bootstrap_depth_for("UNIFORM_TERNARY", (3, 3)) == 20  # one level per extra stage
     assert P.default(bootstrap=True, level_budget=(4, 4)).bootstrap_depth == 22
+    # budgets not in the table: OpenFHE's formula from the measured [2, 2] (one level per stage)
+    assert P.bootstrap_depth_for("SPARSE_TERNARY", (3, 3)) == 20
+    assert P.bootstrap_depth_for("UNIFORM_TERNARY", (1, 5)) == 20
+    # OpenFHE's default digits (ComputeNumLargeDigits), and no claim below the measured digit counts
+    assert [P.key_switch_digits(0, d) for d in (0, 1, 3, 4, 27)] == [1, 2, 2, 3, 3]
+    assert P.key_switch_digits(6, 2) == 6
+    costs = {"keyswitch_digits": {"3": {"rotate": 1.0, "mul": 1.0}, "6": {"rotate": 1.2, "mul": 1.1}}}
+    assert PL.digits_factor(costs, 2) == 1.0 and math.isclose(PL.digits_factor(costs, 4), 1.2 / 3 + 2 / 3)
+    assert math.isclose(PL.digits_factor(costs, 9, "mul"), 1.2)
     with pytest.raises(he.PlanningError, match="level budget"):
         P.bootstrap_depth_for("UNIFORM_TERNARY", (0, 2))
 

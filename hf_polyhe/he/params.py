@@ -77,8 +77,9 @@ def default_max_memory_gib() -> float:
 
 
 def key_switch_digits(num_large_digits: int, depth: int) -> int:
-    """HYBRID key-switching digits OpenFHE uses: ``num_large_digits``, else its default (3 from depth 4 on)."""
-    return int(num_large_digits) or (1 if depth < 3 else (2 if depth < 4 else 3))
+    """HYBRID key-switching digits OpenFHE uses: ``num_large_digits``, else its default (openfhe 1.6.1
+    ``ComputeNumLargeDigits``: 3 from depth 4 on, 2 for depth 1 to 3, 1 for depth 0)."""
+    return int(num_large_digits) or (3 if depth > 3 else 2 if depth > 0 else 1)
 
 
 def nearest_bootstrap_measurement(rows, p: CKKSParams, finished: bool = False):
@@ -119,7 +120,8 @@ def bootstrap_memory_from_measurements(rows, p: CKKSParams):
     n, dn = p.ring_dim or 2**16, key_switch_digits(p.num_large_digits, p.depth)
     group = [r for r in rows if r.get("peak_gib") and (r.get("bootstrap_min_s") or r.get("over_cap"))
              and r["ring_dim"] == best["ring_dim"] and list(r.get("level_budget", [2, 2])) == list(best.get(
-                 "level_budget", [2, 2])) and r.get("digits", 0) == best.get("digits", 0)]
+                 "level_budget", [2, 2])) and key_switch_digits(r.get("digits", 0), r["depth"])
+             == key_switch_digits(best.get("digits", 0), best["depth"])]
 
     def scaled(r):
         return float(r["peak_gib"]) * (n / r["ring_dim"]) * _towers_qp(p.depth, dn) / _towers_qp(
@@ -292,6 +294,8 @@ class CKKSParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["level_budget"] = list(self.level_budget)
+        if d["auto_level_budget"]:  # the default: left out, so plans stay readable by releases without the field
+            del d["auto_level_budget"]
         return d
 
     @classmethod

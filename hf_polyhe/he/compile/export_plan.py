@@ -114,13 +114,16 @@ class ExportPlan:
 
 
 def server_memory(params: P.CKKSParams, n_rotation_keys: int, start_level: int, plaintext_bytes: float,
-                  peak_ciphertexts: int, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB) -> dict:
+                  peak_ciphertexts: int, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB,
+                  costs: dict | None = None) -> dict:
     """The parts of :func:`predicted_memory`, in bytes, from plain numbers: evaluation keys for ``params`` and
     ``n_rotation_keys`` (:func:`~hf_polyhe.he.compile.planner.key_bytes`), ``plaintext_bytes`` encoded once capped
     by ``plaintext_budget_mib``, ``peak_ciphertexts`` at the level fresh ciphertexts have (``start_level``), the
-    process base, and their ``total``. ``benchmarks/plan_scaling.py`` uses it on planner-only plans."""
+    process base, and their ``total``. ``costs``: the planner's cost table (default :func:`load_cost_table`), whose
+    measured bootstrapping rows size the bootstrapping part. ``benchmarks/plan_scaling.py`` uses it on planner-only
+    plans."""
     N = params.ring_dim or 2**16
-    kb = key_bytes(params, int(n_rotation_keys), load_cost_table())
+    kb = key_bytes(params, int(n_rotation_keys), costs if costs is not None else load_cost_table())
     ct = 2 * N * (params.depth + 1 - int(start_level)) * 8
     out = {"keys": kb["relin"] + kb["rotation"] + kb["bootstrap"],
            "plaintexts": min(float(plaintext_bytes), plaintext_budget_mib * 2.0**20),

@@ -93,14 +93,15 @@ KEYSWITCH_KINDS = ("rotate", "rotate_precompute", "rotate_fast", "rotate_ext", "
 
 def digits_factor(costs: dict, digits: int, kind: str = "rotate") -> float:
     """Key-switching cost with ``digits`` HYBRID digits relative to 3 (cost table ``keyswitch_digits``, ``kind``
-    "rotate" or "mul"): the measured value, else linear in the digits between (or beyond) the nearest measured."""
+    "rotate" or "mul"): the measured value, else linear in the digits between the nearest measured (above them, the
+    last two's slope; below them, the smallest one's value)."""
     table = {int(k): float(v[kind]) for k, v in costs.get("keyswitch_digits", {}).items() if kind in v}
     table.setdefault(3, 1.0)
     d = int(digits)
     if d in table:
         return table[d]
     pts = sorted(table)
-    if len(pts) == 1:
+    if len(pts) == 1 or d < pts[0]:  # fewer digits than measured (shallow leveled sets): no claim, the nearest
         return table[pts[0]]
     lo = max([k for k in pts if k < d], default=pts[0])
     hi = min([k for k in pts if k > d], default=pts[-1])
@@ -498,6 +499,8 @@ def bootstrap_source_note(costs: dict, p: P.CKKSParams) -> str:
         return "bootstrap memory scaled from one measured anchor (run benchmarks/he_ops.py --bootstrap-sweep)"
     mem = P.nearest_bootstrap_measurement(rows, p)
     done = P.nearest_bootstrap_measurement(rows, p, finished=True)
+    if mem is None:
+        return "bootstrap memory scaled from one measured anchor (no usable measured configuration)"
     return ("bootstrap estimates from measured configurations (benchmarks/he_ops.py --bootstrap-sweep): memory near "
             + name(mem) + (" (a lower bound: stopped over its memory cap)" if mem.get("over_cap") else "")
             + ("; time near " + name(done) if done is not None else "; time from the cost table's single entry"))
@@ -514,6 +517,11 @@ def bootstrap_memory_source(costs: dict):
     if any(all(r.get(k) == anchor.get(k) for k in ("ring_dim", "depth", "slots")) for r in rows):
         return list(rows)
     return list(rows) + [{**anchor, "over_cap": True}]
+
+
+# RSS of a bootstrap_sweep child before it builds a context (its imports: hf_polyhe, numpy, OpenFHE): 0.82 GiB, as
+# export_plan.PROCESS_BASE_GIB; taken off a measured bootstrapping peak to leave what bootstrapping adds
+SWEEP_PROCESS_BASE_GIB = 0.82
 
 
 def key_bytes(p: P.CKKSParams, n_rot: int, costs: dict | None = None) -> dict:
@@ -537,7 +545,8 @@ def key_bytes(p: P.CKKSParams, n_rot: int, costs: dict | None = None) -> dict:
         boot = one * (2 * sum(p.level_budget) * (2 ** per // 2 + 2) + 1)
         rows = (costs or {}).get("bootstrap_measured")
         if rows:
-            boot = max(p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) * 2**30 - one, 0.0)
+            peak = p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) - SWEEP_PROCESS_BASE_GIB
+            boot = max(peak * 2**30 - one, 0.0)
     return {"relin": one, "rotation": one * n_rot, "per_key": one, "bootstrap": boot}
 
 
@@ -611,32 +620,38 @@ MEMORY_LEVEL_BUDGETS = ((3, 3), (4, 4))
 
 def choose_level_budget(circuit: Circuit, params: P.CKKSParams, requested: int | None = None,
                         max_memory_gib: float | None = None, memory_anchor=None):
-    """:func:`choose_levels_after_bootstrap` for ``params``' level budget; when that is the default [2, 2] of a
-    128-bit set and its bootstrapping memory forces fewer levels than wanted, or does not fit at all, the first of
-    :data:`MEMORY_LEVEL_BUDGETS` that fits without lowering them (else the one that keeps the most levels).
-    Returns ``(params with the budget, levels, note)``; raises the [2, 2] refusal if none fits."""
-    first = None
-    best = None
-    budgets = [tuple(params.level_budget)]
-    if budgets[0] == (2, 2) and params.auto_level_budget and not params.insecure:
-        budgets += list(MEMORY_LEVEL_BUDGETS)
-    for b in budgets:
+    """:func:`choose_levels_after_bootstrap` for ``params``' level budget. When that is the default [2, 2] of a
+    128-bit set (``auto_level_budget``) and its bootstrapping memory forces fewer levels than wanted, or does not
+    fit at all, the budgets of :data:`MEMORY_LEVEL_BUDGETS` are tried too: the first that fits without lowering the
+    levels for memory wins, else whichever keeps the most levels ([2, 2] on ties). A budget that cannot be planned
+    for any reason (a security cap below what the ops need, memory) is skipped. Returns ``(params with the budget,
+    levels, note)``; raises the [2, 2] refusal if no budget fits."""
+    base = tuple(params.level_budget)
+    try:
+        lb, note = choose_levels_after_bootstrap(circuit, params, requested, max_memory_gib, memory_anchor)
+    except PlanningError as e:
+        if "GiB" not in str(e):
+            raise
+        first, best = e, None
+    else:
+        if "lowered to fit" not in note:
+            return params, lb, note
+        first, best = None, (params, lb, note)
+    if base != (2, 2) or not params.auto_level_budget or params.insecure:
+        if best is None:
+            raise first
+        return best
+    for b in MEMORY_LEVEL_BUDGETS:
         q = params.with_(level_budget=b)
         try:
             lb, note = choose_levels_after_bootstrap(circuit, q, requested, max_memory_gib, memory_anchor)
-        except PlanningError as e:
-            if "GiB" not in str(e):
-                raise
-            first = first or e
+        except PlanningError:
             continue
-        if b != budgets[0]:
-            note += (f"; level budget {list(b)}: with {list(budgets[0])} the bootstrapping keys needed more memory "
-                     f"than the limit")
-        lowered = "lowered to fit" in note
+        note += f"; level budget {list(b)}: with {list(base)} the bootstrapping keys needed more memory than the limit"
         if best is None or lb > best[1]:
             best = (q, lb, note)
-        if not lowered:
-            return q, lb, note
+            if "lowered" not in note:
+                break
     if best is None:
         raise first
     return best

@@ -422,4 +422,10 @@ def _write_plan_report(out_dir) -> dict:
             return {"params": "default", "error": reason}
     with open(path, "w") as f:
         f.write(plan_report(plan) + "\n")
-    return plan_overview(plan)
+    overview = plan_overview(plan)
+    if overview.get("over_memory_limit"):
+        import warnings
+
+        warnings.warn(f"hf_polyhe: the export's 128-bit plan does not fit in memory: {overview['over_memory_limit']} "
+                      f"(see {path})", stacklevel=3)
+    return overview

@@ -135,7 +135,7 @@ def test_saved_pipeline_classifiers_match_torch(tmp_path, family, cls):
             enc.embed(pixel_values=np.concatenate([pixels.numpy()] * 2))
 
 
-def test_export_writes_the_128bit_plan(tmp_path):
+def test_export_writes_the_128bit_plan(tmp_path, monkeypatch):
     """pipeline.json describes both parts and carries the planner's numbers; plan.txt is the readable report."""
     import json
 
@@ -158,6 +158,18 @@ def test_export_writes_the_128bit_plan(tmp_path):
     assert full["counts"] == plan.summary["full"]["counts"] and full["predicted_seconds"] > 0
     text = (tmp_path / "plan.txt").read_text()
     assert "HEStd_128_classic" in text and f"ring 2^{plan.params.ring_dim.bit_length() - 1}" in text
+    # the predicted server fits the default limit; under a smaller one the report says what takes the memory
+    from hf_polyhe.he.compile.export_plan import memory_over_limit, plan_report
+
+    assert overview["over_memory_limit"] is None and "WARNING" not in text
+    over = memory_over_limit(plan, 0.5)
+    assert over.startswith("a server needs") and f"{len(plan.rotation_keys)} rotation keys" in over
+    monkeypatch.setenv("HF_POLYHE_MAX_MEMORY_GIB", "0.5")
+    assert "WARNING: a server needs" in plan_report(plan) and "over the 0.5 GiB limit" in plan_report(plan)
+    with pytest.warns(UserWarning, match="does not fit in memory"):  # and the export says so when it is written
+        save_encrypted_pipeline(model, None, tmp_path / "small")
+    assert json.loads((tmp_path / "small" / "pipeline.json").read_text())["plan"]["over_memory_limit"]
+    monkeypatch.delenv("HF_POLYHE_MAX_MEMORY_GIB")
     save_encrypted_pipeline(model, None, tmp_path / "unplanned", plan=False)
     assert not (tmp_path / "unplanned" / "plan.txt").exists()
 

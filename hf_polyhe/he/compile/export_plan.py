@@ -150,6 +150,21 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib)
 
 
+def memory_over_limit(plan: ExportPlan, limit_gib: float | None = None) -> str | None:
+    """Why a server for ``plan`` would not fit ``limit_gib`` (default :func:`params.default_max_memory_gib`, the
+    limit the planner holds bootstrapping memory to), naming the largest part; None if it fits. The planner bounds
+    only the bootstrapping keys by that limit, not the rotation keys and plaintexts, so a plan can exist and still
+    not fit (measured on a 2-layer poly-LayerNorm PolyGPT at ring 2^17: 72 rotation keys of 0.27 GiB each)."""
+    limit = float(limit_gib if limit_gib is not None else P.default_max_memory_gib())
+    m = {k: v / GIB for k, v in predicted_memory(plan).items()}
+    if m["total"] <= limit:
+        return None
+    per_key = key_bytes(plan.params, 1)["per_key"] / GIB
+    return (f"a server needs ~{m['total']:.1f} GiB, over the {limit:.1f} GiB limit (HF_POLYHE_MAX_MEMORY_GIB): keys "
+            f"{m['keys']:.1f} GiB, of which {len(plan.rotation_keys)} rotation keys {len(plan.rotation_keys) * per_key:.1f}"
+            f" GiB, plaintexts {m['plaintexts']:.1f} GiB")
+
+
 def plan_report(plan: ExportPlan) -> str:
     """A person-readable planner report of an export: parameters, then each circuit kind's counts, depth and
     predicted seconds (what ``hf-polyhe inspect`` prints and ``save_encrypted_pipeline`` writes to ``plan.txt``)."""
@@ -160,6 +175,9 @@ def plan_report(plan: ExportPlan) -> str:
     m = {k: v / GIB for k, v in predicted_memory(plan).items()}
     lines.append(f"server memory (predicted): {m['total']:.1f} GiB at its peak (keys {m['keys']:.1f}, plaintexts "
                  f"encoded once {m['plaintexts']:.1f}, ciphertexts {m['ciphertexts']:.1f}, process {m['process']:.1f})")
+    over = memory_over_limit(plan)
+    if over:
+        lines.append("WARNING: " + over)
     for kind, entry in plan.summary.items():
         lines += ["", f"== {kind} circuit, length {entry['length']} ==", entry.get("report", "")]
     return "\n".join(lines)
@@ -172,6 +190,7 @@ def plan_overview(plan: ExportPlan) -> dict:
             "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
             "rotation_keys": len(plan.rotation_keys),
             "server_memory_gib": {k: round(v / GIB, 2) for k, v in predicted_memory(plan).items()},
+            "memory_limit_gib": P.default_max_memory_gib(), "over_memory_limit": memory_over_limit(plan),
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
                                 "predicted_seconds": round(float(e["predicted_seconds"]), 2),
                                 **({"plaintext_mib": round(e["plaintexts"]["bytes"] / 2**20, 1)}

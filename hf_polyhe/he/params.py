@@ -82,23 +82,30 @@ def key_switch_digits(num_large_digits: int, depth: int) -> int:
     return int(num_large_digits) or (3 if depth > 3 else 2 if depth > 0 else 1)
 
 
+def _usable(rows, finished: bool = False) -> list:
+    """Measured rows with a peak: finished runs, and (unless ``finished``) runs stopped over their memory cap."""
+    return [r for r in rows or () if r.get("peak_gib") and (r.get("bootstrap_min_s") or
+                                                            (r.get("over_cap") and not finished))]
+
+
+def _config(r: dict) -> tuple:
+    """A measured row's (ring, level budget, key-switching digits)."""
+    return (r["ring_dim"], tuple(r.get("level_budget", (2, 2))), key_switch_digits(r.get("digits", 0), r["depth"]))
+
+
 def nearest_bootstrap_measurement(rows, p: CKKSParams, finished: bool = False):
     """Of measured bootstrapping configurations (``bootstrap_measured`` rows of the planner's cost table, see
     ``benchmarks/bootstrap_sweep.py``), the one nearest ``p``: the same ring, level budget and digits first, then
     the closest slot count and depth. Rows stopped over the memory cap (``over_cap``) count unless ``finished``
     (their peak is a lower bound; they have no bootstrap time); None if there are none."""
-    rows = [r for r in rows or () if r.get("peak_gib") and (r.get("bootstrap_min_s") or
-                                                            (r.get("over_cap") and not finished))]
+    rows = _usable(rows, finished)
     if not rows:
         return None
-    n = p.ring_dim or 2**16
-    lb = list(p.level_budget)
-    dn = key_switch_digits(p.num_large_digits, p.depth)
+    mine = (p.ring_dim or 2**16, tuple(p.level_budget), key_switch_digits(p.num_large_digits, p.depth))
 
     def distance(r):
-        return (r["ring_dim"] != n, list(r.get("level_budget", [2, 2])) != lb,
-                key_switch_digits(r.get("digits", 0), r["depth"]) != dn,
-                abs(math.log2(max(r["slots"], 1) / max(p.slots, 1))), abs(r["depth"] - p.depth), bool(r.get("over_cap")))
+        return (*(a != b for a, b in zip(_config(r), mine)), abs(math.log2(max(r["slots"], 1) / max(p.slots, 1))),
+                abs(r["depth"] - p.depth), bool(r.get("over_cap")))
 
     return min(rows, key=distance)
 
@@ -118,10 +125,7 @@ def bootstrap_memory_from_measurements(rows, p: CKKSParams):
     if best is None:
         return None
     n, dn = p.ring_dim or 2**16, key_switch_digits(p.num_large_digits, p.depth)
-    group = [r for r in rows if r.get("peak_gib") and (r.get("bootstrap_min_s") or r.get("over_cap"))
-             and r["ring_dim"] == best["ring_dim"] and list(r.get("level_budget", [2, 2])) == list(best.get(
-                 "level_budget", [2, 2])) and key_switch_digits(r.get("digits", 0), r["depth"])
-             == key_switch_digits(best.get("digits", 0), best["depth"])]
+    group = [r for r in _usable(rows) if _config(r) == _config(best)]
 
     def scaled(r):
         return float(r["peak_gib"]) * (n / r["ring_dim"]) * _towers_qp(p.depth, dn) / _towers_qp(

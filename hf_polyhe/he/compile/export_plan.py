@@ -26,14 +26,11 @@ from ..circuit.packing import next_pow2
 from ..errors import KeyMismatchError, PlanningError, SerializationError
 from .decode import build_decode_circuit, check_cache_levels, decode_inputs
 from .plaintexts import DEFAULT_BUDGET_MIB
-from .planner import calibrate_bounds, key_bytes, load_cost_table, plan as make_plan
+from .planner import PROCESS_BASE_GIB, calibrate_bounds, key_bytes, load_cost_table, plan as make_plan
 from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
 
 PLAN_FORMAT = "hf_polyhe.export_plan"
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
-# Resident memory of a server process before any key or ciphertext (Python, numpy, the OpenFHE library; the
-# server imports no torch): measured 0.82 GiB (`import hf_polyhe.he, openfhe`, ru_maxrss, this machine).
-PROCESS_BASE_GIB = 0.82
 GIB = 2.0**30
 
 
@@ -139,7 +136,7 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     ``plaintexts`` (every distinct plaintext of the longest circuit of each kind, encoded once, capped by the
     server's budget ``plaintext_budget_mib``: the rest is encoded when met and freed), ``ciphertexts`` (the most
     alive at once while one circuit runs, :func:`~hf_polyhe.he.circuit.evaluator.peak_live_values`, each at the
-    fresh level; a KV-cache stream's cache is among them), ``process`` (:data:`PROCESS_BASE_GIB`) and ``total``.
+    fresh level; a KV-cache stream's cache is among them), ``process`` (:data:`~hf_polyhe.he.compile.planner.PROCESS_BASE_GIB`) and ``total``.
     Not counted: a linear's rotations on the way and OpenFHE's scratch. A first request pins only the plaintexts
     it uses twice, so ``plaintexts`` is the steady state of a server that has run every circuit twice. Checked once,
     at 128-bit on the benchmark's W1 (``benchmarks/encrypted_inference.py --requests 3``, which prints both): keys
@@ -150,13 +147,14 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib)
 
 
-def memory_over_limit(plan: ExportPlan, limit_gib: float | None = None) -> str | None:
+def memory_over_limit(plan: ExportPlan, limit_gib: float | None = None, memory: dict | None = None) -> str | None:
     """Why a server for ``plan`` would not fit ``limit_gib`` (default :func:`params.default_max_memory_gib`, the
     limit the planner holds bootstrapping memory to), naming the largest part; None if it fits. The planner bounds
     only the bootstrapping keys by that limit, not the rotation keys and plaintexts, so a plan can exist and still
-    not fit (measured on a 2-layer poly-LayerNorm PolyGPT at ring 2^17: 72 rotation keys of 0.27 GiB each)."""
+    not fit (measured on a 2-layer poly-LayerNorm PolyGPT at ring 2^17: 72 rotation keys of 0.27 GiB each).
+    ``memory``: :func:`predicted_memory` of ``plan`` if already computed."""
     limit = float(limit_gib if limit_gib is not None else P.default_max_memory_gib())
-    m = {k: v / GIB for k, v in predicted_memory(plan).items()}
+    m = {k: v / GIB for k, v in (memory or predicted_memory(plan)).items()}
     if m["total"] <= limit:
         return None
     per_key = key_bytes(plan.params, 1)["per_key"] / GIB
@@ -172,10 +170,11 @@ def plan_report(plan: ExportPlan) -> str:
     lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
              f"depth {p.depth}, {p.slots} slots ({plan.groups} row groups of {plan.slots}), {p.scale_bits}-bit scale, mode {plan.mode}, "
              f"{len(plan.rotation_keys)} rotation keys"]
-    m = {k: v / GIB for k, v in predicted_memory(plan).items()}
+    mem = predicted_memory(plan)
+    m = {k: v / GIB for k, v in mem.items()}
     lines.append(f"server memory (predicted): {m['total']:.1f} GiB at its peak (keys {m['keys']:.1f}, plaintexts "
                  f"encoded once {m['plaintexts']:.1f}, ciphertexts {m['ciphertexts']:.1f}, process {m['process']:.1f})")
-    over = memory_over_limit(plan)
+    over = memory_over_limit(plan, memory=mem)
     if over:
         lines.append("WARNING: " + over)
     for kind, entry in plan.summary.items():
@@ -186,11 +185,12 @@ def plan_report(plan: ExportPlan) -> str:
 def plan_overview(plan: ExportPlan) -> dict:
     """The JSON part of :func:`plan_report`: parameters and, per circuit kind, counts and predicted seconds."""
     p = plan.params
+    mem = predicted_memory(plan)
     return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
             "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
             "rotation_keys": len(plan.rotation_keys),
-            "server_memory_gib": {k: round(v / GIB, 2) for k, v in predicted_memory(plan).items()},
-            "memory_limit_gib": P.default_max_memory_gib(), "over_memory_limit": memory_over_limit(plan),
+            "server_memory_gib": {k: round(v / GIB, 2) for k, v in mem.items()},
+            "memory_limit_gib": P.default_max_memory_gib(), "over_memory_limit": memory_over_limit(plan, memory=mem),
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
                                 "predicted_seconds": round(float(e["predicted_seconds"]), 2),
                                 **({"plaintext_mib": round(e["plaintexts"]["bytes"] / 2**20, 1)}

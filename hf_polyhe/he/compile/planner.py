@@ -184,8 +184,11 @@ class TraceBackend:
         """Predicted seconds of one ``kind`` primitive on ``T`` RNS towers."""
         a, b = self.costs.get(kind, DEFAULT_COSTS[kind])
         t = (self.N / self.costs["ref_ring_dim"]) * (a * T + b * T * T)
-        return t * self.ks_factor.get("mul" if kind == "mul" else "rotate", 1.0) if (
-            kind == "mul" or kind in KEYSWITCH_KINDS) else t
+        if kind == "mul":  # its relinearisation
+            return t * self.ks_factor.get("mul", 1.0)
+        if kind in KEYSWITCH_KINDS:
+            return t * self.ks_factor.get("rotate", 1.0)
+        return t
 
     def plaintext_summary(self) -> dict:
         """Distinct plaintexts (content and level) the traced run met: count, uses, encoded bytes and predicted
@@ -488,13 +491,13 @@ def bootstrap_seconds(costs: dict, p: P.CKKSParams) -> float:
     return float(row["bootstrap_median_s"]) * (N / row["ring_dim"]) * (p.depth + 1) / (row["depth"] + 1)
 
 
-def bootstrap_source_note(costs: dict, p: P.CKKSParams) -> str:
-    """What a bootstrapped plan's bootstrap seconds and memory are predicted from, in words."""
+def bootstrap_source_note(rows, p: P.CKKSParams) -> str:
+    """What a bootstrapped plan's bootstrap seconds and memory are predicted from (``rows``:
+    :func:`bootstrap_memory_source`), in words."""
     def name(r):
         return (f"N=2^{int(r['ring_dim']).bit_length() - 1}, {r['slots']} slots, level budget "
                 f"{list(r.get('level_budget', [2, 2]))}, {r.get('digits') or 3} digits, depth {r['depth']}")
 
-    rows = bootstrap_memory_source(costs)
     if not isinstance(rows, list):
         return "bootstrap memory scaled from one measured anchor (run benchmarks/he_ops.py --bootstrap-sweep)"
     mem = P.nearest_bootstrap_measurement(rows, p)
@@ -519,9 +522,10 @@ def bootstrap_memory_source(costs: dict):
     return list(rows) + [{**anchor, "over_cap": True}]
 
 
-# RSS of a bootstrap_sweep child before it builds a context (its imports: hf_polyhe, numpy, OpenFHE): 0.82 GiB, as
-# export_plan.PROCESS_BASE_GIB; taken off a measured bootstrapping peak to leave what bootstrapping adds
-SWEEP_PROCESS_BASE_GIB = 0.82
+# Resident memory of a process before any key or ciphertext (Python, numpy, the OpenFHE library): measured 0.82 GiB
+# (`import hf_polyhe.he, openfhe`, ru_maxrss, this machine), for a server (export_plan.server_memory) and for a
+# bootstrap_sweep child alike; taken off a measured bootstrapping peak to leave what bootstrapping adds
+PROCESS_BASE_GIB = 0.82
 
 
 def key_bytes(p: P.CKKSParams, n_rot: int, costs: dict | None = None) -> dict:
@@ -538,15 +542,13 @@ def key_bytes(p: P.CKKSParams, n_rot: int, costs: dict | None = None) -> dict:
     towers_p = int(math.ceil(towers_q / dnum))
     one = dnum * 2 * N * (towers_q + towers_p) * 8
     boot = 0
-    if p.bootstrap:
+    if p.bootstrap and (costs or {}).get("bootstrap_measured"):
+        peak = p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) - PROCESS_BASE_GIB
+        boot = max(peak * 2**30 - one, 0.0)
+    elif p.bootstrap:
         # CoeffsToSlots/SlotsToCoeffs rotations: about 2 * budget * (radix + giant) keys
-        slots = max(p.slots, 1)
-        per = int(math.ceil(math.log2(slots) / max(p.level_budget[0], 1)))
+        per = int(math.ceil(math.log2(max(p.slots, 1)) / max(p.level_budget[0], 1)))
         boot = one * (2 * sum(p.level_budget) * (2 ** per // 2 + 2) + 1)
-        rows = (costs or {}).get("bootstrap_measured")
-        if rows:
-            peak = p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) - SWEEP_PROCESS_BASE_GIB
-            boot = max(peak * 2**30 - one, 0.0)
     return {"relin": one, "rotation": one * n_rot, "per_key": one, "bootstrap": boot}
 
 
@@ -720,9 +722,9 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     inserted = []
     run_circuit = circuit
     notes = []
+    boot_rows = bootstrap_memory_source(costs)
     if want_boot:
-        params, lb, note = choose_level_budget(circuit, params, levels_after_bootstrap, max_memory_gib,
-                                               bootstrap_memory_source(costs))
+        params, lb, note = choose_level_budget(circuit, params, levels_after_bootstrap, max_memory_gib, boot_rows)
         notes.append(note)
         run_circuit, inserted = insert_bootstraps(circuit, lb, bounds)
         lev = static_levels(run_circuit)
@@ -746,9 +748,9 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
-    mem = p.estimate_bootstrap_memory_gib(bootstrap_memory_source(costs)) if p.bootstrap else 0.0
+    mem = p.estimate_bootstrap_memory_gib(boot_rows) if p.bootstrap else 0.0
     if p.bootstrap:
-        notes.append(bootstrap_source_note(costs, p))
+        notes.append(bootstrap_source_note(boot_rows, p))
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
                 inserted_bootstraps=inserted, start_level=start_level, key_bytes=key_bytes(p, len(rot), costs),
                 predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes,

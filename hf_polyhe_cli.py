@@ -1,8 +1,8 @@
 """The ``hf-polyhe`` command.
 
     hf-polyhe export MODEL_DIR OUT_DIR [--max-length N]      Poly model (save_pretrained dir) -> encrypted export
-    hf-polyhe inspect EXPORT_DIR [--toy]                      what the export is and the planner's report
-    hf-polyhe keygen EXPORT_DIR --keys KEY_DIR [--toy]        secret key (0600) + public server bundle
+    hf-polyhe inspect EXPORT_DIR [--toy] [--rotation-keys K]  what the export is and the planner's report
+    hf-polyhe keygen EXPORT_DIR --keys KEY_DIR [--toy] [--rotation-keys K]   secret key (0600) + public server bundle
     hf-polyhe encrypt EXPORT_DIR --keys KEY_DIR (--text T | --image F.npy) --out X.ct
     hf-polyhe run EXPORT_DIR --bundle BUNDLE_DIR --in X.ct --out Y.ct       server side: no secret key involved
     hf-polyhe decrypt EXPORT_DIR --keys KEY_DIR --in Y.ct [--top-k K]      prints labels / next tokens / embedding as JSON
@@ -32,6 +32,25 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _rotation_keys(value: str):
+    if value in ("auto", "all", "minimal"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, all, minimal or a positive number of keys, got {value!r}")
+    return n
+
+
+def _rotation_keys_option(p) -> None:
+    p.add_argument("--rotation-keys", type=_rotation_keys, default="auto", metavar="K",
+                   help="rotation keys to generate: auto (all unless the server would exceed HF_POLYHE_MAX_MEMORY_GIB; "
+                        "then as many as fit, other rotations composed of them), all, minimal (signed powers of two) "
+                        "or a number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-polyhe", description="Polynomial transformers on encrypted data.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print an export's description and the CKKS planner report")
     p.add_argument("export_dir", help="an export directory")
     p.add_argument("--toy", action="store_true", help="plan for INSECURE toy parameters instead of 128-bit")
+    _rotation_keys_option(p)
 
     p = sub.add_parser("keygen", help="generate a key set for an export: secret key + public server bundle")
     p.add_argument("export_dir", help="an export directory")
     p.add_argument("--keys", required=True, help="client key directory (holds the SECRET key, made 0700/0600)")
     p.add_argument("--bundle", default=None, help="where to write the public server bundle (default KEYS/server_bundle)")
     p.add_argument("--toy", action="store_true", help="INSECURE toy parameters (tests only)")
+    _rotation_keys_option(p)
 
     p = sub.add_parser("encrypt", help="embed and encrypt a text or an image (client side)")
     p.add_argument("export_dir", help="an export directory (its client/ part is used)")

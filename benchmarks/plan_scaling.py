@@ -11,15 +11,19 @@ the KV-cache prefill of the whole prompt and the decode step after it, leveled w
 rotation keys, predicted prefill and per-token decode seconds (cost table of this machine, one thread), and
 predicted memory: evaluation keys (relinearisation + rotations + bootstrapping), all distinct plaintexts of the two
 circuits, and the server process's total (``server_memory``, the export's ``predicted_memory``: keys, plaintexts
-encoded once capped by the 8 GiB default budget, the most ciphertexts alive at once, the process base).
-"no plan" rows give the planner's reason. The planner bounds only the bootstrapping keys by the
-memory limit today, not the rotation keys and plaintexts: a row marked "(over)" predicts more than the limit (the
-memory-aware planning of issue #14 is not done). Planning a 6-layer hidden-384 circuit takes ~15 min here (the
-"plan s" column: the planner traces every op in Python).
+encoded once capped by the 8 GiB default budget and by half the memory the limit leaves beside the rest, as a
+server pins them, the most ciphertexts alive at once, the process base).
+"no plan" rows give the planner's reason. The planner bounds the bootstrapping keys by the memory limit (level
+budget, levels per segment) and, as ``plan_for_export`` does, holds fewer rotation keys when one per index would not
+fit (``fit_rotation_keys``; "(composed)": the other rotations run as chains of those, and the predicted seconds
+charge every step). A row marked "(over)" still predicts more than the limit. Planning a 6-layer hidden-384 circuit
+takes ~15 min here (the "plan s" column: the planner traces every op in Python).
 
 These are predictions, not measurements: the planner's seconds run about 2x below measured ones on W1 (65 s
 predicted, 129 s measured: see the README), its server memory came within 4 % of W1's measured parts (leveled; not
-checked on a bootstrapped plan), and its bootstrapping memory comes from one anchor. The intervals come from random
+checked on a bootstrapped plan), and its bootstrapping memory comes from the measured configurations of
+``he_ops.py --bootstrap-sweep``. Plaintexts a server does not pin are encoded on every use, which the predicted
+seconds do not charge. The intervals come from random
 weights, so the polynomial LayerNorm's inverse square root is fitted on the variances of
 a random model; a trained model's intervals (and degrees) differ.
 
@@ -47,7 +51,7 @@ from hf_polyhe.export import calibrate_ranges, model_to_spec  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.circuit.evaluator import peak_live_values  # noqa: E402
 from hf_polyhe.he.compile.decode import build_decode_circuit  # noqa: E402
-from hf_polyhe.he.compile.export_plan import _auto_groups, server_memory  # noqa: E402
+from hf_polyhe.he.compile.export_plan import _auto_groups, fit_rotation_keys, server_memory  # noqa: E402
 from hf_polyhe.he.compile.plaintexts import DEFAULT_BUDGET_MIB  # noqa: E402
 from hf_polyhe.he.compile.planner import plan as make_plan  # noqa: E402
 from hf_polyhe.he.compile.transformer import build_circuit  # noqa: E402
@@ -68,11 +72,13 @@ def make_model(layers: int, hidden: int, tokens: int, norm: str, degree: int):
     return model, heads
 
 
-def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int, params=None):
+def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int, params=None, rotation_keys=None):
     """``(prefill plan, decode plan)`` with the row groups a leveled export would use (``params``: the parameter set
-    to plan on, default :func:`params.default`)."""
+    to plan on, default :func:`params.default`; ``rotation_keys``: the only keys the server holds, as
+    ``plan_for_export`` chooses them when a key per index does not fit)."""
     base = params or P.default()
     kw = dict(bootstrap="never", max_memory_gib=max_memory_gib, max_leveled_depth=max_leveled_depth)
+    fin = dict(kw, rotation_keys=rotation_keys)
     try:  # leveled where a 128-bit ring holds the depth (as W1), else bootstrapped
         prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **kw)
     except PlanningError:
@@ -81,17 +87,37 @@ def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int,
         groups, slots = _auto_groups(build_circuit(spec, tokens), prefill.params.ring_dim)
         if groups > 1:
             prefill = make_plan(build_circuit(spec, tokens, kv_cache=True, groups=groups, slots=slots), base,
-                                **{**kw, "bootstrap": "never"})
+                                **{**fin, "bootstrap": "never"})
             decode = make_plan(build_decode_circuit(spec, tokens, groups=groups, slots=slots), base,
-                               **{**kw, "bootstrap": "never"})
+                               **{**fin, "bootstrap": "never"})
             return prefill, decode
-        decode = make_plan(build_decode_circuit(spec, tokens), base, **{**kw, "bootstrap": "never"})
+        if rotation_keys is not None:
+            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **fin)
+        decode = make_plan(build_decode_circuit(spec, tokens), base, **{**fin, "bootstrap": "never"})
     else:
         lb = prefill.params.levels_after_bootstrap  # and the level budget the prefill's plan chose, as an export
-        decode = make_plan(build_decode_circuit(spec, tokens), base.with_(level_budget=prefill.params.level_budget),
-                           levels_after_bootstrap=lb,
-                           **{**kw, "bootstrap": "always"})
+        b = base.with_(level_budget=prefill.params.level_budget)
+        if rotation_keys is not None:
+            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), b, levels_after_bootstrap=lb,
+                                **{**fin, "bootstrap": "always"})
+        decode = make_plan(build_decode_circuit(spec, tokens), b, levels_after_bootstrap=lb,
+                           **{**fin, "bootstrap": "always"})
     return prefill, decode
+
+
+def plan_within_memory(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int, params=None):
+    """:func:`plan_shape`, then again with fewer rotation keys if a key per index would not fit
+    (:func:`~hf_polyhe.he.compile.export_plan.fit_rotation_keys`, as ``plan_for_export``); ``(prefill, decode,
+    keys or None)``."""
+    pre, dec = plan_shape(spec, tokens, max_memory_gib, max_leveled_depth, params)
+    uses = dict(pre.rotation_uses)
+    for k, n in dec.rotation_uses.items():
+        uses[k] = uses.get(k, 0) + n
+    keep = fit_rotation_keys(uses, pre.params, memory_parts(pre, dec, max_memory_gib), max_memory_gib)
+    if keep is None:
+        return pre, dec, None
+    pre, dec = plan_shape(spec, tokens, max_memory_gib, max_leveled_depth, params, rotation_keys=keep)
+    return pre, dec, keep
 
 
 def short_reason(msg: str) -> str:
@@ -102,17 +128,24 @@ def short_reason(msg: str) -> str:
     return msg.split(";")[0][:140]
 
 
-def memory_gib(prefill, decode) -> tuple:
+def memory_gib(prefill, decode, limit_gib: float) -> tuple:
     """``(keys, plaintexts, server)`` in GiB: evaluation keys (relinearisation, rotations, bootstrapping), every
     distinct plaintext of the prefill and decode circuits, and what a server process holds at its peak
     (:func:`hf_polyhe.he.compile.export_plan.server_memory`, as ``predicted_memory`` of an export: keys, the
     plaintexts it encodes once capped by its 8 GiB default budget, the most ciphertexts alive at once, the
     process base)."""
+    m = memory_parts(prefill, decode, limit_gib)
+    return m["keys"] / GIB, m["all_plaintexts"] / GIB, m["total"] / GIB
+
+
+def memory_parts(prefill, decode, limit_gib: float) -> dict:
+    """:func:`~hf_polyhe.he.compile.export_plan.server_memory` of a server running both plans (bytes), and
+    ``all_plaintexts``: every distinct plaintext before the server's budget caps them."""
     rot = len(set(prefill.rotation_keys) | set(decode.rotation_keys))
     pts = prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)
     peak = max(peak_live_values(prefill.circuit)[0], peak_live_values(decode.circuit)[0])
-    m = server_memory(prefill.params, rot, prefill.start_level, pts, peak, DEFAULT_BUDGET_MIB)
-    return m["keys"] / GIB, pts / GIB, m["total"] / GIB
+    m = server_memory(prefill.params, rot, prefill.start_level, pts, peak, DEFAULT_BUDGET_MIB, limit_gib=limit_gib)
+    return {**m, "all_plaintexts": pts}
 
 
 def main(argv=None):
@@ -148,17 +181,18 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     head = f"| {layers} | {hidden} | {heads} | {tokens} | {mem:g} |"
                     try:
-                        pre, dec = plan_shape(spec, tokens, mem, args.max_leveled_depth, params)
+                        pre, dec, keep = plan_within_memory(spec, tokens, mem, args.max_leveled_depth, params)
                     except PlanningError as e:
                         reason = short_reason(str(e))
                         print(f"{head} no plan: {reason} | | | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)
                         continue
                     p = pre.params
-                    keys, pts, server = memory_gib(pre, dec)
+                    keys, pts, server = memory_gib(pre, dec, mem)
                     mode = "bootstrap" if p.bootstrap else f"leveled, {pre.circuit.groups} groups"
                     levels = f"{p.levels_after_bootstrap} per segment" if p.bootstrap else str(p.depth)
                     print(f"{head} {mode} | 2^{p.ring_dim.bit_length() - 1} | {levels} | {pre.counts['bootstrap']} / {dec.counts['bootstrap']} "
-                          f"| {len(set(pre.rotation_keys) | set(dec.rotation_keys))} | {pre.predicted_seconds:.0f} "
+                          f"| {len(set(pre.rotation_keys) | set(dec.rotation_keys))}{' (composed)' if keep else ''} "
+                          f"| {pre.predicted_seconds:.0f} "
                           f"| {dec.predicted_seconds:.1f} | {keys:.1f} | {pts:.1f} | {server:.1f}{' (over)' if server > mem else ''} "
                           f"| {time.perf_counter() - t0:.0f} |", flush=True)
 

@@ -59,7 +59,7 @@ def cmd_inspect(args) -> int:
           f"max_length {meta['max_length']})")
     print(f"threat model: {meta.get('threat_model', '')}")
     t0 = time.perf_counter()
-    plan = plan_for_export(model, _params(args))
+    plan = plan_for_export(model, _params(args), rotation_keys=args.rotation_keys)
     print(f"planned in  : {time.perf_counter() - t0:.1f} s")
     print(plan_report(plan))
     return 0
@@ -69,7 +69,7 @@ def cmd_keygen(args) -> int:
     from .he import Client
 
     t0 = time.perf_counter()
-    client = Client.keygen(args.export_dir, _params(args))
+    client = Client.keygen(args.export_dir, _params(args), rotation_keys=args.rotation_keys)
     client.save(args.keys)
     bundle = args.bundle or os.path.join(args.keys, "server_bundle")
     client.write_bundle(bundle)

@@ -293,6 +293,62 @@ def test_encrypted_generation_with_kv_cache_matches_plain(gpt_session):
     assert not server.streams  # the stream is closed after generation
 
 
+@torch.no_grad()
+def test_generation_with_rotations_composed_from_fewer_keys(gpt_session, tmp_path):
+    """``rotation_keys="minimal"``: the client makes keys for the signed powers of two only; the server (which
+    then holds no other rotation key) runs every other rotation as a chain of them, and generates the plain
+    model's tokens. The plans charge the extra rotations."""
+    _, enc, full, _, _ = gpt_session
+    client = Client.keygen(enc, P.toy(), bootstrap="never", rotation_keys="minimal")
+    plan, ref = client.plan, full.plan
+    assert plan.compose_rotations and not ref.compose_rotations
+    assert len(plan.rotation_keys) < len(ref.rotation_keys)
+    assert all(abs(k) & (abs(k) - 1) == 0 for k in plan.rotation_keys)
+    for kind in ("full", "prefill"):  # (this decode step rotates by powers of two only)
+        assert plan.summary[kind]["counts"]["rotate"] > ref.summary[kind]["counts"]["rotate"]
+        assert plan.summary[kind]["predicted_seconds"] > ref.summary[kind]["predicted_seconds"]
+    back = ExportPlan.from_dict(plan.to_dict())
+    assert back.compose_rotations and back.rotation_keys == plan.rotation_keys
+    assert "compose_rotations" not in ref.to_dict()  # plans with a key per index read as before
+    client.write_bundle(tmp_path / "bundle")
+    server = Server(tmp_path / "bundle", spec=enc)
+    prompt = [5, 17, 3]
+    got, _ = client.generate(server, prompt, max_new_tokens=3)
+    assert got == plain_generate(enc, prompt, 3)
+
+
+def test_rotation_keys_fit_the_memory_limit(gpt_session):
+    """``rotation_keys="auto"``: all keys while the predicted server fits ``max_memory_gib``; below that, as many
+    as fit beside everything else (never fewer than the base); "all" never composes; bad values are refused."""
+    from hf_polyhe.he.compile.export_plan import predicted_memory
+    from hf_polyhe.he.compile.planner import key_bytes
+
+    _, enc, full, _, _ = gpt_session
+    ref = full.plan
+    gib = 2.0**30
+    m = predicted_memory(ref, limit_gib=1e6)
+    total, rest = m["total"] / gib, (m["total"] - m["plaintexts"]) / gib
+    per_key = key_bytes(ref.params, 1)["per_key"] / gib
+    same = plan_for_export(enc, P.toy(), bootstrap="never", max_memory_gib=total * 1.01)
+    assert not same.compose_rotations and same.rotation_keys == ref.rotation_keys
+    # keys before pinned plaintexts (those a server encodes when met): a limit between the two drops no key
+    assert not plan_for_export(enc, P.toy(), bootstrap="never", max_memory_gib=rest + 0.01 * per_key).compose_rotations
+    limit = rest - 3.5 * per_key
+    fit = plan_for_export(enc, P.toy(), bootstrap="never", max_memory_gib=limit)
+    assert fit.compose_rotations and len(fit.rotation_keys) <= len(ref.rotation_keys) - 4
+    assert predicted_memory(fit, limit_gib=limit)["total"] / gib <= limit
+    tiny = plan_for_export(enc, P.toy(), bootstrap="never", max_memory_gib=0.01)
+    base = plan_for_export(enc, P.toy(), bootstrap="never", rotation_keys="minimal")
+    period = tiny.params.slots  # the fewest keys that reach every index: the positive powers of two
+    assert tiny.rotation_keys == [1 << i for i in range(period.bit_length() - 1)]
+    assert all(abs(k) & (abs(k) - 1) == 0 for k in base.rotation_keys) and -1 in base.rotation_keys
+    assert len(tiny.rotation_keys) < len(base.rotation_keys) < len(ref.rotation_keys)
+    assert not plan_for_export(enc, P.toy(), bootstrap="never", rotation_keys="all",
+                               max_memory_gib=0.01).compose_rotations
+    with pytest.raises(ValueError, match="rotation_keys"):
+        plan_for_export(enc, P.toy(), bootstrap="never", rotation_keys="some")
+
+
 def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
     import stat
 

@@ -10,6 +10,8 @@ from hf_polyhe.he import params as P
 
 import openfhe  # noqa: E402,F401  (a hard dependency: a broken install fails instead of skipping)
 from hf_polyhe.he.backends.openfhe import OpenFHEBackend, decrypt_vectors, encrypt_vectors  # noqa: E402
+from hf_polyhe.he.circuit.rotations import (ComposedRotations, RotationPaths, choose_rotation_keys,  # noqa: E402
+                                             rotation_base)
 from hf_polyhe.he.compile.planner import calibrate_bounds  # noqa: E402
 from hf_polyhe.he.runtime.keys import generate_keys  # noqa: E402
 
@@ -23,13 +25,16 @@ TOL = 1e-6
 TOL_BOOT = 1e-2
 
 
-def ckks_run(circuit, X, params, **plan_kw):
+def ckks_run(circuit, X, params, rotation_keys=None, **plan_kw):
     """Plan ``circuit``, make keys, encrypt ``X`` (name -> array), evaluate on the OpenFHE backend, decrypt:
     ``(outputs, plan)``. One process holds the secret key: a test harness for the backend, not a deployment (that
-    is hf_polyhe.he.Client / Server, tests/test_encrypted.py)."""
-    pl = he.plan(circuit, params, **plan_kw)
-    cc, kp = generate_keys(pl.params, pl.rotation_keys)
+    is hf_polyhe.he.Client / Server, tests/test_encrypted.py). ``rotation_keys``: generate only these; the backend
+    composes every other rotation from them."""
+    pl = he.plan(circuit, params, rotation_keys=rotation_keys, **plan_kw)
+    cc, kp = generate_keys(pl.params, pl.rotation_keys if rotation_keys is None else rotation_keys)
     be = OpenFHEBackend(cc, pl.params.slots)
+    if rotation_keys is not None:
+        be = ComposedRotations(be, RotationPaths(rotation_keys, pl.params.slots))
     ev = he.compile_evaluator(pl, be, budget_bytes=float("inf"))  # every plaintext encoded once, here
     assert ev.compiled["pinned"] == ev.compiled["distinct"] == pl.plaintexts["count"]
     lay, slots = pl.circuit.layouts(), pl.params.slots
@@ -41,8 +46,8 @@ def ckks_run(circuit, X, params, **plan_kw):
     return {k: v.layout.unpack(decrypt_vectors(cc, kp.secretKey, v.cts, slots)) for k, v in out.items()}, pl
 
 
-def _roundtrip(circuit, X, tol=TOL, params=None, **plan_kw):
-    got, pl = ckks_run(circuit, X, params or P.toy(), **plan_kw)
+def _roundtrip(circuit, X, tol=TOL, params=None, rotation_keys=None, **plan_kw):
+    got, pl = ckks_run(circuit, X, params or P.toy(), rotation_keys, **plan_kw)
     ref, be = he.run_plain(pl.circuit, X, return_backend=True)
     lay = pl.circuit.layouts()
     for k in circuit.outputs:
@@ -73,6 +78,30 @@ def test_attention_block_openfhe(tmp_path, groups):
     o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, scale=1 / 5)
     c.output(c.select_rows(o, [4]), s)
     _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8))})
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_rotations_composed_from_a_base_of_keys(groups):
+    """Keys for the signed powers of two only (circuit/rotations.py): a linear, attention and row sums (hoisted
+    rotations, sums in the extended basis, plain rotations, rotations over whole row groups) still match the
+    plain backend under CKKS, OpenFHE holding no other key; the plan charges the chains."""
+    rng = np.random.default_rng(3)
+    c = he.Circuit(8, 64 if groups == 1 else 128, groups=groups)
+    x = c.input("x", 5, 8)
+    xc = c.sub(x, c.row_sum(x, 1 / 8))
+    q = c.linear(xc, rng.normal(size=(8, 8)) / 3)
+    k, v = (c.linear(xc, rng.normal(size=(8, 8)) / 3, confine=groups > 1) for _ in range(2))
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    o = c.attn_apply(c.poly(s, fit_operator("gelu", (-4, 4), 7)), v, scale=1 / 5)
+    c.output(c.linear(o, rng.normal(size=(8, 24)) / 3), s)
+    full = he.plan(c, P.toy())
+    keys = choose_rotation_keys(full.rotation_uses, full.params.slots)
+    assert set(keys) == set(rotation_base(full.rotation_keys, full.params.slots))
+    assert all(abs(k) & (abs(k) - 1) == 0 for k in keys) and len(keys) < len(full.rotation_keys)
+    pl, _ = _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8))}, rotation_keys=keys)
+    assert set(pl.rotation_keys) <= set(keys)
+    assert pl.counts["rotate"] > full.counts["rotate"] and pl.predicted_seconds > full.predicted_seconds
+    assert any("rotations composed from" in n for n in pl.notes)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

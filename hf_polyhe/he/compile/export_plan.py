@@ -23,6 +23,7 @@ from .. import params as P
 from ..backends.plain import run_plain
 from ..circuit.evaluator import peak_live_values
 from ..circuit.packing import next_pow2
+from ..circuit.rotations import choose_rotation_keys
 from ..errors import KeyMismatchError, PlanningError, SerializationError
 from .decode import build_decode_circuit, check_cache_levels, decode_inputs
 from .plaintexts import DEFAULT_BUDGET_MIB
@@ -69,12 +70,17 @@ class ExportPlan:
     summary: dict = field(default_factory=dict)
     groups: int = 1  # row groups per ciphertext (packing.MatrixLayout); the CKKS batch is groups * slots
     decode_input: Optional[dict] = None  # how a decode step's token is packed (a ColumnVector's dict), None: matrix
+    # True: the server holds only ``rotation_keys`` and runs every other rotation as a chain of them
+    # (circuit/rotations.py; chosen by plan_for_export when a key per index would not fit in memory)
+    compose_rotations: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["params"] = self.params.to_dict()
         if d["decode_input"] is None:  # plans of matrix-packed decode steps stay readable by earlier releases
             del d["decode_input"]
+        if not d["compose_rotations"]:  # and plans with a key per rotation index
+            del d["compose_rotations"]
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
@@ -92,7 +98,8 @@ class ExportPlan:
             raise KeyMismatchError(f"circuit {circuit.name!r} packs {circuit.groups} row groups of {circuit.slots} slots, "
                                    f"this export {self.groups} of {self.slots}: build it with groups={self.groups}, slots={self.slots}")
         base = self.params
-        kw = dict(bounds=self.bounds.get(kind), max_leveled_depth=self.max_leveled_depth)
+        kw = dict(bounds=self.bounds.get(kind), max_leveled_depth=self.max_leveled_depth,
+                  rotation_keys=self.rotation_keys if self.compose_rotations else None)
         if self.mode == "bootstrap":
             pl = make_plan(circuit, base, levels_after_bootstrap=self.levels_after_bootstrap, bootstrap="always", **kw)
         else:
@@ -112,13 +119,15 @@ class ExportPlan:
 
 def server_memory(params: P.CKKSParams, n_rotation_keys: int, start_level: int, plaintext_bytes: float,
                   peak_ciphertexts: int, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB,
-                  costs: dict | None = None) -> dict:
+                  costs: dict | None = None, limit_gib: float | None = None) -> dict:
     """The parts of :func:`predicted_memory`, in bytes, from plain numbers: evaluation keys for ``params`` and
     ``n_rotation_keys`` (:func:`~hf_polyhe.he.compile.planner.key_bytes`), ``plaintext_bytes`` encoded once capped
     by ``plaintext_budget_mib``, ``peak_ciphertexts`` at the level fresh ciphertexts have (``start_level``), the
     process base, and their ``total``. ``costs``: the planner's cost table (default :func:`load_cost_table`), whose
-    measured bootstrapping rows size the bootstrapping part. ``benchmarks/plan_scaling.py`` uses it on planner-only
-    plans."""
+    measured bootstrapping rows size the bootstrapping part. ``limit_gib``: the memory of the server's machine; a
+    server pins plaintexts in at most half the memory left beside the rest (:func:`~hf_polyhe.he.compile.plaintexts.
+    plaintext_budget_bytes`), so they are capped by that too (the others are encoded when met).
+    ``benchmarks/plan_scaling.py`` uses it on planner-only plans."""
     N = params.ring_dim or 2**16
     kb = key_bytes(params, int(n_rotation_keys), costs if costs is not None else load_cost_table())
     ct = 2 * N * (params.depth + 1 - int(start_level)) * 8
@@ -126,11 +135,15 @@ def server_memory(params: P.CKKSParams, n_rotation_keys: int, start_level: int, 
            "plaintexts": min(float(plaintext_bytes), plaintext_budget_mib * 2.0**20),
            "ciphertexts": int(peak_ciphertexts) * ct,
            "process": PROCESS_BASE_GIB * GIB}
+    if limit_gib is not None:
+        rest = out["keys"] + out["ciphertexts"] + out["process"]
+        out["plaintexts"] = min(out["plaintexts"], max(0.5 * (float(limit_gib) * GIB - rest), 0.0))
     out["total"] = sum(out.values())
     return out
 
 
-def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB) -> dict:
+def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUDGET_MIB,
+                     limit_gib: float | None = None) -> dict:
     """What a server process running ``plan``'s circuits holds at its peak, in bytes: ``keys`` (relinearisation,
     every rotation key, bootstrapping keys; the estimate of :func:`~hf_polyhe.he.compile.planner.plan`),
     ``plaintexts`` (every distinct plaintext of the longest circuit of each kind, encoded once, capped by the
@@ -141,20 +154,24 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     it uses twice, so ``plaintexts`` is the steady state of a server that has run every circuit twice. Checked once,
     at 128-bit on the benchmark's W1 (``benchmarks/encrypted_inference.py --requests 3``, which prints both): keys
     5.3 predicted / 6.4 GiB measured, plaintexts 8.0 / 7.4, total 14.4 against 14.9 for the measured parts on a
-    server-only base; not yet on bootstrapped plans."""
+    server-only base; not yet on bootstrapped plans. ``limit_gib`` (default :func:`params.default_max_memory_gib`):
+    the server machine's memory, which also caps the pinned plaintexts (:func:`server_memory`)."""
     pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in plan.summary.values())
     peak = max((e.get("peak_ciphertexts", 0) for e in plan.summary.values()), default=0)
-    return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib)
+    limit = P.default_max_memory_gib() if limit_gib is None else limit_gib
+    return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib,
+                         limit_gib=limit)
 
 
 def memory_over_limit(plan: ExportPlan, limit_gib: float | None = None, memory: dict | None = None) -> str | None:
     """Why a server for ``plan`` would not fit ``limit_gib`` (default :func:`params.default_max_memory_gib`, the
     limit the planner holds bootstrapping memory to), naming the largest part; None if it fits. The planner bounds
-    only the bootstrapping keys by that limit, not the rotation keys and plaintexts, so a plan can exist and still
-    not fit (measured on a 2-layer poly-LayerNorm PolyGPT at ring 2^17: 72 rotation keys of 0.27 GiB each).
-    ``memory``: :func:`predicted_memory` of ``plan`` if already computed."""
+    the bootstrapping keys by that limit and composes rotations from fewer keys to fit it (``plan_for_export``'s
+    ``rotation_keys``), but a plan can exist and still not fit: the fewest rotation keys, the bootstrapping keys
+    and the ciphertexts can together need more. ``memory``: :func:`predicted_memory` of ``plan`` if already
+    computed."""
     limit = float(limit_gib if limit_gib is not None else P.default_max_memory_gib())
-    m = {k: v / GIB for k, v in (memory or predicted_memory(plan)).items()}
+    m = {k: v / GIB for k, v in (memory or predicted_memory(plan, limit_gib=limit)).items()}
     if m["total"] <= limit:
         return None
     per_key = key_bytes(plan.params, 1)["per_key"] / GIB
@@ -169,7 +186,8 @@ def plan_report(plan: ExportPlan) -> str:
     p = plan.params
     lines = [f"parameters  : {p.name} ({'INSECURE' if p.insecure else p.security}), ring 2^{p.ring_dim.bit_length() - 1}, "
              f"depth {p.depth}, {p.slots} slots ({plan.groups} row groups of {plan.slots}), {p.scale_bits}-bit scale, mode {plan.mode}, "
-             f"{len(plan.rotation_keys)} rotation keys"]
+             f"{len(plan.rotation_keys)} rotation keys"
+             + (" (a reduced set: every other rotation runs as a chain of them)" if plan.compose_rotations else "")]
     mem = predicted_memory(plan)
     m = {k: v / GIB for k, v in mem.items()}
     lines.append(f"server memory (predicted): {m['total']:.1f} GiB at its peak (keys {m['keys']:.1f}, plaintexts "
@@ -188,7 +206,7 @@ def plan_overview(plan: ExportPlan) -> dict:
     mem = predicted_memory(plan)
     return {"params": p.name, "security": "NONE (toy)" if p.insecure else p.security, "ring_dim": p.ring_dim,
             "depth": p.depth, "slots": p.slots, "row_groups": plan.groups, "scale_bits": p.scale_bits, "mode": plan.mode,
-            "rotation_keys": len(plan.rotation_keys),
+            "rotation_keys": len(plan.rotation_keys), "compose_rotations": plan.compose_rotations,
             "server_memory_gib": {k: round(v / GIB, 2) for k, v in mem.items()},
             "memory_limit_gib": P.default_max_memory_gib(), "over_memory_limit": memory_over_limit(plan, memory=mem),
             "circuits": {kind: {"length": e["length"], "depth": e["depth"], "counts": e["counts"],
@@ -245,7 +263,8 @@ def _merge_max(acc: dict, new: dict):
 def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: str = "auto",
                     levels_after_bootstrap: Optional[int] = None, max_leveled_depth: int = 24,
                     lengths=None, kv_cache: Optional[bool] = None, calibration: Optional[list] = None,
-                    calibration_samples: int = 2, groups: Optional[int] = None) -> ExportPlan:
+                    calibration_samples: int = 2, groups: Optional[int] = None,
+                    rotation_keys="auto", max_memory_gib: Optional[float] = None) -> ExportPlan:
     """Plan every circuit a server may run for ``model`` (an :class:`~hf_polyhe.he.Export`).
 
     ``lengths``: prompt lengths to support (default ``1..max_length``); ``kv_cache`` (default: causal LMs)
@@ -258,7 +277,15 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     leveled export fills the ring's slots, so wide linears (MLP, LM head) and their activations cost one
     block's work and attention meets one key shift per group with each product (the groups get twice the
     rows when a prompt would not fit half of them); a bootstrapping export keeps one group (sparse
-    bootstrapping)."""
+    bootstrapping).
+
+    ``rotation_keys``: which rotation keys the client generates. ``"all"``: one per rotation index the circuits
+    use. ``"minimal"``: only the signed powers of two those indices need
+    (:func:`~hf_polyhe.he.circuit.rotations.rotation_base`); every other rotation runs as a chain of them. An int:
+    at most that many (the base, then the keys that save the most rotations). ``"auto"`` (default): all, unless the
+    predicted server memory (:func:`predicted_memory`) would exceed ``max_memory_gib`` (default
+    :func:`params.default_max_memory_gib`); then as many as fit beside everything else. Composed rotations cost
+    time: the plans charge every step (their notes count them)."""
     spec, max_len = model.spec, model.max_length
     causal = model.family == "gpt"
     kv_cache = causal if kv_cache is None else bool(kv_cache)
@@ -285,7 +312,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     # resolve "auto" once, on the longest circuit, so every circuit runs the same way
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
-                      max_leveled_depth=max_leveled_depth)
+                      max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
     if groups is None:
         groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
@@ -314,17 +341,27 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                     c = build_decode_circuit(spec, t)
                     _merge_max(bounds["decode"], calibrate_bounds(
                         c, decode_inputs(X[t : t + 1], {k: out[k] for k in cache_names(spec)})))
-    plans, rot, best = {}, set(), None
-    for kind, L, c in jobs:
-        kw = dict(bounds=bounds[kind] or None, max_leveled_depth=max_leveled_depth)
-        if mode == "bootstrap":
-            pl = make_plan(c, params, levels_after_bootstrap=lb, bootstrap="always", **kw)
-        else:
-            pl = make_plan(c, params, bootstrap="never", **kw)
-        plans[(kind, L)] = pl
-        rot |= set(pl.rotation_keys)
-        if best is None or pl.params.depth > best.params.depth or pl.params.ring_dim > best.params.ring_dim:
-            best = pl
+    if not (rotation_keys in ("auto", "all", "minimal") or (isinstance(rotation_keys, int) and rotation_keys > 0)):
+        raise PlanningError(f"rotation_keys must be 'auto', 'all', 'minimal' or a positive int, got {rotation_keys!r}")
+
+    def plan_jobs(keys=None):
+        plans, rot, best = {}, set(), None
+        for kind, L, c in jobs:
+            kw = dict(bounds=bounds[kind] or None, max_leveled_depth=max_leveled_depth, rotation_keys=keys)
+            if mode == "bootstrap":
+                pl = make_plan(c, params, levels_after_bootstrap=lb, bootstrap="always", **kw)
+            else:
+                pl = make_plan(c, params, bootstrap="never", **kw)
+            plans[(kind, L)] = pl
+            rot |= set(pl.rotation_keys)
+            if best is None or pl.params.depth > best.params.depth or pl.params.ring_dim > best.params.ring_dim:
+                best = pl
+        return plans, rot, best
+
+    plans, rot, best = plan_jobs()
+    keep = _rotation_key_choice(plans, rot, best, mode, rotation_keys, max_memory_gib)
+    if keep is not None:
+        plans, rot, best = plan_jobs(keep)
     starts = {pl.start_level for pl in plans.values()}
     if len(starts) != 1:
         raise PlanningError(f"circuits of this export start at different levels {sorted(starts)}")
@@ -335,7 +372,20 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                 check_cache_levels(src.levels, plans[("decode", t)].levels, cache_names(spec))
             if t + 1 < max_len:
                 check_cache_levels(plans[("decode", t)].levels, plans[("decode", t + 1)].levels, cache_names(spec))
-    final = best.params
+    final = _final_params(best.params, mode)
+    summary = _summaries(plans)
+    spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
+    return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
+                      levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
+                      digest=spec_digest(spec), family=model.family, max_length=max_len,
+                      hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
+                      spec_dir=spec_dir, summary=summary, groups=groups, decode_input=_decode_input(jobs),
+                      compose_rotations=keep is not None)
+
+
+def _final_params(params: P.CKKSParams, mode: str) -> P.CKKSParams:
+    """The export's parameters from its deepest circuit's: with bootstrapping, one level of headroom."""
+    final = params
     if mode == "bootstrap":
         # One spare level on top of the planner's count: with FLEXIBLEAUTO a bootstrap input that arrives with a
         # pending rescale at the last planned level makes EvalBootstrap drop its last RNS tower (measured,
@@ -343,11 +393,19 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
         final = final.with_(depth=final.depth + BOOTSTRAP_HEADROOM)
         if not final.insecure:
             final = final.with_(ring_dim=max(final.ring_dim, final.min_secure_ring_dim()))
-    decode_input = None
+    return final
+
+
+def _decode_input(jobs):
     for kind, _, c in jobs:
         if kind == "decode" and "x" in c.input_layouts:
-            decode_input = c.input_layouts["x"].to_dict()
-            break
+            return c.input_layouts["x"].to_dict()
+    return None
+
+
+def _summaries(plans: dict) -> dict:
+    """Per circuit kind, the longest circuit's counts, depth, predicted seconds, plaintexts, report and peak
+    ciphertexts (:attr:`ExportPlan.summary`)."""
     summary = {}
     for kind in ("full", "prefill", "decode"):
         keys = [k for k in plans if k[0] == kind]
@@ -358,11 +416,47 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                              "predicted_seconds": pl.predicted_seconds, "time_by_op": pl.time_by_op,
                              "plaintexts": pl.plaintexts, "report": pl.report(),
                              "peak_ciphertexts": peak_live_values(pl.circuit)[0]}
-    spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
-    return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
-                      levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
-                      digest=spec_digest(spec), family=model.family, max_length=max_len,
-                      hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
-                      spec_dir=spec_dir, summary=summary, groups=groups, decode_input=decode_input)
+    return summary
+
+
+def _rotation_key_choice(plans: dict, rot: set, best, mode: str, rotation_keys, max_memory_gib) -> Optional[list]:
+    """The rotation keys to generate when not one per index (``plan_for_export``'s ``rotation_keys``), None for
+    all of them. ``"auto"``: as many as fit under ``max_memory_gib`` beside the rest of the predicted server
+    memory (at least the base)."""
+    if rotation_keys == "all" or not rot:
+        return None
+    uses = {}
+    for pl in plans.values():
+        for k, n in pl.rotation_uses.items():
+            uses[k] = uses.get(k, 0) + n
+    period = best.params.slots
+    if rotation_keys == "minimal":
+        keep = choose_rotation_keys(uses, period)
+    elif rotation_keys != "auto":
+        keep = choose_rotation_keys(uses, period, int(rotation_keys))
+    else:
+        final = _final_params(best.params, mode)
+        summary = _summaries(plans)
+        pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in summary.values())
+        peak = max((e.get("peak_ciphertexts", 0) for e in summary.values()), default=0)
+        start = next(iter(plans.values())).start_level
+        return fit_rotation_keys(uses, final, server_memory(final, len(rot), start, pts, peak, limit_gib=max_memory_gib
+                                                           or P.default_max_memory_gib()), max_memory_gib)
+    return None if len(keep) >= len(rot) else keep
+
+
+def fit_rotation_keys(uses: dict, params: P.CKKSParams, memory: dict, max_memory_gib: Optional[float] = None):
+    """The rotation keys a server can hold when one per index (``uses``: index -> rotations by it) would not fit:
+    None if ``memory`` (:func:`server_memory` with every key) fits ``max_memory_gib`` (default
+    :func:`params.default_max_memory_gib`), else the base and as many of the most useful other keys as fit beside
+    the rest (:func:`~hf_polyhe.he.circuit.rotations.choose_rotation_keys`; the base even if it does not fit)."""
+    limit = float(max_memory_gib if max_memory_gib is not None else P.default_max_memory_gib()) * GIB
+    if memory["total"] <= limit or not uses:
+        return None
+    kb = key_bytes(params, len(uses))
+    # keys before pinned plaintexts: a plaintext not pinned is encoded when met, a key not held costs rotations
+    fit = int((limit - (memory["total"] - kb["rotation"] - memory["plaintexts"])) // kb["per_key"])
+    keep = choose_rotation_keys(uses, params.slots, max(fit, 0))
+    return None if len(keep) >= len(uses) else keep
 
 

@@ -22,6 +22,7 @@ from ..errors import PlanningError
 from ..circuit.evaluator import Evaluator, Packed
 from ..circuit.ir import Circuit, Node
 from ..circuit.ops import OPS
+from ..circuit.rotations import ComposedRotations, RotationPaths
 
 # Per-primitive cost model t(T) = (N / ref_ring_dim) * (a*T + b*T^2) seconds, T = RNS towers the ciphertext
 # carries (ops get cheaper as levels are consumed). Defaults fitted to DESIGN.md section 5 (N=2^16, 2 threads);
@@ -162,6 +163,7 @@ class TraceBackend:
         self.counts = {k: 0 for k in ("rotate", "mul", "mul_plain", "add_plain", "mul_scalar", "add", "cheb",
                                       "bootstrap", "rescale")}
         self.rotation_keys = set()
+        self.rotation_uses = {}  # rotation index -> rotations by it
         self.time = 0.0
         self.time_by_op = {}
         self.node = None
@@ -271,9 +273,13 @@ class TraceBackend:
         self._cost("rescale", a.level)
         return self._out(a.level, False)
 
-    def rotate(self, a, k):
+    def _key(self, k):
         self.counts["rotate"] += 1
         self.rotation_keys.add(int(k))
+        self.rotation_uses[int(k)] = self.rotation_uses.get(int(k), 0) + 1
+
+    def rotate(self, a, k):
+        self._key(k)
         self._cost("rotate", a.level)
         return self._out(a.level, a.pending)
 
@@ -284,8 +290,7 @@ class TraceBackend:
         self._cost("rotate_precompute", a.level)
         out = {}
         for k in ks:
-            self.counts["rotate"] += 1
-            self.rotation_keys.add(int(k))
+            self._key(k)
             self._cost("rotate_fast", a.level)
             out[k] = self._out(a.level, a.pending)
         return out
@@ -301,8 +306,7 @@ class TraceBackend:
                 acc = r if acc is None else self.add(acc, r)
                 continue
             state = (a.dropped, a.pending)
-            self.counts["rotate"] += 1
-            self.rotation_keys.add(int(k))
+            self._key(k)
             self._cost("rotate_precompute", a.level)
             self._cost("rotate_ext", a.level)
             if ext:
@@ -364,6 +368,7 @@ class Plan:
     # distinct plaintexts (vector, level) of one run: count, uses, bytes once encoded, predicted encoding seconds
     # (paid once, when the server compiles the circuit: compile/plaintexts.py; not in predicted_seconds)
     plaintexts: dict = field(default_factory=dict)
+    rotation_uses: dict = field(default_factory=dict)  # rotation index -> rotations by it in one run
 
     def report(self) -> str:
         p = self.params
@@ -698,7 +703,7 @@ def fit_scale(p: P.CKKSParams):
 
 def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_bootstrap: int | None = None,
          bootstrap: str = "auto", bounds: dict | None = None, max_leveled_depth: int = 24,
-         cost_table: dict | None = None, max_memory_gib: float | None = None) -> Plan:
+         cost_table: dict | None = None, max_memory_gib: float | None = None, rotation_keys=None) -> Plan:
     """Plan ``circuit``: levels, bootstraps, rotation keys, CKKS parameters, predicted cost.
 
     ``bootstrap``: ``"auto"`` (bootstrap only when the leveled depth exceeds ``max_leveled_depth`` or the
@@ -706,6 +711,8 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     ``params``: a parameter set (default: :func:`params.default`); depth/slots/ring are filled in.
     ``levels_after_bootstrap``: levels a bootstrapped ciphertext carries; unset, it is chosen from the deepest
     op (see :func:`choose_levels_after_bootstrap`), bounded by security and ``max_memory_gib``.
+    ``rotation_keys``: plan for a server that holds only these rotation keys (other rotations are composed of
+    them, :mod:`hf_polyhe.he.circuit.rotations`); None: a key per rotation index.
     """
     circuit.validate()
     params = params or P.default()
@@ -744,7 +751,10 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         raise PlanningError(f"the circuit needs {p.slots} slots, ring dimension {p.ring_dim} offers {p.ring_dim // 2}")
     if not p.insecure:
         p = p.with_(ring_dim=p.secure_ring_dim())  # PlanningError if no secure set
-    tb = trace(Evaluator(run_circuit, None), p, start_level, costs)
+    tb = trace(Evaluator(run_circuit, None), p, start_level, costs, rotation_keys=rotation_keys)
+    if tb.composed[0]:
+        notes.append(f"rotations composed from {len(rotation_keys)} keys: {tb.composed[0]} rotations run as chains, "
+                     f"{tb.composed[1]} extra rotations")
     if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
@@ -754,14 +764,16 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     return Plan(circuit=run_circuit, params=p, levels=lev, depth=seg_depth, rotation_keys=rot, counts=tb.counts,
                 inserted_bootstraps=inserted, start_level=start_level, key_bytes=key_bytes(p, len(rot), costs),
                 predicted_seconds=tb.time, time_by_op=tb.time_by_op, bootstrap_memory_gib=mem, notes=notes,
-                plaintexts=tb.plaintext_summary())
+                plaintexts=tb.plaintext_summary(), rotation_uses=dict(tb.rotation_uses))
 
 
 def trace(evaluator: Evaluator, params: P.CKKSParams, start_level: int, costs: dict | None = None,
-          on_plaintext=None) -> TraceBackend:
+          on_plaintext=None, rotation_keys=None) -> TraceBackend:
     """Run ``evaluator``'s circuit on a :class:`TraceBackend` for ``params`` (sharing the plans and plaintext
     vectors ``evaluator`` caches); the backend holds the counts, keys, levels, predicted time and plaintexts
-    (``on_plaintext(vector, OpenFHE level)``: told of each distinct one when first met)."""
+    (``on_plaintext(vector, OpenFHE level)``: told of each distinct one when first met). ``rotation_keys``: the
+    only keys a server holds (:class:`~hf_polyhe.he.circuit.rotations.ComposedRotations`: other indices are
+    chains, each step charged); ``tb.composed`` is then ``(rotations by a chain, extra rotations)``."""
     p = params
     tb = TraceBackend(evaluator.circuit.ct_slots, p.depth, start_level,
                       p.levels_after_bootstrap if p.bootstrap else p.depth, p.ring_dim, costs or load_cost_table(),
@@ -770,7 +782,11 @@ def trace(evaluator: Evaluator, params: P.CKKSParams, start_level: int, costs: d
         tb.bootstrap_s = bootstrap_seconds(tb.costs, p)
     dn = P.key_switch_digits(p.num_large_digits, p.depth)
     tb.ks_factor = {k: digits_factor(tb.costs, dn, k) for k in ("rotate", "mul")}
-    ev = evaluator.on(tb)
+    comp = None
+    if rotation_keys is not None:
+        comp = ComposedRotations(tb, RotationPaths(rotation_keys, evaluator.circuit.ct_slots))
+    ev = evaluator.on(comp or tb)
     ins = {n: Packed(ev.layouts[n], [TraceCt(0) for _ in range(ev.layouts[n].num_cts)]) for n in ev.circuit.inputs}
     ev.run(ins)
+    tb.composed = (comp.composed, comp.extra) if comp is not None else (0, 0)
     return tb

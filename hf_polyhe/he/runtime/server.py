@@ -30,6 +30,7 @@ from ..backends.openfhe import OpenFHEBackend, adopt, import_openfhe, setup_boot
 from ..backends.plain import run_plain
 from ..circuit.evaluator import Packed
 from ..circuit.packing import same_packing
+from ..circuit.rotations import ComposedRotations, RotationPaths
 from ..compile.decode import build_decode_circuit, decode_inputs
 from ..compile.plaintexts import compile_evaluator, pin_plaintexts
 from ..compile.transformer import TransformerSpec, build_circuit, cache_names
@@ -248,6 +249,8 @@ class Server(_SpecServer):
             cc.Enable(import_openfhe().FHE)
             setup_bootstrap(cc, plan.params)
         self.backend = OpenFHEBackend(cc, plan.params.slots)
+        if getattr(plan, "compose_rotations", False):  # the keys hold a base: other rotations are chains of it
+            self.backend = ComposedRotations(self.backend, RotationPaths(plan.rotation_keys, plan.params.slots))
         self._evaluators: dict = {}
         self._uses: dict = {}  # evaluator key -> requests
 

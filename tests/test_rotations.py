@@ -1,0 +1,144 @@
+"""Rotations composed from fewer keys (hf_polyhe/he/circuit/rotations.py): non-adjacent forms, shortest chains,
+the key choice under a count, and circuits on a backend that holds only the chosen keys (plain backend: exact)."""
+
+from collections import deque
+from itertools import product
+
+import numpy as np
+import pytest
+
+import hf_polyhe.he as he
+from hf_polyhe.he.backends.plain import PlainBackend
+from hf_polyhe.he.circuit.evaluator import Evaluator, Packed
+from hf_polyhe.he.circuit.rotations import (ComposedRotations, RotationPaths, choose_rotation_keys, naf,
+                                            rotation_base)
+from hf_polyhe.he.errors import KeyMismatchError
+
+from test_he_plain import random_circuit
+
+
+def _fewest_signed_powers(k, bits=8):
+    """Brute force: the fewest nonzero digits of any signed binary form of k (digits -1, 0, 1)."""
+    best = None
+    for digits in product((-1, 0, 1), repeat=bits):
+        if sum(d << i for i, d in enumerate(digits)) == k:
+            w = sum(d != 0 for d in digits)
+            best = w if best is None else min(best, w)
+    return best
+
+
+def test_naf_sums_to_k_with_the_fewest_signed_powers():
+    for k in range(-60, 61):
+        d = naf(k)
+        assert sum(d) == k
+        assert all(abs(x) & (abs(x) - 1) == 0 for x in d)
+        assert all(abs(d[i + 1]) >= 4 * abs(d[i]) for i in range(len(d) - 1))  # non-adjacent
+        assert len(d) == _fewest_signed_powers(k)
+
+
+def _bfs_lengths(keys, period):
+    dist = {0: 0}
+    q = deque([0])
+    while q:
+        r = q.popleft()
+        for k in keys:
+            s = (r + k) % period
+            if s not in dist:
+                dist[s] = dist[r] + 1
+                q.append(s)
+    return dist
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paths_are_shortest_chains_of_held_keys(seed):
+    rng = np.random.default_rng(seed)
+    period = int(2 ** rng.integers(4, 9))
+    keys = sorted({int(k) for k in rng.integers(-period, period, 5)} | {1})
+    paths = RotationPaths(keys, period)
+    want = _bfs_lengths(keys, period)
+    for k in range(-period, period):
+        steps = paths.steps(k)
+        assert sum(steps) % period == k % period and set(steps) <= set(keys)
+        assert len(steps) == (1 if k in keys else want[k % period])
+        assert paths.lengths()[k % period] == want[k % period]
+    with pytest.raises(KeyMismatchError, match="no chain"):
+        RotationPaths([2, 4], 16).steps(3)
+
+
+def test_key_choice_under_a_count():
+    rng = np.random.default_rng(0)
+    period = 1024
+    uses = {int(k): int(rng.integers(1, 40)) for k in rng.integers(-512, 512, 60)}
+    base = rotation_base(uses, period)
+    assert choose_rotation_keys(uses, period) == base
+    assert all(abs(k) & (abs(k) - 1) == 0 for k in base) and len(base) < len(uses)
+    cost = []
+    for n in (5, 10, 14, 20, 30, 45, 100):
+        keys = choose_rotation_keys(uses, period, n)
+        assert len(keys) <= max(n, 10)  # never fewer than log2(period): the positive powers reach every index
+        paths = RotationPaths(keys, period)
+        cost.append(sum(u * len(paths.steps(k)) for k, u in uses.items()))
+    assert cost == sorted(cost, reverse=True) and cost[-1] == sum(uses.values())  # all keys: one step each
+    assert cost[0] > cost[3] > cost[-1]
+    few = {1: 3, 2: 1, -1: 2}  # a base no smaller than the keys: all of them
+    assert choose_rotation_keys(few, 64) == [-1, 1, 2]
+
+
+class OnlyKeys(PlainBackend):
+    """The plain backend refusing any rotation it holds no key for (as OpenFHE does)."""
+
+    def __init__(self, slots, keys):
+        super().__init__(slots)
+        self.keys, self.rotations = set(keys), 0
+
+    def _check(self, ks):
+        missing = set(ks) - self.keys
+        assert not missing, f"rotation without a key: {sorted(missing)}"
+        self.rotations += len(ks)
+
+    def rotate(self, a, k):
+        self._check([k])
+        return super().rotate(a, k)
+
+    def rotate_many(self, a, ks):
+        self._check(ks)
+        return super().rotate_many(a, ks)
+
+    def rotate_sum(self, terms):
+        def checked():
+            for a, k in terms:
+                if k:
+                    self._check([k])
+                yield a, k
+
+        return super().rotate_sum(checked())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_circuits_on_a_base_of_keys_equal_the_plain_run(seed):
+    rng = np.random.default_rng(seed)
+    c = random_circuit(rng, n_ops=7, polys=False)
+    X = {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}
+    ref = he.run_plain(c, X)
+    pl = he.plan(c, he.params.toy())
+    keys = choose_rotation_keys(pl.rotation_uses, c.ct_slots) if pl.rotation_uses else []
+    inner = OnlyKeys(c.ct_slots, keys)
+    be = ComposedRotations(inner, RotationPaths(keys, c.ct_slots))
+    ev = Evaluator(c, be)
+    out = ev.run({n: Packed(ev.layouts[n], ev.layouts[n].pack(x)) for n, x in X.items()})
+    for k in c.outputs:
+        np.testing.assert_allclose(out[k].layout.unpack(out[k].cts), ref[k], rtol=1e-12, atol=1e-12)
+    composed = he.plan(c, he.params.toy(), rotation_keys=keys)
+    assert composed.counts["rotate"] == inner.rotations == pl.counts["rotate"] + be.extra
+    assert set(composed.rotation_keys) <= set(keys)
+
+
+def test_cli_rotation_keys_option():
+    from hf_polyhe_cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["keygen", "e", "--keys", "k"]).rotation_keys == "auto"
+    assert p.parse_args(["inspect", "e", "--rotation-keys", "minimal"]).rotation_keys == "minimal"
+    assert p.parse_args(["keygen", "e", "--keys", "k", "--rotation-keys", "24"]).rotation_keys == 24
+    with pytest.raises(SystemExit):
+        p.parse_args(["inspect", "e", "--rotation-keys", "few"])

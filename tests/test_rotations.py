@@ -75,13 +75,38 @@ def test_key_choice_under_a_count():
     cost = []
     for n in (5, 10, 14, 20, 30, 45, 100):
         keys = choose_rotation_keys(uses, period, n)
-        assert len(keys) <= max(n, 10)  # never fewer than log2(period): the positive powers reach every index
+        # never fewer than the smaller full-reach start: the signed base or the positive powers (log2 period)
+        assert len(keys) <= max(n, min(len(base), 10))
         paths = RotationPaths(keys, period)
         cost.append(sum(u * len(paths.steps(k)) for k, u in uses.items()))
     assert cost == sorted(cost, reverse=True) and cost[-1] == sum(uses.values())  # all keys: one step each
     assert cost[0] > cost[3] > cost[-1]
     few = {1: 3, 2: 1, -1: 2}  # a base no smaller than the keys: all of them
     assert choose_rotation_keys(few, 64) == [-1, 1, 2]
+    # a signed base smaller than log2(period) is a start of its own: the count holds
+    near = {k: 1 for k in range(-20, 21) if k}
+    assert len(choose_rotation_keys(near, 2**15, 10)) <= 10
+    # more used indices than their signed base, a count below both: the positive powers, not every index
+    spread = {s * k: 1 for k in (3, 6, 12, 24, 48) for s in (1, -1)}
+    assert len(rotation_base(spread, 256)) >= len(spread)
+    keys = choose_rotation_keys(spread, 256, 3)
+    assert keys == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert all(RotationPaths(keys, 256).reachable(k) for k in spread)
+
+
+def test_rotate_sum_uses_the_held_key_of_an_index():
+    """An index held under another representative (15 and -1 modulo 16) or equal to 0 modulo the period: the
+    wrapped backend only ever sees held keys."""
+    inner = OnlyKeys(16, [-1])
+    be = ComposedRotations(inner, RotationPaths([-1], 16))
+    x, y = np.arange(16.0), np.arange(16.0) ** 2
+    got = be.rotate_sum(iter([(x, 15), (y, 16)]))
+    np.testing.assert_array_equal(got, np.roll(x, -15) + y)
+    assert inner.rotations == 1
+    got = be.rotate_many(x, [15, 1])  # one hoisted -1 shared by both; 1 is fifteen of them
+    np.testing.assert_array_equal(got[15], np.roll(x, -15))
+    np.testing.assert_array_equal(got[1], np.roll(x, -1))
+    assert inner.rotations == 1 + 15 and be.extra == 13  # 15 rotations for the 2 asked
 
 
 class OnlyKeys(PlainBackend):
@@ -121,7 +146,9 @@ def test_circuits_on_a_base_of_keys_equal_the_plain_run(seed):
     X = {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}
     ref = he.run_plain(c, X)
     pl = he.plan(c, he.params.toy())
-    keys = choose_rotation_keys(pl.rotation_uses, c.ct_slots) if pl.rotation_uses else []
+    # the positive powers of two (the fewest keys that reach every index): every other index is a chain
+    keys = [1 << i for i in range(c.ct_slots.bit_length() - 1)]
+    assert any(k not in keys for k in pl.rotation_keys)
     inner = OnlyKeys(c.ct_slots, keys)
     be = ComposedRotations(inner, RotationPaths(keys, c.ct_slots))
     ev = Evaluator(c, be)
@@ -131,6 +158,7 @@ def test_circuits_on_a_base_of_keys_equal_the_plain_run(seed):
     composed = he.plan(c, he.params.toy(), rotation_keys=keys)
     assert composed.counts["rotate"] == inner.rotations == pl.counts["rotate"] + be.extra
     assert set(composed.rotation_keys) <= set(keys)
+    assert be.composed > 0 and be.extra > 0
 
 
 def test_cli_rotation_keys_option():

@@ -520,7 +520,8 @@ class ServerState:
             raise Refused(409, "the bundle brings bootstrapping keys, but this server's plan of the export does not "
                                "bootstrap: generate keys with the export's default plan", "plan_mismatch")
         for what in ("params", "start_level", "mode", "levels_after_bootstrap", "max_leveled_depth", "family",
-                     "max_length", "hidden_size", "block", "slots", "groups", "kv_cache", "decode_input"):
+                     "max_length", "hidden_size", "block", "slots", "groups", "kv_cache", "decode_input",
+                     "compose_rotations"):
             a, b = getattr(theirs, what), getattr(ours, what)
             if what == "params":
                 a, b = a.to_dict(), b.to_dict()

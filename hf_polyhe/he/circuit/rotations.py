@@ -124,24 +124,24 @@ def choose_rotation_keys(uses: dict, period: int, max_keys: int | None = None) -
     in the planned circuits).
 
     ``max_keys`` None: the :func:`rotation_base` of the used indices (signed powers of two: chains of at most
-    ~log2(period)/2 steps). Otherwise at most ``max_keys`` keys (never fewer than ``log2(period)``): from each of
-    two starts, that base (if it fits) and the positive powers of two below the period (which reach every index),
+    ~log2(period)/2 steps). Otherwise at most ``max_keys`` keys (never fewer than the smaller of that base and
+    ``log2(period)``): from each of two starts that fits, that base and the positive powers of two below the period
+    (which reach every index),
     keys are added greedily while there is room -- the used index or signed power of two that saves the most
     rotations (``uses``-weighted chain lengths, recomputed after each choice) -- and the start whose set needs
     fewer rotations wins."""
     period = int(period)
     used = sorted({int(k) for k in uses if norm_rot(int(k), period)})
     signed = rotation_base(used, period)
-    if len(signed) >= len(used):
-        return used
     if max_keys is None:
-        return signed
-    res = np.array([int(k) % period for k in used], dtype=np.int64)
-    n = np.array([uses.get(k, 0) for k in used], dtype=np.float64)
+        return used if len(signed) >= len(used) else signed
     powers = [norm_rot(1 << i, period) for i in range(max(period.bit_length() - 1, 0))]
-    limit = max(int(max_keys), len(powers))
+    # never fewer than the smallest set known to reach every used index
+    limit = max(int(max_keys), min(len(signed), len(powers), len(used)))
     if limit >= len(used):
         return used
+    res = np.array([int(k) % period for k in used], dtype=np.int64)
+    n = np.array([uses.get(k, 0) for k in used], dtype=np.float64)
 
     def grow(start):
         chosen = set(start)
@@ -163,7 +163,7 @@ def choose_rotation_keys(uses: dict, period: int, max_keys: int | None = None) -
         d = RotationPaths(chosen, period).lengths()[res]
         return (float(np.sum(n * d)) if np.all(d >= 0) else np.inf), sorted(chosen)
 
-    options = [grow(powers)] + ([grow(signed)] if len(signed) <= limit else [])
+    options = ([grow(powers)] if len(powers) <= limit else []) + ([grow(signed)] if len(signed) <= limit else [])
     return min(options, key=lambda o: (o[0], len(o[1])))[1]
 
 
@@ -207,7 +207,8 @@ class ComposedRotations:
             self.composed += len(c) > 1
             out[k] = self._chain(res[c[0]], c[1:]) if c else a
         # rotations run against those asked for (chains sharing a hoisted first step share its rotation)
-        self.extra += len(firsts) + sum(max(len(c) - 1, 0) for c in chains.values()) - sum(1 for c in chains.values() if c)
+        self.extra += max(len(firsts) + sum(max(len(c) - 1, 0) for c in chains.values())
+                          - sum(1 for c in chains.values() if c), 0)
         return out
 
     def rotate_sum(self, terms):
@@ -219,8 +220,8 @@ class ComposedRotations:
                 self._note(c)
                 if len(c) > 1:
                     yield self._chain(ct, c[:-1]), c[-1]
-                else:
-                    yield ct, k
+                else:  # the held key itself (which may differ from k by the period), or 0
+                    yield ct, (c[0] if c else 0)
 
         if hasattr(self._be, "rotate_sum"):
             return self._be.rotate_sum(chained())

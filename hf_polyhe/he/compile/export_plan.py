@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -286,6 +287,9 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     predicted server memory (:func:`predicted_memory`) would exceed ``max_memory_gib`` (default
     :func:`params.default_max_memory_gib`); then as many as fit beside everything else. Composed rotations cost
     time: the plans charge every step (their notes count them)."""
+    if not (rotation_keys in ("auto", "all", "minimal") or (isinstance(rotation_keys, numbers.Integral)
+                                                            and not isinstance(rotation_keys, bool) and rotation_keys > 0)):
+        raise PlanningError(f"rotation_keys must be 'auto', 'all', 'minimal' or a positive int, got {rotation_keys!r}")
     spec, max_len = model.spec, model.max_length
     causal = model.family == "gpt"
     kv_cache = causal if kv_cache is None else bool(kv_cache)
@@ -341,9 +345,6 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                     c = build_decode_circuit(spec, t)
                     _merge_max(bounds["decode"], calibrate_bounds(
                         c, decode_inputs(X[t : t + 1], {k: out[k] for k in cache_names(spec)})))
-    if not (rotation_keys in ("auto", "all", "minimal") or (isinstance(rotation_keys, int) and rotation_keys > 0)):
-        raise PlanningError(f"rotation_keys must be 'auto', 'all', 'minimal' or a positive int, got {rotation_keys!r}")
-
     def plan_jobs(keys=None):
         plans, rot, best = {}, set(), None
         for kind, L, c in jobs:
@@ -440,8 +441,8 @@ def _rotation_key_choice(plans: dict, rot: set, best, mode: str, rotation_keys, 
         pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in summary.values())
         peak = max((e.get("peak_ciphertexts", 0) for e in summary.values()), default=0)
         start = next(iter(plans.values())).start_level
-        return fit_rotation_keys(uses, final, server_memory(final, len(rot), start, pts, peak, limit_gib=max_memory_gib
-                                                           or P.default_max_memory_gib()), max_memory_gib)
+        limit = max_memory_gib if max_memory_gib is not None else P.default_max_memory_gib()
+        return fit_rotation_keys(uses, final, server_memory(final, len(rot), start, pts, peak, limit_gib=limit), limit)
     return None if len(keep) >= len(rot) else keep
 
 

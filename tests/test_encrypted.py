@@ -349,6 +349,23 @@ def test_rotation_keys_fit_the_memory_limit(gpt_session):
         plan_for_export(enc, P.toy(), bootstrap="never", rotation_keys="some")
 
 
+def test_bootstrapped_export_takes_more_digits_on_a_smaller_ring_when_faster(tmp_path):
+    """128-bit planning only (no keys): with digits left to the planner, a bootstrapped export whose ops need few
+    levels goes to ring 2^16 with 6 key-switching digits (its spare level included) where that is predicted
+    faster than ring 2^17 with OpenFHE's 3; digits given explicitly, or ops too deep for 2^16, keep 2^17."""
+    torch.manual_seed(0)
+    _, shallow = export_small(tmp_path / "shallow", "gpt", max_length=6, norm_type="batchnorm", degree=3)
+    auto = plan_for_export(shallow, P.default(), bootstrap="always")
+    three = plan_for_export(shallow, P.default(num_large_digits=3), bootstrap="always")
+    assert (auto.params.num_large_digits, auto.params.ring_dim) == (6, 2**16)
+    assert auto.params.min_secure_ring_dim() <= 2**16  # depth with the spare level: secure on 2^16
+    assert three.params.ring_dim == 2**17
+    for kind in ("prefill", "decode"):
+        assert auto.summary[kind]["predicted_seconds"] < three.summary[kind]["predicted_seconds"]
+    _, deep = export_small(tmp_path / "deep", "gpt", max_length=6, norm_type="batchnorm", degree=7)
+    assert plan_for_export(deep, P.default(), bootstrap="always").params.ring_dim == 2**17
+
+
 def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
     import stat
 

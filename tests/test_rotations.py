@@ -139,6 +139,18 @@ class OnlyKeys(PlainBackend):
         return super().rotate_sum(checked())
 
 
+def test_hoisted_chains_share_their_prefixes():
+    """Baby steps 1..15 from the keys 1, 2, 4, 8: 4 hoisted rotations and 11 more (one per composed index, each
+    continuing a chain already made), the same 15 as with a key each."""
+    inner = OnlyKeys(64, [1, 2, 4, 8, 16, 32])
+    be = ComposedRotations(inner, RotationPaths(inner.keys, 64))
+    x = np.arange(64.0)
+    got = be.rotate_many(x, list(range(1, 16)))
+    for k in range(1, 16):
+        np.testing.assert_array_equal(got[k], np.roll(x, -k))
+    assert inner.rotations == 15 and be.extra == 0 and be.composed == 11
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_circuits_on_a_base_of_keys_equal_the_plain_run(seed):
     rng = np.random.default_rng(seed)

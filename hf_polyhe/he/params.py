@@ -181,7 +181,9 @@ class CKKSParams:
       bootstrapping keys, 2 / 4 more levels per bootstrap) when [2, 2] needs more memory than its limit
       (``planner.choose_level_budget``); False keeps ``level_budget`` as given.
     - ``secret_key_dist``: ``UNIFORM_TERNARY`` or ``SPARSE_TERNARY``.
-    - ``num_large_digits``: HYBRID key-switching digits (0: OpenFHE default).
+    - ``num_large_digits``: HYBRID key-switching digits (0: OpenFHE's default, 3; for a bootstrapped export
+      ``plan_for_export`` takes 6 instead when that puts it on a smaller ring and is predicted faster: more digits
+      hold more levels after a bootstrap on ring 2^16).
     """
 
     name: str = "default"

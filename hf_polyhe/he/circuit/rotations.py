@@ -197,18 +197,31 @@ class ComposedRotations:
         return self._chain(a, steps)
 
     def rotate_many(self, a, ks):
-        """Hoisted: one precomputation for every held index and every composed index's first step; the rest of a
-        chain are plain rotations."""
+        """Hoisted: one precomputation for every held index and every composed index's first step. The rest of
+        a chain are plain rotations, shared between chains with a common prefix (chains list their steps in one
+        order: with the positive powers of two as keys, baby steps ``1..n`` then cost ``n`` rotations in all,
+        as with a key each, only not hoisted)."""
         chains = {k: self.paths.steps(k) for k in ks}
         firsts = sorted({c[0] for c in chains.values() if c})
         res = self._be.rotate_many(a, firsts) if firsts else {}
-        out = {}
+        memo = {(f,): res[f] for f in firsts}
+        run, out = len(firsts), {}
         for k, c in chains.items():
+            if not c:
+                out[k] = a
+                continue
             self.composed += len(c) > 1
-            out[k] = self._chain(res[c[0]], c[1:]) if c else a
-        # rotations run against those asked for (chains sharing a hoisted first step share its rotation)
-        self.extra += max(len(firsts) + sum(max(len(c) - 1, 0) for c in chains.values())
-                          - sum(1 for c in chains.values() if c), 0)
+            i = len(c)
+            while c[:i] not in memo:
+                i -= 1
+            ct = memo[c[:i]]
+            for j in range(i, len(c)):
+                ct = self._be.rotate(ct, c[j])
+                memo[c[: j + 1]] = ct
+                run += 1
+            out[k] = ct
+        # rotations run against those asked for
+        self.extra += max(run - sum(1 for c in chains.values() if c), 0)
         return out
 
     def rotate_sum(self, terms):

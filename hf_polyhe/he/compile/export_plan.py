@@ -317,6 +317,9 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                       max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
+    params, probe = _choose_digits(longest, params, probe, levels_after_bootstrap=levels_after_bootstrap,
+                                   bootstrap=bootstrap, max_leveled_depth=max_leveled_depth,
+                                   max_memory_gib=max_memory_gib)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
     if groups is None:
         groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
@@ -382,6 +385,37 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                       hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
                       spec_dir=spec_dir, summary=summary, groups=groups, decode_input=_decode_input(jobs),
                       compose_rotations=keep is not None)
+
+
+# HYBRID key-switching digits tried for a bootstrapped export when the user left them to OpenFHE (0): measured
+# (benchmarks/he_ops.py --bootstrap-sweep, 128-bit) 6 digits keep 5 levels after a [2, 2] bootstrap on ring 2^16,
+# where 3 keep 2, so a plan needing few levels per segment fits the half-size ring; each rotation and product
+# then costs 1.27x / 1.32x (--digits-cost), which the planner charges
+ALTERNATIVE_DIGITS = 6
+
+
+def _choose_digits(circuit, params: P.CKKSParams, probe, **kw):
+    """``(params, probe plan)``: ``params`` with :data:`ALTERNATIVE_DIGITS` key-switching digits on half the
+    probe's ring when the user left digits and ring to the planner (0), the probe bootstraps at 128-bit, and that
+    plan (fewer levels per segment, so more bootstraps, each cheaper; the planner charges the digits' cost) is
+    predicted faster; else as given."""
+    if params.num_large_digits or params.ring_dim or params.insecure or not probe.params.bootstrap:
+        return params, probe
+    # on the next smaller ring, with as many levels per segment as it holds (fewer than the default, if need be)
+    alt_params = params.with_(num_large_digits=ALTERNATIVE_DIGITS, ring_dim=probe.params.ring_dim // 2)
+    try:
+        alt = make_plan(circuit, alt_params, **kw)
+        if kw.get("levels_after_bootstrap") is None and alt.params.bootstrap and \
+                _final_params(alt.params, "bootstrap").ring_dim > alt.params.ring_dim:
+            # the export's spare level (_final_params) must fit the same ring: one level less per segment
+            alt = make_plan(circuit, alt_params, **{**kw, "levels_after_bootstrap": alt.params.levels_after_bootstrap - 1})
+    except PlanningError:
+        return params, probe
+    final = _final_params(alt.params, "bootstrap") if alt.params.bootstrap else None
+    if (final is not None and final.ring_dim < probe.params.ring_dim
+            and alt.predicted_seconds < probe.predicted_seconds):
+        return alt_params, alt
+    return params, probe
 
 
 def _final_params(params: P.CKKSParams, mode: str) -> P.CKKSParams:

@@ -84,6 +84,52 @@ def _spool_cleanup():
             os.remove(path)
 
 
+def _append_part(f, tag: str, spool_path: str) -> None:
+    """Append the store's automorphism keys of ``tag`` to the open spool ``f`` as one part (length, then bytes).
+    OpenFHE writes them to a private file next to the spool, which is then copied in chunks: serialising to a
+    string held a second copy of the keys (a ring-2^17 bootstrapping key set is ~15 GiB: measured, keygen for a
+    2-layer poly-LayerNorm PolyGPT went past 22 GiB while serialising it)."""
+    ofhe = import_openfhe()
+    fd, tmp = tempfile.mkstemp(prefix="hf_polyhe_keypart_", dir=os.path.dirname(spool_path) or None)  # mode 0600
+    os.close(fd)
+    try:
+        if not ofhe.CryptoContext.SerializeEvalAutomorphismKey(tmp, ofhe.BINARY, tag):
+            raise SerializationError("OpenFHE could not serialise the rotation keys")
+        f.write(struct.pack("<Q", os.path.getsize(tmp)))
+        with open(tmp, "rb") as src:
+            shutil.copyfileobj(src, f, 64 << 20)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _load_part(f, size: int, path: str) -> None:
+    """Load one part of ``size`` bytes at ``f``'s position into the store, through a private file next to
+    ``path`` (OpenFHE reads it as a stream: reading a part into memory first held a second copy of its keys)."""
+    ofhe = import_openfhe()
+    fd, tmp = tempfile.mkstemp(prefix="hf_polyhe_keypart_", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            left = size
+            while left:
+                chunk = f.read(min(left, 64 << 20))
+                if not chunk:
+                    raise SerializationError(f"{path}: truncated key file")
+                dst.write(chunk)
+                left -= len(chunk)
+        try:
+            ok = ofhe.CryptoContext.DeserializeEvalAutomorphismKey(tmp, ofhe.BINARY)
+        except RuntimeError as e:
+            if "key vector for the given keyTag" in str(e) or "already" in str(e):
+                return  # a client in this process already inserted these keys (same tag)
+            raise SerializationError(f"cannot load the rotation keys: {e}") from e
+        if not ok:
+            raise SerializationError(f"{path}: cannot load the rotation keys")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
     """``(crypto context, KeyPair)`` with every evaluation key a plan needs in OpenFHE's key store:
     relinearisation, the given rotation indices and, when ``params.bootstrap``, bootstrapping keys. Toy
@@ -125,11 +171,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
                 else:
                     cc.EvalRotateKeyGen(kp.secretKey, idx)
                 maps.append(cc.GetEvalAutomorphismKeyMap(tag))
-                data = ofhe.SerializeEvalAutomorphismKeyString(ofhe.BINARY, tag)
-                data = data if isinstance(data, bytes) else data.encode()
-                f.write(struct.pack("<Q", len(data)))
-                f.write(data)
-                del data
+                _append_part(f, tag, path)
     finally:
         ofhe.CryptoContext.ClearEvalAutomorphismKeys()
         for t, m in others.items():
@@ -288,11 +330,7 @@ def _load_automorphism_keys(path, key_tag: str, cc, expected: int) -> None:
             if len(raw) != 8:
                 raise SerializationError(f"{path}: truncated key file")
             (size,) = struct.unpack("<Q", raw)
-            data = f.read(size)
-            if len(data) != size:
-                raise SerializationError(f"{path}: truncated key file")
-            _load_eval_keys(ofhe.DeserializeEvalAutomorphismKeyString, data, "rotation keys")
-            del data
+            _load_part(f, size, path)
 
 
 def read_bundle(directory, stage=None) -> tuple:

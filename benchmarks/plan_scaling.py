@@ -51,7 +51,7 @@ from hf_polyhe.export import calibrate_ranges, model_to_spec  # noqa: E402
 from hf_polyhe.he import params as P  # noqa: E402
 from hf_polyhe.he.circuit.evaluator import peak_live_values  # noqa: E402
 from hf_polyhe.he.compile.decode import build_decode_circuit  # noqa: E402
-from hf_polyhe.he.compile.export_plan import _auto_groups, fit_rotation_keys, server_memory  # noqa: E402
+from hf_polyhe.he.compile.export_plan import _auto_groups, _final_params, fit_rotation_keys, server_memory  # noqa: E402
 from hf_polyhe.he.compile.plaintexts import DEFAULT_BUDGET_MIB  # noqa: E402
 from hf_polyhe.he.compile.planner import plan as make_plan  # noqa: E402
 from hf_polyhe.he.compile.transformer import build_circuit  # noqa: E402
@@ -83,6 +83,10 @@ def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int,
         prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **kw)
     except PlanningError:
         prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **{**kw, "bootstrap": "always"})
+        if base.ring_dim and _final_params(prefill.params, "bootstrap").ring_dim > base.ring_dim:
+            # an export keeps one spare level (export_plan._final_params): on a fixed ring, one level less per segment
+            prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **{
+                **kw, "bootstrap": "always", "levels_after_bootstrap": prefill.params.levels_after_bootstrap - 1})
     if not prefill.params.bootstrap:
         groups, slots = _auto_groups(build_circuit(spec, tokens), prefill.params.ring_dim)
         if groups > 1:
@@ -144,7 +148,8 @@ def memory_parts(prefill, decode, limit_gib: float) -> dict:
     rot = len(set(prefill.rotation_keys) | set(decode.rotation_keys))
     pts = prefill.plaintexts.get("bytes", 0) + decode.plaintexts.get("bytes", 0)
     peak = max(peak_live_values(prefill.circuit)[0], peak_live_values(decode.circuit)[0])
-    m = server_memory(prefill.params, rot, prefill.start_level, pts, peak, DEFAULT_BUDGET_MIB, limit_gib=limit_gib)
+    final = _final_params(prefill.params, "bootstrap" if prefill.params.bootstrap else "leveled")  # as an export's
+    m = server_memory(final, rot, prefill.start_level, pts, peak, DEFAULT_BUDGET_MIB, limit_gib=limit_gib)
     return {**m, "all_plaintexts": pts}
 
 
@@ -186,7 +191,7 @@ def main(argv=None):
                         reason = short_reason(str(e))
                         print(f"{head} no plan: {reason} | | | | | | | | | | {time.perf_counter() - t0:.0f} |", flush=True)
                         continue
-                    p = pre.params
+                    p = _final_params(pre.params, "bootstrap" if pre.params.bootstrap else "leveled")
                     keys, pts, server = memory_gib(pre, dec, mem)
                     mode = "bootstrap" if p.bootstrap else f"leveled, {pre.circuit.groups} groups"
                     levels = f"{p.levels_after_bootstrap} per segment" if p.bootstrap else str(p.depth)

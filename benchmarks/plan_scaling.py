@@ -85,6 +85,7 @@ def plan_shape(spec, tokens: int, max_memory_gib: float, max_leveled_depth: int,
         prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **{**kw, "bootstrap": "always"})
         if base.ring_dim and _final_params(prefill.params, "bootstrap").ring_dim > base.ring_dim:
             # an export keeps one spare level (export_plan._final_params): on a fixed ring, one level less per segment
+            base = base.with_(level_budget=prefill.params.level_budget, auto_level_budget=False)
             prefill = make_plan(build_circuit(spec, tokens, kv_cache=True), base, **{
                 **kw, "bootstrap": "always", "levels_after_bootstrap": prefill.params.levels_after_bootstrap - 1})
     if not prefill.params.bootstrap:
@@ -117,7 +118,8 @@ def plan_within_memory(spec, tokens: int, max_memory_gib: float, max_leveled_dep
     uses = dict(pre.rotation_uses)
     for k, n in dec.rotation_uses.items():
         uses[k] = uses.get(k, 0) + n
-    keep = fit_rotation_keys(uses, pre.params, memory_parts(pre, dec, max_memory_gib), max_memory_gib)
+    final = _final_params(pre.params, "bootstrap" if pre.params.bootstrap else "leveled")  # as an export's
+    keep = fit_rotation_keys(uses, final, memory_parts(pre, dec, max_memory_gib), max_memory_gib)
     if keep is None:
         return pre, dec, None
     pre, dec = plan_shape(spec, tokens, max_memory_gib, max_leveled_depth, params, rotation_keys=keep)

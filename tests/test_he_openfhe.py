@@ -2,6 +2,8 @@
 and key files in parts."""
 
 
+import os
+
 import numpy as np
 import pytest
 
@@ -187,6 +189,11 @@ def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
     openfhe.CryptoContext.ClearEvalAutomorphismKeys()  # as in a fresh server process
     server = Server(tmp_path / "bundle", spec=enc)
     assert len(server.cc.GetExistingEvalAutomorphismKeyIndices(client.key_tag)) == len(client.plan.rotation_keys)
+    import glob
+    import tempfile
+
+    # parts go through unnamed scratch files (a killed key generation leaves nothing behind)
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "hf_polyhe_keypart_*"))
     x = enc.embed(input_ids=[5, 9, 2])
     got, ref = client.decrypt(server.run(client.encrypt(x))), PlainServer(enc).run(x).reshape(-1)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

@@ -66,7 +66,7 @@ from fastapi.responses import JSONResponse
 from .. import he
 from ..he import params as P
 from ..he.circuit.packing import MatrixLayout, layout_from_dict, same_packing
-from ..he.compile.export_plan import ExportPlan, plan_for_export, spec_digest
+from ..he.compile.export_plan import PLAN_VERSION, ExportPlan, plan_for_export, spec_digest
 from ..he.compile.planner import key_bytes
 from ..he.compile.transformer import TransformerSpec
 from ..he.errors import (CircuitError, HEError, KeyMismatchError, LayoutError, PlanningError, SerializationError,
@@ -399,7 +399,7 @@ class ServerState:
         with self._plan_lock:
             if name in self._plans:
                 return self._plans[name]
-            directory = os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}")
+            directory = os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}-v{PLAN_VERSION}")
             path = os.path.join(directory, "plan.json")
             plan = None
             with warnings.catch_warnings():

@@ -32,6 +32,10 @@ from .planner import PROCESS_BASE_GIB, calibrate_bounds, key_bytes, load_cost_ta
 from .transformer import TransformerSpec, build_circuit, cache_names, default_packing
 
 PLAN_FORMAT = "hf_polyhe.export_plan"
+# Bumped whenever the planner may plan the same export differently (parameters, key set): keys cached for an older
+# plan (runtime/keys.py CACHE_LAYOUT) and a server's cached plans (serve/app.py) are then not reused, since a server
+# refuses keys whose plan differs from its own. 2: composed rotation keys, 6-digit alternative (2026-12-03).
+PLAN_VERSION = 2
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
 GIB = 2.0**30
 
@@ -317,9 +321,10 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
     probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                       max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
-    params, probe = _choose_digits(longest, params, probe, levels_after_bootstrap=levels_after_bootstrap,
-                                   bootstrap=bootstrap, max_leveled_depth=max_leveled_depth,
-                                   max_memory_gib=max_memory_gib)
+    decodes = [j for j in jobs if j[0] == "decode"]
+    params, probe = _choose_digits(longest, params, probe, max(decodes, key=lambda j: j[1])[2] if decodes else None,
+                                   levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
+                                   max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
     mode = "bootstrap" if probe.params.bootstrap else "leveled"
     if groups is None:
         groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
@@ -394,12 +399,14 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
 ALTERNATIVE_DIGITS = 6
 
 
-def _choose_digits(circuit, params: P.CKKSParams, probe, **kw):
+def _choose_digits(circuit, params: P.CKKSParams, probe, decode=None, **kw):
     """``(params, probe plan)``: ``params`` with :data:`ALTERNATIVE_DIGITS` key-switching digits on half the
-    probe's ring when the user left digits and ring to the planner (0), the probe bootstraps at 128-bit, and that
-    plan (fewer levels per segment, so more bootstraps, each cheaper; the planner charges the digits' cost) is
-    predicted faster; else as given."""
-    if params.num_large_digits or params.ring_dim or params.insecure or not probe.params.bootstrap:
+    probe's ring when the user left digits and ring to the planner (0), the probe bootstraps at HEStd_128_classic
+    (where the alternative was measured), and that plan (fewer levels per segment, so more bootstraps, each cheaper;
+    the planner charges the digits' cost) is predicted faster on ``circuit`` plus, for a causal LM, its longest
+    ``decode`` step; else as given."""
+    if (params.num_large_digits or params.ring_dim or params.insecure or params.security != "HEStd_128_classic"
+            or not probe.params.bootstrap):
         return params, probe
     # on the next smaller ring, with as many levels per segment as it holds (fewer than the default, if need be)
     alt_params = params.with_(num_large_digits=ALTERNATIVE_DIGITS, ring_dim=probe.params.ring_dim // 2)
@@ -407,15 +414,28 @@ def _choose_digits(circuit, params: P.CKKSParams, probe, **kw):
         alt = make_plan(circuit, alt_params, **kw)
         if kw.get("levels_after_bootstrap") is None and alt.params.bootstrap and \
                 _final_params(alt.params, "bootstrap").ring_dim > alt.params.ring_dim:
-            # the export's spare level (_final_params) must fit the same ring: one level less per segment
+            # the export's spare level (_final_params) must fit the same ring: one level less per segment, with the
+            # level budget the first plan chose for memory
+            alt_params = alt_params.with_(level_budget=alt.params.level_budget, auto_level_budget=False)
             alt = make_plan(circuit, alt_params, **{**kw, "levels_after_bootstrap": alt.params.levels_after_bootstrap - 1})
     except PlanningError:
         return params, probe
-    final = _final_params(alt.params, "bootstrap") if alt.params.bootstrap else None
-    if (final is not None and final.ring_dim < probe.params.ring_dim
-            and alt.predicted_seconds < probe.predicted_seconds):
-        return alt_params, alt
-    return params, probe
+    if not alt.params.bootstrap or _final_params(alt.params, "bootstrap").ring_dim >= probe.params.ring_dim:
+        return params, probe
+
+    def total(pl, base):
+        t = pl.predicted_seconds
+        if decode is not None:
+            q = base.with_(level_budget=pl.params.level_budget, auto_level_budget=False)
+            t += make_plan(decode, q, **{**kw, "bootstrap": "always",
+                                         "levels_after_bootstrap": pl.params.levels_after_bootstrap}).predicted_seconds
+        return t
+
+    try:
+        faster = total(alt, alt_params) < total(probe, params)
+    except PlanningError:
+        return params, probe
+    return (alt_params.with_(level_budget=alt.params.level_budget), alt) if faster else (params, probe)
 
 
 def _final_params(params: P.CKKSParams, mode: str) -> P.CKKSParams:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import params as P
 from ..backends.openfhe import build_context, import_openfhe, serialize
-from ..compile.export_plan import ExportPlan
+from ..compile.export_plan import PLAN_VERSION, ExportPlan
 from ..compile.planner import key_bytes
 from ..errors import SerializationError
 from ..files import read_document
@@ -62,8 +62,9 @@ def default_key_dir() -> str:
 
 
 # Bumped when the planner's level accounting changes, so that keys cached for an older plan (which a server now
-# refuses) are not reused: "ps" = Chebyshev series counted and run as the least-depth Paterson-Stockmeyer.
-CACHE_LAYOUT = "ps"
+# refuses) are not reused: "ps" = Chebyshev series counted and run as the least-depth Paterson-Stockmeyer; then
+# the planner's version (export_plan.PLAN_VERSION)
+CACHE_LAYOUT = f"ps{PLAN_VERSION}"
 
 
 def cache_dirs(key_dir, digest: str, params: P.CKKSParams) -> tuple:
@@ -84,50 +85,65 @@ def _spool_cleanup():
             os.remove(path)
 
 
-def _append_part(f, tag: str, spool_path: str) -> None:
-    """Append the store's automorphism keys of ``tag`` to the open spool ``f`` as one part (length, then bytes).
-    OpenFHE writes them to a private file next to the spool, which is then copied in chunks: serialising to a
-    string held a second copy of the keys (a ring-2^17 bootstrapping key set is ~15 GiB: measured, keygen for a
-    2-layer poly-LayerNorm PolyGPT went past 22 GiB while serialising it)."""
-    ofhe = import_openfhe()
-    fd, tmp = tempfile.mkstemp(prefix="hf_polyhe_keypart_", dir=os.path.dirname(spool_path) or None)  # mode 0600
-    os.close(fd)
+@contextlib.contextmanager
+def _scratch_file():
+    """``(file object, path OpenFHE can open)`` of a private scratch file. On Linux an unnamed temporary file
+    (nothing is left behind if the process is killed: a ring-2^17 bootstrapping part is ~15 GiB), opened by OpenFHE
+    through ``/proc/self/fd``; elsewhere a 0600 file in the system's temporary directory, removed afterwards."""
+    t = tempfile.TemporaryFile()
     try:
-        if not ofhe.CryptoContext.SerializeEvalAutomorphismKey(tmp, ofhe.BINARY, tag):
-            raise SerializationError("OpenFHE could not serialise the rotation keys")
-        f.write(struct.pack("<Q", os.path.getsize(tmp)))
-        with open(tmp, "rb") as src:
-            shutil.copyfileobj(src, f, 64 << 20)
+        path = f"/proc/self/fd/{t.fileno()}"
+        if os.path.exists(path):
+            yield t, path
+            return
+        fd, path = tempfile.mkstemp(prefix="hf_polyhe_keypart_")
+        try:
+            with os.fdopen(fd, "w+b") as named:
+                yield named, path
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        t.close()
+
+
+def _append_part(f, tag: str) -> None:
+    """Append the store's automorphism keys of ``tag`` to the open spool ``f`` as one part (length, then bytes).
+    OpenFHE writes them to a scratch file, which is then copied in chunks: serialising to a string held a second
+    copy of the keys (a ring-2^17 bootstrapping key set is ~15 GiB: measured, keygen for a 2-layer poly-LayerNorm
+    PolyGPT went past 22 GiB while serialising it)."""
+    ofhe = import_openfhe()
+    with _scratch_file() as (t, path):
+        if not ofhe.CryptoContext.SerializeEvalAutomorphismKey(path, ofhe.BINARY, tag):
+            raise SerializationError("OpenFHE could not serialise the rotation keys")
+        size = os.fstat(t.fileno()).st_size
+        if shutil.disk_usage(tempfile.gettempdir()).free < (1 << 20):
+            # a full disk may cut OpenFHE's last flush short and still report success
+            raise SerializationError("no space left for the rotation keys' scratch file")
+        t.seek(0)
+        f.write(struct.pack("<Q", size))
+        shutil.copyfileobj(t, f, 64 << 20)
 
 
 def _load_part(f, size: int, path: str) -> None:
-    """Load one part of ``size`` bytes at ``f``'s position into the store, through a private file next to
-    ``path`` (OpenFHE reads it as a stream: reading a part into memory first held a second copy of its keys)."""
+    """Load one part of ``size`` bytes at ``f``'s position into the store, through a scratch file (OpenFHE reads
+    it as a stream: reading a part into memory first held a second copy of its keys)."""
     ofhe = import_openfhe()
-    fd, tmp = tempfile.mkstemp(prefix="hf_polyhe_keypart_", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            left = size
-            while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    raise SerializationError(f"{path}: truncated key file")
-                dst.write(chunk)
-                left -= len(chunk)
+    with _scratch_file() as (t, scratch):
+        left = size
+        while left:
+            chunk = f.read(min(left, 64 << 20))
+            if not chunk:
+                raise SerializationError(f"{path}: truncated key file")
+            t.write(chunk)
+            left -= len(chunk)
+        t.flush()
         try:
-            ok = ofhe.CryptoContext.DeserializeEvalAutomorphismKey(tmp, ofhe.BINARY)
-        except RuntimeError as e:
-            if "key vector for the given keyTag" in str(e) or "already" in str(e):
-                return  # a client in this process already inserted these keys (same tag)
-            raise SerializationError(f"cannot load the rotation keys: {e}") from e
+            ok = ofhe.CryptoContext.DeserializeEvalAutomorphismKey(scratch, ofhe.BINARY)
+        except Exception as e:  # noqa: BLE001 (OpenFHE raises RuntimeError or ValueError on bad bytes)
+            raise SerializationError(f"cannot load the rotation keys of {path}: {e}") from e
         if not ok:
             raise SerializationError(f"{path}: cannot load the rotation keys")
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
 
 
 def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
@@ -171,7 +187,7 @@ def generate_keys(params: P.CKKSParams, rotation_keys) -> tuple:
                 else:
                     cc.EvalRotateKeyGen(kp.secretKey, idx)
                 maps.append(cc.GetEvalAutomorphismKeyMap(tag))
-                _append_part(f, tag, path)
+                _append_part(f, tag)
     finally:
         ofhe.CryptoContext.ClearEvalAutomorphismKeys()
         for t, m in others.items():

@@ -609,9 +609,10 @@ def test_vector_linear_counts():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         counts = PL.plan(c, P.toy(2**13), bootstrap="never").counts
-    # h: the row sum, 4 (the plaintext lays out 256 / 64 copies of the period, no tiling); y: window 6;
-    # out: chunk placement 1 + rows 4 (nothing to tile: the period is the row)
-    assert counts["mul_plain"] == 1 + 1 + 2 and counts["rotate"] == 4 + 6 + (1 + 4)
+    # h: the row sum over 16 rows (the plaintext lays out 256 / 64 copies of the period, no tiling); y: window 64;
+    # out: chunk placement 1 + rows 16 (nothing to tile: the period is the row). A sum over 4^m terms is m hoisted
+    # radix-4 steps of 3 rotations each (ops._rot_sum): 16 -> 6, 64 -> 9
+    assert counts["mul_plain"] == 1 + 1 + 2 and counts["rotate"] == 6 + 9 + (1 + 6)
     _close(c, {"x": rng.uniform(-1, 1, size=(1, 16))})
     with pytest.raises(he.CircuitError, match="rows of at least 512"):
         c.linear(x, rng.normal(size=(16, 300)))
@@ -687,7 +688,7 @@ def test_append_row_takes_a_part_of_a_wider_tiled_row(cached):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rot = PL.plan(c, P.toy(), bootstrap="never").counts["rotate"]
-    assert rot == 3 + 1  # the linear's row sum (8 rows), then one of the two parts moves one row
+    assert rot == 3 + 1 + 1  # the row sum over 8 rows (one hoisted radix-4 step of 3, one plain), one row move
     with pytest.raises(he.CircuitError, match="part 2"):
         c.append_row(c.input("wc", cached, 8), kv, part=2)
 

@@ -229,15 +229,19 @@ class OpenFHEBackend:
         """``sum rot(ct, k)`` over ``terms`` (an iterable of ``(ct, k)``, consumed one at a time); None if empty.
         The rotated ciphertexts stay in the extended basis Q*P (a hoisted key switch without its ModDown:
         ``EvalFastRotationExt``) and are summed there, so the sum pays one ``KeySwitchDown`` instead of one per
-        term -- the giant steps of OpenFHE's own linear transforms. Terms at another level than the first go the
-        plain way (an addition in Q*P needs equal towers and scale degree)."""
+        term -- the giant steps of OpenFHE's own linear transforms. Consecutive terms of the same ciphertext
+        share one precomputation (hoisted). Terms at another level than the first go the plain way (an addition in
+        Q*P needs equal towers and scale degree)."""
         acc = ext = state = None
+        last = None  # (ciphertext, its precomputation): consecutive terms of one ciphertext share it (hoisted)
         for ct, k in terms:
             if k == 0 or (state is not None and (ct.GetLevel(), ct.GetNoiseScaleDeg()) != state):
                 r = ct if k == 0 else self.rotate(ct, k)
                 acc = r if acc is None else self.cc.EvalAdd(acc, r)
                 continue
-            e = self.cc.EvalFastRotationExt(ct, int(k), self.cc.EvalFastRotationPrecompute(ct), True)
+            if last is None or last[0] is not ct:
+                last = (ct, self.cc.EvalFastRotationPrecompute(ct))
+            e = self.cc.EvalFastRotationExt(ct, int(k), last[1], True)
             if ext is None:
                 ext, state = e, (ct.GetLevel(), ct.GetNoiseScaleDeg())
             else:

@@ -781,13 +781,19 @@ class _GroupShifts:
 
 
 def _rot_sum(ev, ct, unit: int, n: int, whole: bool = False):
-    """``sum_{0 <= j < n} rot(ct, j * unit)`` for a power-of-two ``n`` (``log2 n`` rotations; ``unit < 0``
-    spreads to the other side). ``whole``: rotations over the whole ciphertext (across row groups)."""
+    """``sum_{0 <= j < n} rot(ct, j * unit)`` for a power-of-two ``n`` (``unit < 0`` spreads to the other side).
+    ``whole``: rotations over the whole ciphertext (across row groups).
+
+    Radix 4 where it can: ``ct + rot(ct, s) + rot(ct, 2s) + rot(ct, 3s)`` is one hoisted ``rotate_sum`` (one
+    precomputation, three key switches in the extended basis, one ModDown; OpenFHE 1.6.1 at N = 2^16: ~0.011 s per
+    tower against ~0.018 s for the two plain rotations of radix 2), then one plain rotation if ``log2 n`` is odd."""
     be, step = ev.backend, 1
     rotate = ev.rotate_slots if whole else ev.rotate
-    while step < n:
+    while step * 4 <= n:
+        ct = be.add(ct, ev.rotate_sum(((ct, j * step * unit) for j in (1, 2, 3)), whole=whole))
+        step *= 4
+    if step < n:
         ct = be.add(ct, rotate(ct, step * unit))
-        step *= 2
     return ct
 
 

@@ -298,7 +298,7 @@ class TraceBackend:
     def rotate_sum(self, terms):
         # mirrors OpenFHEBackend.rotate_sum: each rotation's key switch in the extended basis (precompute +
         # EvalFastRotationExt), summed there, one KeySwitchDown; terms at another level than the first: plain
-        acc = state = None
+        acc = state = last = None
         ext = []
         for a, k in terms:
             if k == 0 or (state is not None and (a.dropped, a.pending) != state):
@@ -307,7 +307,9 @@ class TraceBackend:
                 continue
             state = (a.dropped, a.pending)
             self._key(k)
-            self._cost("rotate_precompute", a.level)
+            if a is not last:  # consecutive terms of one ciphertext share its precomputation
+                self._cost("rotate_precompute", a.level)
+                last = a
             self._cost("rotate_ext", a.level)
             if ext:
                 self._cost("add", a.level)

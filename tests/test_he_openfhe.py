@@ -2,8 +2,6 @@
 and key files in parts."""
 
 
-import os
-
 import numpy as np
 import pytest
 
@@ -171,6 +169,9 @@ def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
     from hf_polyhe.he import Client, Export, PlainServer, Server
     from hf_polyhe.he.runtime import keys as K
 
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # scratch files: none may be left here
     monkeypatch.setattr(K, "ROTATION_KEY_BATCH", 2)
     monkeypatch.setattr(K, "KEY_PARTS_MIN_GIB", 0.0)
     torch.manual_seed(0)
@@ -189,11 +190,8 @@ def test_rotation_keys_in_parts_roundtrip(tmp_path, monkeypatch):
     openfhe.CryptoContext.ClearEvalAutomorphismKeys()  # as in a fresh server process
     server = Server(tmp_path / "bundle", spec=enc)
     assert len(server.cc.GetExistingEvalAutomorphismKeyIndices(client.key_tag)) == len(client.plan.rotation_keys)
-    import glob
-    import tempfile
-
     # parts go through unnamed scratch files (a killed key generation leaves nothing behind)
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "hf_polyhe_keypart_*"))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("hf_polyhe_keypart_")]
     x = enc.embed(input_ids=[5, 9, 2])
     got, ref = client.decrypt(server.run(client.encrypt(x))), PlainServer(enc).run(x).reshape(-1)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
@@ -245,6 +243,9 @@ def test_rotate_sum_in_the_extended_basis():
     vs = [rng.uniform(-1, 1, 64) for _ in range(5)]
     cts = encrypt_vectors(cc, kp.publicKey, vs, 0, 64)
     lower = be.mul_scalar(cts[4], 1.0)  # pending rescale: another scale degree than the others
+    same = be.rotate_sum(iter([(cts[0], 1), (cts[0], 5), (cts[0], 16)]))  # one ciphertext: one precomputation
+    want = sum(np.roll(vs[0], -k) for k in (1, 5, 16))
+    assert np.abs(decrypt_vectors(cc, kp.secretKey, [same], 64)[0] - want).max() < 1e-6
     for ks in ([1, 5, -8, 16], [0, 5, 0, 16], [5]):
         terms = list(zip(cts, ks))
         got = decrypt_vectors(cc, kp.secretKey, [be.rotate_sum(iter(terms))], 64)[0]

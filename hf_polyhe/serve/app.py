@@ -399,7 +399,7 @@ class ServerState:
         with self._plan_lock:
             if name in self._plans:
                 return self._plans[name]
-            directory = os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}-v{PLAN_VERSION}")
+            directory = self._plan_dir(name)
             path = os.path.join(directory, "plan.json")
             plan = None
             with warnings.catch_warnings():
@@ -424,9 +424,14 @@ class ServerState:
             self._plans[name] = plan
             return plan
 
+    def _plan_dir(self, name: str) -> str:
+        """Where the plan for ``name`` and its reference context are kept: per export, parameter set and planner
+        version (a plan cached by an older planner may differ from what clients now plan, and be refused)."""
+        return os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}-v{PLAN_VERSION}")
+
     def plan_path(self, name: str) -> str:
         self.plan(name)
-        return os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}", "plan.json")
+        return os.path.join(self._plan_dir(name), "plan.json")
 
     def reference(self, name: str) -> tuple:
         """``(context bytes, [CiphertextTemplate])`` of the server's plan for ``name``: made once by a throwaway
@@ -435,7 +440,7 @@ class ServerState:
         with self._plan_lock:
             if name in self._refs:
                 return self._refs[name]
-            directory = os.path.join(self.plans_dir, f"{self.digest[:16]}-{name}")
+            directory = self._plan_dir(name)
             ctx_path, tpl_path = os.path.join(directory, "context.bin"), os.path.join(directory, "templates.json")
             try:
                 with open(ctx_path, "rb") as f:

@@ -787,6 +787,8 @@ def _rot_sum(ev, ct, unit: int, n: int, whole: bool = False):
     Radix 4 where it can: ``ct + rot(ct, s) + rot(ct, 2s) + rot(ct, 3s)`` is one hoisted ``rotate_sum`` (one
     precomputation, three key switches in the extended basis, one ModDown; OpenFHE 1.6.1 at N = 2^16: ~0.011 s per
     tower against ~0.018 s for the two plain rotations of radix 2), then one plain rotation if ``log2 n`` is odd."""
+    if n < 1 or n & (n - 1):
+        raise CircuitError(f"internal: a rotate-and-sum over {n} terms (a power of two is needed)")
     be, step = ev.backend, 1
     rotate = ev.rotate_slots if whole else ev.rotate
     while step * 4 <= n:

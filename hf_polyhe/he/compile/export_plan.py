@@ -34,8 +34,9 @@ from .transformer import TransformerSpec, build_circuit, cache_names, default_pa
 PLAN_FORMAT = "hf_polyhe.export_plan"
 # Bumped whenever the planner may plan the same export differently (parameters, key set): keys cached for an older
 # plan (runtime/keys.py CACHE_LAYOUT) and a server's cached plans (serve/app.py) are then not reused, since a server
-# refuses keys whose plan differs from its own. 2: composed rotation keys, 6-digit alternative (2026-12-03).
-PLAN_VERSION = 2
+# refuses keys whose plan differs from its own. 2: composed rotation keys, 6-digit alternative; 3: radix-4
+# rotate-and-sums (rotation indices 3 * 4^k) (2026-12-03).
+PLAN_VERSION = 3
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
 GIB = 2.0**30
 

@@ -86,11 +86,16 @@ def _spool_cleanup():
 
 
 @contextlib.contextmanager
-def _scratch_file():
-    """``(file object, path OpenFHE can open)`` of a private scratch file. On Linux an unnamed temporary file
-    (nothing is left behind if the process is killed: a ring-2^17 bootstrapping part is ~15 GiB), opened by OpenFHE
-    through ``/proc/self/fd``; elsewhere a 0600 file in the system's temporary directory, removed afterwards."""
-    t = tempfile.TemporaryFile()
+def _scratch_file(near: str | None = None):
+    """``(file object, path OpenFHE can open)`` of a private scratch file, in the directory ``near`` when it is
+    writable (a bundle's: where /tmp is a tmpfs, a scratch part there would sit in memory), else the system's
+    temporary directory. On Linux an unnamed temporary file (nothing is left behind if the process is killed: a
+    ring-2^17 bootstrapping part is ~15 GiB), opened by OpenFHE through ``/proc/self/fd``; elsewhere a 0600 file,
+    removed afterwards."""
+    try:
+        t = tempfile.TemporaryFile(dir=near) if near else tempfile.TemporaryFile()
+    except OSError:  # a read-only bundle directory
+        t = tempfile.TemporaryFile()
     try:
         path = f"/proc/self/fd/{t.fileno()}"
         if os.path.exists(path):
@@ -129,7 +134,7 @@ def _load_part(f, size: int, path: str) -> None:
     """Load one part of ``size`` bytes at ``f``'s position into the store, through a scratch file (OpenFHE reads
     it as a stream: reading a part into memory first held a second copy of its keys)."""
     ofhe = import_openfhe()
-    with _scratch_file() as (t, scratch):
+    with _scratch_file(os.path.dirname(os.path.abspath(path))) as (t, scratch):
         left = size
         while left:
             chunk = f.read(min(left, 64 << 20))

@@ -162,11 +162,17 @@ def predicted_memory(plan: ExportPlan, plaintext_budget_mib: float = DEFAULT_BUD
     5.3 predicted / 6.4 GiB measured, plaintexts 8.0 / 7.4, total 14.4 against 14.9 for the measured parts on a
     server-only base; not yet on bootstrapped plans. ``limit_gib`` (default :func:`params.default_max_memory_gib`):
     the server machine's memory, which also caps the pinned plaintexts (:func:`server_memory`)."""
-    pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in plan.summary.values())
-    peak = max((e.get("peak_ciphertexts", 0) for e in plan.summary.values()), default=0)
+    pts, peak = _summary_memory(plan.summary)
     limit = P.default_max_memory_gib() if limit_gib is None else limit_gib
     return server_memory(plan.params, len(plan.rotation_keys), plan.start_level, pts, peak, plaintext_budget_mib,
                          limit_gib=limit)
+
+
+def _summary_memory(summary: dict) -> tuple:
+    """``(plaintext bytes, peak ciphertexts)`` of an export's summary: every kind's distinct plaintexts, and the
+    most ciphertexts alive in any kind's longest circuit."""
+    pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in summary.values())
+    return pts, max((e.get("peak_ciphertexts", 0) for e in summary.values()), default=0)
 
 
 def memory_over_limit(plan: ExportPlan, limit_gib: float | None = None, memory: dict | None = None) -> str | None:
@@ -369,9 +375,11 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
         return plans, rot, best
 
     plans, rot, best = plan_jobs()
-    keep = _rotation_key_choice(plans, rot, best, mode, rotation_keys, max_memory_gib)
+    summary = _summaries(plans)
+    keep = _rotation_key_choice(plans, summary, rot, best, mode, rotation_keys, max_memory_gib)
     if keep is not None:
         plans, rot, best = plan_jobs(keep)
+        summary = _summaries(plans)
     starts = {pl.start_level for pl in plans.values()}
     if len(starts) != 1:
         raise PlanningError(f"circuits of this export start at different levels {sorted(starts)}")
@@ -383,7 +391,6 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
             if t + 1 < max_len:
                 check_cache_levels(plans[("decode", t)].levels, plans[("decode", t + 1)].levels, cache_names(spec))
     final = _final_params(best.params, mode)
-    summary = _summaries(plans)
     spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
     return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
                       levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
@@ -475,10 +482,11 @@ def _summaries(plans: dict) -> dict:
     return summary
 
 
-def _rotation_key_choice(plans: dict, rot: set, best, mode: str, rotation_keys, max_memory_gib) -> Optional[list]:
+def _rotation_key_choice(plans: dict, summary: dict, rot: set, best, mode: str, rotation_keys,
+                         max_memory_gib) -> Optional[list]:
     """The rotation keys to generate when not one per index (``plan_for_export``'s ``rotation_keys``), None for
     all of them. ``"auto"``: as many as fit under ``max_memory_gib`` beside the rest of the predicted server
-    memory (at least the base)."""
+    memory (at least the base); ``summary``: :func:`_summaries` of ``plans``."""
     if rotation_keys == "all" or not rot:
         return None
     uses = {}
@@ -492,9 +500,7 @@ def _rotation_key_choice(plans: dict, rot: set, best, mode: str, rotation_keys, 
         keep = choose_rotation_keys(uses, period, int(rotation_keys))
     else:
         final = _final_params(best.params, mode)
-        summary = _summaries(plans)
-        pts = sum(e.get("plaintexts", {}).get("bytes", 0) for e in summary.values())
-        peak = max((e.get("peak_ciphertexts", 0) for e in summary.values()), default=0)
+        pts, peak = _summary_memory(summary)
         start = next(iter(plans.values())).start_level
         limit = max_memory_gib if max_memory_gib is not None else P.default_max_memory_gib()
         return fit_rotation_keys(uses, final, server_memory(final, len(rot), start, pts, peak, limit_gib=limit), limit)

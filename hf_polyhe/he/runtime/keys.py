@@ -92,15 +92,7 @@ def _scratch_file(near: str | None = None):
     temporary directory. On Linux an unnamed temporary file (nothing is left behind if the process is killed: a
     ring-2^17 bootstrapping part is ~15 GiB), opened by OpenFHE through ``/proc/self/fd``; elsewhere a 0600 file,
     removed afterwards."""
-    try:
-        t = tempfile.TemporaryFile(dir=near) if near else tempfile.TemporaryFile()
-    except OSError:  # a read-only bundle directory
-        t = tempfile.TemporaryFile()
-    try:
-        path = f"/proc/self/fd/{t.fileno()}"
-        if os.path.exists(path):
-            yield t, path
-            return
+    if not os.path.isdir("/proc/self/fd"):
         fd, path = tempfile.mkstemp(prefix="hf_polyhe_keypart_")
         try:
             with os.fdopen(fd, "w+b") as named:
@@ -108,8 +100,13 @@ def _scratch_file(near: str | None = None):
         finally:
             with contextlib.suppress(OSError):
                 os.remove(path)
-    finally:
-        t.close()
+        return
+    try:
+        t = tempfile.TemporaryFile(dir=near) if near else tempfile.TemporaryFile()
+    except OSError:  # a read-only bundle directory
+        t = tempfile.TemporaryFile()
+    with t:
+        yield t, f"/proc/self/fd/{t.fileno()}"
 
 
 def _append_part(f, tag: str) -> None:

@@ -78,6 +78,31 @@ EvalChebyshevSeries needs 5 levels on [-1, 1] at degree 15 plus the affine map) 
 of a 7-level chain while Orion encrypts at the level the network needs (5 of 7): every hf_polyhe operation there
 handles 2 more towers. Orion's setup is longer (its compile packs diagonals in Python and generates rotation keys
 per layer). Orion's larger error comes from its float32 diagonals and inputs (1e-7 against 1e-10).
+
+Measured on 2026-12-03, a quieter machine (load average ~1), same command. Before (4db9b2e)::
+
+    work       min  median    min  median  hf/Or    hf_polyhe       Orion  hf_polyhe    Orion          hf      Orion
+    linear    0.69   0.70   0.43   0.43   1.61    2.9/2.0    14.1/12.6    7.8e-11  7.5e-08       2/2/1      2/1/1
+    cheb      0.86   0.86   0.37   0.51   1.70    0.3/0.3     3.1/3.1     3.5e-11  6.4e-08       6/6/5      6/5/5
+    mlp       3.96   3.98   2.85   3.23   1.23   11.8/11.6   34.2/33.7    1.8e-10  1.6e-07       6/6/5      6/5/5
+
+After two changes, ``--repeats 5 --runs 2`` (a first run with 3 repeats, on a noisier host, gave 0.94 / 0.97 / 1.11:
+the same hf_polyhe work varied by up to 1.4x during it)::
+
+    linear    0.57   0.57   0.46   0.48   1.19    1.7/1.7      8.8/8.3    8.1e-11  7.5e-08       1/1/1      1/1/1
+    cheb      0.48   0.50   0.37   0.38   1.31    0.3/0.3      2.6/2.5    3.7e-11  6.4e-08       5/5/5      5/5/5
+    mlp       3.23   3.36   3.03   3.83   0.88    6.6/6.5     39.2/33.8   1.8e-10  1.6e-07       5/5/5      5/5/5
+
+- A leveled plan's modulus chain is now exactly the circuit's depth (``planner.plan``) when calibrated bounds show
+  that every value at the last level fits the first prime alone (``planner.fits_first_prime``; this script passes
+  them, :func:`hf_bounds`; exports do not, so their plans keep the spare level): the spare level made every
+  operation handle one more RNS tower (3 against 2 on the linear). Orion's chain follows ours (Orion has no spare
+  level either: its last level is its first prime, so its outputs carry the same bound), so it lost that level
+  too: on the linear that made Orion slower in the first run (0.43 -> 0.55 s; with one fewer prime in Q its key
+  switching splits into 2 digits instead of 1); in the 5-repeat run it took 0.48 s.
+- The Paterson-Stockmeyer series settles each basis element once (FLEXIBLEAUTO redid a pending rescale inside every
+  product that read it: the affine map's output was rescaled 7 times) and brings a low basis element to a deeper
+  one's level once for all the scalar products that mix them: degree 15 0.68 -> 0.49 s on its own.
 """
 
 from __future__ import annotations
@@ -198,6 +223,14 @@ def hf_circuit(workload: str, d: dict):
     return c
 
 
+def hf_bounds(c, d: dict) -> dict:
+    """The values' bounds on this input (plain run): with them the planner drops its spare level when every value at
+    the last level fits the first prime (``planner.fits_first_prime``), as Orion's chain has none."""
+    from hf_polyhe.he.compile.planner import calibrate_bounds
+
+    return calibrate_bounds(c, {"x": d["x"]})
+
+
 def run_hf(workload: str, d: dict, logn: int, runs: int) -> dict:
     import warnings
 
@@ -214,7 +247,7 @@ def run_hf(workload: str, d: dict, logn: int, runs: int) -> dict:
         warnings.simplefilter("ignore")
         params = hf_params(logn)
         with Clock() as t_keys:
-            pl = he.plan(c, params, bootstrap="never")
+            pl = he.plan(c, params, bootstrap="never", bounds=hf_bounds(c, d))
             cc, kp = generate_keys(pl.params, pl.rotation_keys)
     lay = pl.circuit.layouts()["x"]
     be = OpenFHEBackend(cc, pl.params.slots)
@@ -438,7 +471,8 @@ def hf_plan_params(workload: str, d: dict, logn: int) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = he.plan(hf_circuit(workload, d), hf_params(logn), bootstrap="never").params
+        c = hf_circuit(workload, d)
+        p = he.plan(c, hf_params(logn), bootstrap="never", bounds=hf_bounds(c, d)).params
     return {"orion_levels": orion_levels(workload, p.depth), "scale_bits": p.scale_bits,
             "first_mod_bits": p.first_mod_bits, "dnum": p.num_large_digits or openfhe_dnum(p.depth)}
 

@@ -66,3 +66,27 @@ def test_ps_under_ckks_spends_what_it_says():
         assert level(ref) == openfhe_chebyshev_depth(s.degree, s.normalized) == s.depth + 1
         got = decrypt_vectors(cc, kp.secretKey, [ps], 64)[0]
         assert np.abs(got - s.evaluate(x)).max() < 1e-6
+
+
+@pytest.mark.parametrize("degree", [3, 8, 15, 27, 31, 59])
+def test_ps_under_ckks_on_a_chain_of_exactly_its_depth(degree):
+    """A series that is neither odd nor even (GELU on [-6, 6]), on a modulus chain of exactly ``s.depth`` levels (what
+    the planner now gives a leveled circuit: no spare level) and, once more, from a ciphertext that arrives with a
+    pending rescale: the values match the series, and the basis elements settled and aligned once (the runtime's
+    savings) change nothing but time."""
+    from hf_polyhe.he import params as P
+    from hf_polyhe.he.backends.openfhe import OpenFHEBackend, decrypt_vectors, encrypt_vectors
+    from hf_polyhe.he.runtime.keys import generate_keys
+
+    s = fit_chebyshev(EXACT_FUNCTIONS["gelu"], (-6.0, 6.0), degree).stages[0]
+    x = np.linspace(-6.0, 6.0, 64)
+    for pending in (False, True):
+        p = P.toy().with_(depth=s.depth + int(pending), slots=64)
+        cc, kp = generate_keys(p, [])
+        be = OpenFHEBackend(cc, 64)
+        ct = encrypt_vectors(cc, kp.publicKey, [x], 0, 64)[0]
+        if pending:
+            ct = cc.EvalMult(ct, 1.0)  # a product's output: its rescale is still to do
+            assert ct.GetNoiseScaleDeg() == 2
+        got = decrypt_vectors(cc, kp.secretKey, [be.cheb(ct, s)], 64)[0]
+        assert np.abs(got - s.evaluate(x)).max() < 1e-5 * max(1.0, np.abs(s.evaluate(x)).max())

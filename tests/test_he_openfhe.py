@@ -62,7 +62,26 @@ def _roundtrip(circuit, X, tol=TOL, params=None, rotation_keys=None, **plan_kw):
 def test_random_circuits_openfhe_matches_plain(seed, tmp_path):
     rng = np.random.default_rng(100 + seed)
     c = random_circuit(rng, n_ops=5)
-    _roundtrip(c, {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))})
+    X = {"x": rng.uniform(-1, 1, (5, 8)), "y": rng.uniform(-1, 1, (5, 8))}
+    pl, _ = _roundtrip(c, X)  # no bounds: the chain keeps its spare level
+    assert pl.params.depth == pl.depth + 1
+    # with calibrated bounds the same circuits run on a chain of exactly their depth (the last level on the first
+    # prime alone): still the plain values
+    pl, _ = _roundtrip(c, X, bounds=calibrate_bounds(c, X))
+    assert pl.params.depth == pl.depth and any("no spare level" in n for n in pl.notes)
+
+
+def test_values_too_large_for_the_first_prime_keep_the_spare_level():
+    """A value of ~1000 at the last level does not fit the first prime's headroom (2^(60 - 50 - 1) = 512 at the
+    default 60 / 50 bits: it would decrypt as garbage); with its bounds the planner keeps the spare level and the
+    value decrypts right. A value of ~10 drops it."""
+    c = he.Circuit(8, 64)
+    x = c.input("x", 4, 8)
+    c.output(c.mul(c.mul_plain(x, 1.0), c.mul_plain(x, 1.0)))
+    for scale, spare in ((32.0, True), (3.0, False)):
+        X = {"x": np.full((4, 8), scale)}
+        pl, _ = _roundtrip(c, X, bounds=calibrate_bounds(c, X))
+        assert pl.params.depth == pl.depth + int(spare), (scale, pl.params.depth, pl.depth)
 
 
 @pytest.mark.parametrize("groups", [1, 4])

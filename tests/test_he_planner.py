@@ -485,3 +485,21 @@ def test_bootstrap_sweep_configurations_and_table():
     assert "over the 21.0 GiB cap (stopped at 21.2 GiB)" in bs.table([stopped])
     bad = bs.run_one({"ring": 16, "slots": 512, "budget": 0, "digits": 0}, cap_gib=4.0, timeout_s=120)
     assert "failed" in bad and "level budget" in bad["failed"] and "bootstrap_min_s" not in bad
+
+
+def test_spare_level_only_dropped_when_the_last_level_fits_the_first_prime():
+    """A leveled chain drops its spare level only when every value at the last level is calibrated below 1/4 of what
+    the first prime holds (2^(first_mod_bits - scale_bits - 1)); without bounds, or with one such value missing or too
+    large, it keeps it. A lower scale leaves more room."""
+    c = _chain(5)
+    small = PL.calibrate_bounds(c, {"x": np.full((4, 8), 1.0)})
+    assert PL.plan(c, P.default(), bootstrap="never").params.depth == 6
+    assert PL.plan(c, P.default(), bootstrap="never", bounds=small).params.depth == 5
+    lev, p = PL.static_levels(c), P.default().with_(depth=5)
+    last = [n for n, v in lev.items() if v >= 5]
+    assert last and PL.fits_first_prime(lev, 5, small, p)
+    assert not PL.fits_first_prime(lev, 5, None, p)
+    assert not PL.fits_first_prime(lev, 5, {k: v for k, v in small.items() if k not in last}, p)
+    big = {**small, last[0]: 2.0 ** (p.first_mod_bits - p.scale_bits - 1) / PL.LAST_LEVEL_MARGIN * 1.01}
+    assert not PL.fits_first_prime(lev, 5, big, p)
+    assert PL.fits_first_prime(lev, 5, big, p.with_(scale_bits=45))

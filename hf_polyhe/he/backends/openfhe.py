@@ -299,6 +299,18 @@ def eval_chebyshev_ps(cc, a, series):
         def add_const(self, x, c):
             return cc.EvalAdd(x, float(c))
 
+        def settle(self, x):
+            # FLEXIBLEAUTO rescales a pending product inside every product that reads it (a basis element is
+            # read up to 4 times): once here instead (degree 15 on [-8, 8], 128-bit: 0.68 -> 0.53 s)
+            return cc.Compress(x, 1 << 20) if x.GetNoiseScaleDeg() >= 2 else x
+
+        def align(self, x, y):
+            # OpenFHE adjusts the shallower operand of a sum (a scalar product and a rescale, ~12 ms at ring 2^16):
+            # adding an exact zero at y's level does it once for every later use of x
+            if x.GetLevel() >= y.GetLevel():
+                return x
+            return cc.EvalAdd(x, cc.EvalSub(y, y))
+
     lo, hi = series.interval
     t = a
     if not series.normalized:

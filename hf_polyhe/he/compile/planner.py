@@ -676,6 +676,21 @@ def _boot_params(params: P.CKKSParams, lb: int, slots: int) -> P.CKKSParams:
     return p
 
 
+LAST_LEVEL_MARGIN = 4  # calibrated bounds x this must fit the first prime's headroom to drop the spare level
+
+
+def fits_first_prime(levels: dict, depth: int, bounds: dict | None, p: P.CKKSParams) -> bool:
+    """Can a leveled chain of exactly ``depth`` levels hold the circuit? Every value at the last level (``levels``:
+    :func:`static_levels`) then sits on the first prime alone: its calibrated bound (``bounds``, e.g.
+    :func:`calibrate_bounds`) times :data:`LAST_LEVEL_MARGIN` must stay below ``2^(first_mod_bits - scale_bits -
+    1)``. False without bounds for every such value."""
+    if not bounds:
+        return False
+    limit = 2.0 ** (p.first_mod_bits - p.scale_bits - 1)
+    last = [n for n, level in levels.items() if level >= depth]
+    return all(n in bounds and bounds[n] * LAST_LEVEL_MARGIN <= limit for n in last)
+
+
 def fit_scale(p: P.CKKSParams):
     """The leveled set ``p`` with the scale (``scale_bits`` down to ``min_scale_bits``, in 5-bit steps) that gives
     the smallest 128-bit secure ring, the largest such scale on ties; ``(params, note or None)``."""
@@ -741,10 +756,18 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         start_level = p.bootstrap_depth - 1  # one spare level for the fresh ciphertext's first rescale
         seg_depth = max(lev.values())
     else:
-        # +1: with FLEXIBLEAUTO a fresh ciphertext is encrypted at a doubled scale and spends one level on its
-        # first rescale (measured: a full-depth chain fails without it)
-        p = params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth + 1)
-        p, note = fit_scale(p)
+        # With FLEXIBLEAUTO d products need d levels (a product's rescale is deferred, the last one to decryption:
+        # openfhe 1.6.1, checked from every start level), but a value at the last level then lives on the first
+        # prime alone and must stay below 2^(first_mod_bits - scale_bits - 1) (512 at 60 / 50 bits: larger values
+        # decrypt as garbage, silently). So the chain keeps a spare level unless calibrated bounds show that every
+        # value at the last level fits with a margin; without it every operation handles one tower less.
+        p, note = fit_scale(params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth))
+        spare = not fits_first_prime(lev, leveled_depth, bounds, p)
+        if spare:
+            p, note = fit_scale(params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth + 1))
+        else:
+            notes.append(f"no spare level: every value at the last level is calibrated below 1/{LAST_LEVEL_MARGIN} of "
+                         f"what the first prime holds ({2 ** (p.first_mod_bits - p.scale_bits - 1)})")
         if note:
             notes.append(note)
         start_level = 0
@@ -757,7 +780,7 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     if tb.composed[0]:
         notes.append(f"rotations composed from {len(rotation_keys)} keys: {tb.composed[0]} rotations run as chains, "
                      f"{tb.composed[1]} extra rotations")
-    if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else p.depth - 1):
+    if tb.max_level > (p.levels_after_bootstrap if p.bootstrap else leveled_depth):
         raise PlanningError(f"internal: traced level {tb.max_level} exceeds the planned depth")
     rot = sorted(tb.rotation_keys)
     mem = p.estimate_bootstrap_memory_gib(boot_rows) if p.bootstrap else 0.0

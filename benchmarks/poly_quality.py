@@ -12,8 +12,13 @@ paragraphs of the reference that training never saw (same source), and the stand
 - **P1**: HE-friendly architecture (pointwise attention scaled by the length, LayerNorm with a PolyOperator
   1/sqrt) with exact operators, trained with the range + variance loss;
 - **P1oneshot**: P1 with every operator swapped for its polynomial at once after training (no retraining);
+- **P1norl**, **P1norloneshot**: P1 and its one-shot conversion with alpha = beta = 0 (no range / variance loss);
 - **P2**: the P1 recipe with ``PolyReplacementCallback`` replacing operators progressively during training
   (fully polynomial at the end); **P2norl**: P2 with alpha = beta = 0.
+
+``--degrees 15,7,3`` makes it the ablation grid (range loss on / off x degree x one-shot / progressive): P0, P1 and
+P1norl are trained once per seed, the one-shot conversions and P2 / P2norl once per degree, and a second table gives
+each cell's held-out perplexity (other source) / P0 and its non-finite blocks.
 
 It prints a markdown table: held-out perplexity (mean ± sd over seeds; inf when a block's loss is not finite), the
 ratio to P0 (per seed, then mean ± sd), and the blocks with a non-finite loss per seed (other + same source).
@@ -24,6 +29,7 @@ ratio to P0 (per seed, then mean ± sd), and the blocks with a non-finite loss p
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import time
@@ -70,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--attention-activation", default="gelu")
     p.add_argument("--hidden-act", default="gelu_new")
     p.add_argument("--degree", type=int, default=None, help="polynomial degree (default: the library's per op)")
+    p.add_argument("--degrees", default=None,
+                   help="ablation grid: a comma list of degrees (e.g. 15,7,3); per degree, P1 and P1norl made polynomial "
+                   "at once and P2 / P2norl trained at that degree (P0, P1, P1norl are trained once per seed)")
     p.add_argument("--alpha", type=float, default=1e-2, help="range loss weight")
     p.add_argument("--bound", type=float, default=None,
                    help="range loss bound B (default: targets measured on each batch, see RangeLossConfig)")
@@ -84,9 +93,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (data split, init, data order)")
-    p.add_argument("--only", nargs="*", default=None, help="subset of runs: P0 P0poly P1 P2 P2norl (P1 includes "
-                   "P1oneshot)")
-    return p.parse_args(argv)
+    p.add_argument("--only", nargs="*", default=None, help="subset of runs: P0 P0poly P1 P1norl P2 P2norl (P1 and "
+                   "P1norl include their one-shot conversions)")
+    args = p.parse_args(argv)
+    args.degree_list = list(dict.fromkeys(int(d) for d in args.degrees.split(","))) if args.degrees else [args.degree]
+    if args.degrees and args.degree:
+        p.error("give --degree or --degrees, not both")
+    return args
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -213,33 +226,52 @@ def run_seed(args, out_root) -> dict:
         m, _, dt, _ = train(args, tok, train_blocks, he=False, range_loss=False, replace=False, out_dir=out + "/p0poly")
         res["P0poly"] = evaluate(m, sets)
         print(f"  P0poly {dt:.0f}s: {res['P0poly']}", flush=True)
-    if "P1" in runs:
-        m, _, dt, _ = train(args, tok, train_blocks, he=True, range_loss=True, replace=False, out_dir=out + "/p1")
-        res["P1"] = evaluate(m, sets)
-        print(f"  P1 {dt:.0f}s: {res['P1']}", flush=True)
+    for name, rl in (("P1", True), ("P1norl", False)):
+        if name not in runs:
+            continue
+        m, _, dt, _ = train(args, tok, train_blocks, he=True, range_loss=rl, replace=False, out_dir=out + "/" + name)
+        res[name] = evaluate(m, sets)
+        print(f"  {name} {dt:.0f}s: {res[name]}", flush=True)
         # one-shot: calibrate on training blocks, fit every operator, switch all at once (no retraining)
         cal = calibrate(m, torch.utils.data.DataLoader(Blocks(train_blocks[:1024]), batch_size=16))  # as the callback's final pass
         ranges = {p: widen_interval(m.get_submodule(p).op, r.lo, r.hi, margin_for(margin(args), m.get_submodule(p)))
                   for p, r in cal.ranges().items()}
-        hf_polyhe.to_polynomial(m, ranges=ranges)
-        res["P1oneshot"] = evaluate(m, sets)
-        print(f"  P1 one-shot: {res['P1oneshot']}", flush=True)
-    for name, rl in (("P2", True), ("P2norl", False)):
-        if name not in runs:
-            continue
-        m, cb, dt, _ = train(args, tok, train_blocks, he=True, range_loss=rl, replace=True, out_dir=out + "/" + name)
-        if not hf_polyhe.polynomial_status(m).is_polynomial:
-            print(f"  {name}: not fully polynomial after training:\n{hf_polyhe.polynomial_status(m)}", flush=True)
-        res[name] = evaluate(m, sets)
-        ops = hf_polyhe.polynomial_status(m).operators
-        print(f"  {name} {dt:.0f}s: {res[name]}; operator depth max {max(o.depth or 0 for o in ops)}, "
-              f"sum {sum(o.depth or 0 for o in ops)} (levels the polynomials take in one forward pass)", flush=True)
+        for degree in args.degree_list:
+            poly = copy.deepcopy(m)
+            hf_polyhe.to_polynomial(poly, ranges=ranges, degree=degree)
+            key = name + "oneshot" + degree_tag(args, degree)
+            res[key] = evaluate(poly, sets)
+            print(f"  {key}: {res[key]}", flush=True)
+    for degree in args.degree_list:
+        args.degree = degree
+        for name, rl in (("P2", True), ("P2norl", False)):
+            if name not in runs:
+                continue
+            key = name + degree_tag(args, degree)
+            m, _, dt, _ = train(args, tok, train_blocks, he=True, range_loss=rl, replace=True, out_dir=out + "/" + key.replace(" ", "_"))
+            if not hf_polyhe.polynomial_status(m).is_polynomial:
+                print(f"  {key}: not fully polynomial after training:\n{hf_polyhe.polynomial_status(m)}", flush=True)
+            res[key] = evaluate(m, sets)
+            ops = hf_polyhe.polynomial_status(m).operators
+            print(f"  {key} {dt:.0f}s: {res[key]}; operator depth max {max(o.depth or 0 for o in ops)}, "
+                  f"sum {sum(o.depth or 0 for o in ops)} (levels the polynomials take in one forward pass)", flush=True)
+    args.degree = None if args.degrees else args.degree
     return res
+
+
+def degree_tag(args, degree) -> str:
+    """The suffix of a result's key: `` d7`` in an ablation grid (``--degrees``), nothing otherwise."""
+    return f" d{degree}" if args.degrees and degree is not None else ""
 
 
 RUNS = {"P0": "P0 stock GPT2LMHeadModel (softmax, LayerNorm)", "P0poly": "PolyGPT softmax + LayerNorm",
         "P1": "P1 HE-friendly, exact ops (range loss)", "P1oneshot": "P1 -> all polynomial at once, no retraining",
+        "P1norl": "P1 HE-friendly, exact ops, no range loss",
+        "P1norloneshot": "P1norl -> all polynomial at once, no retraining",
         "P2": "P2 progressive replacement (range loss)", "P2norl": "P2 progressive, no range loss"}
+# the ablation grid (--degrees): per degree, (range loss on, off) for one-shot and progressive replacement
+GRID = (("one-shot (P1 / P1norl, no retraining)", "P1oneshot", "P1norloneshot"),
+        ("progressive (P2 / P2norl)", "P2", "P2norl"))
 
 
 def mean_sd(xs):
@@ -269,7 +301,10 @@ def main(argv=None):
     sets = ("other source", "same source")
     print("| model | " + " | ".join(f"ppl {s} | / P0 {s}" for s in sets) + " | non-finite blocks (per seed) |")
     print("|---|" + "---|---|" * len(sets) + "---|")
-    for k, label in RUNS.items():
+    per_degree = ("P1oneshot", "P1norloneshot", "P2", "P2norl")
+    keys = [(k + degree_tag(args, d), label + (f", degree {d}" if args.degrees and d is not None else ""))
+            for k, label in RUNS.items() for d in (args.degree_list if k in per_degree else [None])]
+    for k, label in keys:
         rows = [per_seed[s][k] for s in seeds if k in per_seed[s]]
         if not rows:
             continue
@@ -282,7 +317,31 @@ def main(argv=None):
                 cells.append("-")
         bad = ", ".join(f"{r['other source'][1]}+{r['same source'][1]}" for r in rows)
         print(f"| {label} | " + " | ".join(cells) + f" | {bad} |")
+    if args.degrees:
+        print_grid(args, seeds, per_seed)
     print(f"\ntotal time {time.time() - t_start:.0f}s")
+
+
+def print_grid(args, seeds, per_seed) -> None:
+    """The ablation grid: perplexity on the other source / P0 (mean ± sd over seeds; inf where a seed had a
+    non-finite block) and non-finite blocks per seed, range loss on and off, per degree and replacement."""
+    def cell(key):
+        rows = [per_seed[s].get(key) for s in seeds]
+        if any(r is None for r in rows) or not all("P0" in per_seed[s] for s in seeds):
+            return "-", "-"
+        ratios = [r["other source"][0] / per_seed[s]["P0"]["other source"][0] for r, s in zip(rows, seeds)]
+        ratio = mean_sd(ratios) if all(math.isfinite(x) for x in ratios) else "inf"
+        return ratio, ", ".join(str(r["other source"][1] + r["same source"][1]) for r in rows)
+
+    print()
+    print("## Ablation: held-out perplexity (other source) / P0, range loss on vs off, per degree and replacement")
+    print()
+    print("| degree | replacement | range loss on | non-finite | range loss off | non-finite |")
+    print("|---|---|---|---|---|---|")
+    for degree in args.degree_list:
+        for label, on, off in GRID:
+            a, b = cell(on + degree_tag(args, degree)), cell(off + degree_tag(args, degree))
+            print(f"| {degree} | {label} | {a[0]} | {a[1]} | {b[0]} | {b[1]} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ paragraphs of the reference that training never saw (same source), and the stand
 - **P1**: HE-friendly architecture (pointwise attention scaled by the length, LayerNorm with a PolyOperator
   1/sqrt) with exact operators, trained with the range + variance loss;
 - **P1oneshot**: P1 with every operator swapped for its polynomial at once after training (no retraining);
-- **P1norl**, **P1norloneshot**: P1 and its one-shot conversion with alpha = beta = 0 (no range / variance loss);
+- **P1norl**, **P1norloneshot**: P1 and its one-shot conversion with alpha = beta = 0 (no range / variance loss;
+  run with ``--degrees`` or ``--only P1norl``);
 - **P2**: the P1 recipe with ``PolyReplacementCallback`` replacing operators progressively during training
   (fully polynomial at the end); **P2norl**: P2 with alpha = beta = 0.
 
@@ -216,7 +217,7 @@ def run_seed(args, out_root) -> dict:
             "other source": lm_blocks(tok, other, args.seq, max_blocks=args.eval_blocks)}
     print(f"seed {args.seed}: {len(train_blocks)} train blocks x {args.seq} tokens; held-out blocks: "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
-    runs = args.only or list(RUNS)
+    runs = args.only or [k for k in RUNS if args.degrees or k != "P1norl"]  # P1norl: the grid's (or asked for)
     res, out = {}, os.path.join(out_root, f"seed{args.seed}")
     if "P0" in runs:
         m, dt = train_stock(args, tok, train_blocks, out + "/p0")

@@ -730,6 +730,10 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
     op (see :func:`choose_levels_after_bootstrap`), bounded by security and ``max_memory_gib``.
     ``rotation_keys``: plan for a server that holds only these rotation keys (other rotations are composed of
     them, :mod:`hf_polyhe.he.circuit.rotations`); None: a key per rotation index.
+    ``bounds``: max |value| per node (:func:`calibrate_bounds` on sample inputs). Bootstrapping scales by them; a
+    leveled plan drops its spare level when they put every value at the last level well inside the first prime
+    (:func:`fits_first_prime`). They are a promise: an input that drives a last-level value 4x past its bound then
+    decrypts as garbage. Exports do not pass them in leveled mode.
     """
     circuit.validate()
     params = params or P.default()

@@ -302,7 +302,7 @@ def main(argv=None):
     sets = ("other source", "same source")
     print("| model | " + " | ".join(f"ppl {s} | / P0 {s}" for s in sets) + " | non-finite blocks (per seed) |")
     print("|---|" + "---|---|" * len(sets) + "---|")
-    per_degree = ("P1oneshot", "P1norloneshot", "P2", "P2norl")
+    per_degree = {k for _, on, off in GRID for k in (on, off)}
     keys = [(k + degree_tag(args, d), label + (f", degree {d}" if args.degrees and d is not None else ""))
             for k, label in RUNS.items() for d in (args.degree_list if k in per_degree else [None])]
     for k, label in keys:

@@ -65,6 +65,12 @@ def adopt(cc, ct):
     return cc.Compress(ct, 1 << 20)
 
 
+def settled(cc, ct):
+    """``ct`` with a product's pending rescale done (``Compress`` rescales and keeps every remaining tower); ``ct``
+    itself when none is pending."""
+    return cc.Compress(ct, 1 << 20) if ct.GetNoiseScaleDeg() >= 2 else ct
+
+
 def decrypt_vectors(cc, secret_key, cts, slots: int) -> list:
     """Decrypt each ciphertext to its first ``slots`` real slot values (float64)."""
     out = []
@@ -212,9 +218,7 @@ class OpenFHEBackend:
     def rescale(self, a):
         """Do a product's pending rescale now (FLEXIBLEAUTO would redo it inside every multiplication that reads
         ``a``: 50-80 ms each at N = 2^16 and ~29 towers, against ~10 ms for the product itself)."""
-        if a.GetNoiseScaleDeg() < 2:
-            return a
-        return self.cc.Compress(a, 1 << 20)  # rescales, keeps every remaining tower
+        return settled(self.cc, a)
 
     def rotate(self, a, k):
         return self.cc.EvalRotate(a, int(k))
@@ -302,7 +306,7 @@ def eval_chebyshev_ps(cc, a, series):
         def settle(self, x):
             # FLEXIBLEAUTO rescales a pending product inside every product that reads it (a basis element is
             # read up to 4 times): once here instead (degree 15 on [-8, 8], 128-bit: 0.68 -> 0.53 s)
-            return cc.Compress(x, 1 << 20) if x.GetNoiseScaleDeg() >= 2 else x
+            return settled(cc, x)
 
         def align(self, x, y):
             # OpenFHE adjusts the shallower operand of a sum (a scalar product and a rescale, ~12 ms at ring 2^16):

@@ -765,10 +765,12 @@ def plan(circuit: Circuit, params: P.CKKSParams | None = None, levels_after_boot
         # prime alone and must stay below 2^(first_mod_bits - scale_bits - 1) (512 at 60 / 50 bits: larger values
         # decrypt as garbage, silently). So the chain keeps a spare level unless calibrated bounds show that every
         # value at the last level fits with a margin; without it every operation handles one tower less.
-        p, note = fit_scale(params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth))
-        spare = not fits_first_prime(lev, leveled_depth, bounds, p)
-        if spare:
-            p, note = fit_scale(params.with_(bootstrap=False, slots=circuit.ct_slots, depth=leveled_depth + 1))
+        def leveled(depth):
+            return fit_scale(params.with_(bootstrap=False, slots=circuit.ct_slots, depth=depth))
+
+        p, note = leveled(leveled_depth) if bounds else (None, None)
+        if p is None or not fits_first_prime(lev, leveled_depth, bounds, p):
+            p, note = leveled(leveled_depth + 1)
         else:
             notes.append(f"no spare level: every value at the last level is calibrated below 1/{LAST_LEVEL_MARGIN} of "
                          f"what the first prime holds ({2 ** (p.first_mod_bits - p.scale_bits - 1)})")

@@ -555,7 +555,7 @@ def test_plan_for_export_uses_the_automatically_chosen_bootstrap_levels(tmp_path
     (it used to plan the probe with them and then the circuits with the 10-level default, and fail)."""
     from hf_polyhe.he.compile.planner import op_depths
 
-    _, enc = export_small(tmp_path, "bert", max_length=4, degree=255)
+    _, enc = export_small(tmp_path, "bert", max_length=4, degree=511)
     deepest = max(d for _, _, d in op_depths(build_circuit(enc.spec, 4)))
     assert deepest + 2 > P.toy().levels_after_bootstrap  # the default segment is too short for it
     plan = plan_for_export(enc, P.toy(), bootstrap="always")

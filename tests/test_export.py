@@ -53,6 +53,12 @@ def test_plain_backend_reproduces_torch(family, cls, overrides, groups):
         expected = (out[-1] if family == "gpt" else out).numpy()
         x = client_embeddings(model, input_ids=ids)
     circuit = build_circuit(model, x.shape[0], attention_mask=mask, groups=groups)
+    # poly LayerNorm's inv_sqrt and power-softmax's reciprocal (Newton): their input map folded into the row sum
+    newton = [n.attrs["approximation"] for n in circuit.nodes
+              if n.op == "poly" and n.attrs["approximation"]["kind"].startswith("newton")]
+    assert all(a["stages"][0]["interval"] == [-1.0, 1.0] and "x_map" in a for a in newton)
+    if overrides.get("norm_type") == "poly_layernorm" or overrides.get("attention_type") == "power":
+        assert newton
     got = _only(run_plain(circuit, {"x": x})).reshape(-1)
     ref = _only(run_reference(circuit, {"x": x})).reshape(-1)
     scale = np.abs(expected).max()

@@ -313,6 +313,59 @@ def test_fold_leaves_maps_that_cannot_move():
     _close(folded, X)
 
 
+def test_fold_row_sum_scale_into_newton_and_chebyshev_domains():
+    """A LayerNorm (``row_sum -> + eps -> inv_sqrt`` by Newton), power-softmax's ``attn_rowsum -> + eps ->
+    reciprocal`` and a Chebyshev series after a row sum with two shifts: each first stage's affine map goes into
+    the row sum's scale and the shifts, the Newton steps read ``x`` back through ``x_map``; one level saved per
+    polynomial, the same outputs, and the folded approximations survive a JSON round trip."""
+    from hf_polyhe.approx.newton import fit_newton_inv_sqrt, fit_newton_reciprocal
+
+    rng = np.random.default_rng(5)
+    d, L = 8, 4
+    c = he.Circuit(8, 64)
+    x = c.input("x", L, d)
+    xc = c.sub(x, c.row_sum(x, 1.0 / d))
+    var = c.add_plain(c.row_sum(c.mul(xc, xc), 1.0 / d), 1e-3)
+    ln = c.mul(xc, c.poly(var, fit_newton_inv_sqrt((0.05, 20.0), 5, newton_steps=1)))
+    q = c.linear(x, rng.normal(size=(d, d)) / 3)
+    s = c.qk_scores(q, q, heads=2, scale=0.5, causal=True)
+    p2 = c.mul(s, s)
+    mean = c.add_plain(c.attn_rowsum(p2, mask=np.tril(np.ones((L, L))) / np.arange(1, L + 1)[:, None]), 1e-2)
+    att = c.mul(c.attn_apply(p2, q, mask=np.tril(np.ones((L, L)))), c.poly(mean, fit_newton_reciprocal((0.01, 30.0), 5,
+                                                                                                    newton_steps=2)))
+    two = c.add_plain(c.add_plain(c.row_sum(c.mul(x, x), 0.5), 0.25), -0.125)
+    g = c.poly(two, fit_operator("tanh", (0.0, 40.0), 7))
+    c.output(c.add(c.add(ln, att), g))
+    folded = _folded_copy(c)
+    assert folded.meta["folded"]["domain"] == 3
+    polys = [n for n in folded.nodes if n.op == "poly"]
+    assert all(p.attrs["approximation"]["stages"][0]["interval"] == [-1.0, 1.0] for p in polys)
+    assert sum("x_map" in p.attrs["approximation"] for p in polys) == 2
+    before, after = static_levels(c), static_levels(folded)
+    assert max(after.values()) < max(before.values())
+    for p in polys:  # each polynomial's output one level earlier than before
+        src = [n for n in c.nodes if n.op == "poly" and n.name == p.name]
+        assert src and after[p.name] == before[p.name] - 1
+    X = {"x": rng.normal(size=(L, d))}
+    ref, out = he.run_reference(c, X), he.run_plain(folded, X)
+    out_name = c.outputs[0]
+    assert np.abs(out[out_name] - ref[out_name]).max() <= 1e-9 * max(1.0, np.abs(ref[out_name]).max())
+    for p in polys:
+        a = Approximation.from_dict(json.loads(json.dumps(p.attrs["approximation"])))
+        assert a.to_dict() == p.attrs["approximation"]
+
+
+def test_x_map_is_checked():
+    from hf_polyhe.approx.newton import fit_newton_inv_sqrt
+
+    d = fit_newton_inv_sqrt((0.05, 20.0), 5, newton_steps=1).to_dict()
+    for bad in ([0.0, 1.0], [float("nan"), 0.0], [1.0]):
+        with pytest.raises(ValueError):
+            Approximation.from_dict({**d, "x_map": bad})
+    with pytest.raises(ValueError, match="Newton kinds only"):
+        Approximation.from_dict({**fit_operator("gelu", (-1.0, 1.0), 3).to_dict(), "x_map": [2.0, 0.0]})
+
+
 @pytest.mark.parametrize("din,dout", [(8, 8), (20, 13), (8, 30), (5, 3)])
 @pytest.mark.parametrize("source", ["clean", "poly", "dirty"])
 def test_single_row_linear_matches_reference(din, dout, source):

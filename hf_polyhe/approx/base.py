@@ -16,6 +16,11 @@ series (each on its own interval ``[a, b]``), additions and multiplications:
 - ``kind="newton_reciprocal"``: ``y = S0(x)`` then ``newton_steps`` times ``y = y * (2 - x * y)``,
   computed as ``y = (y + y) - (x * y) * y`` (two levels per step).
 
+For the two Newton kinds the steps may read ``x`` through a map ``x_map = (a, b)``: ``x = a * input + b``. A circuit
+that folds the initial guess's affine map onto ``[-1, 1]`` into the op feeding it (a LayerNorm's variance row sum,
+:mod:`hf_polyhe.he.circuit.optimize`) feeds the approximation ``t`` in place of ``x``; the steps recover ``x`` from
+``t`` with a scalar product on a level that is free (the initial guess is deeper), and ``S0`` saves its map's level.
+
 Evaluation only uses ``+``, ``-``, ``*`` and multiplication by Python floats, so :meth:`Approximation.evaluate`
 runs unchanged on numpy arrays, torch tensors or any ciphertext wrapper that overloads those operators.
 A wrapper may also define ``eval_chebyshev_series(series)``: :meth:`ChebyshevSeries.evaluate` then hands each
@@ -188,6 +193,7 @@ class Approximation:
     newton_steps: int = 0
     max_error: float = float("nan")
     meta: dict = field(default_factory=dict)
+    x_map: tuple = (1.0, 0.0)  # Newton kinds: the steps' x is x_map[0] * input + x_map[1]
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -197,6 +203,12 @@ class Approximation:
             raise ValueError("an approximation needs at least one Chebyshev stage")
         self.interval = _as_interval(self.interval)
         self.newton_steps = int(self.newton_steps)
+        a, b = (float(v) for v in self.x_map)
+        if not (math.isfinite(a) and math.isfinite(b) and a != 0.0):
+            raise ValueError(f"x_map must be two finite numbers with a non-zero slope, got {self.x_map!r}")
+        if (a, b) != (1.0, 0.0) and self.kind not in ("newton_inv_sqrt", "newton_reciprocal"):
+            raise ValueError(f"x_map applies to the Newton kinds only, not {self.kind!r}")
+        self.x_map = (a, b)
 
     @property
     def degree(self) -> int:
@@ -238,12 +250,15 @@ class Approximation:
             h = x * 0.5  # (x + x*s)/2 as h + h*s: the 1/2 rides on a level x has spare, not after x*s
             return h + h * s
         y = self.stages[0](x)
+        a, b = self.x_map
         if self.kind == "newton_inv_sqrt":
-            h = x * -0.5
+            h = x * (-0.5 * a) if b == 0.0 else x * (-0.5 * a) + (-0.5 * b)
             for _ in range(self.newton_steps):
                 # y (3 - x y^2) / 2 = 1.5 y + (h y)(y y): both products at depth(y) + 1, their product + 2
                 y = y * 1.5 + (h * y) * (y * y)
         else:
+            if (a, b) != (1.0, 0.0):
+                x = x * a + b
             for _ in range(self.newton_steps):
                 y = (y + y) - (x * y) * y  # y (2 - x y) with two levels per step
         return y
@@ -259,6 +274,7 @@ class Approximation:
             "max_error": float(self.max_error),
             "stages": [s.to_dict() for s in self.stages],
             "meta": dict(self.meta),
+            **({"x_map": list(self.x_map)} if self.x_map != (1.0, 0.0) else {}),
         }
 
     @classmethod
@@ -271,4 +287,5 @@ class Approximation:
             newton_steps=d.get("newton_steps", 0),
             max_error=d.get("max_error", float("nan")),
             meta=dict(d.get("meta", {})),
+            x_map=tuple(d.get("x_map", (1.0, 0.0))),
         )

@@ -489,9 +489,9 @@ class Poly(OpSpec):
                     y = cheb(y, _scale(s, 0.5) if k == len(a.stages) - 1 else s, k)
                 y = be.add(be.mul_scalar(ct, 0.5), be.mul(ct, y))
             elif a.kind == "newton_inv_sqrt":
-                # y <- 1.5 y - 0.5 x y^3 : two levels per step
+                # y <- 1.5 y - 0.5 x y^3 : two levels per step; x = x_map(input) (one scalar product, as before)
                 y = cheb(ct, a.stages[0], 0)
-                xh = be.mul_scalar(ct, -0.5)
+                xh = _affine(be, ct, -0.5 * a.x_map[0], -0.5 * a.x_map[1], valid.size)
                 for _ in range(a.newton_steps):
                     y2 = be.mul(y, y)
                     xy = be.mul(xh, y)
@@ -499,12 +499,19 @@ class Poly(OpSpec):
             elif a.kind == "newton_reciprocal":
                 # y <- 2y - x y^2
                 y = cheb(ct, a.stages[0], 0)
+                x = ct if a.x_map == (1.0, 0.0) else _affine(be, ct, *a.x_map, valid.size)
                 for _ in range(a.newton_steps):
-                    y = be.sub(be.add(y, y), be.mul(be.mul(ct, y), y))
+                    y = be.sub(be.add(y, y), be.mul(be.mul(x, y), y))
             else:
                 raise CircuitError(f"approximation kind {a.kind!r} not supported by the runtime")
             out.append(y)
         return out
+
+
+def _affine(be, ct, a: float, b: float, n: int):
+    """``a * ct + b`` in every one of the ciphertext's ``n`` slots (one scalar product; the shift is free)."""
+    y = be.mul_scalar(ct, a)
+    return y if b == 0.0 else be.add_plain(y, np.full(n, b))
 
 
 @register_op("rotate")

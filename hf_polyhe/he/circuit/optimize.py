@@ -16,6 +16,12 @@ the price of every other op) grows with the levels a circuit needs. Most of thos
 - **score scale into the attention activation's domain** -- the same map for a polynomial after
   ``qk_scores`` / ``qk_decode``: the factor joins the op's ``scale`` (already a plaintext multiply) and the
   offset becomes an ``add_plain`` (no level).
+- **row-sum scale into the next polynomial's domain** -- the same for a polynomial after ``row_sum``,
+  ``attn_rowsum`` or ``decode_rowsum`` (their ``scale`` is a plaintext multiply already), through any scalar
+  ``add_plain`` between them (each shift is mapped too): a LayerNorm's variance ``row_sum -> + eps -> inv_sqrt``,
+  power-softmax's ``attn_rowsum -> + eps -> reciprocal``. A Newton approximation (``newton_inv_sqrt``,
+  ``newton_reciprocal``) folds its initial guess's map the same way; its steps read ``x`` back from ``t``
+  through ``x_map`` (a scalar product on a level the initial guess leaves free).
 
 Outputs and values named as outputs are never changed; the rewritten circuit computes the same outputs (up to
 float64 rounding; ``tests/test_he_plain.py`` checks it against the unrewritten one) with fewer levels.
@@ -30,6 +36,8 @@ from hf_polyhe.approx.base import Approximation
 from .ir import Circuit, Node
 
 _DOMAIN_KINDS = ("chebyshev", "composite_sign")  # the input meets only the first stage
+_NEWTON_KINDS = ("newton_inv_sqrt", "newton_reciprocal")  # the steps read x too: through x_map
+_SCALED = ("qk_scores", "qk_decode", "row_sum", "attn_rowsum", "decode_rowsum")  # output linear in attrs["scale"]
 
 
 def _consumers(circuit: Circuit) -> dict:
@@ -57,11 +65,27 @@ def _domain_map(approx: Approximation):
 
 
 def _normalized_approx(approx: Approximation, alpha: float, beta: float) -> dict:
+    """``approx`` fed ``t = alpha * x + beta`` instead of ``x``: its first stage on ``[-1, 1]``; a Newton kind's
+    steps get ``x = (t - beta) / alpha`` through ``x_map``."""
     d = approx.to_dict()
     d["stages"][0]["interval"] = [-1.0, 1.0]
-    d["interval"] = [-1.0, 1.0] if approx.kind == "chebyshev" else d["interval"]
+    d["interval"] = [-1.0, 1.0] if approx.kind in ("chebyshev",) + _NEWTON_KINDS else d["interval"]
+    if approx.kind in _NEWTON_KINDS:
+        a, b = approx.x_map
+        d["x_map"] = [a / alpha, b - a * beta / alpha]
     d.setdefault("meta", {})["folded_input_map"] = [alpha, beta]
     return d
+
+
+def _shift_chain(src: Node, by_name: dict, uses: dict, outputs: set):
+    """The scalar ``add_plain`` nodes from ``src`` back (each the only consumer's input, none an output) and the
+    node before them."""
+    chain = []
+    while (src is not None and src.op == "add_plain" and "scalar" in src.attrs and src.name not in outputs
+           and len(uses[src.name]) == 1):
+        chain.append(src)
+        src = by_name.get(src.inputs[0])
+    return chain, src
 
 
 def _new_weight(circuit: Circuit, value) -> str:
@@ -167,21 +191,31 @@ def _fold_domains(circuit: Circuit, outputs: set) -> int:
         if node.op == "poly":
             approx = Approximation.from_dict(node.attrs["approximation"])
             src = by_name.get(node.inputs[0])
-            if (approx.kind in _DOMAIN_KINDS and approx.stages[0].interval != (-1.0, 1.0) and src is not None
-                    and src.name not in outputs and len(uses[src.name]) == 1):
+            # (a constant first stage has no map to save)
+            if (approx.kind in _DOMAIN_KINDS + _NEWTON_KINDS and approx.stages[0].interval != (-1.0, 1.0)
+                    and approx.stages[0].ps_degree >= 1 and src is not None and src.name not in outputs
+                    and len(uses[src.name]) == 1):
                 alpha, beta = _domain_map(approx)
-                if src.op == "linear":
-                    W, b = _linear_wb(circuit, src)
-                    bias = alpha * (b if b is not None else np.zeros(W.shape[1])) + beta
-                    _set_linear(circuit, src, alpha * W, bias)
-                    node.attrs["approximation"] = _normalized_approx(approx, alpha, beta)
-                    folded += 1
-                elif src.op in ("qk_scores", "qk_decode"):
-                    src.attrs["scale"] = float(src.attrs.get("scale", 1.0)) * alpha
-                    if beta != 0.0:
-                        name = circuit._name_ok(circuit._fresh(f"{node.name}_shift"))
-                        new_nodes.append(Node("add_plain", name, [src.name], {"scalar": float(beta)}))
-                        node.inputs[0] = name
+                chain, base = _shift_chain(src, by_name, uses, outputs)
+                if (base is not None and base.op in ("linear",) + _SCALED and base.name not in outputs
+                        and len(uses[base.name]) == 1):
+                    # base -> [+ s_1 -> ... -> + s_n] -> poly: alpha into the base's weights or scale, every
+                    # shift times alpha, beta into the last shift (else the bias, else a new add_plain)
+                    for a in chain:
+                        a.attrs["scalar"] = float(a.attrs["scalar"]) * alpha
+                    if chain:
+                        chain[0].attrs["scalar"] += beta
+                    if base.op == "linear":
+                        W, b = _linear_wb(circuit, base)
+                        bias = None if b is None and chain else (
+                            alpha * (b if b is not None else np.zeros(W.shape[1])) + (0.0 if chain else beta))
+                        _set_linear(circuit, base, alpha * W, bias)
+                    else:
+                        base.attrs["scale"] = float(base.attrs.get("scale", 1.0)) * alpha
+                        if beta != 0.0 and not chain:
+                            name = circuit._name_ok(circuit._fresh(f"{node.name}_shift"))
+                            new_nodes.append(Node("add_plain", name, [base.name], {"scalar": float(beta)}))
+                            node.inputs[0] = name
                     node.attrs["approximation"] = _normalized_approx(approx, alpha, beta)
                     folded += 1
         new_nodes.append(node)

@@ -35,8 +35,9 @@ PLAN_FORMAT = "hf_polyhe.export_plan"
 # Bumped whenever the planner may plan the same export differently (parameters, key set): keys cached for an older
 # plan (runtime/keys.py CACHE_LAYOUT) and a server's cached plans (serve/app.py) are then not reused, since a server
 # refuses keys whose plan differs from its own. 2: composed rotation keys, 6-digit alternative; 3: radix-4
-# rotate-and-sums (rotation indices 3 * 4^k) (2026-12-03).
-PLAN_VERSION = 3
+# rotate-and-sums (rotation indices 3 * 4^k) (2026-12-03); 4: row-sum scales folded into the next polynomial's domain
+# (a LayerNorm's inv_sqrt, power-softmax's reciprocal: one level less each) (2026-12-03).
+PLAN_VERSION = 4
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
 GIB = 2.0**30
 

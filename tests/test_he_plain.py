@@ -229,6 +229,55 @@ def test_planner_inserts_bootstraps_and_refuses_impossible_depth():
         he.plan(c, levels_after_bootstrap=4, bootstrap="always")
 
 
+def _bootstrapped(c, lb, X):
+    """``insert_bootstraps`` with calibrated bounds: the circuit, its bootstraps' sources and its static levels;
+    checked against the reference (no range violation, every segment within ``lb - 1`` levels)."""
+    from hf_polyhe.he.compile.planner import insert_bootstraps
+
+    out, ins = insert_bootstraps(c, lb, calibrate_bounds(c, X))
+    by = {n.name: n for n in out.nodes}
+    lev = static_levels(out)
+    assert max(lev.values()) <= lb - 1
+    res, be = he.run_plain(out, X, return_backend=True)
+    ref = he.run_reference(c, X)
+    assert be.violations == []
+    for k in c.outputs:
+        assert np.abs(res[k] - ref[k]).max() <= 1e-9 * max(1.0, np.abs(ref[k]).max())
+    return out, [by[b].inputs[0] for b in ins]
+
+
+def test_bootstraps_once_per_value_and_where_fewest_ciphertexts():
+    """``mul(x, x)`` refreshes ``x`` once (it was bootstrapped once per input); a linear widening 8 features to 32
+    (4 ciphertexts) whose output must be refreshed is recomputed from its bootstrapped 1-ciphertext input; q, k and
+    v of one input are recomputed from one bootstrap of that input instead of one bootstrap each."""
+    rng = np.random.default_rng(8)
+    X = {"x": rng.uniform(-1, 1, (4, 8))}
+    deep = lambda c, v, n: [v := c.mul(v, c.mul_plain(v, 0.9)) for _ in range(n)][-1]
+
+    c = he.Circuit(8, 64)
+    v = deep(c, c.input("x", 4, 8), 3)  # 6 levels
+    c.output(c.mul(v, v))
+    out, srcs = _bootstrapped(c, 7, X)
+    assert srcs == [v]
+
+    c = he.Circuit(8, 64)
+    v = deep(c, c.input("x", 4, 8), 2)  # 4 levels
+    wide = c.linear(v, rng.normal(size=(8, 32)) / 3)  # 5 levels, 4 ciphertexts
+    c.output(c.linear(c.poly(wide, fit_operator("tanh", (-6, 6), 7)), rng.normal(size=(32, 8)) / 6))
+    out, srcs = _bootstrapped(c, 7, X)
+    assert srcs == [v] and c.layouts()[wide].num_cts == 4 and wide not in out.layouts()
+    assert sum(n.op == "linear" for n in out.nodes) == 2  # the first version of `wide` is gone
+
+    c = he.Circuit(8, 64)
+    h = deep(c, c.input("x", 4, 8), 2)
+    q, k, val = (c.linear(h, rng.normal(size=(8, 8)) / 3) for _ in range(3))
+    s = c.qk_scores(q, k, heads=2, scale=0.5, causal=True)
+    c.output(c.attn_apply(c.mul(s, s), val, mask=np.tril(np.ones((4, 4))) / 4))
+    out, srcs = _bootstrapped(c, 7, X)
+    assert srcs == [h]
+    assert sum(n.op == "linear" for n in out.nodes) == 3
+
+
 def test_toy_parameters_warn_and_must_be_named():
     with pytest.warns(he.ToyParametersWarning):
         P.toy()

@@ -420,7 +420,12 @@ def static_levels(circuit: Circuit) -> dict:
 def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dict | None = None):
     """Copy of ``circuit`` with bootstraps before every op that would leave fewer than one level (kept for the
     bootstrap's 1/bound scaling) in its segment. ``bounds``: value name -> max |x| over all slots (from
-    :func:`calibrate_bounds`); the bootstrap bound is the next power of two above it (1.0 if unknown)."""
+    :func:`calibrate_bounds`); the bootstrap bound is the next power of two above it (1.0 if unknown).
+
+    A value is bootstrapped once however many inputs of an op read it (``mul(x, x)``). When the value to refresh
+    spans more ciphertexts than the input of the single-input op that made it (a linear widening 64 features to
+    256: 4 ciphertexts from 1) and that op fits in the fresh segment too, the narrower input is bootstrapped and the
+    op recomputed from it: one bootstrap instead of one per ciphertext."""
     lb = int(levels_after_bootstrap)
     budget = lb - 1
     bounds = bounds or {}
@@ -430,13 +435,56 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
     for n, (r, c) in circuit.inputs.items():
         out.input(n, r, c, layout=circuit.input_layouts.get(n))
     lay = circuit.layouts()
+    producer = {n.name: n for n in circuit.nodes}
+    fanout = {}
+    for n in circuit.nodes:
+        for i in set(n.inputs):
+            fanout[i] = fanout.get(i, 0) + 1
     lev = {n: 0 for n in circuit.inputs}
     alias = {}
     inserted = []
+    recomputed = []
 
     def bound_for(v):
         m = bounds.get(v)
         return 1.0 if not m or m <= 1.0 else float(2.0 ** math.ceil(math.log2(m * 1.05)))
+
+    def cts(v):
+        return int(getattr(lay[v], "num_cts", 1))
+
+    def depth_of(node):
+        return OPS[node.op].depth(circuit, node, [lay[i] for i in node.inputs])
+
+    def bootstrap(src):
+        """Emit a bootstrap of value ``src`` (an original name; its current version ``alias[src]``)."""
+        bname = out._fresh(f"bootstrap_{src}")
+        b = bound_for(src)
+        out.nodes.append(Node("bootstrap", out._name_ok(bname), [alias.get(src, src)], {"bound": b}))
+        lev[bname] = int(b != 1.0)
+        alias[src] = bname
+        inserted.append(bname)
+        return bname
+
+    def refresh(src, d):
+        """A fresh version of ``src`` for a consumer of depth ``d``: the op that made it again, from its input
+        refreshed already (for a sibling: q, k and v of one normalised input) or bootstrapped now when that input
+        is narrower or feeds several ops; else a bootstrap of ``src``."""
+        p = producer.get(src)
+        if p is not None and p.op != "bootstrap" and len(p.inputs) == 1:
+            j = p.inputs[0]
+            dp = depth_of(p)
+            fresh_j = int(bound_for(j) != 1.0)
+            if lev[alias.get(j, j)] + dp + d > budget:
+                if not ((cts(j) < cts(src) or (cts(j) == cts(src) and fanout[j] > 1)) and fresh_j + dp + d <= budget):
+                    return bootstrap(src)
+                bootstrap(j)
+            name = out._name_ok(out._fresh(f"{p.name}_again"))
+            out.nodes.append(Node(p.op, name, [alias[j]], dict(p.attrs)))
+            lev[name] = lev[alias[j]] + dp
+            alias[src] = name
+            recomputed.append(name)
+            return name
+        return bootstrap(src)
 
     for node in circuit.nodes:
         ins = [alias.get(i, i) for i in node.inputs]
@@ -445,25 +493,29 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
             out.nodes.append(Node(node.op, out._name_ok(node.name), ins, dict(node.attrs)))
             lev[node.name] = d_after
             continue
-        d = OPS[node.op].depth(circuit, node, [lay[i] for i in node.inputs])
+        d = depth_of(node)
         if d > budget - 1:
             raise PlanningError(
                 f"op {node.name!r} ({node.op}) needs {d} levels but a bootstrap segment offers {budget - 1} "
                 f"(levels_after_bootstrap={lb}); split the polynomial into stages or raise levels_after_bootstrap"
             )
-        for k, i in enumerate(ins):
+        for k, src in enumerate(node.inputs):
+            i = alias.get(src, src)  # refreshed already for an earlier input of this op (mul(x, x))
             if lev[i] + d > budget:
-                src = node.inputs[k]
-                bname = out._fresh(f"bootstrap_{src}")
-                b = bound_for(src)
-                out.nodes.append(Node("bootstrap", out._name_ok(bname), [i], {"bound": b}))
-                lev[bname] = int(b != 1.0)
-                alias[src] = bname
-                ins[k] = bname
-                inserted.append(bname)
+                i = refresh(src, d)
+            ins[k] = i
         out.nodes.append(Node(node.op, out._name_ok(node.name), ins, dict(node.attrs)))
         lev[node.name] = max(lev[i] for i in ins) + d
-    out.outputs = [alias.get(o, o) if False else o for o in circuit.outputs]
+    out.outputs = list(circuit.outputs)
+    if recomputed:  # the ops recomputed after a bootstrap may leave their first versions unread
+        live = set(out.outputs)
+        keep = []
+        for n in reversed(out.nodes):
+            if n.name in live:
+                keep.append(n)
+                live.update(n.inputs)
+        out.nodes = list(reversed(keep))
+        inserted = [b for b in inserted if b in live]
     out.layouts()
     return out, inserted
 

@@ -114,7 +114,7 @@ def _fold_affine_into_linears(circuit: Circuit, outputs: set) -> int:
     changed = True
     while changed:
         changed = False
-        _drop_dead(circuit)
+        drop_dead(circuit)
         uses = _consumers(circuit)
         by_name = {n.name: n for n in circuit.nodes}
         lay = circuit.layouts()
@@ -223,7 +223,8 @@ def _fold_domains(circuit: Circuit, outputs: set) -> int:
     return folded
 
 
-def _drop_dead(circuit: Circuit) -> None:
+def drop_dead(circuit: Circuit) -> None:
+    """Remove the nodes no output depends on, and the weights only they used (in place)."""
     live = set(circuit.outputs)
     keep = []
     for node in reversed(circuit.nodes):
@@ -243,7 +244,7 @@ def fold_plaintext_maps(circuit: Circuit) -> Circuit:
     outputs = set(circuit.outputs)
     n_aff = _fold_affine_into_linears(circuit, outputs)
     n_dom = _fold_domains(circuit, outputs)
-    _drop_dead(circuit)
+    drop_dead(circuit)
     circuit.layouts()
     circuit.meta["folded"] = {"affine": n_aff, "domain": n_dom}
     return circuit

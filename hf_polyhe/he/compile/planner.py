@@ -20,6 +20,7 @@ import numpy as np
 from .. import params as P
 from ..errors import PlanningError
 from ..circuit.evaluator import Evaluator, Packed
+from ..circuit.optimize import drop_dead
 from ..circuit.ir import Circuit, Node
 from ..circuit.ops import OPS
 from ..circuit.rotations import ComposedRotations, RotationPaths
@@ -508,14 +509,9 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
         lev[node.name] = max(lev[i] for i in ins) + d
     out.outputs = list(circuit.outputs)
     if recomputed:  # the ops recomputed after a bootstrap may leave their first versions unread
-        live = set(out.outputs)
-        keep = []
-        for n in reversed(out.nodes):
-            if n.name in live:
-                keep.append(n)
-                live.update(n.inputs)
-        out.nodes = list(reversed(keep))
-        inserted = [b for b in inserted if b in live]
+        drop_dead(out)
+        kept = {n.name for n in out.nodes}
+        inserted = [b for b in inserted if b in kept]
     out.layouts()
     return out, inserted
 

@@ -404,11 +404,33 @@ def test_fold_row_sum_scale_into_newton_and_chebyshev_domains():
         assert a.to_dict() == p.attrs["approximation"]
 
 
+def test_no_fold_into_a_row_sum_over_a_vector_layout():
+    """A row sum over a tiled vector writes its sum into the padding too, where a folded shift would not go: the
+    folded inverse square root would see values far outside [-1, 1] there (review finding). It stays unfolded, and
+    the polynomial's values stay bounded on every slot."""
+    from hf_polyhe.approx.newton import fit_newton_inv_sqrt
+
+    rng = np.random.default_rng(1)
+    d = 6
+    c = he.Circuit(8, 64)
+    x = c.input("x", 1, d, layout=he.TiledVector(d, 8, 64))
+    xc = c.sub(x, c.row_sum(x, 1.0 / d))
+    var = c.add_plain(c.row_sum(c.mul(xc, xc), 1.0 / d), 1e-2)
+    inv = c.poly(var, fit_newton_inv_sqrt((0.05, 20.0), 7, newton_steps=2))
+    c.output(c.linear(c.mul(xc, inv), rng.normal(size=(d, 8))))
+    folded = _folded_copy(c)
+    assert folded.meta["folded"]["domain"] == 0
+    xv = rng.normal(size=(1, d))
+    X = {"x": (xv - xv.mean()) / xv.std() * 4.0}  # variance 16, near the top of the interval
+    assert calibrate_bounds(folded, X)[inv] < 10.0
+    _close(folded, X)
+
+
 def test_x_map_is_checked():
     from hf_polyhe.approx.newton import fit_newton_inv_sqrt
 
     d = fit_newton_inv_sqrt((0.05, 20.0), 5, newton_steps=1).to_dict()
-    for bad in ([0.0, 1.0], [float("nan"), 0.0], [1.0]):
+    for bad in ([0.0, 1.0], [float("nan"), 0.0], [1.0], "12"):
         with pytest.raises(ValueError):
             Approximation.from_dict({**d, "x_map": bad})
     with pytest.raises(ValueError, match="Newton kinds only"):

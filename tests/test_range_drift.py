@@ -256,3 +256,30 @@ def test_final_calibration_pass_keeps_the_margin_and_sees_the_rare_batches():
     with pytest.raises(ValueError, match="refit_batches"):
         PolyReplacementCallback(refit_batches=0)
     assert short.refit_batches == 8
+
+
+def test_a_refit_keeps_the_degree_the_operator_was_fitted_with(tmp_path):
+    """An explicit degree (the callback's degree=, to_polynomial(degree=)) becomes the operator's own: a later refit
+    without one (refit_drifted_operators) keeps it, also after save / load, instead of the config's default."""
+    op = PolyOperator("gelu", degree=15, role="mlp_act")
+    op.fit((-8.0, 8.0), degree=31)
+    op.fit((-12.0, 12.0))
+    assert op.approximation.degree == 31 and op.degree == 31
+    fresh = PolyOperator("gelu", degree=15, role="mlp_act")
+    fresh.load_spec(op.spec())
+    assert fresh.degree == 31
+    old_spec = {k: v for k, v in op.spec().items() if k != "degree"}  # written before the field existed
+    older = PolyOperator("gelu", degree=15, role="mlp_act")
+    older.load_spec(old_spec)
+    assert older.degree == 15 and older.approximation.degree == 31
+
+    model = hf_polyhe.PolyGPTForCausalLM(tiny_config("gpt"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    hf_polyhe.to_polynomial(model, degree=7, roles=["mlp_act"], calibration_data=[{"input_ids": ids}])
+    model.save_pretrained(tmp_path)
+    loaded = hf_polyhe.PolyGPTForCausalLM.from_pretrained(tmp_path)
+    acts = [m for m in loaded.modules() if isinstance(m, PolyOperator) and m.role == "mlp_act"]
+    for m in acts:  # shrink the intervals so that the refit must widen them
+        m.fit((-0.01, 0.01))
+    refit = refit_drifted_operators(loaded, [{"input_ids": ids}])
+    assert len(refit) == len(acts) > 0 and {m.approximation.degree for m in acts} == {7}

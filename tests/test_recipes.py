@@ -156,3 +156,23 @@ def test_distillation_recipe_tiny_preset(tmp_path):
 
     model = hf_polyhe.PolyBertModel.from_pretrained(out / "poly_model")
     assert hf_polyhe.polynomial_status(model).is_polynomial
+
+
+def test_distillation_recipe_p1_only_and_student_options(tmp_path):
+    """--poly-steps 0 stops after P1 (no P2 rows, not polynomial); --poly-degrees and --dropout reach the student's
+    config; bad values and --export without P2 are refused before any training."""
+    recipe = str(ROOT / "recipes" / "poly_bert_distill.py")
+    out = tmp_path / "run"
+    _run([sys.executable, recipe, "--tiny", "--steps", "2", "--poly-steps", "0", "--eval-samples", "8",
+          "--poly-degrees", "gelu=31", "--dropout", "0.05", "--output-dir", str(out)], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert "P1 distilled, exact operators" in results and not any(k.startswith("P2") for k in results)
+    assert results["fully polynomial"] is False and results["steps"]["P2"] == 0
+    assert results["student"] == {"dropout": 0.05, "poly_degrees": {"gelu": 31}, "attention_mse": 0.0}
+    config = json.loads((out / "poly_model" / "config.json").read_text())
+    assert config["poly_degrees"] == {"gelu": 31} and config["hidden_dropout_prob"] == 0.05
+    for bad, message in ((["--export", "--poly-steps", "0"], "--poly-steps must be > 0"),
+                         (["--poly-degrees", "gelu=x"], "op=degree"), (["--poly-degrees", "gelu=0"], ">= 1")):
+        proc = subprocess.run([sys.executable, recipe, "--tiny", *bad], cwd=tmp_path, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr[-2000:])

@@ -171,7 +171,9 @@ class PolyOperator(nn.Module):
 
     def fit(self, interval: Optional[Sequence[float]] = None, degree: Optional[int] = None, **kwargs) -> Approximation:
         """Fit the polynomial on ``interval`` (default: the operator's current interval, which stays as calibrated
-        -- or not -- as it was)."""
+        -- or not -- as it was) with ``degree`` (default: the operator's own). An explicit ``degree`` becomes the
+        operator's own (saved with it), so a later refit without one -- e.g. :func:`refit_drifted_operators` after
+        ``PolyReplacementCallback(degree=63)`` -- keeps it instead of falling back to the config's."""
         calibrated = self.calibrated or interval is not None
         lo, hi = (float(v) for v in (interval or self.interval))
         max_ratio = MAX_POSITIVE_RATIO.get(self.op)
@@ -186,6 +188,8 @@ class PolyOperator(nn.Module):
         approx = fit_operator(self.op, interval or self.interval, degree or self.degree, **kwargs)
         self.set_approximation(approx)
         self.calibrated = calibrated
+        if degree:
+            self.degree = int(degree)
         return approx
 
     def spec(self) -> dict:
@@ -196,6 +200,7 @@ class PolyOperator(nn.Module):
             "blend_weight": self.blend_weight,
             "interval": list(self.interval),
             "calibrated": self.calibrated,
+            "degree": self.degree,
             "approximation": self.approximation.to_dict() if self.approximation is not None else None,
         }
 
@@ -203,6 +208,8 @@ class PolyOperator(nn.Module):
         if spec.get("op", self.op) != self.op:
             raise ValueError(f"saved operator is {spec.get('op')!r}, module is {self.op!r}")
         self.interval = tuple(spec.get("interval", self.interval))
+        if spec.get("degree") is not None:  # older specs: the config's degree, as built
+            self.degree = int(spec["degree"])
         if spec.get("approximation"):
             self.approximation = Approximation.from_dict(spec["approximation"])
         # specs written before the flag existed: an operator with a polynomial had been fitted on purpose

@@ -9,7 +9,10 @@ converted from -- on the same batch and trains the student to reproduce
 - its **mean-pooled sentence embedding** (:func:`mean_pool`: the average of the last hidden states over the tokens
   the attention mask keeps): ``cosine · (1 - cos) + mse · MSE``, and optionally
 - its **per-token last hidden states** (``token_mse``) and its **intermediate layers' hidden states**
-  (``layer_mse``, when both have the same number of layers), masked the same way.
+  (``layer_mse``, when both have the same number of layers), masked the same way, and
+- its **attention maps** (``attention_mse``, as TinyBERT and MiniLM distil them): the student's attention weights
+  against the teacher's softmax probabilities, every layer and head (the teacher then needs an attention
+  implementation that returns them, e.g. ``attn_implementation="eager"``).
 
 Everything else is PolyTrainer's: the range / variance loss (``range_loss=``), the progressive replacement
 callback (``callbacks=[PolyReplacementCallback(...)]``), gradient accumulation (the distillation loss is a
@@ -68,25 +71,35 @@ class DistillationConfig:
     ``token_mse``: mean squared error of the last hidden states over the kept tokens.
     ``layer_mse``: the same for every intermediate layer's output (``output_hidden_states``; the student and the
     teacher must have the same number of layers).
+    ``attention_mse``: the squared error of the attention weights (``output_attentions``: the student's
+    ``(batch, heads, queries, keys)`` weights against the teacher's probabilities), each multiplied by its row's
+    number of kept keys ``n`` so that a uniform row weighs 1 per key whatever the length, summed over the kept keys
+    and averaged over kept queries, heads and layers; both models need the same number of layers and heads.
     ``normalize``: compare L2-normalised embeddings in the ``mse`` term (scale-free, like cosine)."""
 
     cosine: float = field(default=1.0, metadata={"help": "weight of 1 - cos of the mean-pooled embeddings"})
     mse: float = field(default=1.0, metadata={"help": "weight of the MSE of the mean-pooled embeddings"})
     token_mse: float = field(default=0.0, metadata={"help": "weight of the per-token MSE of the last hidden states"})
     layer_mse: float = field(default=0.0, metadata={"help": "weight of the per-token MSE of every intermediate layer"})
+    attention_mse: float = field(default=0.0, metadata={"help": "weight of the squared error of the attention maps"})
     normalize: bool = field(default=False, metadata={"help": "MSE on L2-normalised embeddings"})
 
     def __post_init__(self):
-        weights = {k: getattr(self, k) for k in ("cosine", "mse", "token_mse", "layer_mse")}
+        weights = {k: getattr(self, k) for k in ("cosine", "mse", "token_mse", "layer_mse", "attention_mse")}
         bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or not v >= 0}
         if bad:
             raise ValueError(f"distillation weights must be numbers >= 0, got {bad}")
         if not any(weights.values()):
-            raise ValueError("every distillation weight is 0: set at least one of cosine, mse, token_mse, layer_mse")
+            raise ValueError("every distillation weight is 0: set at least one of cosine, mse, token_mse, layer_mse, "
+                             "attention_mse")
 
     @property
     def needs_hidden_states(self) -> bool:
         return self.layer_mse > 0
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.attention_mse > 0
 
 
 def _hidden(outputs, name: str) -> torch.Tensor:
@@ -105,6 +118,19 @@ def _hidden(outputs, name: str) -> torch.Tensor:
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask[..., None].to(a.dtype)
     return ((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1]).clamp(min=1.0)
+
+
+def _attention_error(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``attention_mse``'s term for one layer: ``s`` / ``t`` ``(batch, heads, queries, keys)``, ``mask``
+    ``(batch, keys)`` bool (queries and keys are the same tokens)."""
+    if s.shape != t.shape:
+        raise ValueError(f"attention_mse needs attention maps of the same shape: student {tuple(s.shape)}, teacher "
+                         f"{tuple(t.shape)} (the same number of heads and tokens)")
+    m = mask.to(s.dtype)
+    n = m.sum(-1)[:, None, None, None]  # kept keys of each row (the same for every row of a sequence)
+    pair = m[:, None, :, None] * m[:, None, None, :]
+    err = ((s - t) ** 2 * pair).sum(-1, keepdim=True) * n  # = sum over keys of (n s - n t)^2 / n
+    return err.sum() / (m.sum() * s.shape[1]).clamp(min=1.0)
 
 
 def distillation_loss(student_outputs, teacher_outputs, attention_mask: torch.Tensor,
@@ -144,6 +170,18 @@ def distillation_loss(student_outputs, teacher_outputs, attention_mask: torch.Te
         if inner:
             terms["layer_mse"] = sum(_masked_mse(a, b.detach().to(a.dtype), mask.bool()) for a, b in inner) / len(inner)
             loss = loss + config.layer_mse * terms["layer_mse"]
+    if config.attention_mse:
+        s_a, t_a = getattr(student_outputs, "attentions", None), getattr(teacher_outputs, "attentions", None)
+        if not s_a or not t_a or any(a is None for a in (*s_a, *t_a)):
+            raise ValueError("attention_mse needs attention maps from both models (output_attentions=True); a model "
+                             "whose attention implementation returns none (sdpa, flash) must be loaded with "
+                             "attn_implementation='eager'")
+        if len(s_a) != len(t_a):
+            raise ValueError(f"attention_mse needs as many layers in the student ({len(s_a)}) as in the teacher "
+                             f"({len(t_a)})")
+        terms["attention_mse"] = sum(_attention_error(a, b.detach().to(a.dtype), mask.bool())
+                                     for a, b in zip(s_a, t_a)) / len(s_a)
+        loss = loss + config.attention_mse * terms["attention_mse"]
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -157,6 +195,8 @@ class DistillationTrainer(PolyTrainer):
         teacher: the original model (e.g. the ``BertModel`` the student was converted from). It is put in eval
             mode, frozen (``requires_grad=False``) and moved to the student's device on the first step; it runs
             under ``torch.no_grad`` on the same inputs (``input_ids``, ``attention_mask``, ``token_type_ids``).
+            With ``attention_mse`` a transformers teacher is switched to ``eager`` attention (the same
+            computation; ``sdpa`` returns no attention maps).
         distillation: a :class:`DistillationConfig` (loss weights) or a dict of its fields.
         everything else: as :class:`~hf_polyhe.training.PolyTrainer` / ``transformers.Trainer`` (``range_loss``,
         ``callbacks=[PolyReplacementCallback(...)]``, ...).
@@ -183,6 +223,10 @@ class DistillationTrainer(PolyTrainer):
         self.teacher = teacher.eval()
         self.teacher.requires_grad_(False)
         self.distillation = distillation or DistillationConfig()
+        impl = getattr(getattr(teacher, "config", None), "_attn_implementation", None)
+        if self.distillation.needs_attentions and impl not in (None, "eager") and \
+                hasattr(teacher, "set_attn_implementation"):
+            teacher.set_attn_implementation("eager")  # sdpa / flash return no attention maps; eager does, same math
         self.model_accepts_loss_kwargs = False  # no num_items_in_batch: our loss is a per-batch mean
         self._distill_sums: dict = {}
         self._distill_count = 0
@@ -202,13 +246,17 @@ class DistillationTrainer(PolyTrainer):
             raise ValueError("distillation batches need an attention_mask (mean pooling over the kept tokens): "
                              f"got keys {sorted(inputs)}; tokenize with return_attention_mask=True")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        hidden = self.distillation.needs_hidden_states
-        outputs = model(**model_inputs, output_hidden_states=hidden) if hidden else model(**model_inputs)
+        extra = {}
+        if self.distillation.needs_hidden_states:
+            extra["output_hidden_states"] = True
+        if self.distillation.needs_attentions:
+            extra["output_attentions"] = True
+        outputs = model(**model_inputs, **extra)
         s_last = _hidden(outputs, "student")
         teacher = self._teacher_on(s_last.device)
         with torch.no_grad():
             t_in = {k: v for k, v in model_inputs.items() if k in TEACHER_INPUTS}
-            t_out = teacher(**t_in, output_hidden_states=hidden) if hidden else teacher(**t_in)
+            t_out = teacher(**t_in, **extra)
         loss, terms = distillation_loss(outputs, t_out, inputs["attention_mask"], self.distillation)
         if model.training:
             for k, v in terms.items():

@@ -21,7 +21,9 @@ the price of every other op) grows with the levels a circuit needs. Most of thos
   ``add_plain`` between them (each shift is mapped too): a LayerNorm's variance ``row_sum -> + eps -> inv_sqrt``,
   power-softmax's ``attn_rowsum -> + eps -> reciprocal``. A Newton approximation (``newton_inv_sqrt``,
   ``newton_reciprocal``) folds its initial guess's map the same way; its steps read ``x`` back from ``t``
-  through ``x_map`` (a scalar product on a level the initial guess leaves free).
+  through ``x_map`` (a scalar product on a level the initial guess leaves free). A ``row_sum`` is a base only
+  over a matrix layout: over a tiled or column vector its sum lands in the padding slots too, where the folded
+  shifts would not reach, so the polynomial would read values far outside its domain there.
 
 Outputs and values named as outputs are never changed; the rewritten circuit computes the same outputs (up to
 float64 rounding; ``tests/test_he_plain.py`` checks it against the unrewritten one) with fewer levels.

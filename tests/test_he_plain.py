@@ -615,6 +615,29 @@ def test_linear_after_decode_attention_reads_the_row_copies():
     assert counts["mul_plain"] == 8 + 3  # the linear's 8 cyclic diagonals + 1 + 2 masks of the decode ops
 
 
+def test_single_row_plan_looks_through_a_bootstrap():
+    """A bootstrap keeps its input's values in every slot (its bound covers the padding): a one-row linear after
+    ``bootstrap(poly(clean))`` still corrects for the known padding p(0), and one after ``bootstrap(attn_decode)``
+    still reads the row copies -- the D cyclic diagonals, as without the bootstrap, not the 2D - 1 general ones."""
+    from hf_polyhe.he.compile import planner as PL
+
+    rng = np.random.default_rng(8)
+    act = fit_operator("gelu", (-1.0, 1.0), 7)
+    products = {}
+    for with_bootstrap in (False, True):
+        refresh = (lambda t: c.bootstrap(t, 4.0)) if with_bootstrap else (lambda t: t)
+        c = he.Circuit(8, 64)
+        x = refresh(c.poly(c.mul_plain(c.input("x", 1, 8), 0.5), act))  # p(0) != 0 in the padding
+        a, v = c.input("a", 6, 8), c.input("v", 6, 8)
+        o = refresh(c.attn_decode(c.mul(a, a), v, heads=2, key_weights=rng.random(6)))
+        c.output(c.linear(x, rng.normal(size=(8, 8)), rng.normal(size=8)), c.linear(o, rng.normal(size=(8, 8))))
+        _close(c, {"x": rng.uniform(-1, 1, (1, 8)), "a": rng.uniform(-1, 1, (6, 8)), "v": rng.uniform(-1, 1, (6, 8))})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            products[with_bootstrap] = PL.plan(c, P.toy(), bootstrap="auto" if with_bootstrap else "never").counts["mul_plain"]
+    assert products[False] == products[True] == 8 + 8 + 1  # 8 cyclic diagonals per linear, attn_decode's mask
+
+
 def test_linears_on_one_input_share_their_baby_rotations():
     """q, k and v read the same ciphertext with the same baby steps: the rotations are made once (and the
     input rescaled once); a later run through the same evaluator does not reuse the previous run's."""

@@ -183,11 +183,15 @@ class Linear(OpSpec):
     @staticmethod
     def padding_value(ev, node):
         """What the input's padding slots hold when it is known: 0.0 (clean), ``p(0)`` for a polynomial of a
-        clean tensor; None otherwise."""
+        clean tensor; None otherwise. A bootstrap keeps the value (its bound covers the padding too), so the
+        polynomial may sit behind one: the padding then holds ``p(0)`` up to the bootstrap's noise, as the valid
+        slots hold their values."""
         L = ev.layouts[node.inputs[0]]
         if L.clean:
             return 0.0
         src = ev.producers.get(node.inputs[0])
+        while src is not None and src.op == "bootstrap":
+            src = ev.producers.get(src.inputs[0])
         if src is not None and src.op == "poly" and ev.layouts[src.inputs[0]].clean:
             return float(np.asarray(OPS["poly"].approx(src).evaluate(np.zeros(1))).reshape(-1)[0])
         return None
@@ -291,13 +295,14 @@ class Linear(OpSpec):
     @staticmethod
     def row_copies(ev, name) -> bool:
         """Does every row of ``name``'s ciphertext hold its row 0 (decode attention outputs, and polynomials /
-        products / sums of such)? Then a one-row linear reads the copy below instead of doubling the row."""
+        products / sums / bootstraps of such)? Then a one-row linear reads the copy below instead of doubling the row
+        (after a bootstrap, each copy carries its own bootstrap noise)."""
         node = ev.producers.get(name)
         if node is None:
             return False
         if node.op in ("attn_decode", "decode_rowsum"):
             return True
-        if node.op in ("poly", "mul", "add", "sub", "add_plain", "mul_plain"):
+        if node.op in ("poly", "mul", "add", "sub", "add_plain", "mul_plain", "bootstrap"):
             return all(Linear.row_copies(ev, i) for i in node.inputs)
         return False
 

@@ -372,6 +372,26 @@ def test_bootstrapped_export_takes_more_digits_on_a_smaller_ring_when_faster(tmp
     assert plan_for_export(deep, P.default(), bootstrap="always").params.ring_dim == 2**17
 
 
+def test_auto_export_plans_leveled_when_that_ranks_better(tmp_path):
+    """128-bit planning only (no keys). "auto" bootstraps past ``max_leveled_depth``; the planner then also plans
+    the whole export leveled on a ring that holds its depth, and keeps that plan when it fits the memory limit and
+    is predicted faster (no bootstrapping keys, no bootstraps). The tiny ViT recipe's export went from a
+    bootstrapped plan over the 24 GiB limit (1020 s) to a leveled one (21 GiB, 188 s) this way."""
+    from hf_polyhe.he.compile.export_plan import _export_rank
+
+    torch.manual_seed(0)
+    _, enc = export_small(tmp_path / "e", "gpt", max_length=6, norm_type="batchnorm", degree=7)
+    forced = plan_for_export(enc, P.default(), bootstrap="always")
+    auto = plan_for_export(enc, P.default(), max_leveled_depth=4)  # the probe bootstraps
+    assert forced.mode == "bootstrap" and auto.mode == "leveled"
+    assert _export_rank(auto, None) < _export_rank(forced, None)
+    assert auto.max_leveled_depth > auto.params.depth  # what a server re-plans each circuit with
+    c = build_circuit(enc.spec, 6, kv_cache=True, groups=auto.groups, slots=auto.slots)
+    assert not auto.plan_circuit(c, "prefill").params.bootstrap
+    # INSECURE toy parameters are not compared: "auto" keeps its rule there
+    assert plan_for_export(enc, P.toy(), max_leveled_depth=4).mode == "bootstrap"
+
+
 def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):
     import stat
 

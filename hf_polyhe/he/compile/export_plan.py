@@ -313,6 +313,7 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     if not lengths or lengths[0] < 1 or lengths[-1] > max_len:
         raise PlanningError(f"lengths must lie in 1..{max_len}, got {lengths}")
     params = params or P.default()
+    user_params = params
     if groups is not None and (int(groups) < 1 or int(groups) & (int(groups) - 1)):
         raise PlanningError(f"groups must be a power of two >= 1, got {groups!r}")
 
@@ -333,72 +334,105 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     params, probe = _choose_digits(longest, params, probe, max(decodes, key=lambda j: j[1])[2] if decodes else None,
                                    levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
                                    max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
-    mode = "bootstrap" if probe.params.bootstrap else "leveled"
-    if groups is None:
-        groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
-    groups = int(groups)
-    if groups > 1:
-        if mode == "bootstrap":
-            raise PlanningError(f"groups={groups} needs a leveled export (this one bootstraps); use groups=1")
-        jobs = make_jobs(groups, slots)
-    if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
-        params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
-    # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
-    lb = int(levels_after_bootstrap or probe.params.levels_after_bootstrap) if mode == "bootstrap" else None
-    if mode == "bootstrap":  # and its level budget (planner.choose_level_budget): one bootstrapping key set for all
-        params = params.with_(level_budget=probe.params.level_budget)
-    bounds = {"full": {}, "prefill": {}, "decode": {}}
-    if mode == "bootstrap":
-        samples = calibration or _sample_embeddings(model, calibration_samples)
-        for X in samples:
-            for kind, L, c in jobs:
-                if kind == "decode":
-                    continue
-                _merge_max(bounds[kind], calibrate_bounds(c, {"x": X[:L]}))
-            if kv_cache:
-                for t in range(1, max_len):
-                    out = run_plain(build_circuit(spec, t, kv_cache=True), {"x": X[:t]})
-                    c = build_decode_circuit(spec, t)
-                    _merge_max(bounds["decode"], calibrate_bounds(
-                        c, decode_inputs(X[t : t + 1], {k: out[k] for k in cache_names(spec)})))
-    def plan_jobs(keys=None):
-        plans, rot, best = {}, set(), None
-        for kind, L, c in jobs:
-            kw = dict(bounds=bounds[kind] or None, max_leveled_depth=max_leveled_depth, rotation_keys=keys)
-            if mode == "bootstrap":
-                pl = make_plan(c, params, levels_after_bootstrap=lb, bootstrap="always", **kw)
-            else:
-                pl = make_plan(c, params, bootstrap="never", **kw)
-            plans[(kind, L)] = pl
-            rot |= set(pl.rotation_keys)
-            if best is None or pl.params.depth > best.params.depth or pl.params.ring_dim > best.params.ring_dim:
-                best = pl
-        return plans, rot, best
 
-    plans, rot, best = plan_jobs()
-    summary = _summaries(plans)
-    keep = _rotation_key_choice(plans, summary, rot, best, mode, rotation_keys, max_memory_gib)
-    if keep is not None:
-        plans, rot, best = plan_jobs(keep)
+    def export_plan(params, probe, max_leveled_depth, groups=groups, slots=slots, jobs=jobs):
+        """The whole export's plan on the probe's choices (mode, ring, levels after bootstrap)."""
+        mode = "bootstrap" if probe.params.bootstrap else "leveled"
+        if groups is None:
+            groups, slots = _auto_groups(longest, probe.params.ring_dim) if mode == "leveled" else (1, slots)
+        groups = int(groups)
+        if groups > 1:
+            if mode == "bootstrap":
+                raise PlanningError(f"groups={groups} needs a leveled export (this one bootstraps); use groups=1")
+            jobs = make_jobs(groups, slots)
+        if mode == "leveled":  # the scale the probe settled on (see planner.fit_scale) holds for every circuit
+            params = params.with_(scale_bits=probe.params.scale_bits, min_scale_bits=probe.params.scale_bits)
+        # the probe chose the levels after bootstrap (automatically unless requested): every circuit uses them
+        lb = int(levels_after_bootstrap or probe.params.levels_after_bootstrap) if mode == "bootstrap" else None
+        if mode == "bootstrap":  # and its level budget (planner.choose_level_budget): one bootstrapping key set for all
+            params = params.with_(level_budget=probe.params.level_budget)
+        bounds = {"full": {}, "prefill": {}, "decode": {}}
+        if mode == "bootstrap":
+            samples = calibration or _sample_embeddings(model, calibration_samples)
+            for X in samples:
+                for kind, L, c in jobs:
+                    if kind == "decode":
+                        continue
+                    _merge_max(bounds[kind], calibrate_bounds(c, {"x": X[:L]}))
+                if kv_cache:
+                    for t in range(1, max_len):
+                        out = run_plain(build_circuit(spec, t, kv_cache=True), {"x": X[:t]})
+                        c = build_decode_circuit(spec, t)
+                        _merge_max(bounds["decode"], calibrate_bounds(
+                            c, decode_inputs(X[t : t + 1], {k: out[k] for k in cache_names(spec)})))
+
+        def plan_jobs(keys=None):
+            plans, rot, best = {}, set(), None
+            for kind, L, c in jobs:
+                kw = dict(bounds=bounds[kind] or None, max_leveled_depth=max_leveled_depth, rotation_keys=keys)
+                if mode == "bootstrap":
+                    pl = make_plan(c, params, levels_after_bootstrap=lb, bootstrap="always", **kw)
+                else:
+                    pl = make_plan(c, params, bootstrap="never", **kw)
+                plans[(kind, L)] = pl
+                rot |= set(pl.rotation_keys)
+                if best is None or pl.params.depth > best.params.depth or pl.params.ring_dim > best.params.ring_dim:
+                    best = pl
+            return plans, rot, best
+
+        plans, rot, best = plan_jobs()
         summary = _summaries(plans)
-    starts = {pl.start_level for pl in plans.values()}
-    if len(starts) != 1:
-        raise PlanningError(f"circuits of this export start at different levels {sorted(starts)}")
-    if kv_cache:
-        for t in range(1, max_len):
-            src = plans[("prefill", t)] if t in lengths else None
-            if src is not None:
-                check_cache_levels(src.levels, plans[("decode", t)].levels, cache_names(spec))
-            if t + 1 < max_len:
-                check_cache_levels(plans[("decode", t)].levels, plans[("decode", t + 1)].levels, cache_names(spec))
-    final = _final_params(best.params, mode)
-    spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
-    return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
-                      levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
-                      digest=spec_digest(spec), family=model.family, max_length=max_len,
-                      hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
-                      spec_dir=spec_dir, summary=summary, groups=groups, decode_input=_decode_input(jobs),
-                      compose_rotations=keep is not None)
+        keep = _rotation_key_choice(plans, summary, rot, best, mode, rotation_keys, max_memory_gib)
+        if keep is not None:
+            plans, rot, best = plan_jobs(keep)
+            summary = _summaries(plans)
+        starts = {pl.start_level for pl in plans.values()}
+        if len(starts) != 1:
+            raise PlanningError(f"circuits of this export start at different levels {sorted(starts)}")
+        if kv_cache:
+            for t in range(1, max_len):
+                src = plans[("prefill", t)] if t in lengths else None
+                if src is not None:
+                    check_cache_levels(src.levels, plans[("decode", t)].levels, cache_names(spec))
+                if t + 1 < max_len:
+                    check_cache_levels(plans[("decode", t)].levels, plans[("decode", t + 1)].levels, cache_names(spec))
+        final = _final_params(best.params, mode)
+        spec_dir = os.path.abspath(os.path.join(model.directory, "server")) if getattr(model, "directory", None) else None
+        return ExportPlan(params=final, start_level=starts.pop(), rotation_keys=sorted(rot), mode=mode,
+                          levels_after_bootstrap=lb, max_leveled_depth=max_leveled_depth, bounds=bounds,
+                          digest=spec_digest(spec), family=model.family, max_length=max_len,
+                          hidden_size=spec.config["hidden_size"], block=block, slots=slots, kv_cache=kv_cache,
+                          spec_dir=spec_dir, summary=summary, groups=groups, decode_input=_decode_input(jobs),
+                          compose_rotations=keep is not None)
+
+    plan = export_plan(params, probe, max_leveled_depth)
+    if bootstrap == "auto" and plan.mode == "bootstrap" and not user_params.insecure \
+            and not any(n.op == "bootstrap" for n in longest.nodes):
+        # "auto" bootstraps past max_leveled_depth; on a 128-bit ring that holds the whole depth, the leveled plan
+        # can still be faster and need far less memory (no bootstrapping keys): plan both, keep the better
+        try:
+            flat = make_plan(longest, user_params, bootstrap="never", max_leveled_depth=LEVELED_DEPTH_CAP,
+                             max_memory_gib=max_memory_gib)
+            alt = export_plan(user_params, flat, max(max_leveled_depth, LEVELED_DEPTH_CAP))
+        except PlanningError:
+            alt = None
+        if alt is not None and _export_rank(alt, max_memory_gib) < _export_rank(plan, max_memory_gib):
+            plan = alt
+    return plan
+
+
+# "auto" exports that bootstrap past max_leveled_depth are also planned leveled up to this depth (past every
+# 128-bit ring's modulus: the ring's limit, not this, ends the attempt) and keep that plan when it ranks better
+LEVELED_DEPTH_CAP = 1000
+
+
+def _export_rank(plan: ExportPlan, max_memory_gib: Optional[float]) -> tuple:
+    """How :func:`plan_for_export` compares two plans of one export: one whose predicted server memory fits
+    ``max_memory_gib`` first, then the smaller predicted time: a prompt plus a decode step for a causal LM (as
+    :func:`_choose_digits` compares), else the full circuit (each kind's longest)."""
+    over = memory_over_limit(plan, max_memory_gib) is not None
+    kinds = [k for k in plan.summary if k != "full"] or list(plan.summary)
+    return over, sum(float(plan.summary[k]["predicted_seconds"]) for k in kinds)
 
 
 # HYBRID key-switching digits tried for a bootstrapped export when the user left them to OpenFHE (0): measured

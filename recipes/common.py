@@ -5,7 +5,9 @@ The method of every recipe (Zimerman et al., ICML 2024, with progressive replace
 
 1. **P0** -- the baseline (softmax attention, exact LayerNorm), trained or converted.
 2. **P1** -- the HE-friendly architecture (pointwise attention, polynomial-ready norms) trained with the
-   range loss (and LayerNorm variance loss), operators still exact.
+   range loss (and LayerNorm variance loss), operators still exact. A copy of it is trained on for P2's steps
+   with exact operators (:func:`train_exact_same_budget`): the HE-friendly model at P2's budget, so that the gap
+   to P2 is what the polynomials cost and the gap to P0 what the architecture costs, both at equal budgets.
 3. **P2** -- P1 trained on with :class:`~hf_polyhe.training.PolyReplacementCallback`, which replaces
    operators layer by layer on calibrated ranges until the model is fully polynomial.
 4. Evaluate P0 vs P2, optionally export with ``save_encrypted_pipeline`` and check the exported circuit on
@@ -15,6 +17,7 @@ The method of every recipe (Zimerman et al., ICML 2024, with progressive replace
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,7 +52,8 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="where models, export and results go")
     p.add_argument("--card-dir", default=None, help="write the model card here (default: <output-dir>/card)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps of P0 and of P1 each")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of P1 (the exact baseline P0 gets the same total budget as P2)")
     p.add_argument("--poly-steps", type=int, default=None, help="steps of progressive replacement (P2)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -103,13 +107,29 @@ def training_arguments(args, output_dir: str, steps: int, lr: Optional[float] = 
     )
 
 
-def train_exact(model, train_dataset, args, output_dir, steps, data_collator=None, range_loss=True):
+def train_exact(model, train_dataset, args, output_dir, steps, data_collator=None, range_loss=True, lr=None):
     """P0 / P1: exact operators (P1 with the range + variance losses)."""
     rl = RangeLossConfig(alpha=args.alpha, beta=args.beta, bound=args.bound) if range_loss else None
-    trainer = PolyTrainer(model=model, args=training_arguments(args, output_dir, steps), train_dataset=train_dataset,
-                          data_collator=data_collator, range_loss=rl)
+    trainer = PolyTrainer(model=model, args=training_arguments(args, output_dir, steps, lr=lr),
+                          train_dataset=train_dataset, data_collator=data_collator, range_loss=rl)
     trainer.train()
     return trainer
+
+
+def train_exact_same_budget(model, train_dataset, args, output_dir, steps, data_collator=None):
+    """A copy of P1 trained on for P2's ``steps`` exactly as P2 is (learning rate ×``poly_lr_scale``, the same
+    range + variance losses, the same seed and data order) but with its operators left exact. Evaluated beside P2
+    it shows what the polynomials cost at an equal budget; ``model`` itself is not changed."""
+    copy_ = copy.deepcopy(model)
+    train_exact(copy_, train_dataset, args, output_dir, steps, data_collator, lr=args.lr * args.poly_lr_scale)
+    return copy_
+
+
+def steps_row(args) -> str:
+    """The optimizer steps of P0 / P1 / P1 trained on with exact operators / P2 for recipes that train P0 from scratch:
+    P0 and both ends of the method get the same total."""
+    s, p = args.steps, args.poly_steps
+    return f"{s + p} / {s} / {s} + {p} / {s} + {p}"
 
 
 def train_progressive(model, train_dataset, args, output_dir, steps, data_collator=None):
@@ -436,7 +456,13 @@ def plan_in_words(plan: dict, task: str) -> str:
          f"per {unit} of {full.get('length')} {tokens} on 2 CPU cores")
     if "decode" in plan["circuits"]:
         s += f", then ~{_fmt(float(plan['circuits']['decode']['predicted_seconds']))} s per further token with the encrypted KV cache"
-    return s + " (the planner's cost model, measured on a 2-core machine; no keys generated)."
+    s += " (the planner's cost model, measured on a 2-core machine; no keys generated)."
+    mem = (plan.get("server_memory_gib") or {}).get("total")
+    if mem:
+        s += f" Predicted server memory: ~{_fmt(float(mem))} GiB"
+        s += (f", over the {_fmt(float(plan.get('memory_limit_gib', 24)))} GiB this machine plans for: this plan needs a bigger "
+              f"server (`HF_POLYHE_MAX_MEMORY_GIB` sets the limit)." if plan.get("over_memory_limit") else ".")
+    return s
 
 
 def _export_in_words(check: dict, task: str) -> list:
@@ -474,8 +500,12 @@ def how_to_use(task: str, model_dir: str, export_dir: str, example: str, plan: O
         note += '.\n# he_params="toy" runs it on INSECURE toy parameters for a look; backend="plain" without encryption.'
     else:
         seconds = ((plan or {}).get("circuits", {}).get("full", {}) or {}).get("predicted_seconds")
+        mem = ((plan or {}).get("server_memory_gib") or {}).get("total")
+        over = (f".\n# Its server needs ~{mem:.0f} GiB, more than the {(plan or {}).get('memory_limit_gib', 24):.0f} GiB "
+                "planned for (see Evaluation): run it on a bigger machine" if mem and (plan or {}).get("over_memory_limit")
+                else "")
         note = ("# 128-bit CKKS (OpenFHE); keys are made on first use and cached"
-                + (f"; predicted ~{seconds:.0f} s per {_unit(task)} on 2 CPU cores" if seconds else "")
+                + (f"; predicted ~{seconds:.0f} s per {_unit(task)} on 2 CPU cores" if seconds else "") + over
                 + '.\n# he_params="toy" is an INSECURE quick look; backend="plain" the float64 reference without encryption.')
     head = ["import hf_polyhe  # registers the poly_* models with the Auto classes and the encrypted-* pipelines"]
     load = [f'model_dir = "{model_dir}"  # written by the command under Training',
@@ -590,6 +620,8 @@ def write_model_card(card_dir: str, *, name: str, task: str, metric: CardMetric,
         "- Not exported in this run (`--export` exports the model, checks the circuit and adds its 128-bit plan here)."]
     local_data = "" if data.hub_id else (" The data is not on the Hub: it ships with the package named above, so the "
                                          "card lists no `datasets`.")
+    bound_words = (f"bound B = {args.bound}" if args.bound is not None else
+                   "target per operator: half the largest |x| of each batch, `RangeLossConfig`'s default")
     wall = ""
     if "run wall-clock (s)" in results:
         load = results["load average (1 min) when the card was written"]
@@ -657,8 +689,8 @@ Data: {data.description} Licence of the data: {data.licence}.{local_data}
 Method (P0 → P1 → P2):
 - **P0**, the baseline: softmax attention, exact LayerNorm (or the pretrained model's own operators).
 - **P1**, the HE-friendly architecture with exact operators, trained with the range loss (α = {args.alpha},
-  bound B = {args.bound}) and the LayerNorm variance loss (β = {args.beta}), which keep the inputs of every
-  non-polynomial operator in a small interval.
+  {bound_words}) and the LayerNorm variance loss (β = {args.beta}; target: each batch's variance range contracted to
+  the square root of its max / min ratio), which keep the inputs of every non-polynomial operator in a small interval.
 - **P2**, P1 trained on while `PolyReplacementCallback` replaces the operators by polynomials fitted on ranges
   calibrated in eval mode on training batches, layer by layer: {stages or 'see the recipe'}. Operators whose inputs
   drifted outside their interval by the end of training are refitted; the result is fully polynomial ({n_ops}
@@ -677,7 +709,10 @@ Command:
 ## Evaluation
 
 Metric: {metric.name}; data: {data.name}, {data.split} split. P0 = exact baseline with the same training budget
-(optimizer steps) as P2; P1 = HE-friendly architecture, exact operators; P2 = fully polynomial (this model).
+(optimizer steps) as P2; P1 = HE-friendly architecture, exact operators, after its own steps (where P2 starts);
+"P1 ... same total steps as P2" = a copy of P1 trained on for P2's steps exactly as P2 (learning rate, range loss,
+data order) but with exact operators, so that it differs from P2 only by the polynomials; P2 = fully polynomial
+(this model).
 
 | quantity | value |
 |---|---|

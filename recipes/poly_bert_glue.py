@@ -30,7 +30,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
     CardData, CardMetric, classification_accuracy, export_check, export_results, is_main_process, parse_args,
-    quiet_transformers, recipe_parser, train_exact, train_progressive, write_model_card,
+    quiet_transformers, recipe_parser, train_exact, train_exact_same_budget, train_progressive, write_model_card,
 )
 
 TINY = dict(steps=300, poly_steps=300, batch_size=32, lr=1e-3, output_dir="runs/poly_bert_tiny", max_length=32)
@@ -153,15 +153,22 @@ def main(argv=None):
     acc_conv = classification_accuracy(model, test, "input_ids")
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     acc1 = classification_accuracy(model, test, "input_ids")
+    p1_budget = train_exact_same_budget(model, train, args, os.path.join(out, "p1_budget"), args.poly_steps, collate)
+    acc1_budget = classification_accuracy(p1_budget, test, "input_ids")
+    del p1_budget
     _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     acc2 = classification_accuracy(model, test, "input_ids")
+    s, p = args.steps, args.poly_steps
     results = {"P0 exact fine-tuned BERT accuracy (%)": acc0,
                "P0 exact, fine-tuned for the same total steps as P2 (%)": acc0_budget,
                "converted to pointwise attention, before fine-tuning (%)": acc_conv,
-               "P1 HE-friendly, exact operators (%)": acc1, "P2 fully polynomial PolyBert (%)": acc2,
+               "P1 HE-friendly, exact operators (%)": acc1,
+               "P1 HE-friendly, exact operators, same total steps as P2 (%)": acc1_budget,
+               "P2 fully polynomial PolyBert (%)": acc2,
                "P0 (same budget) - P2 (points)": acc0_budget - acc2,
-               "training steps P0 / P0 same budget / P1 / P2": (f"{args.steps} / {2 * args.steps + args.poly_steps} / "
-                                                               f"{args.steps} / {args.poly_steps} (P1, P2 start from P0)")}
+               "P1 (same total steps) - P2 (points)": acc1_budget - acc2,
+               "training steps P0 / P0 same budget / P1 / P1 same total / P2":
+                   f"{s} / {s} + {s + p} / {s} + {s} / {s} + {s} + {p} / {s} + {s} + {p} (P1, P2 start from P0)"}
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         tokenizer.save_pretrained(os.path.join(out, "poly_model"))

@@ -25,7 +25,7 @@ from datasets import Dataset, load_dataset  # noqa: E402
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
     CardData, CardMetric, export_check, export_results, is_main_process, lm_perplexity, parse_args, quiet_transformers,
-    recipe_parser, train_exact, train_progressive, write_model_card,
+    recipe_parser, steps_row, train_exact, train_exact_same_budget, train_progressive, write_model_card,
 )
 from hf_polyhe.data import lm_blocks, load_tiny_corpus, split_paragraphs, train_test_split, train_tokenizer  # noqa: E402
 
@@ -101,11 +101,16 @@ def main(argv=None):
     model = build(args, tokenizer, he_friendly=True)
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     ppl1 = lm_perplexity(model, test)
+    p1_budget = train_exact_same_budget(model, train, args, os.path.join(out, "p1_budget"), args.poly_steps, collate)
+    ppl1_budget = lm_perplexity(p1_budget, test)
+    del p1_budget
     _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     ppl2 = lm_perplexity(model, test)
     results = {"P0 softmax GPT perplexity": ppl0, "P1 HE-friendly, exact operators perplexity": ppl1,
+               "P1 HE-friendly, exact operators, same total steps as P2 perplexity": ppl1_budget,
                "P2 fully polynomial PolyGPT perplexity": ppl2, "P2 / P0": ppl2 / ppl0,
-               "training steps P0 / P1 / P2": f"{args.steps + args.poly_steps} / {args.steps} / {args.poly_steps}"}
+               "P2 / P1 (same total steps)": ppl2 / ppl1_budget,
+               "training steps P0 / P1 / P1 same total / P2": steps_row(args)}
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         tokenizer.save_pretrained(os.path.join(out, "poly_model"))

@@ -25,7 +25,8 @@ from datasets import Dataset, load_dataset  # noqa: E402
 import hf_polyhe  # noqa: E402
 from common import (  # noqa: E402
     CardData, CardMetric, classification_accuracy, export_check, export_results, is_main_process, parse_args,
-    quiet_transformers, recipe_parser, train_exact, train_progressive, write_model_card,
+    quiet_transformers, recipe_parser, steps_row, train_exact, train_exact_same_budget, train_progressive,
+    write_model_card,
 )
 
 TINY = dict(steps=300, poly_steps=240, batch_size=32, lr=2e-3, output_dir="runs/poly_vit_tiny",
@@ -137,11 +138,16 @@ def main(argv=None):
     model = build(args, labels, size, channels, he_friendly=True)
     train_exact(model, train, args, os.path.join(out, "p1"), args.steps, collate)
     acc1 = classification_accuracy(model, test, "pixel_values")
+    p1_budget = train_exact_same_budget(model, train, args, os.path.join(out, "p1_budget"), args.poly_steps, collate)
+    acc1_budget = classification_accuracy(p1_budget, test, "pixel_values")
+    del p1_budget
     _, replacement = train_progressive(model, train, args, os.path.join(out, "p2"), args.poly_steps, collate)
     acc2 = classification_accuracy(model, test, "pixel_values")
     results = {"P0 softmax ViT accuracy (%)": acc0, "P1 HE-friendly, exact operators (%)": acc1,
+               "P1 HE-friendly, exact operators, same total steps as P2 (%)": acc1_budget,
                "P2 fully polynomial PolyViT (%)": acc2, "P0 - P2 (points)": acc0 - acc2,
-               "training steps P0 / P1 / P2": f"{args.steps + args.poly_steps} / {args.steps} / {args.poly_steps}"}
+               "P1 (same total steps) - P2 (points)": acc1_budget - acc2,
+               "training steps P0 / P1 / P1 same total / P2": steps_row(args)}
     if is_main_process():
         model.save_pretrained(os.path.join(out, "poly_model"))
         check = None

@@ -86,10 +86,20 @@ def test_tiny_preset_runs(tmp_path, recipe, metric):
     out = tmp_path / "run"
     _run([sys.executable, str(ROOT / "recipes" / recipe), *FAST, "--export", "--output-dir", str(out)], tmp_path)
     results = _check_outputs(out, metric, run_snippet=True)
+    # equal budgets: the exact baseline and P1 trained on with exact operators get as many steps as P2 in total, so
+    # P2 minus the latter is the polynomials' cost alone
+    (key,) = [k for k in results if k.startswith("training steps ")]
+    totals = {name: sum(int(n) for n in part.split(" (")[0].split(" + "))
+              for name, part in zip(key[len("training steps "):].split(" / "), results[key].split(" / "))}
+    assert totals["P2"] == totals["P1 same total"] == totals.get("P0 same budget", totals["P0"]) == max(totals.values())
+    assert totals["P1"] < totals["P2"]
+    assert any(k.startswith("P1 HE-friendly, exact operators, same total steps as P2") for k in results)
     # the exported circuit reproduces the polynomial torch model (plain CKKS-packing backend)
     assert results["export: max rel. error of circuit (plain backend) vs torch"] <= 1e-6
-    # the card carries the export's 128-bit plan (or the reason there is none)
+    # the card carries the export's 128-bit plan (or the reason there is none), with its server's predicted memory
     assert any(k.startswith("128-bit plan") for k in results)
+    if "128-bit plan (HEStd_128_classic)" in results:
+        assert "Predicted server memory: ~" in (out / "card" / "README.md").read_text()
 
 
 def test_recipe_encrypted_evaluation_on_ciphertexts(tmp_path):

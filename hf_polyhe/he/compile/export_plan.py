@@ -284,7 +284,9 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     adds the KV-cache prefill for each length and the decode steps ``1..max_length-1``. ``bootstrap`` as in
     :func:`~hf_polyhe.he.compile.planner.plan`; bootstrap bounds come from ``calibration`` (a list of ``max_length x d``
     embedding matrices; default: random tokens through the client's tables). Padding masks change neither
-    depth nor rotations, so the keys cover every mask.
+    depth nor rotations, so the keys cover every mask. With ``"auto"`` at secure parameters, an export that would
+    bootstrap (its depth is past ``max_leveled_depth``) is also planned leveled on a ring that holds its whole depth,
+    and the leveled plan is kept when it ranks better (:func:`_export_rank`: fits ``max_memory_gib``, then faster).
 
     ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.circuit.packing`). Default (:func:`_auto_groups`): a
     leveled export fills the ring's slots, so wide linears (MLP, LM head) and their activations cost one

@@ -53,7 +53,7 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--card-dir", default=None, help="write the model card here (default: <output-dir>/card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of P1 (the exact baseline P0 gets the same total budget as P2)")
+                   help="training steps of P1 (an exact baseline gets the same total budget as P2)")
     p.add_argument("--poly-steps", type=int, default=None, help="steps of progressive replacement (P2)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

@@ -388,8 +388,9 @@ def test_auto_export_plans_leveled_when_that_ranks_better(tmp_path):
     assert auto.max_leveled_depth > auto.params.depth  # what a server re-plans each circuit with
     c = build_circuit(enc.spec, 6, kv_cache=True, groups=auto.groups, slots=auto.slots)
     assert not auto.plan_circuit(c, "prefill").params.bootstrap
-    # INSECURE toy parameters are not compared: "auto" keeps its rule there
+    # INSECURE toy parameters, or levels after bootstrap asked for, are not compared: "auto" keeps its rule there
     assert plan_for_export(enc, P.toy(), max_leveled_depth=4).mode == "bootstrap"
+    assert plan_for_export(enc, P.default(), max_leveled_depth=4, levels_after_bootstrap=12).mode == "bootstrap"
 
 
 def test_encrypted_forward_of_any_length_with_one_key_set(gpt_session):

@@ -36,8 +36,9 @@ PLAN_FORMAT = "hf_polyhe.export_plan"
 # plan (runtime/keys.py CACHE_LAYOUT) and a server's cached plans (serve/app.py) are then not reused, since a server
 # refuses keys whose plan differs from its own. 2: composed rotation keys, 6-digit alternative; 3: radix-4
 # rotate-and-sums (rotation indices 3 * 4^k) (2026-12-03); 4: row-sum scales folded into the next polynomial's domain
-# (a LayerNorm's inv_sqrt, power-softmax's reciprocal: one level less each) (2026-12-03).
-PLAN_VERSION = 4
+# (a LayerNorm's inv_sqrt, power-softmax's reciprocal: one level less each) (2026-12-03); 5: "auto" exports past
+# max_leveled_depth may plan leveled at 128-bit, single-row linears after a bootstrap (2026-12-04).
+PLAN_VERSION = 5
 BOOTSTRAP_HEADROOM = 1  # extra levels in bootstrap mode, see plan_for_export
 GIB = 2.0**30
 
@@ -286,7 +287,8 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     embedding matrices; default: random tokens through the client's tables). Padding masks change neither
     depth nor rotations, so the keys cover every mask. With ``"auto"`` at secure parameters, an export that would
     bootstrap (its depth is past ``max_leveled_depth``) is also planned leveled on a ring that holds its whole depth,
-    and the leveled plan is kept when it ranks better (:func:`_export_rank`: fits ``max_memory_gib``, then faster).
+    and the leveled plan is kept when it ranks better (:func:`_export_rank`: fits ``max_memory_gib``, then faster) or
+    when no bootstrapped plan exists (e.g. its keys do not fit); not when ``levels_after_bootstrap`` is given.
 
     ``groups``: row groups per ciphertext (see :mod:`hf_polyhe.he.circuit.packing`). Default (:func:`_auto_groups`): a
     leveled export fills the ring's slots, so wide linears (MLP, LM head) and their activations cost one
@@ -330,12 +332,6 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
     block, slots = default_packing(max_len, spec.config["hidden_size"])
     # resolve "auto" once, on the longest circuit, so every circuit runs the same way
     longest = max((j for j in jobs if j[0] != "decode"), key=lambda j: j[1])[2]
-    probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
-                      max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
-    decodes = [j for j in jobs if j[0] == "decode"]
-    params, probe = _choose_digits(longest, params, probe, max(decodes, key=lambda j: j[1])[2] if decodes else None,
-                                   levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
-                                   max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
 
     def export_plan(params, probe, max_leveled_depth, groups=groups, slots=slots, jobs=jobs):
         """The whole export's plan on the probe's choices (mode, ring, levels after bootstrap)."""
@@ -407,18 +403,35 @@ def plan_for_export(model, params: Optional[P.CKKSParams] = None, *, bootstrap: 
                           spec_dir=spec_dir, summary=summary, groups=groups, decode_input=_decode_input(jobs),
                           compose_rotations=keep is not None)
 
-    plan = export_plan(params, probe, max_leveled_depth)
-    if bootstrap == "auto" and plan.mode == "bootstrap" and not user_params.insecure \
-            and not any(n.op == "bootstrap" for n in longest.nodes):
-        # "auto" bootstraps past max_leveled_depth; on a 128-bit ring that holds the whole depth, the leveled plan
-        # can still be faster and need far less memory (no bootstrapping keys): plan both, keep the better
+    # "auto" bootstraps past max_leveled_depth; on a 128-bit ring that holds the whole depth, the leveled plan can
+    # still be faster and need far less memory (no bootstrapping keys): plan both, keep the better (or the one that
+    # exists: bootstrapping keys may not fit at all)
+    compare = (bootstrap == "auto" and levels_after_bootstrap is None and not user_params.insecure
+               and not any(n.op == "bootstrap" for n in longest.nodes))
+    try:
+        probe = make_plan(longest, params, levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
+                          max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
+        decodes = [j for j in jobs if j[0] == "decode"]
+        params, probe = _choose_digits(longest, params, probe, max(decodes, key=lambda j: j[1])[2] if decodes else None,
+                                       levels_after_bootstrap=levels_after_bootstrap, bootstrap=bootstrap,
+                                       max_leveled_depth=max_leveled_depth, max_memory_gib=max_memory_gib)
+        plan, failure = export_plan(params, probe, max_leveled_depth), None
+    except PlanningError as e:
+        if not compare:
+            raise
+        plan, failure = None, e
+    if compare and (plan is None or plan.mode == "bootstrap"):
         try:
             flat = make_plan(longest, user_params, bootstrap="never", max_leveled_depth=LEVELED_DEPTH_CAP,
                              max_memory_gib=max_memory_gib)
             alt = export_plan(user_params, flat, max(max_leveled_depth, LEVELED_DEPTH_CAP))
         except PlanningError:
             alt = None
-        if alt is not None and _export_rank(alt, max_memory_gib) < _export_rank(plan, max_memory_gib):
+        if plan is None:
+            if alt is None:
+                raise failure
+            plan = alt
+        elif alt is not None and _export_rank(alt, max_memory_gib) < _export_rank(plan, max_memory_gib):
             plan = alt
     return plan
 
